@@ -1,0 +1,106 @@
+"""The model-side library shared by training and serving: LoRA-XS layers, projections, posteriors,
+predictive maths and the bundle format. It imports neither ``training`` nor ``service``.
+
+Typical use::
+
+    from adapters import LoraXSConfig, LoraXSClassifier, compute_projections, find_targets, inject_lora_xs
+
+    base = AutoModel.from_pretrained(path)
+    config = LoraXSConfig(rank=8, alpha=16, target_modules=("query", "value"))
+    names = [n for group in find_targets(base, config.target_modules).values() for n in group]
+    report = inject_lora_xs(base, config.target_modules, compute_projections(base, names, config),
+                            alpha=config.alpha, seed=config.seed)
+    model = LoraXSClassifier(base, num_labels=2)
+"""
+
+from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan
+from adapters.bundle import Bundle, load_bundle, save_bundle
+from adapters.config import LoraXSConfig
+from adapters.errors import (
+    BundleError,
+    CaveatError,
+    ChecksumMismatchError,
+    FingerprintMismatchError,
+    ManifestError,
+    MissingFileError,
+    NotSafetensorsError,
+    ProjectionSpecError,
+    SchemaVersionError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+)
+from adapters.layer import LoraXSLinear, RowGroup
+from adapters.model import (
+    InjectionReport,
+    LoraXSClassifier,
+    base_fingerprint,
+    compute_projections,
+    find_targets,
+    inject_lora_xs,
+    lora_xs_layers,
+    pool,
+)
+from adapters.posteriors import (
+    DiagPosterior,
+    EnsemblePosterior,
+    FullPosterior,
+    KronFactors,
+    KronPosterior,
+    LowRankDiagPosterior,
+    MapPosterior,
+    Posterior,
+    make_generator,
+)
+from adapters.predictive import AbstentionRule, Predictive, abstain, entropy, predictive
+from adapters.projections import InputMoments, Projection, build_projection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbstentionRule",
+    "AdapterWeights",
+    "Bundle",
+    "BundleError",
+    "CaveatError",
+    "ChecksumMismatchError",
+    "DiagPosterior",
+    "EnsemblePosterior",
+    "FingerprintMismatchError",
+    "FullPosterior",
+    "InjectionReport",
+    "InputMoments",
+    "KronFactors",
+    "KronPosterior",
+    "LoraXSClassifier",
+    "LoraXSConfig",
+    "LoraXSLinear",
+    "LowRankDiagPosterior",
+    "ManifestError",
+    "MapPosterior",
+    "MissingFileError",
+    "NotSafetensorsError",
+    "Posterior",
+    "Predictive",
+    "Projection",
+    "ProjectionSpecError",
+    "RowBlock",
+    "RowGroup",
+    "RowPlan",
+    "SchemaVersionError",
+    "ShapeMismatchError",
+    "TargetNotFoundError",
+    "abstain",
+    "apply_row_plan",
+    "base_fingerprint",
+    "build_projection",
+    "compute_projections",
+    "entropy",
+    "find_targets",
+    "inject_lora_xs",
+    "load_bundle",
+    "lora_xs_layers",
+    "make_generator",
+    "pool",
+    "predictive",
+    "save_bundle",
+]

@@ -1,0 +1,137 @@
+"""Multi-adapter, multi-sample batching: the one place that maps rows of a batch to cores.
+
+A batched forward is a list of :class:`RowBlock` s. A block is one request's worth of work: ``n`` inputs
+of one adapter, each evaluated under the same ``S`` posterior samples. Its rows are laid out sample-major
+(row ``s·n + i`` is input ``i`` under sample ``s``) and blocks follow each other. :class:`RowPlan` turns the
+blocks into, per adapted layer, one :class:`~adapters.layer.RowGroup` per distinct projection, holding the
+gathered per-row cores with each adapter's scaling folded in. :func:`apply_row_plan` hands the groups to the
+layers for the duration of one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adapters.layer import LoraXSLinear, RowGroup
+from adapters.projections import Projection
+
+
+@dataclass
+class AdapterWeights:
+    """The fixed part of one adapter, on the base model's device.
+
+    Attributes:
+        projections: adapted module name → its projection. Adapters that share a projection *object*
+            share ``A x`` in a batched forward (the server interns identical projections).
+        scaling: ``alpha / rank``.
+        head_weight: ``(C, H)`` classifier weight (the MAP value).
+        head_bias: ``(C,)`` classifier bias.
+    """
+
+    projections: Mapping[str, Projection]
+    scaling: float
+    head_weight: Tensor
+    head_bias: Tensor
+
+
+@dataclass
+class RowBlock:
+    """``inputs`` of one adapter, each under the same ``S`` posterior samples.
+
+    Attributes:
+        adapter: the adapter's fixed tensors.
+        samples: parameter name → ``(S, ...)`` samples: every adapted module's core ``(S, r, r)``, and
+            optionally ``head.weight (S, C, H)`` / ``head.bias (S, C)`` when the posterior covers the head.
+        inputs: ``(n,)`` indices into the batch of unique inputs.
+    """
+
+    adapter: AdapterWeights
+    samples: Mapping[str, Tensor]
+    inputs: Tensor
+
+    def __post_init__(self) -> None:
+        sizes = {t.shape[0] for t in self.samples.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"a row block needs samples with one common leading size S, got sizes {sizes}")
+        missing = set(self.adapter.projections) - set(self.samples)
+        if missing:
+            raise ValueError(f"no sampled cores for adapted modules {sorted(missing)[:5]}")
+
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self.samples.values())).shape[0]
+
+    @property
+    def num_inputs(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_samples * self.num_inputs
+
+
+@dataclass
+class RowPlan:
+    """Everything a batched-rows forward needs, computed once per forward.
+
+    Attributes:
+        row_inputs: ``(N_rows,)`` which unique input each row reads.
+        block_rows: the slice of rows of each block.
+        layer_groups: adapted module name → its row groups (one per distinct projection).
+    """
+
+    row_inputs: Tensor
+    block_rows: list[slice]
+    layer_groups: dict[str, list[RowGroup]]
+
+    @classmethod
+    def build(cls, blocks: Sequence[RowBlock], layer_names: Iterable[str]) -> RowPlan:
+        if not blocks:
+            raise ValueError("a batched forward needs at least one row block")
+        block_rows, start = [], 0
+        for block in blocks:
+            block_rows.append(slice(start, start + block.num_rows))
+            start += block.num_rows
+        row_inputs = torch.cat([block.inputs.repeat(block.num_samples) for block in blocks])
+        layer_groups = {name: _layer_groups(name, blocks, block_rows, start) for name in layer_names}
+        unknown = {n for b in blocks for n in b.adapter.projections} - set(layer_groups)
+        if unknown:
+            raise ValueError(f"adapters project modules the base model does not wrap: {sorted(unknown)[:5]}")
+        return cls(row_inputs=row_inputs, block_rows=block_rows, layer_groups=layer_groups)
+
+
+def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice], total_rows: int) -> list[RowGroup]:
+    """Group the blocks that adapt ``name`` by projection and gather one scaled core per row."""
+    by_projection: dict[int, tuple[Projection, list[Tensor], list[Tensor]]] = {}
+    for block, rows in zip(blocks, block_rows, strict=True):
+        projection = block.adapter.projections.get(name)
+        if projection is None:
+            continue  # this adapter leaves the layer as it is
+        cores = block.samples[name] * block.adapter.scaling  # (S, r, r)
+        per_row = cores.repeat_interleave(block.num_inputs, dim=0)  # row s·n + i uses core s
+        entry = by_projection.setdefault(id(projection), (projection, [], []))
+        entry[1].append(torch.arange(rows.start, rows.stop, device=per_row.device))
+        entry[2].append(per_row)
+    groups = []
+    for projection, row_lists, core_lists in by_projection.values():
+        rows = torch.cat(row_lists)
+        covers_all = rows.shape[0] == total_rows and len(row_lists) == len(blocks)
+        groups.append(RowGroup(projection.A, projection.B, torch.cat(core_lists), None if covers_all else rows))
+    return groups
+
+
+@contextmanager
+def apply_row_plan(layers: Mapping[str, LoraXSLinear], plan: RowPlan) -> Iterator[None]:
+    """Put the layers in batched-rows mode for the forwards inside the block (not re-entrant)."""
+    try:
+        for name, layer in layers.items():
+            layer.row_groups = plan.layer_groups.get(name, [])
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_groups = None

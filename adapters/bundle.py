@@ -1,0 +1,312 @@
+"""Bundles: save and load a self-contained, versioned adapter directory.
+
+Layout (docs/design.md §2)::
+
+    bundle.json               manifest (adapters.manifest.BundleManifest), with the sha256 of each tensor file
+    projections.safetensors   "<module>::A" (r×d_in), "<module>::B" (d_out×r)
+    adapter.safetensors       "<module>::core" (r×r) MAP cores, "head.weight" (C×H), "head.bias" (C)
+    posterior.safetensors     the posterior family's tensors ("<block>::<field>", see adapters.posteriors)
+    report.md, reliability.png    optional, written by the trainer
+
+Projections have a file of their own so that bundles sharing them (same base, rank and spec) are
+recognised by checksum and stored once. Loading validates everything before returning; any problem is a
+typed :class:`~adapters.errors.BundleError` and nothing is half-loaded. Tensor files are only ever parsed
+as safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from adapters.errors import (
+    ChecksumMismatchError,
+    FingerprintMismatchError,
+    ManifestError,
+    MissingFileError,
+    NotSafetensorsError,
+    SchemaVersionError,
+    ShapeMismatchError,
+)
+from adapters.manifest import (
+    ADAPTER_FILE,
+    MANIFEST_FILE,
+    POSTERIOR_FILE,
+    PROJECTIONS_FILE,
+    SCHEMA_VERSION,
+    TENSOR_FILES,
+    BundleManifest,
+)
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from adapters.posteriors import Posterior
+from adapters.posteriors.base import KEY_SEP
+from adapters.projections import Projection
+
+
+@dataclass
+class Bundle:
+    """A loaded (or about to be saved) bundle; tensors on CPU until moved.
+
+    Attributes:
+        manifest: the parsed bundle.json.
+        projections: module name → :class:`Projection`.
+        cores: module name → MAP core ``(r, r)``.
+        head_weight: ``(C, H)``; head_bias: ``(C,)``.
+        posterior: the posterior over the cores (and the head when ``manifest.posterior.covers_head``).
+        path: where it was loaded from (``None`` before saving).
+        sha256: sha256 of bundle.json's bytes, which include every tensor file's checksum: the identity of
+            this exact bundle.
+    """
+
+    manifest: BundleManifest
+    projections: dict[str, Projection]
+    cores: dict[str, Tensor]
+    head_weight: Tensor
+    head_bias: Tensor
+    posterior: Posterior
+    path: Path | None = None
+    sha256: str = field(default="")
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def tensor_bytes(self) -> int:
+        """Bytes of all tensors (what the bundle costs in device memory)."""
+        posterior_tensors, _ = self.posterior.state()
+        tensors = [*self.cores.values(), self.head_weight, self.head_bias, *posterior_tensors.values()]
+        tensors += [t for p in self.projections.values() for t in (p.A, p.B)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
+    """Write ``bundle`` into ``directory`` (created if needed); bundle.json is written last, atomically.
+
+    Fills ``manifest.files``, ``manifest.posterior`` family/params, and returns the directory. The bundle's
+    ``sha256`` and ``path`` are updated.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    posterior_tensors, posterior_params = bundle.posterior.state()
+    payloads = {
+        PROJECTIONS_FILE: {
+            f"{name}{KEY_SEP}{key}": t for name, p in bundle.projections.items() for key, t in (("A", p.A), ("B", p.B))
+        },
+        ADAPTER_FILE: {
+            **{f"{name}{KEY_SEP}core": t for name, t in bundle.cores.items()},
+            HEAD_WEIGHT: bundle.head_weight,
+            HEAD_BIAS: bundle.head_bias,
+        },
+        POSTERIOR_FILE: posterior_tensors,
+    }
+    files = {}
+    for file_name, tensors in payloads.items():
+        data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+        (directory / file_name).write_bytes(data)
+        files[file_name] = hashlib.sha256(data).hexdigest()
+    manifest = bundle.manifest
+    manifest.files = files
+    manifest.posterior.family = posterior_params.pop("family")
+    posterior_params.pop("names")
+    manifest.posterior.params = posterior_params
+    text = manifest.model_dump_json(indent=2).encode()
+    _atomic_write(directory / MANIFEST_FILE, text)
+    bundle.path, bundle.sha256 = directory, hashlib.sha256(text).hexdigest()
+    return directory
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+def load_bundle(
+    directory: str | os.PathLike[str],
+    *,
+    base_fingerprint: str | None = None,
+    layer_shapes: Mapping[str, tuple[int, int]] | None = None,
+    hidden_size: int | None = None,
+) -> Bundle:
+    """Load and validate a bundle (tensors on CPU).
+
+    Args:
+        directory: the bundle directory.
+        base_fingerprint: when given, the running base model's fingerprint (``adapters.model.base_fingerprint``
+            over the bundle's modules); a different one raises :class:`FingerprintMismatchError`.
+        layer_shapes: when given, module name → ``(d_out, d_in)`` of the running base's linear layers.
+        hidden_size: when given, the running base's feature size (the head's input).
+
+    Raises:
+        MissingFileError, ManifestError, SchemaVersionError, ChecksumMismatchError, NotSafetensorsError,
+        ShapeMismatchError, FingerprintMismatchError: each names the problem and the bundle.
+    """
+    directory = Path(directory)
+    manifest_bytes = _read(directory, MANIFEST_FILE)
+    manifest = parse_manifest(manifest_bytes, directory)
+    if base_fingerprint is not None and manifest.base_model.fingerprint != base_fingerprint:
+        raise FingerprintMismatchError(
+            directory,
+            f"bundle {manifest.name!r} was trained on base {manifest.base_model.name_or_path!r} "
+            f"(fingerprint {manifest.base_model.fingerprint[:12]}…), not on the running base "
+            f"(fingerprint {base_fingerprint[:12]}…)",
+        )
+    tensors = {name: _read_tensor_file(directory, name, manifest.files) for name in TENSOR_FILES}
+    bundle = _assemble(manifest, tensors, directory)
+    _check_against_base(bundle, layer_shapes, hidden_size)
+    bundle.path, bundle.sha256 = directory, hashlib.sha256(manifest_bytes).hexdigest()
+    return bundle
+
+
+def parse_manifest(data: bytes, directory: Path) -> BundleManifest:
+    """Parse bundle.json bytes: unknown schema versions and invalid fields raise typed errors."""
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(directory, f"{MANIFEST_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ManifestError(directory, f"{MANIFEST_FILE} must hold a JSON object")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            directory, f"unknown bundle schema version {version!r}; this Caveat reads version {SCHEMA_VERSION}"
+        )
+    try:
+        return BundleManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise ManifestError(directory, f"{MANIFEST_FILE} does not match the schema: {problems}") from exc
+
+
+def _read(directory: Path, name: str) -> bytes:
+    path = directory / name
+    if not path.is_file():
+        raise MissingFileError(directory, f"missing file {name}")
+    return path.read_bytes()
+
+
+def _read_tensor_file(directory: Path, name: str, checksums: Mapping[str, str]) -> dict[str, Tensor]:
+    if name not in checksums:
+        raise ManifestError(directory, f"{MANIFEST_FILE} records no checksum for {name}")
+    data = _read(directory, name)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != checksums[name]:
+        raise ChecksumMismatchError(
+            directory, f"{name} has sha256 {digest[:12]}…, bundle.json records {checksums[name][:12]}…"
+        )
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise NotSafetensorsError(directory, f"{name} is not a safetensors file ({exc}); refusing to load it") from exc
+
+
+def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]], directory: Path) -> Bundle:
+    """Check shapes within the bundle and build it."""
+    rank, modules = manifest.adapter.rank, manifest.adapter.modules
+    projections, adapter = tensors[PROJECTIONS_FILE], tensors[ADAPTER_FILE]
+
+    def get(file: Mapping[str, Tensor], key: str, file_name: str) -> Tensor:
+        if key not in file:
+            raise ShapeMismatchError(directory, f"{file_name} has no tensor {key!r}")
+        return file[key]
+
+    built: dict[str, Projection] = {}
+    cores: dict[str, Tensor] = {}
+    for module in modules:
+        A = get(projections, f"{module}{KEY_SEP}A", PROJECTIONS_FILE)
+        B = get(projections, f"{module}{KEY_SEP}B", PROJECTIONS_FILE)
+        core = get(adapter, f"{module}{KEY_SEP}core", ADAPTER_FILE)
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != rank or B.shape[1] != rank or core.shape != (rank, rank):
+            raise ShapeMismatchError(
+                directory,
+                f"{module}: A {tuple(A.shape)}, B {tuple(B.shape)}, core {tuple(core.shape)} do not fit rank {rank}",
+            )
+        built[module], cores[module] = Projection(A, B), core
+    head_weight, head_bias = get(adapter, HEAD_WEIGHT, ADAPTER_FILE), get(adapter, HEAD_BIAS, ADAPTER_FILE)
+    head = manifest.head
+    expected_head = (head.num_labels, head.in_features)
+    if tuple(head_weight.shape) != expected_head or tuple(head_bias.shape) != (head.num_labels,):
+        raise ShapeMismatchError(
+            directory, f"head {tuple(head_weight.shape)}/{tuple(head_bias.shape)} but the manifest says {expected_head}"
+        )
+    if head.num_labels != len(manifest.task.labels):
+        raise ShapeMismatchError(
+            directory, f"head has {head.num_labels} outputs for {len(manifest.task.labels)} labels"
+        )
+    posterior = _load_posterior(manifest, tensors[POSTERIOR_FILE], directory)
+    expected = {**{m: c.shape for m, c in cores.items()}, HEAD_WEIGHT: head_weight.shape, HEAD_BIAS: head_bias.shape}
+    for block, shape in posterior.shapes.items():
+        if block not in expected or expected[block] != shape:
+            raise ShapeMismatchError(directory, f"posterior block {block!r} {tuple(shape)} matches no adapter tensor")
+    return Bundle(manifest, built, cores, head_weight, head_bias, posterior)
+
+
+def _load_posterior(manifest: BundleManifest, tensors: dict[str, Tensor], directory: Path) -> Posterior:
+    spec = manifest.posterior
+    names = list(manifest.adapter.modules)
+    if spec.covers_head:
+        names += [HEAD_WEIGHT, HEAD_BIAS]
+    params = {**spec.params, "family": spec.family, "names": names}
+    try:
+        return Posterior.from_state(tensors, params)
+    except KeyError as exc:
+        raise ShapeMismatchError(directory, f"{POSTERIOR_FILE} lacks tensor or parameter {exc}") from exc
+    except (ValueError, RuntimeError) as exc:
+        raise ShapeMismatchError(directory, f"{POSTERIOR_FILE} is inconsistent: {exc}") from exc
+
+
+def _check_against_base(
+    bundle: Bundle, layer_shapes: Mapping[str, tuple[int, int]] | None, hidden_size: int | None
+) -> None:
+    where = bundle.path or bundle.manifest.name
+    if layer_shapes is not None:
+        for module, projection in bundle.projections.items():
+            if module not in layer_shapes:
+                raise ShapeMismatchError(where, f"the running base model has no adapted layer {module!r}")
+            expected = tuple(layer_shapes[module])
+            got = (projection.B.shape[0], projection.A.shape[1])
+            if got != expected:
+                raise ShapeMismatchError(
+                    where, f"{module}: bundle projects {got[1]}→{got[0]}, base layer is {expected[1]}→{expected[0]}"
+                )
+    if hidden_size is not None and bundle.head_weight.shape[1] != hidden_size:
+        raise ShapeMismatchError(
+            where, f"head expects {bundle.head_weight.shape[1]} features, base gives {hidden_size}"
+        )
+
+
+def tensors_to(bundle: Bundle, device: torch.device | str) -> Bundle:
+    """A copy of ``bundle`` with every tensor on ``device``."""
+    return Bundle(
+        manifest=bundle.manifest,
+        projections={n: p.to(device) for n, p in bundle.projections.items()},
+        cores={n: c.to(device) for n, c in bundle.cores.items()},
+        head_weight=bundle.head_weight.to(device),
+        head_bias=bundle.head_bias.to(device),
+        posterior=bundle.posterior.to(device),
+        path=bundle.path,
+        sha256=bundle.sha256,
+    )

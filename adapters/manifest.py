@@ -1,0 +1,138 @@
+"""``bundle.json``: the typed manifest of a bundle (schema version 1).
+
+The manifest says what the tensors are, what they were trained on and how to use them; the tensor files
+hold the numbers. See docs/design.md §2 for the directory layout.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from adapters.predictive import AbstentionRule
+
+SCHEMA_VERSION = 1
+PROJECTIONS_FILE = "projections.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+POSTERIOR_FILE = "posterior.safetensors"
+MANIFEST_FILE = "bundle.json"
+TENSOR_FILES = (PROJECTIONS_FILE, ADAPTER_FILE, POSTERIOR_FILE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Strict):
+    """What the classifier predicts and how its inputs are presented."""
+
+    type: Literal["sequence-classification", "multiple-choice"] = "sequence-classification"
+    labels: list[str] = Field(min_length=2)
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    text_pair: bool = False
+    max_length: int = Field(default=128, gt=0)
+    prompt_template: str | None = None
+
+
+class BaseModelSpec(_Strict):
+    """The frozen base model the adapter belongs to."""
+
+    name_or_path: str
+    revision: str | None = None
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    dtype: str = "float32"
+    architecture: str | None = None
+    hidden_size: int = Field(gt=0)
+
+
+class ProjectionSpecRecord(_Strict):
+    """How ``A`` and ``B`` were built; ``data`` records what data fed W-SVD (dataset, tokens)."""
+
+    spec: str = "svd"
+    seed: int = 0
+    data: dict[str, Any] | None = None
+
+
+class AdapterSpec(_Strict):
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    target_modules: list[str] = Field(min_length=1)
+    modules: list[str] = Field(min_length=1, description="module names the patterns selected, in model order")
+    projection: ProjectionSpecRecord = ProjectionSpecRecord()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class HeadSpec(_Strict):
+    trained: bool = True
+    in_features: int = Field(gt=0)
+    num_labels: int = Field(ge=2)
+
+
+class PosteriorSpec(_Strict):
+    family: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    prior_precision: float | list[float] | None = None
+    default_num_samples: int = Field(default=16, gt=0)
+    covers_head: bool = False
+
+
+class AbstentionSpec(_Strict):
+    kind: Literal["max_prob", "entropy", "mutual_information"]
+    threshold: float
+    target: dict[str, float] | None = Field(default=None, description="e.g. {'risk': 0.05} it was fitted for")
+
+    def rule(self) -> AbstentionRule:
+        return AbstentionRule(self.kind, self.threshold)
+
+
+class CalibrationSpec(_Strict):
+    temperature: float = Field(default=1.0, gt=0)
+    abstention: list[AbstentionSpec] = Field(default_factory=list)
+
+
+class BundleManifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    version: str = Field(min_length=1, max_length=64)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    caveat_version: str = "0.1.0"
+    task: TaskSpec
+    base_model: BaseModelSpec
+    adapter: AdapterSpec
+    head: HeadSpec
+    posterior: PosteriorSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    eval: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict, description="tensor file name → sha256")
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, files: dict[str, str]) -> dict[str, str]:
+        for name in files:
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ValueError(f"file name {name!r} must be a plain name inside the bundle")
+        return files
+
+
+__all__ = [
+    "ADAPTER_FILE",
+    "MANIFEST_FILE",
+    "POSTERIOR_FILE",
+    "PROJECTIONS_FILE",
+    "SCHEMA_VERSION",
+    "TENSOR_FILES",
+    "AbstentionSpec",
+    "AdapterSpec",
+    "BaseModelSpec",
+    "BundleManifest",
+    "CalibrationSpec",
+    "HeadSpec",
+    "PosteriorSpec",
+    "ProjectionSpecRecord",
+    "TaskSpec",
+]

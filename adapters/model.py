@@ -1,0 +1,267 @@
+"""Injection of LoRA-XS layers into any ``PreTrainedModel`` and the classifier model wrapper.
+
+Layers wrap ``nn.Linear`` modules in place (``setattr`` on the parent), so the base model's own code runs
+unchanged. :class:`LoraXSClassifier` puts a pooled linear head on the base model's hidden states: in
+single mode it is the training model; in batched-rows mode (:meth:`LoraXSClassifier.forward_rows`) one
+forward serves many adapters and posterior samples, each block of rows with its own head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adapters.batching import RowBlock, RowPlan, apply_row_plan
+from adapters.config import LoraXSConfig
+from adapters.errors import TargetNotFoundError
+from adapters.layer import LoraXSLinear
+from adapters.projections import Projection, build_projection
+
+POOLINGS = ("mean", "cls", "last")
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+
+
+# ------------------------------------------------------------------------------------------- targeting
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """``re:<regex>`` matches the full name; a plain pattern matches the name or a dotted suffix of it."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
+    """Map each pattern to the names of the ``nn.Linear`` modules (or wrapped layers) it selects.
+
+    Raises:
+        TargetNotFoundError: a pattern matches nothing, or matches a module that is not ``nn.Linear``.
+    """
+    modules = dict(model.named_modules())
+    wrapped = {name for name, m in modules.items() if isinstance(m, LoraXSLinear)}
+    linears, others = [], []
+    for name, module in modules.items():
+        inside_wrapper = name.rpartition(".")[0] in wrapped  # a wrapped layer's own base/core
+        if name in wrapped or (isinstance(module, nn.Linear) and not inside_wrapper):
+            linears.append(name)
+        else:
+            others.append(name)
+    matches = {p: [n for n in linears if _pattern_matches(p, n)] for p in patterns}
+    empty = [p for p, names in matches.items() if not names]
+    if empty:
+        wrong_type = {p: [n for n in others if _pattern_matches(p, n)][:3] for p in empty}
+        hints = "; ".join(
+            f"{p!r} matches non-linear modules {found}" if found else f"{p!r} matches nothing"
+            for p, found in wrong_type.items()
+        )
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise TargetNotFoundError(
+            f"target patterns select no nn.Linear: {hints}. Linear module names end in: {suffixes}"
+        )
+    return matches
+
+
+@dataclass
+class InjectionReport:
+    """What :func:`inject_lora_xs` wrapped: the module names, and which pattern selected which modules."""
+
+    wrapped: list[str]
+    matches: dict[str, list[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        per_pattern = ", ".join(f"{p}: {len(n)}" for p, n in self.matches.items())
+        return f"wrapped {len(self.wrapped)} linear layers ({per_pattern})"
+
+
+def inject_lora_xs(
+    model: nn.Module,
+    target_modules: Sequence[str],
+    projections: Mapping[str, Projection] | None = None,
+    *,
+    alpha: float = 16.0,
+    init_std: float = 1e-5,
+    seed: int = 0,
+) -> InjectionReport:
+    """Wrap the selected ``nn.Linear`` modules of ``model`` in :class:`LoraXSLinear`, in place.
+
+    Args:
+        model: any ``nn.Module`` (typically a ``PreTrainedModel``); names below are relative to it.
+        target_modules: patterns, see :func:`find_targets`.
+        projections: module name → its :class:`Projection` for single mode (training); ``None`` makes host
+            layers that only serve batched rows.
+        alpha, init_std, seed: single-mode scaling and core initialisation (a seeded generator).
+    """
+    matches = find_targets(model, target_modules)
+    names = list(dict.fromkeys(n for group in matches.values() for n in group))
+    missing = [n for n in names if projections is not None and n not in projections]
+    if missing:
+        raise TargetNotFoundError(f"no projection given for targeted modules {missing[:5]}")
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    for name in names:
+        if isinstance(modules[name], LoraXSLinear):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        layer = LoraXSLinear(
+            modules[name],
+            projections[name] if projections is not None else None,
+            alpha=alpha,
+            init_std=init_std,
+            generator=generator,
+        )
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    return InjectionReport(wrapped=names, matches=matches)
+
+
+def lora_xs_layers(model: nn.Module) -> dict[str, LoraXSLinear]:
+    """Name → wrapped layer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraXSLinear)}
+
+
+def compute_projections(
+    model: nn.Module,
+    module_names: Iterable[str],
+    config: LoraXSConfig,
+    input_moments: Mapping[str, Tensor] | None = None,
+) -> dict[str, Projection]:
+    """Projection of every named linear layer from its pretrained weight (METHODS.md §2)."""
+    modules = dict(model.named_modules())
+    projections = {}
+    for index, name in enumerate(module_names):
+        linear = modules[name]
+        linear = linear.base if isinstance(linear, LoraXSLinear) else linear
+        projections[name] = build_projection(
+            linear.weight,
+            config.rank,
+            config.projection,
+            seed=config.seed + 1000 * index,
+            input_moment=None if input_moments is None else input_moments.get(name),
+        )
+    return projections
+
+
+def base_fingerprint(model: nn.Module, module_names: Iterable[str]) -> str:
+    """sha256 over the frozen tensors an adapter touches: the named layers' weights and biases.
+
+    Computed on float32 copies, so fingerprint the model before casting it to a lower precision.
+    """
+    modules = dict(model.named_modules())
+    digest = hashlib.sha256()
+    for name in sorted(module_names):
+        linear = modules[name]
+        linear = linear.base if isinstance(linear, LoraXSLinear) else linear
+        for tensor in (linear.weight, linear.bias):
+            if tensor is None:
+                continue
+            digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- pooling
+
+
+def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
+    """Sequence features ``(N, H)`` from hidden states ``(N, T, H)``.
+
+    ``mean`` averages non-padding tokens (encoders such as MiniLM), ``cls`` takes the first token, ``last``
+    the last non-padding token (decoders; right padding assumed).
+    """
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    if pooling == "mean":
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    if pooling == "last":
+        last = attention_mask.long().sum(dim=1).clamp_min(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+# ------------------------------------------------------------------------------------------ classifier
+
+
+class LoraXSClassifier(nn.Module):
+    """Base transformer (with LoRA-XS layers) → pooling → dropout → linear head.
+
+    Args:
+        base: a model whose forward returns ``last_hidden_state`` (``AutoModel.from_pretrained``).
+        num_labels: size of this model's own head, or ``None`` for a serving host whose heads come with
+            each adapter.
+        pooling: one of :data:`POOLINGS`.
+        dropout: before the head, in training only.
+    """
+
+    def __init__(self, base: nn.Module, num_labels: int | None, pooling: str = "mean", dropout: float = 0.1) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.base = base
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        hidden = base.config.hidden_size
+        self.head = nn.Linear(hidden, num_labels) if num_labels is not None else None
+
+    @property
+    def lora_layers(self) -> dict[str, LoraXSLinear]:
+        return lora_xs_layers(self.base)
+
+    def features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Pooled features ``(N, H)`` of a tokenised batch (``input_ids``, ``attention_mask``, ...)."""
+        hidden = self.base(**batch).last_hidden_state
+        return pool(hidden, batch.get("attention_mask"), self.pooling)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **batch: Tensor) -> Tensor:
+        """Single mode: logits ``(N, C)`` with each layer's own core and this model's head."""
+        if self.head is None:
+            raise RuntimeError("this classifier has no head of its own; use forward_rows with adapter heads")
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **batch}
+        features = self.features({k: v for k, v in batch.items() if v is not None})
+        return self.head(self.dropout(features))
+
+    def forward_rows(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
+        """Batched-rows mode: one forward for every (input, posterior sample) of every block.
+
+        Args:
+            batch: tokenised unique inputs, each tensor ``(N_inputs, T)``.
+            blocks: row blocks (:class:`adapters.batching.RowBlock`), each naming its inputs, its adapter
+                and its ``S`` sampled cores (and optionally sampled head parameters).
+
+        Returns:
+            One logits tensor ``(S_b, n_b, C_b)`` per block.
+        """
+        plan = RowPlan.build(blocks, self.lora_layers.keys())
+        rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
+        with apply_row_plan(self.lora_layers, plan):
+            features = self.features(rows_batch)
+        return [head_logits(features[rows], block) for rows, block in zip(plan.block_rows, blocks, strict=True)]
+
+    def posterior_parameters(self, include_head: bool = False) -> dict[str, nn.Parameter]:
+        """The parameters a posterior covers, under the names bundles use: each adapted module's name for
+        its core weight, and ``head.weight`` / ``head.bias``."""
+        params = {name: layer.core.weight for name, layer in self.lora_layers.items() if layer.core is not None}
+        if include_head and self.head is not None:
+            params[HEAD_WEIGHT] = self.head.weight
+            params[HEAD_BIAS] = self.head.bias
+        return params
+
+
+def head_logits(features: Tensor, block: RowBlock) -> Tensor:
+    """Logits ``(S, n, C)`` of one block from its rows' features ``(S·n, H)`` (sample-major)."""
+    S, n = block.num_samples, block.num_inputs
+    features = features.reshape(S, n, -1)
+    weight = block.samples.get(HEAD_WEIGHT)
+    bias = block.samples.get(HEAD_BIAS)
+    if weight is None and bias is None:
+        return F.linear(features, block.adapter.head_weight, block.adapter.head_bias)
+    weight = block.adapter.head_weight.expand(S, -1, -1) if weight is None else weight
+    bias = block.adapter.head_bias.expand(S, -1) if bias is None else bias
+    return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))

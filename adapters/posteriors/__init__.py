@@ -1,0 +1,35 @@
+"""Posterior families over the LoRA-XS cores, behind one interface (:class:`Posterior`).
+
+=============== ===================================== ==================================================
+family          class                                 stored tensors
+=============== ===================================== ==================================================
+``map``         :class:`MapPosterior`                 mean
+``diag``        :class:`DiagPosterior`                mean, variance
+``kron``        :class:`KronPosterior`                mean, eigenbases and eigenvalues of both factors
+``full``        :class:`FullPosterior`                mean, Cholesky factor of the covariance
+``lowrank_diag`` :class:`LowRankDiagPosterior` (SWAG) mean, diagonal variance, K deviations
+``ensemble``    :class:`EnsemblePosterior`            M member values
+=============== ===================================== ==================================================
+"""
+
+from adapters.posteriors.base import Posterior, TensorDict, flatten, make_generator
+from adapters.posteriors.gaussian import DiagPosterior, FullPosterior, LowRankDiagPosterior
+from adapters.posteriors.kron import KronFactors, KronPosterior
+from adapters.posteriors.point import EnsemblePosterior, MapPosterior
+
+FAMILIES = tuple(Posterior.registry)
+
+__all__ = [
+    "FAMILIES",
+    "DiagPosterior",
+    "EnsemblePosterior",
+    "FullPosterior",
+    "KronFactors",
+    "KronPosterior",
+    "LowRankDiagPosterior",
+    "MapPosterior",
+    "Posterior",
+    "TensorDict",
+    "flatten",
+    "make_generator",
+]

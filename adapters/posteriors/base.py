@@ -1,0 +1,158 @@
+"""The interface every posterior family implements, and the flat-vector helpers they share.
+
+A posterior is a distribution over named parameter blocks: each adapted module's core ``(r, r)`` under the
+module's name, and optionally ``head.weight (C, H)`` / ``head.bias (C,)``. ``θ`` is the concatenation of
+the row-major flattened blocks in insertion order (P numbers); :meth:`Posterior.covariance` is over that
+vector.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+TensorDict = dict[str, Tensor]
+KEY_SEP = "::"  # tensor keys in posterior.safetensors: "<block name>::<field>"
+
+
+class Posterior(ABC):
+    """A distribution over named parameter blocks.
+
+    Args:
+        mean: block name → mean tensor. Sampling happens on the device these tensors live on.
+    """
+
+    family: ClassVar[str]
+    registry: ClassVar[dict[str, type[Posterior]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            Posterior.registry[cls.family] = cls
+
+    def __init__(self, mean: Mapping[str, Tensor]) -> None:
+        if not mean:
+            raise ValueError("a posterior needs at least one parameter block")
+        self._mean: TensorDict = {name: t.detach() for name, t in mean.items()}
+
+    # ----------------------------------------------------------------------------------- the interface
+
+    @abstractmethod
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
+        """Draw ``S`` samples: block name → ``(S, *shape)``, on the posterior's device."""
+
+    @abstractmethod
+    def covariance(self) -> Tensor:
+        """The analytic ``(P, P)`` covariance of θ (dense; meant for small P, tests and reports)."""
+
+    @abstractmethod
+    def _state_tensors(self) -> TensorDict:
+        """Family-specific tensors (the means are stored by the base class)."""
+
+    def _state_params(self) -> dict[str, Any]:
+        """Family-specific small JSON parameters."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def _from_state(cls, mean: TensorDict, tensors: TensorDict, params: dict[str, Any]) -> Posterior:
+        """Rebuild from what :meth:`state` wrote."""
+
+    # ----------------------------------------------------------------------------------------- shared
+
+    @property
+    def default_num_samples(self) -> int:
+        return 16
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._mean)
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: t.shape for name, t in self._mean.items()}
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self._mean.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._mean.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self._mean.values())).dtype
+
+    def mean(self) -> TensorDict:
+        """Block name → posterior mean (the MAP for Laplace)."""
+        return dict(self._mean)
+
+    def flat_mean(self) -> Tensor:
+        return flatten(self._mean)
+
+    def state(self) -> tuple[TensorDict, dict[str, Any]]:
+        """``(tensors, params)``: safetensors-ready tensors and small JSON parameters."""
+        tensors = {f"{name}{KEY_SEP}mean": t for name, t in self._mean.items()}
+        tensors.update(self._state_tensors())
+        params = {"family": self.family, "names": self.names, **self._state_params()}
+        return {k: v.detach().contiguous() for k, v in tensors.items()}, params
+
+    @staticmethod
+    def from_state(tensors: Mapping[str, Tensor], params: Mapping[str, Any]) -> Posterior:
+        """Rebuild any family from :meth:`state` output (raises ``KeyError``/``ValueError`` when malformed)."""
+        family = params["family"]
+        if family not in Posterior.registry:
+            raise ValueError(f"unknown posterior family {family!r}; known: {sorted(Posterior.registry)}")
+        mean = {name: tensors[f"{name}{KEY_SEP}mean"] for name in params["names"]}
+        rest = {k: v for k, v in tensors.items() if not k.endswith(f"{KEY_SEP}mean")}
+        return Posterior.registry[family]._from_state(mean, rest, dict(params))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Posterior:
+        """A copy on another device / dtype (samples are then drawn there)."""
+        tensors, params = self.state()
+        moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in tensors.items()}
+        return Posterior.from_state(moved, params)
+
+    def _normal(self, *shape: int, generator: torch.Generator | None) -> Tensor:
+        return torch.randn(*shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def _unflatten(self, flat: Tensor) -> TensorDict:
+        """``(S, P)`` → block name → ``(S, *shape)``."""
+        out, start = {}, 0
+        for name, t in self._mean.items():
+            out[name] = flat[:, start : start + t.numel()].reshape(flat.shape[0], *t.shape)
+            start += t.numel()
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(blocks={len(self._mean)}, params={self.num_params})"
+
+
+def flatten(blocks: Mapping[str, Tensor]) -> Tensor:
+    """Concatenate row-major flattened blocks into θ ``(P,)``."""
+    return torch.cat([t.reshape(-1) for t in blocks.values()])
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (a fresh random seed when ``None``)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def check_vector(name: str, tensor: Tensor, size: int) -> None:
+    if tensor.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {tuple(tensor.shape)}")
+
+
+def inv_sqrt_clamped(precision: Tensor) -> Tensor:
+    """``precision^{-1/2}`` with a floor that keeps a degenerate direction finite."""
+    return precision.clamp_min(torch.finfo(precision.dtype).tiny * 1e6).rsqrt()

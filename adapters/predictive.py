@@ -1,0 +1,128 @@
+"""Predictive distributions from posterior samples, their uncertainty split, and abstention rules.
+
+From per-sample logits ``(S, N, C)``: ``p_s = softmax(f_s / T)``; the predictive averages probabilities,
+never logits (averaging logits collapses the posterior to the MAP); total uncertainty ``H[p̄]``; aleatoric
+part ``E_s H[p_s]``; epistemic part (mutual information) ``H[p̄] − E_s H[p_s] ≥ 0``; and the Monte-Carlo
+standard error of the top probability ``std_s(p_s[c*]) / √S`` (METHODS.md §4). All in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+AbstentionKind = Literal["max_prob", "entropy", "mutual_information"]
+ABSTENTION_KINDS: tuple[AbstentionKind, ...] = ("max_prob", "entropy", "mutual_information")
+
+
+def entropy(probs: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats; ``0 log 0 = 0``."""
+    return -torch.special.xlogy(probs, probs).sum(dim=dim)
+
+
+@dataclass
+class Predictive:
+    """The predictive of N inputs over C classes from S samples.
+
+    Attributes:
+        probs: ``(N, C)`` predictive ``p̄``.
+        label: ``(N,)`` argmax of ``p̄``.
+        confidence: ``(N,)`` ``max_c p̄_c``.
+        entropy: ``(N,)`` ``H[p̄]`` (total).
+        entropy_normalized: ``(N,)`` ``H[p̄] / log C`` in [0, 1].
+        expected_entropy: ``(N,)`` ``E_s H[p_s]`` (aleatoric).
+        mutual_information: ``(N,)`` ``H[p̄] − E_s H[p_s]`` (epistemic), never negative.
+        mc_stderr: ``(N,)`` Monte-Carlo standard error of ``p̄[label]`` (0 when S = 1).
+        sample_probs: ``(S, N, C)`` per-sample probabilities.
+    """
+
+    probs: Tensor
+    label: Tensor
+    confidence: Tensor
+    entropy: Tensor
+    entropy_normalized: Tensor
+    expected_entropy: Tensor
+    mutual_information: Tensor
+    mc_stderr: Tensor
+    sample_probs: Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return self.sample_probs.shape[0]
+
+
+def predictive(logits: Tensor, temperature: float = 1.0) -> Predictive:
+    """Summarise per-sample logits ``(S, N, C)`` (or ``(N, C)`` for one sample) at temperature ``T``."""
+    if logits.ndim == 2:
+        logits = logits.unsqueeze(0)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (S, N, C) or (N, C), got {tuple(logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    sample_probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = sample_probs.mean(dim=0)
+    confidence, label = probs.max(dim=-1)
+    total = entropy(probs)
+    expected = entropy(sample_probs).mean(dim=0)
+    num_samples, num_classes = sample_probs.shape[0], sample_probs.shape[-1]
+    top = sample_probs.gather(-1, label.expand(num_samples, -1).unsqueeze(-1)).squeeze(-1)
+    stderr = top.std(dim=0) / math.sqrt(num_samples) if num_samples > 1 else torch.zeros_like(confidence)
+    return Predictive(
+        probs=probs,
+        label=label,
+        confidence=confidence,
+        entropy=total,
+        entropy_normalized=total / math.log(num_classes) if num_classes > 1 else torch.zeros_like(total),
+        expected_entropy=expected,
+        mutual_information=(total - expected).clamp_min(0.0),  # float error can leave tiny negatives
+        mc_stderr=stderr,
+        sample_probs=sample_probs,
+    )
+
+
+@dataclass(frozen=True)
+class AbstentionRule:
+    """Abstain when a score crosses a threshold.
+
+    ``max_prob`` abstains when the confidence is *below* the threshold; ``entropy`` (normalised to
+    [0, 1]) and ``mutual_information`` (nats) abstain when the score is *above* it.
+    """
+
+    kind: AbstentionKind
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ABSTENTION_KINDS:
+            raise ValueError(f"unknown abstention rule {self.kind!r}; choose one of {ABSTENTION_KINDS}")
+
+    def score(self, pred: Predictive) -> Tensor:
+        """The score this rule thresholds, for each input."""
+        if self.kind == "max_prob":
+            return pred.confidence
+        if self.kind == "entropy":
+            return pred.entropy_normalized
+        return pred.mutual_information
+
+    def fires(self, pred: Predictive) -> Tensor:
+        score = self.score(pred)
+        return score < self.threshold if self.kind == "max_prob" else score > self.threshold
+
+    def reason(self) -> str:
+        relation = "below" if self.kind == "max_prob" else "above"
+        return f"{self.kind} {relation} {self.threshold:.4g}"
+
+
+def abstain(pred: Predictive, rules: list[AbstentionRule]) -> tuple[Tensor, list[str | None]]:
+    """Apply rules (abstain when any fires). Returns ``(N,)`` flags and, per input, the first reason."""
+    flags = torch.zeros_like(pred.confidence, dtype=torch.bool)
+    reasons: list[str | None] = [None] * flags.shape[0]
+    for rule in rules:
+        fired = rule.fires(pred)
+        for i in torch.nonzero(fired & ~flags).flatten().tolist():
+            reasons[i] = rule.reason()
+        flags |= fired
+    return flags, reasons

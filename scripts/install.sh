@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install Caveat and its pinned stack into a virtual environment (default .venv), from scratch or on top.
+#   scripts/install.sh [VENV_DIR]
+# Uses pip: the CPU torch wheel some machines keep on local disk is only visible to pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${1:-.venv}"
+[ -x "$venv/bin/python" ] || python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install --quiet --upgrade pip
+# torch is pinned in pyproject.toml; naming the pin in the same command keeps the resolver on it.
+"$py" -m pip install --quiet "torch==2.13.0" -e ".[dev]"
+"$py" -m pip install --quiet --no-deps -r requirements/nodeps.txt
+echo "installed into $venv ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,133 @@
+"""Oracle: one batched-rows forward equals running every (adapter, sample) separately in single mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapters import (
+    AdapterWeights,
+    LoraXSClassifier,
+    LoraXSConfig,
+    RowBlock,
+    compute_projections,
+    find_targets,
+    inject_lora_xs,
+    lora_xs_layers,
+    predictive,
+)
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from tests.conftest import random_batch, tiny_bert, tiny_llama
+
+TOL = 1e-5
+
+
+def _targets(model: torch.nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    return list(dict.fromkeys(n for names in find_targets(model, patterns).values() for n in names))
+
+
+def _make_adapter(base, patterns, rank, spec, alpha, num_labels, seed, projections=None) -> AdapterWeights:
+    names = _targets(base, patterns)
+    if projections is None:
+        config = LoraXSConfig(rank=rank, alpha=alpha, target_modules=patterns, projection=spec, seed=seed)
+        projections = compute_projections(base, names, config)
+    generator = torch.Generator().manual_seed(seed)
+    hidden = base.config.hidden_size
+    return AdapterWeights(
+        projections=projections,
+        scaling=alpha / rank,
+        head_weight=torch.randn(num_labels, hidden, generator=generator),
+        head_bias=torch.randn(num_labels, generator=generator),
+    )
+
+
+def _sample_cores(adapter: AdapterWeights, num_samples: int, seed: int, head: bool = False) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    samples = {
+        name: 0.5 * torch.randn(num_samples, p.rank, p.rank, generator=generator)
+        for name, p in adapter.projections.items()
+    }
+    if head:
+        samples[HEAD_WEIGHT] = adapter.head_weight + 0.3 * torch.randn(
+            num_samples, *adapter.head_weight.shape, generator=generator
+        )
+        samples[HEAD_BIAS] = adapter.head_bias + 0.3 * torch.randn(
+            num_samples, *adapter.head_bias.shape, generator=generator
+        )
+    return samples
+
+
+def _loop_probs(base, adapter: AdapterWeights, samples, batch, inputs, pooling: str) -> torch.Tensor:
+    """Single mode, one (adapter, sample) at a time: the way public code does it."""
+    rows = {k: v[inputs] for k, v in batch.items()}
+    num_samples = next(iter(samples.values())).shape[0]
+    out = []
+    for s in range(num_samples):
+        model_base = copy.deepcopy(base)
+        rank = next(iter(adapter.projections.values())).rank
+        inject_lora_xs(model_base, list(adapter.projections), adapter.projections, alpha=adapter.scaling * rank)
+        model = LoraXSClassifier(model_base, num_labels=adapter.head_weight.shape[0], pooling=pooling).eval()
+        with torch.no_grad():
+            for name, layer in lora_xs_layers(model_base).items():
+                layer.core.weight.copy_(samples[name][s])
+            model.head.weight.copy_(samples.get(HEAD_WEIGHT, adapter.head_weight[None].expand(s + 1, -1, -1))[s])
+            model.head.bias.copy_(samples.get(HEAD_BIAS, adapter.head_bias[None].expand(s + 1, -1))[s])
+            out.append(torch.softmax(model(**rows), dim=-1))
+    return torch.stack(out)  # (S, n, C)
+
+
+@pytest.mark.parametrize(
+    ("make_base", "patterns", "pooling"),
+    [(tiny_bert, ("query", "value"), "mean"), (tiny_llama, ("q_proj", "v_proj"), "last")],
+    ids=["bert", "llama"],
+)
+def test_batched_rows_equals_loop(make_base, patterns, pooling) -> None:
+    base = make_base()
+    batch = random_batch(5, seed=1)
+    # Adapters 0 and 1 share one projection object (same base, rank, spec): one projection group.
+    first = _make_adapter(base, patterns, rank=4, spec="svd", alpha=8.0, num_labels=3, seed=0)
+    second = _make_adapter(base, patterns, 4, "svd", 4.0, 3, seed=1, projections=first.projections)
+    # Adapter 2 has another rank, projection family, label count, and targets one more module kind.
+    wider = (*patterns, "re:.*\\.(key|k_proj)")
+    third = _make_adapter(base, wider, rank=6, spec="dct-1/2_svd", alpha=12.0, num_labels=2, seed=2)
+    blocks = [
+        RowBlock(first, _sample_cores(first, 4, seed=10), torch.tensor([0, 1, 2])),
+        RowBlock(second, _sample_cores(second, 3, seed=11), torch.tensor([1, 3])),
+        RowBlock(third, _sample_cores(third, 5, seed=12, head=True), torch.tensor([0, 2, 3, 4])),
+    ]
+    host_base = copy.deepcopy(base)
+    inject_lora_xs(host_base, wider)  # host layers: no adapter of their own
+    host = LoraXSClassifier(host_base, num_labels=None, pooling=pooling).eval()
+    with torch.no_grad():
+        batched = host.forward_rows(batch, blocks)
+    for block, logits in zip(blocks, batched, strict=True):
+        expected = _loop_probs(base, block.adapter, block.samples, batch, block.inputs, pooling)
+        got = torch.softmax(logits, dim=-1)
+        assert got.shape == expected.shape == (block.num_samples, block.num_inputs, block.adapter.head_weight.shape[0])
+        torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            predictive(logits).probs, expected.mean(dim=0), atol=TOL, rtol=0, msg="predictive averages probabilities"
+        )
+    # The samples really differ: a batched forward that ignored the per-row cores would fail above.
+    assert torch.softmax(batched[0], -1).std(dim=0).max() > 1e-3
+
+
+def test_host_layers_leave_base_unchanged_outside_batched_mode(bert) -> None:
+    batch = random_batch(3)
+    with torch.no_grad():
+        reference = bert(**batch).last_hidden_state
+        inject_lora_xs(bert, ("query", "value"))
+        wrapped = bert(**batch).last_hidden_state
+    torch.testing.assert_close(wrapped, reference, atol=0, rtol=0)
+
+
+def test_row_groups_are_cleared_after_forward(bert) -> None:
+    inject_lora_xs(bert, ("query",))
+    host = LoraXSClassifier(bert, num_labels=None).eval()
+    adapter = _make_adapter(bert, ("query",), 2, "svd", 4.0, 2, seed=0)
+    block = RowBlock(adapter, _sample_cores(adapter, 2, seed=0), torch.tensor([0]))
+    with torch.no_grad():
+        host.forward_rows(random_batch(1), [block])
+    assert all(layer.row_groups is None for layer in lora_xs_layers(bert).values())
