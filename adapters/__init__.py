@@ -39,6 +39,7 @@ from adapters.model import (
     inject_lora_xs,
     lora_xs_layers,
     pool,
+    target_names,
 )
 from adapters.posteriors import (
     DiagPosterior,
@@ -103,4 +104,5 @@ __all__ = [
     "pool",
     "predictive",
     "save_bundle",
+    "target_names",
 ]

@@ -31,6 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from adapters.batching import AdapterWeights
 from adapters.errors import (
     ChecksumMismatchError,
     FingerprintMismatchError,
@@ -49,7 +50,7 @@ from adapters.manifest import (
     TENSOR_FILES,
     BundleManifest,
 )
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT, LoraXSClassifier
 from adapters.posteriors import Posterior
 from adapters.posteriors.base import KEY_SEP
 from adapters.projections import Projection
@@ -86,6 +87,25 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    @classmethod
+    def from_classifier(cls, model: LoraXSClassifier, posterior: Posterior, manifest: BundleManifest) -> Bundle:
+        """Collect a trained classifier's projections, MAP cores and head (copied to CPU)."""
+        layers = model.lora_layers
+        if model.head is None or any(layer.core is None for layer in layers.values()):
+            raise ValueError("the classifier needs its own head and adapter cores to become a bundle")
+        return cls(
+            manifest=manifest,
+            projections={n: Projection(layer.lora_A.cpu(), layer.lora_B.cpu()) for n, layer in layers.items()},
+            cores={n: layer.core.weight.detach().cpu().clone() for n, layer in layers.items()},
+            head_weight=model.head.weight.detach().cpu().clone(),
+            head_bias=model.head.bias.detach().cpu().clone(),
+            posterior=posterior.to("cpu"),
+        )
+
+    def adapter_weights(self) -> AdapterWeights:
+        """The fixed tensors a batched-rows forward needs (on the bundle's current device)."""
+        return AdapterWeights(self.projections, self.manifest.adapter.scaling, self.head_weight, self.head_bias)
 
     def tensor_bytes(self) -> int:
         """Bytes of all tensors (what the bundle costs in device memory)."""
@@ -126,8 +146,7 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
     manifest = bundle.manifest
     manifest.files = files
     manifest.posterior.family = posterior_params.pop("family")
-    posterior_params.pop("names")
-    manifest.posterior.params = posterior_params
+    manifest.posterior.params = posterior_params  # includes "names": the block order of θ
     text = manifest.model_dump_json(indent=2).encode()
     _atomic_write(directory / MANIFEST_FILE, text)
     bundle.path, bundle.sha256 = directory, hashlib.sha256(text).hexdigest()
@@ -266,9 +285,10 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
 
 def _load_posterior(manifest: BundleManifest, tensors: dict[str, Tensor], directory: Path) -> Posterior:
     spec = manifest.posterior
-    names = list(manifest.adapter.modules)
-    if spec.covers_head:
-        names += [HEAD_WEIGHT, HEAD_BIAS]
+    expected = [*manifest.adapter.modules, *((HEAD_WEIGHT, HEAD_BIAS) if spec.covers_head else ())]
+    names = spec.params.get("names", expected)
+    if sorted(names) != sorted(expected):
+        raise ShapeMismatchError(directory, f"posterior blocks {names} are not the adapter's blocks {expected}")
     params = {**spec.params, "family": spec.family, "names": names}
     try:
         return Posterior.from_state(tensors, params)

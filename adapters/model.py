@@ -67,6 +67,12 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[st
     return matches
 
 
+def target_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of the modules the patterns select, each once, in model order."""
+    selected = {n for names in find_targets(model, patterns).values() for n in names}
+    return [name for name, _ in model.named_modules() if name in selected]
+
+
 @dataclass
 class InjectionReport:
     """What :func:`inject_lora_xs` wrapped: the module names, and which pattern selected which modules."""
@@ -98,7 +104,7 @@ def inject_lora_xs(
         alpha, init_std, seed: single-mode scaling and core initialisation (a seeded generator).
     """
     matches = find_targets(model, target_modules)
-    names = list(dict.fromkeys(n for group in matches.values() for n in group))
+    names = target_names(model, target_modules)
     missing = [n for n in names if projections is not None and n not in projections]
     if missing:
         raise TargetNotFoundError(f"no projection given for targeted modules {missing[:5]}")

@@ -1,0 +1,147 @@
+"""Each posterior family: sample moments match the analytic ones, and state round-trips exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.posteriors import (
+    FAMILIES,
+    DiagPosterior,
+    EnsemblePosterior,
+    FullPosterior,
+    KronFactors,
+    KronPosterior,
+    LowRankDiagPosterior,
+    MapPosterior,
+    Posterior,
+    flatten,
+    make_generator,
+)
+
+NUM_SAMPLES = 200_000
+SHAPES = {"layer.0.query": (3, 3), "layer.1.value": (2, 2), "head.bias": (2,)}
+
+
+def _mean(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(*shape, generator=g, dtype=torch.float64) for name, shape in SHAPES.items()}
+
+
+def _spd(n: int, g: torch.Generator) -> torch.Tensor:
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return m @ m.T + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def _kron_with_precision() -> tuple[KronPosterior, torch.Tensor]:
+    """A kron posterior and its precision built independently as ``N (F_G ⊗ F_A) + δ I`` per block."""
+    g = torch.Generator().manual_seed(3)
+    mean, scale, deltas = _mean(), 7.0, [0.5, 2.0, 1.0]
+    factors, precisions = {}, []
+    for (name, shape), delta in zip(SHAPES.items(), deltas, strict=True):
+        mats = [_spd(n, g) for n in shape]
+        factors[name] = KronFactors.from_matrices(*mats)
+        curvature = mats[0] if len(mats) == 1 else torch.kron(mats[0], mats[1])
+        precisions.append(scale * curvature + delta * torch.eye(curvature.shape[0], dtype=torch.float64))
+    return KronPosterior(mean, factors, scale, deltas), torch.block_diag(*precisions)
+
+
+def _build(family: str) -> Posterior:
+    g = torch.Generator().manual_seed(1)
+    mean = _mean()
+    P = sum(t.numel() for t in mean.values())
+    if family == "map":
+        return MapPosterior(mean)
+    if family == "diag":
+        return DiagPosterior(
+            mean, {n: torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.1 for n, t in mean.items()}
+        )
+    if family == "kron":
+        return _kron_with_precision()[0]
+    if family == "full":
+        return FullPosterior(mean, torch.linalg.cholesky(_spd(P, g)))
+    if family == "lowrank_diag":
+        deviations = torch.randn(4, P, generator=g, dtype=torch.float64)
+        return LowRankDiagPosterior(mean, torch.rand(P, generator=g, dtype=torch.float64), deviations, scale=0.5)
+    if family == "ensemble":
+        return EnsemblePosterior(
+            {n: torch.randn(5, *t.shape, generator=g, dtype=torch.float64) for n, t in mean.items()}
+        )
+    raise AssertionError(family)
+
+
+def test_every_family_is_covered() -> None:
+    assert set(FAMILIES) == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_moments_match_analytic(family: str) -> None:
+    posterior = _build(family)
+    num_samples = NUM_SAMPLES if family != "ensemble" else 5 * 40_000  # a multiple of M: members weigh equally
+    samples = posterior.sample(num_samples, make_generator(0))
+    assert {n: tuple(t.shape) for n, t in samples.items()} == {n: (num_samples, *s) for n, s in SHAPES.items()}
+    flat = torch.cat([t.reshape(num_samples, -1) for t in samples.values()], dim=1)
+    analytic = posterior.covariance()
+    scale = analytic.diagonal().max().clamp_min(1e-12)
+    # Monte-Carlo error of a covariance entry is about σ²·sqrt(2/S) ≈ 0.003 σ²; allow a comfortable 2%.
+    torch.testing.assert_close(flat.mean(dim=0), posterior.flat_mean(), atol=0.02 * scale.sqrt(), rtol=0)
+    torch.testing.assert_close(torch.cov(flat.T, correction=0), analytic, atol=0.02 * scale, rtol=0)
+
+
+def test_kron_covariance_is_inverse_of_kronecker_precision() -> None:
+    posterior, precision = _kron_with_precision()
+    torch.testing.assert_close(posterior.covariance(), torch.linalg.inv(precision), atol=1e-10, rtol=1e-8)
+
+
+def test_swag_covariance_formula() -> None:
+    mean = {"w": torch.zeros(3, dtype=torch.float64)}
+    diag = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    deviations = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0], [-1.0, -2.0, 1.0]], dtype=torch.float64)
+    posterior = LowRankDiagPosterior(mean, diag, deviations, scale=0.5)
+    by_hand = 0.5 * (torch.diag(diag) + deviations.T @ deviations / 2)
+    torch.testing.assert_close(posterior.covariance(), by_hand)
+
+
+def test_map_samples_are_the_mean() -> None:
+    posterior = MapPosterior(_mean())
+    for name, t in posterior.sample(3).items():
+        assert torch.equal(t, posterior.mean()[name].expand(3, *t.shape[1:]))
+
+
+def test_ensemble_with_s_equal_m_returns_each_member_once() -> None:
+    posterior = _build("ensemble")
+    samples = posterior.sample(5, make_generator(4))["head.bias"]
+    members = posterior.members["head.bias"]
+    assert sorted(map(tuple, samples.tolist())) == sorted(map(tuple, members.tolist()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_round_trip_and_reproducible_sampling(family: str) -> None:
+    posterior = _build(family)
+    tensors, params = posterior.state()
+    rebuilt = Posterior.from_state(tensors, params)
+    assert type(rebuilt) is type(posterior)
+    tensors_again, params_again = rebuilt.state()
+    assert params_again == params
+    assert tensors_again.keys() == tensors.keys()
+    assert all(torch.equal(tensors_again[k], tensors[k]) for k in tensors)
+    torch.testing.assert_close(rebuilt.covariance(), posterior.covariance(), atol=1e-12, rtol=0)
+    first = flatten(posterior.sample(6, make_generator(11)))
+    again = flatten(rebuilt.sample(6, make_generator(11)))
+    assert torch.equal(first, again)
+    if family != "map":
+        other = flatten(posterior.sample(6, make_generator(12)))
+        assert not torch.equal(first, other)
+
+
+def test_samples_live_on_the_posteriors_device_and_dtype() -> None:
+    posterior = _build("kron").to(dtype=torch.float32)
+    samples = posterior.sample(2, make_generator(0, posterior.device))
+    assert all(t.dtype == torch.float32 and t.device == posterior.device for t in samples.values())
+
+
+def test_malformed_kron_factors_are_refused() -> None:
+    mean = {"w": torch.zeros(3, 3)}
+    factors = {"w": KronFactors.from_matrices(torch.eye(2), torch.eye(3))}
+    with pytest.raises(ValueError, match="do not fit"):
+        KronPosterior(mean, factors, 1.0, 1.0)
