@@ -62,6 +62,10 @@ class RowBlock:
         if missing:
             raise ValueError(f"no sampled cores for adapted modules {sorted(missing)[:5]}")
 
+    def sample_slice(self, start: int, stop: int) -> RowBlock:
+        """The same inputs under samples ``start:stop`` only."""
+        return RowBlock(self.adapter, {k: v[start:stop] for k, v in self.samples.items()}, self.inputs)
+
     @property
     def num_samples(self) -> int:
         return next(iter(self.samples.values())).shape[0]
@@ -123,6 +127,31 @@ def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice]
         covers_all = rows.shape[0] == total_rows and len(row_lists) == len(blocks)
         groups.append(RowGroup(projection.A, projection.B, torch.cat(core_lists), None if covers_all else rows))
     return groups
+
+
+def split_blocks(blocks: Sequence[RowBlock], max_rows: int) -> list[list[tuple[int, RowBlock]]]:
+    """Pack blocks into chunks of at most ``max_rows`` rows, splitting a block by samples where needed.
+
+    Returns chunks of ``(index of the original block, block or sample-slice of it)``. A single sample of a
+    block is never split, so a chunk can exceed ``max_rows`` only when one sample's inputs alone do. The
+    sample slices of a block appear in order, so concatenating their outputs along S restores the block.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be positive, got {max_rows}")
+    chunks: list[list[tuple[int, RowBlock]]] = [[]]
+    free = max_rows
+    for index, block in enumerate(blocks):
+        start = 0
+        while start < block.num_samples:
+            if free < block.num_inputs and chunks[-1]:
+                chunks.append([])
+                free = max_rows
+            take = min(block.num_samples - start, max(1, free // block.num_inputs))
+            part = block if take == block.num_samples else block.sample_slice(start, start + take)
+            chunks[-1].append((index, part))
+            free -= take * block.num_inputs
+            start += take
+    return chunks
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.batching import RowBlock, RowPlan, apply_row_plan
+from adapters.batching import RowBlock, RowPlan, apply_row_plan, split_blocks
 from adapters.config import LoraXSConfig
 from adapters.errors import TargetNotFoundError
 from adapters.layer import LoraXSLinear
@@ -233,22 +233,48 @@ class LoraXSClassifier(nn.Module):
         features = self.features({k: v for k, v in batch.items() if v is not None})
         return self.head(self.dropout(features))
 
-    def forward_rows(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
+    def forward_rows(
+        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], max_rows: int | None = None
+    ) -> list[Tensor]:
         """Batched-rows mode: one forward for every (input, posterior sample) of every block.
 
         Args:
             batch: tokenised unique inputs, each tensor ``(N_inputs, T)``.
             blocks: row blocks (:class:`adapters.batching.RowBlock`), each naming its inputs, its adapter
                 and its ``S`` sampled cores (and optionally sampled head parameters).
+            max_rows: when given, run several forwards of at most this many rows (blocks split by samples;
+                see :func:`adapters.batching.split_blocks`). On a CPU, very large forwards fall out of cache
+                and get slower per row; on a GPU, leave it ``None``.
 
         Returns:
             One logits tensor ``(S_b, n_b, C_b)`` per block.
         """
+        if max_rows is None:
+            return self._forward_plan(batch, blocks)
+        outputs: list[list[Tensor]] = [[] for _ in blocks]
+        for chunk in split_blocks(blocks, max_rows):
+            logits = self._forward_plan(batch, [part for _, part in chunk])
+            for (index, _), part_logits in zip(chunk, logits, strict=True):
+                outputs[index].append(part_logits)
+        return [torch.cat(parts) for parts in outputs]
+
+    def _forward_plan(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
         plan = RowPlan.build(blocks, self.lora_layers.keys())
         rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
         with apply_row_plan(self.lora_layers, plan):
             features = self.features(rows_batch)
         return [head_logits(features[rows], block) for rows, block in zip(plan.block_rows, blocks, strict=True)]
+
+    def freeze_base(self) -> list[str]:
+        """Make only the cores and this model's head trainable; returns the trainable parameter names."""
+        for param in self.parameters():
+            param.requires_grad_(False)
+        trainable = [layer.core.weight for layer in self.lora_layers.values() if layer.core is not None]
+        if self.head is not None:
+            trainable += list(self.head.parameters())
+        for param in trainable:
+            param.requires_grad_(True)
+        return [name for name, param in self.named_parameters() if param.requires_grad]
 
     def posterior_parameters(self, include_head: bool = False) -> dict[str, nn.Parameter]:
         """The parameters a posterior covers, under the names bundles use: each adapted module's name for

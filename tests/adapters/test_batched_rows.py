@@ -18,6 +18,7 @@ from adapters import (
     lora_xs_layers,
     predictive,
 )
+from adapters.batching import split_blocks
 from adapters.model import HEAD_BIAS, HEAD_WEIGHT
 from tests.conftest import random_batch, tiny_bert, tiny_llama
 
@@ -131,3 +132,40 @@ def test_row_groups_are_cleared_after_forward(bert) -> None:
     with torch.no_grad():
         host.forward_rows(random_batch(1), [block])
     assert all(layer.row_groups is None for layer in lora_xs_layers(bert).values())
+
+
+def test_split_blocks_respects_the_budget_and_keeps_order() -> None:
+    base = tiny_bert()
+    adapter = _make_adapter(base, ("query",), 2, "svd", 4.0, 2, seed=0)
+    blocks = [
+        RowBlock(adapter, _sample_cores(adapter, 5, seed=0), torch.tensor([0, 1, 2])),
+        RowBlock(adapter, _sample_cores(adapter, 2, seed=1), torch.tensor([3])),
+        RowBlock(adapter, _sample_cores(adapter, 4, seed=2), torch.tensor([0, 4])),
+    ]
+    chunks = split_blocks(blocks, max_rows=7)
+    assert all(sum(part.num_rows for _, part in chunk) <= 7 for chunk in chunks)
+    for index, block in enumerate(blocks):
+        parts = [part for chunk in chunks for i, part in chunk if i == index]
+        for name, samples in block.samples.items():
+            assert torch.equal(torch.cat([p.samples[name] for p in parts]), samples)
+    # one sample of 3 inputs does not fit a budget of 2 rows: it goes whole, alone in its chunk
+    assert [[p.num_rows for _, p in c] for c in split_blocks(blocks[:1], max_rows=2)] == [[3]] * 5
+
+
+@pytest.mark.parametrize("max_rows", [1, 4, 9, 1000])
+def test_chunked_forward_equals_one_forward(max_rows) -> None:
+    base = tiny_bert()
+    batch = random_batch(5, seed=2)
+    adapter = _make_adapter(base, ("query", "value"), 4, "svd", 8.0, 3, seed=0)
+    other = _make_adapter(base, ("query", "value"), 4, "random", 8.0, 2, seed=1)
+    blocks = [
+        RowBlock(adapter, _sample_cores(adapter, 6, seed=3), torch.tensor([0, 1, 4])),
+        RowBlock(other, _sample_cores(other, 3, seed=4, head=True), torch.tensor([2, 3])),
+    ]
+    inject_lora_xs(base, ("query", "value"))
+    host = LoraXSClassifier(base, num_labels=None).eval()
+    with torch.no_grad():
+        whole = host.forward_rows(batch, blocks)
+        chunked = host.forward_rows(batch, blocks, max_rows=max_rows)
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
