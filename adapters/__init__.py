@@ -30,6 +30,7 @@ from adapters.errors import (
     TargetNotFoundError,
 )
 from adapters.layer import LoraXSLinear, RowGroup
+from adapters.manifest import CAVEAT_VERSION
 from adapters.model import (
     InjectionReport,
     LoraXSClassifier,
@@ -55,7 +56,7 @@ from adapters.posteriors import (
 from adapters.predictive import AbstentionRule, Predictive, abstain, entropy, predictive
 from adapters.projections import InputMoments, Projection, build_projection
 
-__version__ = "0.1.0"
+__version__ = CAVEAT_VERSION
 
 __all__ = [
     "AbstentionRule",

@@ -116,7 +116,7 @@ def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice]
         projection = block.adapter.projections.get(name)
         if projection is None:
             continue  # this adapter leaves the layer as it is
-        cores = block.samples[name] * block.adapter.scaling  # (S, r, r)
+        cores = block.samples[name].to(projection.A.dtype) * block.adapter.scaling  # (S, r, r)
         per_row = cores.repeat_interleave(block.num_inputs, dim=0)  # row s·n + i uses core s
         entry = by_projection.setdefault(id(projection), (projection, [], []))
         entry[1].append(torch.arange(rows.start, rows.stop, device=per_row.device))

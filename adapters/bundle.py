@@ -195,8 +195,8 @@ def load_bundle(
         )
     tensors = {name: _read_tensor_file(directory, name, manifest.files) for name in TENSOR_FILES}
     bundle = _assemble(manifest, tensors, directory)
-    _check_against_base(bundle, layer_shapes, hidden_size)
     bundle.path, bundle.sha256 = directory, hashlib.sha256(manifest_bytes).hexdigest()
+    _check_against_base(bundle, layer_shapes, hidden_size)
     return bundle
 
 
@@ -301,7 +301,7 @@ def _load_posterior(manifest: BundleManifest, tensors: dict[str, Tensor], direct
 def _check_against_base(
     bundle: Bundle, layer_shapes: Mapping[str, tuple[int, int]] | None, hidden_size: int | None
 ) -> None:
-    where = bundle.path or bundle.manifest.name
+    where = bundle.path
     if layer_shapes is not None:
         for module, projection in bundle.projections.items():
             if module not in layer_shapes:

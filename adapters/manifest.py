@@ -7,12 +7,22 @@ hold the numbers. See docs/design.md §2 for the directory layout.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.predictive import AbstentionRule
 
+
+def _caveat_version() -> str:
+    try:
+        return version("caveat")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+CAVEAT_VERSION = _caveat_version()
 SCHEMA_VERSION = 1
 PROJECTIONS_FILE = "projections.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
@@ -100,7 +110,7 @@ class BundleManifest(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field(min_length=1, max_length=64)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    caveat_version: str = "0.1.0"
+    caveat_version: str = CAVEAT_VERSION
     task: TaskSpec
     base_model: BaseModelSpec
     adapter: AdapterSpec
@@ -121,6 +131,7 @@ class BundleManifest(_Strict):
 
 __all__ = [
     "ADAPTER_FILE",
+    "CAVEAT_VERSION",
     "MANIFEST_FILE",
     "POSTERIOR_FILE",
     "PROJECTIONS_FILE",

@@ -289,7 +289,7 @@ class LoraXSClassifier(nn.Module):
 def head_logits(features: Tensor, block: RowBlock) -> Tensor:
     """Logits ``(S, n, C)`` of one block from its rows' features ``(S·n, H)`` (sample-major)."""
     S, n = block.num_samples, block.num_inputs
-    features = features.reshape(S, n, -1)
+    features = features.reshape(S, n, -1).to(block.adapter.head_weight.dtype)  # e.g. a float32 head on a bf16 base
     weight = block.samples.get(HEAD_WEIGHT)
     bias = block.samples.get(HEAD_BIAS)
     if weight is None and bias is None:

@@ -38,6 +38,7 @@ class Posterior(ABC):
         if not mean:
             raise ValueError("a posterior needs at least one parameter block")
         self._mean: TensorDict = {name: t.detach() for name, t in mean.items()}
+        self._flat_mean = flatten(self._mean)
 
     # ----------------------------------------------------------------------------------- the interface
 
@@ -93,7 +94,8 @@ class Posterior(ABC):
         return dict(self._mean)
 
     def flat_mean(self) -> Tensor:
-        return flatten(self._mean)
+        """θ's mean ``(P,)``."""
+        return self._flat_mean
 
     def state(self) -> tuple[TensorDict, dict[str, Any]]:
         """``(tensors, params)``: safetensors-ready tensors and small JSON parameters."""

@@ -169,3 +169,27 @@ def test_chunked_forward_equals_one_forward(max_rows) -> None:
         chunked = host.forward_rows(batch, blocks, max_rows=max_rows)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_low_precision_base_with_float32_samples_and_head() -> None:
+    """A bf16 host (as on a GPU) takes float32 posterior samples and heads, close to the float32 result."""
+    base = tiny_bert()
+    adapter = _make_adapter(base, ("query", "value"), 4, "svd", 8.0, 3, seed=0)
+    block = RowBlock(adapter, _sample_cores(adapter, 3, seed=5), torch.tensor([0, 1]))
+    batch = random_batch(2, seed=4)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        host_base = copy.deepcopy(base).to(dtype)
+        inject_lora_xs(host_base, ("query", "value"))
+        low = AdapterWeights(
+            {n: p.to(dtype=dtype) for n, p in adapter.projections.items()},
+            adapter.scaling,
+            adapter.head_weight,
+            adapter.head_bias,
+        )
+        host = LoraXSClassifier(host_base, num_labels=None).eval()
+        with torch.no_grad():
+            (logits,) = host.forward_rows(batch, [RowBlock(low, block.samples, block.inputs)])
+        assert logits.dtype == torch.float32
+        results.append(torch.softmax(logits, -1))
+    torch.testing.assert_close(results[1], results[0], atol=3e-2, rtol=0)
