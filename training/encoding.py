@@ -1,0 +1,114 @@
+"""Tokenisation and length-grouped batches.
+
+On a CPU the forward is compute-bound, so padding is pure waste: batches are formed from examples of
+similar length (shuffled within mega-batches for training, sorted for evaluation) and padded to the
+longest example in the batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import UserDict
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from training.data import Example
+
+MEGA_BATCH = 50  # batches per shuffled mega-batch when grouping by length
+
+
+class Encoder:
+    """Turns examples into a padded batch: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), ``labels``."""
+
+    def __init__(self, tokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, examples: Sequence[Example]) -> UserDict:
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+        batch = self.tokenizer(
+            texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch = UserDict(dict(batch))  # laplace-torch recognises a MutableMapping as a Hugging Face batch
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return batch
+
+    def lengths(self, examples: Sequence[Example]) -> list[int]:
+        """Token counts (truncated at max_length) used to group batches."""
+        encoded = self.tokenizer(
+            [e.text for e in examples],
+            [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None,
+            truncation=True,
+            max_length=self.max_length,
+        )
+        return [len(ids) for ids in encoded["input_ids"]]
+
+
+def texts_as_examples(texts: Sequence[str]) -> list[Example]:
+    """Unlabelled texts (OOD sets) as examples with a dummy label."""
+    return [Example(text, 0) for text in texts]
+
+
+class _ListDataset(Dataset):
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of indices with similar lengths.
+
+    ``shuffle=True`` (training): a new seeded permutation each epoch, sorted by length within mega-batches of
+    ``MEGA_BATCH`` batches, batch order shuffled. ``shuffle=False`` (evaluation): sorted by length.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(range(len(self.lengths)))
+        if not self.shuffle:
+            order.sort(key=lambda i: self.lengths[i])
+            yield from (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            return
+        rng = random.Random(self.seed + self.epoch)
+        rng.shuffle(order)
+        mega = self.batch_size * MEGA_BATCH
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def make_loader(
+    examples: Sequence[Example], encoder: Encoder, batch_size: int, *, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """A DataLoader of encoded, length-grouped batches (in sorted order when not shuffled)."""
+    sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle, seed)
+    return DataLoader(_ListDataset(examples), batch_sampler=sampler, collate_fn=encoder)
+
+
+def model_inputs(batch: UserDict | dict) -> dict[str, Tensor]:
+    """The tensors a model forward takes (everything but the labels)."""
+    return {k: v for k, v in batch.items() if k != "labels"}

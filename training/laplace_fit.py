@@ -1,0 +1,153 @@
+"""Laplace posteriors over the cores with laplace-torch, converted into ``adapters`` posterior families.
+
+laplace-torch 0.3 (default curvlinops GGN backend) fits ``diag``, ``kron`` or ``full`` curvature on a model
+whose only trainable parameters are the posterior's (the cores, and the head when asked), and tunes the
+prior precision by maximising the marginal likelihood (METHODS.md §3.1). The fitted posterior is then
+stored in the bundle's own families, so the server never refits anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from adapters import DiagPosterior, FullPosterior, KronFactors, KronPosterior, LoraXSClassifier, Posterior
+from training.encoding import model_inputs
+
+STRUCTURES = {"laplace-diag": "diag", "laplace-kron": "kron", "laplace-full": "full"}
+
+
+class DictInputModel(nn.Module):
+    """laplace-torch hands a Hugging Face batch (a MutableMapping) to the model's forward."""
+
+    def __init__(self, model: LoraXSClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.model(**model_inputs(batch))
+
+
+@dataclass
+class LaplaceFit:
+    posterior: Posterior
+    laplace: Any  # the fitted laplace-torch object (tests compare against it)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_laplace(
+    model: LoraXSClassifier,
+    train_loader: DataLoader,
+    structure: str,
+    *,
+    include_head: bool = False,
+    prior_structure: str = "scalar",
+    marglik_steps: int = 100,
+    progress: bool = True,
+) -> LaplaceFit:
+    """Fit a Laplace posterior of ``structure`` (``diag`` | ``kron`` | ``full``) around the model's MAP.
+
+    ``train_loader`` yields encoded batches (``training.encoding.make_loader``); N is its dataset's size.
+    """
+    from laplace import Laplace  # imported here: laplace-torch imports its three curvature backends
+
+    if structure not in STRUCTURES.values():
+        raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {sorted(STRUCTURES.values())}")
+    params = model.posterior_parameters(include_head=include_head)
+    start = time.perf_counter()
+    with _only_trainable(model, params.values()), _attention_for(model, structure):
+        model.eval()
+        la = Laplace(
+            DictInputModel(model),
+            "classification",
+            subset_of_weights="all",
+            hessian_structure=structure,
+            dict_key_y="labels",
+        )
+        la.fit(train_loader, progress_bar=progress)
+        fitted = time.perf_counter()
+        la.optimize_prior_precision(method="marglik", prior_structure=prior_structure, n_steps=marglik_steps)
+    names = _laplace_order(la, params)
+    mean = {name: params[name].detach().clone() for name in names}
+    prior = la.prior_precision.detach().cpu().flatten().tolist()
+    posterior = _convert(la, structure, mean, prior)
+    info = {
+        "structure": structure,
+        "prior_precision": prior[0] if len(prior) == 1 else prior,
+        "prior_structure": prior_structure,
+        "log_marginal_likelihood": float(la.log_marginal_likelihood().item()),
+        "n_data": int(la.n_data),
+        "n_params": int(la.n_params),
+        "fit_seconds": round(fitted - start, 2),
+        "marglik_seconds": round(time.perf_counter() - fitted, 2),
+    }
+    return LaplaceFit(posterior, la, info)
+
+
+def _convert(la, structure: str, mean: dict[str, torch.Tensor], prior: list[float]) -> Posterior:
+    if structure == "diag":
+        return DiagPosterior(mean, _split(la.posterior_variance.detach(), mean))
+    if structure == "full":
+        return FullPosterior(mean, la.posterior_scale.detach())
+    kron = la.H  # KronDecomposed of the curvature; the posterior precision is H · H_factor + δ
+    factors = {
+        name: KronFactors(
+            tuple(v.detach().clone() for v in kron.eigenvectors[i]),
+            tuple(v.detach().clone() for v in kron.eigenvalues[i]),
+        )
+        for i, name in enumerate(mean)
+    }
+    return KronPosterior(mean, factors, float(la._H_factor), prior if len(prior) > 1 else prior[0])
+
+
+def _split(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for name, t in like.items():
+        out[name] = flat[start : start + t.numel()].reshape(t.shape).clone()
+        start += t.numel()
+    return out
+
+
+def _laplace_order(la, params: dict[str, nn.Parameter]) -> list[str]:
+    """Our block names in the order laplace-torch flattened the parameters (matched by identity)."""
+    by_id = {id(p): name for name, p in params.items()}
+    names = [by_id[id(p)] for p in la.params]
+    if sorted(names) != sorted(params):
+        raise RuntimeError("laplace-torch saw other parameters than the posterior's")
+    return names
+
+
+@contextlib.contextmanager
+def _only_trainable(model: nn.Module, params) -> Iterator[None]:
+    """Within the block only ``params`` require grad (what laplace-torch treats as the weights)."""
+    before = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _attention_for(model: LoraXSClassifier, structure: str) -> Iterator[None]:
+    """The full GGN uses forward-mode AD, which PyTorch's CPU SDPA kernels lack: use eager attention."""
+    config = model.base.config
+    original = getattr(config, "_attn_implementation", None)
+    if structure == "full" and original not in (None, "eager"):
+        model.base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if structure == "full" and original not in (None, "eager"):
+            model.base.set_attn_implementation(original)

@@ -1,0 +1,139 @@
+"""MAP training of the LoRA-XS cores and the head, with accelerate.
+
+Runs on the CPU, one GPU (bf16 autocast when asked) or several (``accelerate launch``). The checkpoint with
+the best validation score is kept (in memory) and restored at the end; training stops early when the
+validation score has not improved for ``patience`` epochs. The test split is never looked at here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from adapters import LoraXSClassifier
+from training.data import Example
+from training.encoding import Encoder, make_loader, model_inputs
+
+
+@dataclass
+class MapSchedule:
+    """Optimisation settings."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 3e-3
+    head_lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.06
+    patience: int = 2
+    select_by: str = "nll"  # or "accuracy"
+    mixed_precision: str = "no"  # "bf16" on a GPU
+    seed: int = 0
+
+
+@dataclass
+class MapResult:
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_map(
+    model: LoraXSClassifier,
+    train: list[Example],
+    validation: list[Example],
+    encoder: Encoder,
+    schedule: MapSchedule,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> MapResult:
+    """Train in place; on return ``model`` holds the best checkpoint (by validation ``select_by``)."""
+    accelerator = accelerator or Accelerator(mixed_precision=schedule.mixed_precision)
+    torch.manual_seed(schedule.seed)
+    model.freeze_base()
+    cores = [layer.core.weight for layer in model.lora_layers.values()]
+    optimizer = torch.optim.AdamW(
+        [{"params": cores, "lr": schedule.lr}, {"params": list(model.head.parameters()), "lr": schedule.head_lr}],
+        weight_decay=schedule.weight_decay,
+    )
+    loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed)
+    sampler = loader.batch_sampler  # keep our own handle: accelerate may wrap it for several processes
+    total_steps = schedule.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total_steps, schedule.warmup_fraction))
+    prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    result, best_score, best_state, stale = MapResult(best_epoch=0), -math.inf, None, 0
+    start = time.perf_counter()
+    for epoch in range(1, schedule.epochs + 1):
+        sampler.set_epoch(epoch)
+        prepared.train()
+        running, seen = 0.0, 0
+        bar = tqdm(
+            loader, desc=f"epoch {epoch}/{schedule.epochs}", disable=not progress or not accelerator.is_main_process
+        )
+        for batch in bar:
+            logits = prepared(**model_inputs(batch))
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running, seen = running + loss.item() * len(batch["labels"]), seen + len(batch["labels"])
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        scores = validation_scores(accelerator.unwrap_model(prepared), validation, encoder, schedule.batch_size * 2)
+        scores.update(epoch=epoch, train_loss=running / max(seen, 1))
+        result.history.append(scores)
+        score = -scores["nll"] if schedule.select_by == "nll" else scores["accuracy"]
+        accelerator.print(
+            f"epoch {epoch}: train loss {scores['train_loss']:.4f}, validation accuracy {scores['accuracy']:.4f}, "
+            f"NLL {scores['nll']:.4f}"
+        )
+        if score > best_score:
+            best_score, best_state, stale, result.best_epoch = score, _trainable_state(model), 0, epoch
+        else:
+            stale += 1
+            if stale >= schedule.patience:
+                accelerator.print(f"early stop: no validation improvement for {stale} epochs")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def validation_scores(model: LoraXSClassifier, examples: list[Example], encoder: Encoder, batch_size: int) -> dict:
+    """Accuracy and NLL of the MAP on a split."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, nll, count = 0, 0.0, 0
+    for batch in make_loader(examples, encoder, batch_size, shuffle=False):
+        logits = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).float()
+        labels = batch["labels"].to(device)
+        correct += (logits.argmax(-1) == labels).sum().item()
+        nll += F.cross_entropy(logits, labels, reduction="sum").item()
+        count += len(labels)
+    return {"accuracy": correct / count, "nll": nll / count}
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: copy.deepcopy(v.detach()) for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _warmup_linear(total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
