@@ -218,6 +218,8 @@ def file_task(
     """A task from local files; missing validation/test splits are carved from the training file."""
     labels: list[str] = []
     examples = rows_to_examples(read_rows(train_file), columns, labels, str(train_file))
+    if len(labels) < 2:
+        raise DataError(f"{train_file} has a single label {labels}: a classifier needs at least two")
     test = rows_to_examples(read_rows(test_file), columns, labels, str(test_file)) if test_file else None
     validation = (
         rows_to_examples(read_rows(validation_file), columns, labels, str(validation_file)) if validation_file else None

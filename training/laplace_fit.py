@@ -48,13 +48,16 @@ def fit_laplace(
     structure: str,
     *,
     include_head: bool = False,
+    n_data: int | None = None,
     prior_structure: str = "scalar",
     marglik_steps: int = 100,
     progress: bool = True,
 ) -> LaplaceFit:
     """Fit a Laplace posterior of ``structure`` (``diag`` | ``kron`` | ``full``) around the model's MAP.
 
-    ``train_loader`` yields encoded batches (``training.encoding.make_loader``); N is its dataset's size.
+    ``train_loader`` yields encoded batches (``training.encoding.make_loader``). When it holds a subset of
+    M of the N training examples, pass ``n_data=N``: the curvature and the data term are estimated on the M
+    and scaled by N/M before the prior precision is tuned, so the posterior is the one for N examples.
     """
     from laplace import Laplace  # imported here: laplace-torch imports its three curvature backends
 
@@ -72,6 +75,9 @@ def fit_laplace(
             dict_key_y="labels",
         )
         la.fit(train_loader, progress_bar=progress)
+        subset_size = int(la.n_data)
+        if n_data is not None and n_data != subset_size:
+            _scale_to(la, n_data)
         fitted = time.perf_counter()
         la.optimize_prior_precision(method="marglik", prior_structure=prior_structure, n_steps=marglik_steps)
     names = _laplace_order(la, params)
@@ -84,11 +90,20 @@ def fit_laplace(
         "prior_structure": prior_structure,
         "log_marginal_likelihood": float(la.log_marginal_likelihood().item()),
         "n_data": int(la.n_data),
+        "curvature_examples": subset_size,
         "n_params": int(la.n_params),
         "fit_seconds": round(fitted - start, 2),
         "marglik_seconds": round(time.perf_counter() - fitted, 2),
     }
     return LaplaceFit(posterior, la, info)
+
+
+def _scale_to(la, n_data: int) -> None:
+    """Rescale a fit on M examples to N: curvature and summed loss are sums over examples."""
+    factor = n_data / la.n_data
+    la.H = la.H * factor
+    la.loss = la.loss * factor
+    la.n_data = n_data
 
 
 def _convert(la, structure: str, mean: dict[str, torch.Tensor], prior: list[float]) -> Posterior:

@@ -120,3 +120,18 @@ def test_sampled_predictive_agrees_with_laplace_torch_nn_predictive(tmp_path) ->
     stderr = per_sample.std(0) * (2 / num_samples) ** 0.5
     assert torch.all((ours - theirs.to(ours.dtype)).abs() <= 5 * stderr + 1e-4), (ours, theirs)
     assert per_sample.std(0).max() > 0.01  # the posterior is not degenerate: the check has power
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_subset_curvature_scaled_to_n_equals_fitting_on_n(structure) -> None:
+    """Data repeated twice, fitted as is, equals the data fitted once and scaled to twice its size."""
+    model, _, loader, _ = _model_and_loader(seed=3)
+    doubled = torch.utils.data.DataLoader(
+        list(loader.dataset) * 2, batch_size=16, collate_fn=loader.collate_fn, shuffle=False
+    )
+    on_all = fit_laplace(model, doubled, structure, marglik_steps=30, progress=False)
+    scaled = fit_laplace(model, loader, structure, n_data=96, marglik_steps=30, progress=False)
+    assert scaled.info["n_data"] == 96 and scaled.info["curvature_examples"] == 48
+    assert scaled.info["prior_precision"] == pytest.approx(on_all.info["prior_precision"], rel=1e-3)
+    reference = on_all.posterior.covariance()
+    torch.testing.assert_close(scaled.posterior.covariance(), reference, atol=1e-4 * reference.abs().max(), rtol=1e-3)

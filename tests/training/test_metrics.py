@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -62,3 +64,46 @@ def test_ece_by_hand_and_bin_edges() -> None:
     assert metrics.ece(probs, labels) == pytest.approx(expected)
     assert metrics.mce(probs, labels) == pytest.approx(0.4)
     assert metrics.classification_metrics(probs, labels)["accuracy"] == pytest.approx(0.75)
+
+
+def test_temperature_recovers_a_known_scale() -> None:
+    from training.calibration import fit_temperature
+
+    g = torch.Generator().manual_seed(0)
+    true_logits = 2 * torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=g).squeeze(-1)
+    # a model that is 3x overconfident: the fitted temperature undoes it
+    assert fit_temperature((3 * true_logits).unsqueeze(0), labels) == pytest.approx(3.0, rel=0.1)
+
+
+def test_abstention_thresholds_meet_their_targets_on_the_fitting_data() -> None:
+    from adapters import abstain, predictive
+    from training.calibration import fit_abstention
+
+    g = torch.Generator().manual_seed(1)
+    logits = 2 * torch.randn(8, 2000, 2, generator=g)
+    pred = predictive(logits)
+    labels = torch.where(torch.rand(2000, generator=g) < pred.confidence, pred.label, 1 - pred.label)
+    for kind in ("max_prob", "entropy", "mutual_information"):
+        spec = fit_abstention(pred, labels, kind, target_risk=0.1)
+        flags, _ = abstain(pred, [spec.rule()])
+        answered = ~flags
+        risk = (pred.label[answered] != labels[answered]).float().mean().item()
+        assert risk <= 0.1 + 1e-6 and answered.float().mean().item() == pytest.approx(
+            spec.target["validation_coverage"]
+        )
+        spec = fit_abstention(pred, labels, kind, target_coverage=0.7)
+        flags, _ = abstain(pred, [spec.rule()])
+        assert (~flags).float().mean().item() == pytest.approx(0.7, abs=0.002)
+
+
+def test_unreachable_target_risk_abstains_on_everything_with_a_finite_threshold() -> None:
+    from adapters import abstain, predictive
+    from training.calibration import fit_abstention
+
+    pred = predictive(torch.tensor([[[3.0, 0.0], [0.0, 3.0], [2.0, 0.0]]]))
+    labels = torch.tensor([1, 0, 1])  # every prediction wrong
+    for kind in ("max_prob", "entropy", "mutual_information"):
+        spec = fit_abstention(pred, labels, kind, target_risk=0.01)
+        assert math.isfinite(spec.threshold) and spec.target["validation_coverage"] == 0.0
+        assert abstain(pred, [spec.rule()])[0].all()

@@ -1,0 +1,93 @@
+"""caveat-train: bad input gives one clear line and exit status 2; a small slice trains a loadable bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adapters import load_bundle
+from training.cli import main, parse_config
+
+
+def _fails(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # model loading may print a progress bar before it
+    assert last.startswith("caveat-train: error:") and message in last, err
+    assert "Traceback" not in err
+
+
+def test_unknown_dataset(capsys, tmp_path) -> None:
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", "imdb"], "unknown dataset 'imdb'")
+
+
+def test_missing_column_empty_file_and_single_label(capsys, tmp_path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", str(data)], "no column 'text'")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", str(empty)], "holds no rows")
+    single = tmp_path / "single.csv"
+    single.write_text("text,label\n" + "".join(f"text {i},yes\n" for i in range(40)))
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", str(single)], "single label")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", str(tmp_path / "nope.csv")], "does not exist")
+
+
+def test_missing_model_path_and_bad_output(capsys, tmp_path) -> None:
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--base-model", str(tmp_path / "no-model")], "no such path")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    _fails(capsys, ["--out", str(occupied)], "holds other files")
+    assert (occupied / "notes.txt").read_text() == "keep me"
+    _fails(capsys, [], "--out is required")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--posterior", "laplace-huge"], "unknown --posterior")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--targets", "q_proj"], "'q_proj' matches nothing")
+
+
+def test_config_file_supplies_defaults_and_flags_override(tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("rank: 4\ntargets: query,key\nposterior: laplace-diag\nout: somewhere\n")
+    parsed = parse_config(["--config", str(config), "--rank", "6"])
+    assert parsed.rank == 6 and parsed.targets == ["query", "key"] and parsed.posterior == "laplace-diag"
+    (tmp_path / "bad.json").write_text(json.dumps({"rnak": 3}))
+    with pytest.raises(Exception, match="unknown keys"):
+        parse_config(["--config", str(tmp_path / "bad.json")])
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
+    """The embedded default (MiniLM, SST-2, drug reviews, BBC News) on a few hundred examples, one epoch."""
+    out = tmp_path / "bundle"
+    argv = [
+        "--out", str(out), "--shift", "drugreviews", "--ood", "bbcnews",
+        "--train-limit", "200", "--eval-limit", "60", "--validation-size", "200", "--shift-limit", "40",
+        "--ood-limit", "40", "--epochs", "1", "--rank", "4", "--targets", "query,value",
+        "--num-samples", "4", "--laplace-limit", "64", "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", *argv], capture_output=True, text=True, timeout=900, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundle = load_bundle(out)
+    manifest = bundle.manifest
+    assert manifest.posterior.family == "kron" and manifest.posterior.default_num_samples == 4
+    ev = manifest.eval
+    for split in ("test", "shift"):
+        for method in ("map", "posterior"):
+            assert set(ev[split][method]) >= {"accuracy", "ece", "nll", "brier", "aurc", "risk_at_80_coverage"}
+    assert set(ev["ood"]["posterior"]) >= {"max_prob", "entropy", "mutual_information"}
+    assert ev["shift"]["dataset"] == "drugreviews" and ev["ood"]["dataset"] == "bbcnews"
+    assert ev["training"]["laplace"]["curvature_examples"] == 64 and ev["training"]["laplace"]["n_data"] == 200
+    assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "mutual_information"}
+    assert (out / "report.md").read_text().startswith("# bundle ")
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    sizes = sum((out / f).stat().st_size for f in ("bundle.json", "adapter.safetensors", "posterior.safetensors"))
+    assert sizes < 2 * 1024 * 1024
+    # a second run refuses to overwrite the bundle unless asked
+    again = subprocess.run([sys.executable, "-m", "training.cli", *argv], capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr

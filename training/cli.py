@@ -1,0 +1,164 @@
+"""``caveat-train``: train a LoRA-XS adapter with a posterior and write a bundle.
+
+Every flag is a field of :class:`training.pipeline.TrainConfig`; ``--config FILE`` (YAML or JSON) supplies
+defaults that flags override. Problems with the input exit with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import CaveatError
+
+HELP = {
+    "out": "directory for the bundle (new or empty; an existing bundle needs --overwrite)",
+    "base_model": "Hugging Face id, local path, or the embedded name 'minilm'",
+    "dataset": "embedded name (sst2) or a local .csv/.tsv/.jsonl/.parquet file",
+    "text_column": "text column of local files",
+    "text_pair_column": "second text column for sentence-pair tasks",
+    "label_column": "label column of local files",
+    "validation_file": "separate validation file (default: carved from the training data)",
+    "test_file": "separate test file (default: carved from the training data)",
+    "validation_size": "examples carved for validation",
+    "shift": "labelled set in the same label space, only for evaluation under shift (embedded: drugreviews)",
+    "ood": "texts only for out-of-distribution detection (embedded: bbcnews)",
+    "shift_limit": "evaluate on at most this many shift examples (seeded subset)",
+    "ood_limit": "evaluate on at most this many OOD texts (seeded subset)",
+    "train_limit": "train on at most this many examples (seeded subset; for quick runs)",
+    "eval_limit": "validate and test on at most this many examples (seeded subset; for quick runs)",
+    "projection": "projection family: svd, wsvd, dct, random, or a hybrid such as dct-1/2_svd",
+    "rank": "LoRA-XS rank r (the core is r×r)",
+    "alpha": "scaling numerator (the update is scaled by alpha/rank)",
+    "targets": "comma-separated module-name patterns (default per architecture; 're:<regex>' allowed)",
+    "pooling": "mean, cls or last (default: mean for encoders, last for decoders)",
+    "epochs": "maximum MAP epochs",
+    "lr": "learning rate of the cores",
+    "head_lr": "learning rate of the classifier head",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "examples per batch",
+    "max_length": "tokens per example (longer ones are truncated)",
+    "patience": "stop after this many epochs without validation improvement",
+    "select_by": "validation score that picks the checkpoint: nll or accuracy",
+    "seed": "seed of data splits, initialisation, shuffling and sampling",
+    "posterior": "map, laplace-diag, laplace-kron or laplace-full",
+    "prior": "prior precision: marglik (Laplace marginal likelihood)",
+    "posterior_head": "include the classifier head in the posterior",
+    "prior_structure": "scalar or layerwise prior precision",
+    "laplace_limit": "fit the curvature on at most this many training examples",
+    "num_samples": "posterior samples for evaluation and the bundle's default",
+    "temperature_scaling": "fit a temperature on the validation split",
+    "target_risk": "fit abstention thresholds for this selective risk on validation (default 0.05)",
+    "target_coverage": "fit abstention thresholds for this coverage instead",
+    "abstain_on": "comma-separated rules: max_prob, entropy, mutual_information",
+    "mi_coverage": "the mutual-information rule answers this fraction of validation inputs",
+    "mixed_precision": "no, fp16 or bf16 (GPU)",
+    "name": "bundle name (default: the output directory's name)",
+    "version": "bundle version (default: a UTC timestamp)",
+    "overwrite": "replace an existing bundle in --out",
+    "progress": "show progress bars",
+}
+
+
+def _field_type(hint: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) of a field's annotation, optional-ness stripped."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.pipeline import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="caveat-train",
+        description="Fine-tune a frozen model with LoRA-XS, fit a posterior over the cores, calibrate, evaluate "
+        "and write a bundle.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of defaults (keys are flag names)")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind, is_list = _field_type(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[field.name])
+        elif is_list:
+            parser.add_argument(flag, type=_comma_list, default=default, help=HELP[field.name])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=HELP[field.name])
+    return parser
+
+
+def _comma_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CaveatError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise CaveatError(f"--config {path} cannot be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CaveatError(f"--config {path} must hold a mapping of flag names to values")
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def parse_config(argv: list[str] | None = None):
+    """Flags (and an optional config file) → ``TrainConfig``."""
+    from training.pipeline import TrainConfig
+
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        defaults = _read_config_file(first.config)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            raise CaveatError(f"--config {first.config}: unknown keys {unknown}")
+        for key, value in defaults.items():
+            if isinstance(value, str) and key in ("targets", "abstain_on"):
+                defaults[key] = _comma_list(value)
+        parser.set_defaults(**defaults)
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return TrainConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        config = parse_config(argv)
+        from training.pipeline import run
+
+        run(config)
+    except CaveatError as exc:
+        print(f"caveat-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("caveat-train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

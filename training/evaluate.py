@@ -1,0 +1,97 @@
+"""Predictions of the MAP and of the posterior predictive, and the evaluation card of a bundle.
+
+The posterior predictive runs through the serving path (``LoraXSClassifier.forward_rows`` with fresh
+samples per batch), so the reported numbers are what the server computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from adapters import AdapterWeights, LoraXSClassifier, Posterior, Predictive, Projection, RowBlock, make_generator
+from adapters.predictive import predictive
+from training.data import Example
+from training.encoding import Encoder, LengthGroupedSampler, model_inputs
+from training.metrics import auroc, classification_metrics, fpr_at_tpr
+
+
+@dataclass
+class Outputs:
+    """Per-sample logits ``(S, N, C)`` of a split, in the split's order."""
+
+    logits: Tensor
+
+    def predictive(self, temperature: float = 1.0) -> Predictive:
+        return predictive(self.logits, temperature)
+
+
+def own_adapter(model: LoraXSClassifier) -> AdapterWeights:
+    """A trained classifier's own projections and head, for batched-rows evaluation."""
+    layers = model.lora_layers
+    projections = {name: Projection(layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+    scaling = next(iter(layers.values())).scaling
+    return AdapterWeights(projections, scaling, model.head.weight.detach(), model.head.bias.detach())
+
+
+@torch.no_grad()
+def predict(
+    model: LoraXSClassifier,
+    examples: list[Example],
+    encoder: Encoder,
+    *,
+    posterior: Posterior | None = None,
+    num_samples: int = 16,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_rows: int | None = 256,
+    desc: str = "predict",
+    progress: bool = True,
+) -> Outputs:
+    """MAP logits (``posterior=None``, S = 1) or posterior-sampled logits for every example."""
+    model.eval()
+    device = next(model.parameters()).device
+    adapter = own_adapter(model) if posterior is not None else None
+    generator = make_generator(seed, posterior.device) if posterior is not None else None
+    sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
+    num_out = 1 if posterior is None else num_samples
+    out = torch.empty(num_out, len(examples), model.head.out_features)
+    for indices in tqdm(sampler, desc=desc, disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in model_inputs(encoder([examples[i] for i in indices])).items()}
+        if posterior is None:
+            logits = model(**batch).unsqueeze(0)
+        else:
+            block = RowBlock(
+                adapter, posterior.sample(num_samples, generator), torch.arange(len(indices), device=device)
+            )
+            (logits,) = model.forward_rows(batch, [block], max_rows=max_rows)
+        out[:, torch.tensor(indices)] = logits.float().cpu()
+    return Outputs(out)
+
+
+def labels_of(examples: list[Example]) -> Tensor:
+    return torch.tensor([e.label for e in examples])
+
+
+def ood_scores(pred: Predictive) -> dict[str, Tensor]:
+    """Scores where higher means "more likely out of distribution"."""
+    return {"max_prob": 1 - pred.confidence, "entropy": pred.entropy, "mutual_information": pred.mutual_information}
+
+
+def ood_metrics(in_dist: Predictive, out_dist: Predictive, with_mi: bool) -> dict[str, float]:
+    """AUROC (OOD positive) per score, and FPR at 95% TPR."""
+    inside, outside = ood_scores(in_dist), ood_scores(out_dist)
+    names = ["max_prob", "entropy"] + (["mutual_information"] if with_mi else [])
+    result = {name: auroc(inside[name], outside[name]) for name in names}
+    result.update({f"{name}_fpr_at_95_tpr": fpr_at_tpr(inside[name], outside[name]) for name in names})
+    return result
+
+
+def split_metrics(pred: Predictive, labels: Tensor) -> dict[str, float]:
+    metrics = classification_metrics(pred.probs, labels)
+    metrics["mean_mutual_information"] = pred.mutual_information.mean().item()
+    metrics["mean_entropy"] = pred.entropy.mean().item()
+    return metrics

@@ -1,0 +1,91 @@
+"""The bundle's human-readable report: report.md and reliability.png (MAP vs posterior)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.metrics import calibration_bins
+
+METRIC_ROWS = [
+    ("accuracy", "accuracy ↑"),
+    ("ece", "ECE (15 bins) ↓"),
+    ("mce", "MCE ↓"),
+    ("nll", "NLL ↓"),
+    ("brier", "Brier ↓"),
+    ("aurc", "AURC ↓"),
+    ("risk_at_80_coverage", "risk @ 80% coverage ↓"),
+    ("coverage_at_5_risk", "coverage @ 5% risk ↑"),
+    ("mean_mutual_information", "mean MI (nats)"),
+]
+
+
+def write_reliability_png(path: Path, panels: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """One panel per split, one reliability curve per method: ``panels[split][method] = (probs, labels)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (split, methods) in zip(axes[0], panels.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+        for method, (probs, labels) in methods.items():
+            count, acc, conf = calibration_bins(probs, labels)
+            mask = count > 0
+            ax.plot(conf[mask].numpy(), acc[mask].numpy(), marker="o", markersize=3, label=method)
+        ax.set(title=split, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) -> str:
+    header = "| metric | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+    lines = []
+    for key, label in rows:
+        if any(key in values for values in columns.values()):
+            cells = [f"{values[key]:.4f}" if key in values else "—" for values in columns.values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def render_report(manifest: dict[str, Any], training: dict[str, Any]) -> str:
+    """Markdown report of a bundle from its manifest (eval card included) and the training record."""
+    ev = manifest["eval"]
+    posterior = manifest["posterior"]
+    parts = [
+        f"# {manifest['name']} {manifest['version']}\n",
+        f"Base `{manifest['base_model']['name_or_path']}`, LoRA-XS r={manifest['adapter']['rank']} "
+        f"(alpha {manifest['adapter']['alpha']}, projection `{manifest['adapter']['projection']['spec']}`) on "
+        f"{len(manifest['adapter']['modules'])} layers (`{', '.join(manifest['adapter']['target_modules'])}`); "
+        f"posterior `{posterior['family']}` (prior precision {posterior.get('prior_precision')}), "
+        f"{posterior['default_num_samples']} samples by default. Labels: {', '.join(manifest['task']['labels'])}.\n",
+        f"Training: {training.get('summary', '')}\n",
+        "## Test split\n",
+        _table({"MAP": ev["test"]["map"], "posterior": ev["test"]["posterior"]}, METRIC_ROWS),
+    ]
+    if "shift" in ev:
+        parts += [
+            f"## Domain shift: {ev['shift']['dataset']} ({ev['shift']['size']} examples)\n",
+            _table({"MAP": ev["shift"]["map"], "posterior": ev["shift"]["posterior"]}, METRIC_ROWS),
+        ]
+    if "ood" in ev:
+        rows = [("max_prob", "AUROC, 1 − max prob"), ("entropy", "AUROC, entropy"), ("mutual_information", "AUROC, MI")]
+        parts += [
+            f"## Out-of-distribution detection: {ev['ood']['dataset']} ({ev['ood']['size']} texts) vs the test split\n",
+            _table({"MAP": ev["ood"]["map"], "posterior": ev["ood"]["posterior"]}, rows),
+        ]
+    calibration = manifest["calibration"]
+    rules = "; ".join(
+        f"{r['kind']} threshold {r['threshold']:.4g} for {r['target']}" for r in calibration["abstention"]
+    )
+    parts += [
+        "## Calibration (fitted on the validation split)\n",
+        f"Temperature {calibration['temperature']:.4f}. Abstention: {rules or 'none'}.\n",
+        "![reliability](reliability.png)\n",
+    ]
+    return "\n".join(parts)
