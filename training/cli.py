@@ -1,5 +1,8 @@
 """``caveat-train``: train a LoRA-XS adapter with a posterior and write a bundle.
 
+``caveat-train compare --posteriors map,laplace-kron,...`` trains once and compares posterior families
+(:mod:`training.compare`).
+
 Every flag is a field of :class:`training.pipeline.TrainConfig`; ``--config FILE`` (YAML or JSON) supplies
 defaults that flags override. Problems with the input exit with status 2 and a one-line message.
 """
@@ -145,8 +148,15 @@ def parse_config(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``caveat-train [flags]`` trains a bundle; ``caveat-train compare [flags]`` compares posteriors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["compare"]:
+            from training.compare import main as compare_main
+
+            compare_main(argv[1:])
+            return 0
         config = parse_config(argv)
         from training.pipeline import run
 

@@ -1,9 +1,10 @@
 """Laplace posteriors over the cores with laplace-torch, converted into ``adapters`` posterior families.
 
-laplace-torch 0.3 (default curvlinops GGN backend) fits ``diag``, ``kron`` or ``full`` curvature on a model
-whose only trainable parameters are the posterior's (the cores, and the head when asked), and tunes the
-prior precision by maximising the marginal likelihood (METHODS.md §3.1). The fitted posterior is then
-stored in the bundle's own families, so the server never refits anything.
+laplace-torch 0.3 (default curvlinops GGN backend) fits ``diag`` and ``kron`` curvature on a model whose
+only trainable parameters are the posterior's (the cores, and the head when asked), and tunes the prior
+precision by maximising the marginal likelihood (METHODS.md §3.1). ``full`` uses the exact GGN from
+per-example Jacobians (:mod:`training.full_ggn`), checked against laplace-torch's own ``full``. The
+fitted posterior is then stored in the bundle's own families, so the server never refits anything.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from adapters import DiagPosterior, FullPosterior, KronFactors, KronPosterior, LoraXSClassifier, Posterior
 from training.encoding import model_inputs
+from training.full_ggn import fit_full
 
 STRUCTURES = {"laplace-diag": "diag", "laplace-kron": "kron", "laplace-full": "full"}
 
@@ -38,7 +40,7 @@ class DictInputModel(nn.Module):
 @dataclass
 class LaplaceFit:
     posterior: Posterior
-    laplace: Any  # the fitted laplace-torch object (tests compare against it)
+    laplace: Any  # the fitted laplace-torch object (None for full, which does not use it)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,7 +67,14 @@ def fit_laplace(
         raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {sorted(STRUCTURES.values())}")
     params = model.posterior_parameters(include_head=include_head)
     start = time.perf_counter()
-    with _only_trainable(model, params.values()), _attention_for(model, structure):
+    if structure == "full":  # laplace-torch would need P passes over the data: see training.full_ggn
+        if prior_structure != "scalar":
+            raise ValueError("the full structure supports a scalar prior precision only")
+        with _only_trainable(model, params.values()):
+            posterior, info = fit_full(model, train_loader, params, n_data=n_data, progress=progress)
+        info["fit_seconds"] = round(time.perf_counter() - start, 2)
+        return LaplaceFit(posterior, None, info)
+    with _only_trainable(model, params.values()):
         model.eval()
         la = Laplace(
             DictInputModel(model),
@@ -152,17 +161,3 @@ def _only_trainable(model: nn.Module, params) -> Iterator[None]:
     finally:
         for p, flag in before.items():
             p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _attention_for(model: LoraXSClassifier, structure: str) -> Iterator[None]:
-    """The full GGN uses forward-mode AD, which PyTorch's CPU SDPA kernels lack: use eager attention."""
-    config = model.base.config
-    original = getattr(config, "_attn_implementation", None)
-    if structure == "full" and original not in (None, "eager"):
-        model.base.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if structure == "full" and original not in (None, "eager"):
-            model.base.set_attn_implementation(original)

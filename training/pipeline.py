@@ -21,6 +21,7 @@ from adapters import (
     LoraXSClassifier,
     LoraXSConfig,
     MapPosterior,
+    Posterior,
     base_fingerprint,
     compute_projections,
     inject_lora_xs,
@@ -32,6 +33,7 @@ from adapters.embedded import resolve_model
 from adapters.errors import CaveatError
 from adapters.manifest import (
     MANIFEST_FILE,
+    AbstentionSpec,
     AdapterSpec,
     BaseModelSpec,
     BundleManifest,
@@ -47,7 +49,7 @@ from training.data import Columns, Example, TaskData, fingerprint, load_ood, loa
 from training.encoding import Encoder, make_loader, model_inputs, texts_as_examples
 from training.evaluate import Outputs, labels_of, ood_metrics, predict, split_metrics
 from training.laplace_fit import STRUCTURES, fit_laplace
-from training.map_training import MapSchedule, train_map
+from training.map_training import MapResult, MapSchedule, train_map
 from training.report import render_report, write_reliability_png
 
 POSTERIORS = ("map", *STRUCTURES)
@@ -73,8 +75,8 @@ class TrainConfig:
     validation_size: int = 1000
     shift: str | None = None
     ood: str | None = None
-    shift_limit: int | None = None
-    ood_limit: int | None = 1000
+    shift_limit: int | None = 500
+    ood_limit: int | None = 500
     train_limit: int | None = None
     eval_limit: int | None = None
     projection: str = "svd"
@@ -95,7 +97,7 @@ class TrainConfig:
     prior: str = "marglik"
     posterior_head: bool = False
     prior_structure: str = "scalar"
-    laplace_limit: int | None = None
+    laplace_limit: int | None = 1500
     num_samples: int = 16
     temperature_scaling: bool = False
     target_risk: float | None = None
@@ -108,8 +110,8 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
 
-    def validate(self) -> None:
-        if not self.out:
+    def validate(self, needs_out: bool = True) -> None:
+        if needs_out and not self.out:
             raise ConfigError("--out is required: the directory the bundle is written to")
         if self.posterior not in POSTERIORS:
             raise ConfigError(f"unknown --posterior {self.posterior!r}; choose one of {list(POSTERIORS)}")
@@ -176,15 +178,72 @@ def _limit(examples: list, limit: int | None, seed: int) -> list:
     return [examples[i] for i in chosen]
 
 
-def run(config: TrainConfig) -> Path:
-    """Train, evaluate and write a bundle; returns its directory."""
-    config.validate()
-    out = Path(config.out)
-    prepare_output(out, config.overwrite)
+@dataclass
+class Session:
+    """Everything the stages share: data, the model being trained, and cached MAP outputs."""
+
+    config: TrainConfig
+    task: TaskData
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    shift: tuple[str, list[Example]] | None
+    ood: tuple[str, list[str]] | None
+    model: LoraXSClassifier
+    encoder: Encoder
+    patterns: list[str]
+    names: list[str]
+    fingerprint: str
+    projection_data: dict[str, Any] | None
+    accelerator: Accelerator
+    stage: Stage
+    map_result: MapResult | None = None
+    _map_outputs: dict[str, Outputs] = field(default_factory=dict)
+
+    def say(self, message: str) -> None:
+        self.accelerator.print(message)
+
+    def splits(self) -> dict[str, list[Example]]:
+        """Evaluation splits by name: test, and shift / OOD when configured (OOD texts as examples)."""
+        splits = {"test": self.test}
+        if self.shift is not None:
+            splits["shift"] = self.shift[1]
+        if self.ood is not None:
+            splits["ood"] = texts_as_examples(self.ood[1])
+        return splits
+
+    def map_outputs(self, split: str, examples: list[Example]) -> Outputs:
+        """MAP logits of a split (computed once: they do not depend on the posterior)."""
+        if split not in self._map_outputs:
+            self._map_outputs[split] = predict(
+                self.model,
+                examples,
+                self.encoder,
+                batch_size=self.config.batch_size,
+                desc=f"{split} (MAP)",
+                progress=self.config.progress,
+            )
+        return self._map_outputs[split]
+
+    def sampled_outputs(self, posterior: Posterior, split: str, examples: list[Example]) -> Outputs:
+        return predict(
+            self.model,
+            examples,
+            self.encoder,
+            posterior=posterior,
+            num_samples=self.config.num_samples if posterior.family != "map" else 1,
+            seed=self.config.seed,
+            batch_size=self.config.batch_size,
+            desc=f"{split} (posterior)",
+            progress=self.config.progress,
+        )
+
+
+def prepare(config: TrainConfig) -> Session:
+    """Load data and base model, inject LoRA-XS (projections fitted on the pretrained weights)."""
+    config.validate(needs_out=False)
     stage = Stage()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    say = accelerator.print
-
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
     task = load_task(
         config.dataset,
@@ -194,12 +253,16 @@ def run(config: TrainConfig) -> Path:
         validation_size=config.validation_size,
         seed=config.seed,
     )
-    train = _limit(task.train, config.train_limit, config.seed)
-    test = _limit(task.test, config.eval_limit, config.seed)
-    validation = _limit(task.validation, config.eval_limit, config.seed)
     shift = load_shift(config.shift, task.labels, columns) if config.shift else None
     ood = load_ood(config.ood, config.text_column) if config.ood else None
-    say(f"data: {task.name} train {len(train)}, validation {len(validation)}, test {len(test)}, labels {task.labels}")
+    train = _limit(task.train, config.train_limit, config.seed)
+    validation = _limit(task.validation, config.eval_limit, config.seed)
+    test = _limit(task.test, config.eval_limit, config.seed)
+    shift = (shift[0], _limit(shift[1], config.shift_limit, config.seed)) if shift else None
+    ood = (ood[0], _limit(ood[1], config.ood_limit, config.seed)) if ood else None
+    accelerator.print(
+        f"data: {task.name} train {len(train)}, validation {len(validation)}, test {len(test)}, labels {task.labels}"
+    )
     stage.done("data")
 
     tokenizer, base = load_base(config.base_model)
@@ -214,9 +277,16 @@ def run(config: TrainConfig) -> Path:
     )
     pooling = config.pooling or ("last" if base.config.is_decoder or "llama" in base.config.model_type else "mean")
     model = LoraXSClassifier(base, num_labels=len(task.labels), pooling=pooling).to(accelerator.device)
-    say(f"LoRA-XS: {report}, rank {config.rank}, {len(names) * config.rank**2} core parameters")
+    accelerator.print(f"LoRA-XS: {report}, rank {config.rank}, {len(names) * config.rank**2} core parameters")
     stage.done("setup")
+    return Session(
+        config, task, train, validation, test, shift, ood, model, encoder, list(patterns), names,
+        fingerprint_value, projection_data, accelerator, stage,
+    )  # fmt: skip
 
+
+def train(session: Session) -> MapResult:
+    config = session.config
     schedule = MapSchedule(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -228,77 +298,111 @@ def run(config: TrainConfig) -> Path:
         mixed_precision=config.mixed_precision,
         seed=config.seed,
     )
-    map_result = train_map(model, train, validation, encoder, schedule, accelerator, progress=config.progress)
-    stage.done("map_training")
+    session.map_result = train_map(
+        session.model, session.train, session.validation, session.encoder, schedule, session.accelerator,
+        progress=config.progress,
+    )  # fmt: skip
+    session.stage.done("map_training")
+    return session.map_result
 
-    laplace_info: dict[str, Any] = {}
-    if config.posterior == "map":
-        posterior = MapPosterior({n: p.detach().clone() for n, p in model.posterior_parameters().items()})
-    else:
-        curvature_data = _limit(train, config.laplace_limit, config.seed)
-        loader = make_loader(curvature_data, encoder, config.batch_size, shuffle=False)
-        fit = fit_laplace(
-            model,
-            loader,
-            STRUCTURES[config.posterior],
-            include_head=config.posterior_head,
-            n_data=len(train),
-            prior_structure=config.prior_structure,
-            progress=config.progress,
-        )
-        posterior, laplace_info = fit.posterior, fit.info
-        say(f"posterior {config.posterior}: prior precision {laplace_info['prior_precision']}")
-    stage.done("posterior")
 
-    def sampled(examples: list[Example], what: str) -> Outputs:
-        return predict(
-            model,
-            examples,
-            encoder,
-            posterior=posterior,
-            num_samples=config.num_samples if config.posterior != "map" else 1,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            desc=f"{what} (posterior)",
-            progress=config.progress,
-        )
+def fit_posterior(session: Session, family: str) -> tuple[Posterior, dict[str, Any]]:
+    """``map`` or a Laplace structure around the trained MAP (curvature on a subset, scaled to N)."""
+    config, model = session.config, session.model
+    if family == "map":
+        return MapPosterior({n: p.detach().clone() for n, p in model.posterior_parameters().items()}), {}
+    curvature_data = _limit(session.train, config.laplace_limit, config.seed)
+    loader = make_loader(curvature_data, session.encoder, config.batch_size, shuffle=False)
+    fit = fit_laplace(
+        model,
+        loader,
+        STRUCTURES[family],
+        include_head=config.posterior_head,
+        n_data=len(session.train),
+        prior_structure=config.prior_structure,
+        progress=config.progress,
+    )
+    session.say(f"posterior {family}: prior precision {fit.info['prior_precision']}")
+    return fit.posterior, fit.info
 
-    def outputs(examples: list[Example], what: str) -> tuple[Outputs, Outputs]:
-        """MAP and posterior outputs of a split."""
-        map_out = predict(
-            model, examples, encoder, batch_size=config.batch_size, desc=f"{what} (MAP)", progress=config.progress
-        )
-        return map_out, sampled(examples, what)
 
-    val_post = sampled(validation, "validation")
-    val_labels = labels_of(validation)
-    temperature = fit_temperature(val_post.logits, val_labels) if config.temperature_scaling else 1.0
-    val_pred = val_post.predictive(temperature)
+def calibrate(session: Session, posterior: Posterior) -> tuple[float, list[AbstentionSpec]]:
+    """Temperature (when asked) and abstention thresholds, fitted on the validation split."""
+    config = session.config
+    outputs = session.sampled_outputs(posterior, "validation", session.validation)
+    labels = labels_of(session.validation)
+    temperature = fit_temperature(outputs.logits, labels) if config.temperature_scaling else 1.0
+    pred = outputs.predictive(temperature)
     target_risk = config.target_risk
     if target_risk is None and config.target_coverage is None:
         target_risk = 0.05
     rules = []
     for kind in config.abstain_on:
         if kind == "mutual_information":  # an epistemic alarm: answer the usual in-distribution range
-            rules.append(fit_abstention(val_pred, val_labels, kind, target_coverage=config.mi_coverage))
+            rules.append(fit_abstention(pred, labels, kind, target_coverage=config.mi_coverage))
         else:
             rules.append(
-                fit_abstention(
-                    val_pred, val_labels, kind, target_risk=target_risk, target_coverage=config.target_coverage
-                )
+                fit_abstention(pred, labels, kind, target_risk=target_risk, target_coverage=config.target_coverage)
             )
-    stage.done("calibration")
+    return temperature, rules
 
-    evaluation, panels = _evaluate(outputs, test, shift, ood, temperature, config)
-    stage.done("evaluation")
 
+def evaluate(session: Session, posterior: Posterior, temperature: float) -> tuple[dict[str, Any], dict]:
+    """MAP and posterior metrics on test, shift and OOD; the reliability-diagram panels."""
+    config = session.config
+    with_mi = posterior.family != "map"
+    evaluation: dict[str, Any] = {"num_samples": config.num_samples if with_mi else 1, "temperature": temperature}
+    preds, panels = {}, {}
+    for split, examples in session.splits().items():
+        preds[split] = {
+            "MAP": session.map_outputs(split, examples).predictive(),
+            "posterior": session.sampled_outputs(posterior, split, examples).predictive(temperature),
+        }
+        if split == "ood":
+            continue
+        labels = labels_of(examples)
+        evaluation[split] = {
+            "size": len(examples),
+            "map": split_metrics(preds[split]["MAP"], labels),
+            "posterior": split_metrics(preds[split]["posterior"], labels),
+        }
+        title = "test" if split == "test" else f"shift: {session.shift[0]}"
+        panels[title] = {method: (pred.probs, labels) for method, pred in preds[split].items()}
+    if session.shift is not None:
+        evaluation["shift"]["dataset"] = session.shift[0]
+    if session.ood is not None:
+        evaluation["ood"] = {
+            "dataset": session.ood[0],
+            "size": len(session.ood[1]),
+            "map": ood_metrics(preds["test"]["MAP"], preds["ood"]["MAP"], with_mi=False),
+            "posterior": ood_metrics(preds["test"]["posterior"], preds["ood"]["posterior"], with_mi=with_mi),
+        }
+    return evaluation, panels
+
+
+def write_bundle(
+    session: Session,
+    out: Path,
+    posterior: Posterior,
+    laplace_info: dict[str, Any],
+    calibration: tuple[float, list[AbstentionSpec]],
+    evaluation: dict[str, Any],
+    panels: dict,
+) -> Path:
+    config, model, base = session.config, session.model, session.model.base
+    temperature, rules = calibration
     manifest = BundleManifest(
         name=config.name or _bundle_name(out),
         version=config.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S"),
-        task=TaskSpec(labels=task.labels, pooling=pooling, text_pair=task.text_pair, max_length=config.max_length),
+        task=TaskSpec(
+            labels=session.task.labels,
+            pooling=model.pooling,
+            text_pair=session.task.text_pair,
+            max_length=config.max_length,
+        ),
         base_model=BaseModelSpec(
             name_or_path=config.base_model,
-            fingerprint=fingerprint_value,
+            fingerprint=session.fingerprint,
             dtype="float32",
             architecture=base.config.model_type,
             hidden_size=base.config.hidden_size,
@@ -306,80 +410,58 @@ def run(config: TrainConfig) -> Path:
         adapter=AdapterSpec(
             rank=config.rank,
             alpha=config.alpha,
-            target_modules=list(patterns),
-            modules=names,
-            projection=ProjectionSpecRecord(spec=config.projection, seed=config.seed, data=projection_data),
+            target_modules=session.patterns,
+            modules=session.names,
+            projection=ProjectionSpecRecord(spec=config.projection, seed=config.seed, data=session.projection_data),
         ),
-        head=HeadSpec(in_features=base.config.hidden_size, num_labels=len(task.labels)),
+        head=HeadSpec(in_features=base.config.hidden_size, num_labels=len(session.task.labels)),
         posterior=PosteriorSpec(
             family=posterior.family,
             prior_precision=laplace_info.get("prior_precision"),
-            default_num_samples=config.num_samples if config.posterior != "map" else 1,
-            covers_head=config.posterior_head and config.posterior != "map",
+            default_num_samples=evaluation["num_samples"],
+            covers_head=config.posterior_head and posterior.family != "map",
         ),
         calibration=CalibrationSpec(temperature=temperature, abstention=rules),
-        eval=evaluation | {"data": _data_card(task, train, validation, test, shift, ood)},
+        eval=evaluation | {"data": _data_card(session)},
     )
-    training_record = {
+    map_result = session.map_result
+    record = {
         "config": asdict(config),
-        "map": asdict(map_result),
+        "map": asdict(map_result) if map_result else None,
         "laplace": laplace_info,
-        "stage_seconds": stage.seconds,
+        "stage_seconds": session.stage.seconds,
         "summary": (
             f"{map_result.best_epoch} of {len(map_result.history)} epochs kept (validation {config.select_by}); "
-            f"{sum(stage.seconds.values()):.0f} s in all ({_stage_list(stage.seconds)})."
+            f"{sum(session.stage.seconds.values()):.0f} s in all ({_stage_list(session.stage.seconds)})."
         ),
     }
-    manifest.eval["training"] = {k: v for k, v in training_record.items() if k != "config"}
+    manifest.eval["training"] = {k: v for k, v in record.items() if k != "config"}
     bundle = Bundle.from_classifier(model, posterior, manifest)
     if out.is_dir() and config.overwrite:
         shutil.rmtree(out)
     save_bundle(bundle, out)
     write_reliability_png(out / "reliability.png", panels)
     manifest_dict = json.loads((out / MANIFEST_FILE).read_text())
-    (out / "report.md").write_text(render_report(manifest_dict, training_record))
-    (out / "training.json").write_text(json.dumps(training_record, indent=2, default=str) + "\n")
-    say(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
+    (out / "report.md").write_text(render_report(manifest_dict, record))
+    (out / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    session.say(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
     return out
 
 
-def _evaluate(outputs, test, shift, ood, temperature: float, config: TrainConfig):
-    evaluation: dict[str, Any] = {"num_samples": config.num_samples, "temperature": temperature}
-    test_map, test_post = outputs(test, "test")
-    test_labels = labels_of(test)
-    test_preds = {"MAP": test_map.predictive(), "posterior": test_post.predictive(temperature)}
-    evaluation["test"] = {
-        "size": len(test),
-        "map": split_metrics(test_preds["MAP"], test_labels),
-        "posterior": split_metrics(test_preds["posterior"], test_labels),
-    }
-    panels = {"test": {m: (p.probs, test_labels) for m, p in test_preds.items()}}
-    if shift is not None:
-        name, examples = shift
-        examples = _limit(examples, config.shift_limit, config.seed)
-        shift_map, shift_post = outputs(examples, "shift")
-        labels = labels_of(examples)
-        preds = {"MAP": shift_map.predictive(), "posterior": shift_post.predictive(temperature)}
-        evaluation["shift"] = {
-            "dataset": name,
-            "size": len(examples),
-            "map": split_metrics(preds["MAP"], labels),
-            "posterior": split_metrics(preds["posterior"], labels),
-        }
-        panels[f"shift: {name}"] = {m: (p.probs, labels) for m, p in preds.items()}
-    if ood is not None:
-        name, texts = ood
-        texts = _limit(texts, config.ood_limit, config.seed)
-        ood_map, ood_post = outputs(texts_as_examples(texts), "OOD")
-        evaluation["ood"] = {
-            "dataset": name,
-            "size": len(texts),
-            "map": ood_metrics(test_preds["MAP"], ood_map.predictive(), with_mi=False),
-            "posterior": ood_metrics(
-                test_preds["posterior"], ood_post.predictive(temperature), with_mi=config.posterior != "map"
-            ),
-        }
-    return evaluation, panels
+def run(config: TrainConfig) -> Path:
+    """Train, fit the posterior, calibrate, evaluate and write a bundle; returns its directory."""
+    config.validate()
+    out = Path(config.out)
+    prepare_output(out, config.overwrite)
+    session = prepare(config)
+    train(session)
+    posterior, laplace_info = fit_posterior(session, config.posterior)
+    session.stage.done("posterior")
+    calibration = calibrate(session, posterior)
+    session.stage.done("calibration")
+    evaluation, panels = evaluate(session, posterior, calibration[0])
+    session.stage.done("evaluation")
+    return write_bundle(session, out, posterior, laplace_info, calibration, evaluation, panels)
 
 
 def _input_moments(base, names, train: list[Example], encoder: Encoder, config: TrainConfig):
@@ -396,17 +478,26 @@ def _input_moments(base, names, train: list[Example], encoder: Encoder, config: 
     return result, {"dataset": config.dataset, "examples": len(examples), "tokens": tokens}
 
 
-def _data_card(task: TaskData, train, validation, test, shift, ood) -> dict[str, Any]:
+def _data_card(session: Session) -> dict[str, Any]:
+    task = session.task
     card = {
         "task": task.name,
         "provenance": task.provenance,
-        "sizes": {"train": len(train), "validation": len(validation), "test": len(test)},
-        "sha256": {"train": fingerprint(train), "validation": fingerprint(validation), "test": fingerprint(test)},
+        "sizes": {"train": len(session.train), "validation": len(session.validation), "test": len(session.test)},
+        "sha256": {
+            "train": fingerprint(session.train),
+            "validation": fingerprint(session.validation),
+            "test": fingerprint(session.test),
+        },
     }
-    if shift is not None:
-        card["shift"] = {"dataset": shift[0], "sha256": fingerprint(shift[1])}
-    if ood is not None:
-        card["ood"] = {"dataset": ood[0], "sha256": fingerprint(ood[1])}
+    if session.shift is not None:
+        card["shift"] = {
+            "dataset": session.shift[0],
+            "size": len(session.shift[1]),
+            "sha256": fingerprint(session.shift[1]),
+        }
+    if session.ood is not None:
+        card["ood"] = {"dataset": session.ood[0], "size": len(session.ood[1]), "sha256": fingerprint(session.ood[1])}
     return card
 
 

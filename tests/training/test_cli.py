@@ -91,3 +91,17 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     # a second run refuses to overwrite the bundle unless asked
     again = subprocess.run([sys.executable, "-m", "training.cli", *argv], capture_output=True, text=True, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_compare_refuses_unknown_posteriors_and_formats_its_table(capsys) -> None:
+    from training.compare import markdown_table
+
+    _fails(capsys, ["compare", "--posteriors", "map,swag-xl"], "unknown posteriors ['swag-xl']")
+    rows = [
+        {"posterior": "map", "fit_seconds": 0.0, "posterior_kb": 1.0, "test": {"accuracy": 0.9, "ece": 0.05}},
+        {"posterior": "laplace-kron", "fit_seconds": 3.2, "posterior_kb": 9.5, "test": {"accuracy": 0.91}},
+    ]
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| posterior | SST acc | ECE | fit s | posterior kB |"
+    assert table[2] == "| map | 0.9000 | 0.0500 | 0.0 | 1.0 |"
+    assert table[3] == "| laplace-kron | 0.9100 | — | 3.2 | 9.5 |"
