@@ -18,6 +18,8 @@ from training.data import Example
 from training.encoding import Encoder, LengthGroupedSampler, model_inputs
 from training.metrics import auroc, classification_metrics, fpr_at_tpr
 
+CPU_TOKEN_BUDGET = 4096  # tokens per batched-rows forward on a CPU (benchmarks/sampling.py)
+
 
 @dataclass
 class Outputs:
@@ -47,13 +49,19 @@ def predict(
     num_samples: int = 16,
     seed: int = 0,
     batch_size: int = 32,
-    max_rows: int | None = 256,
+    token_budget: int | None = None,
     desc: str = "predict",
     progress: bool = True,
 ) -> Outputs:
-    """MAP logits (``posterior=None``, S = 1) or posterior-sampled logits for every example."""
+    """MAP logits (``posterior=None``, S = 1) or posterior-sampled logits for every example.
+
+    ``token_budget`` caps rows × padded length per forward (default: 4,096 on a CPU, where larger forwards
+    fall out of cache — docs/benchmarks.md — and no cap on a GPU).
+    """
     model.eval()
     device = next(model.parameters()).device
+    if token_budget is None and device.type == "cpu":
+        token_budget = CPU_TOKEN_BUDGET
     adapter = own_adapter(model) if posterior is not None else None
     generator = make_generator(seed, posterior.device) if posterior is not None else None
     sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
@@ -67,6 +75,7 @@ def predict(
             block = RowBlock(
                 adapter, posterior.sample(num_samples, generator), torch.arange(len(indices), device=device)
             )
+            max_rows = None if token_budget is None else max(1, token_budget // batch["input_ids"].shape[1])
             (logits,) = model.forward_rows(batch, [block], max_rows=max_rows)
         out[:, torch.tensor(indices)] = logits.float().cpu()
     return Outputs(out)
