@@ -1,9 +1,10 @@
 """Laplace posteriors over the cores with laplace-torch, converted into ``adapters`` posterior families.
 
-laplace-torch 0.3 (default curvlinops GGN backend) fits ``diag`` and ``kron`` curvature on a model whose
-only trainable parameters are the posterior's (the cores, and the head when asked), and tunes the prior
-precision by maximising the marginal likelihood (METHODS.md §3.1). ``full`` uses the exact GGN from
-per-example Jacobians (:mod:`training.full_ggn`), checked against laplace-torch's own ``full``. The
+laplace-torch 0.3 (default curvlinops GGN backend) fits ``kron`` curvature on a model whose only trainable
+parameters are the posterior's (the cores, and the head when asked), and tunes the prior precision by
+maximising the marginal likelihood (METHODS.md §3.1). ``diag`` and ``full`` use the exact GGN from
+per-example Jacobians (:mod:`training.exact_ggn`), tested against laplace-torch's own ``diag`` and ``full``:
+laplace-torch computes them far more slowly on these models. The
 fitted posterior is then stored in the bundle's own families, so the server never refits anything.
 """
 
@@ -19,11 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adapters import DiagPosterior, FullPosterior, KronFactors, KronPosterior, LoraXSClassifier, Posterior
+from adapters import KronFactors, KronPosterior, LoraXSClassifier, Posterior
 from training.encoding import model_inputs
-from training.full_ggn import fit_full
+from training.exact_ggn import fit_exact
 
 STRUCTURES = {"laplace-diag": "diag", "laplace-kron": "kron", "laplace-full": "full"}
+EXACT = ("diag", "full")  # fitted with our exact per-example-Jacobian GGN; kron with laplace-torch
 
 
 class DictInputModel(nn.Module):
@@ -67,11 +69,11 @@ def fit_laplace(
         raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {sorted(STRUCTURES.values())}")
     params = model.posterior_parameters(include_head=include_head)
     start = time.perf_counter()
-    if structure == "full":  # laplace-torch would need P passes over the data: see training.full_ggn
+    if structure in EXACT:  # laplace-torch is far slower on these: see training.exact_ggn
         if prior_structure != "scalar":
-            raise ValueError("the full structure supports a scalar prior precision only")
+            raise ValueError(f"the {structure} structure supports a scalar prior precision only")
         with _only_trainable(model, params.values()):
-            posterior, info = fit_full(model, train_loader, params, n_data=n_data, progress=progress)
+            posterior, info = fit_exact(model, train_loader, params, structure, n_data=n_data, progress=progress)
         info["fit_seconds"] = round(time.perf_counter() - start, 2)
         return LaplaceFit(posterior, None, info)
     with _only_trainable(model, params.values()):
@@ -92,7 +94,7 @@ def fit_laplace(
     names = _laplace_order(la, params)
     mean = {name: params[name].detach().clone() for name in names}
     prior = la.prior_precision.detach().cpu().flatten().tolist()
-    posterior = _convert(la, structure, mean, prior)
+    posterior = _convert(la, mean, prior)
     info = {
         "structure": structure,
         "prior_precision": prior[0] if len(prior) == 1 else prior,
@@ -115,11 +117,7 @@ def _scale_to(la, n_data: int) -> None:
     la.n_data = n_data
 
 
-def _convert(la, structure: str, mean: dict[str, torch.Tensor], prior: list[float]) -> Posterior:
-    if structure == "diag":
-        return DiagPosterior(mean, _split(la.posterior_variance.detach(), mean))
-    if structure == "full":
-        return FullPosterior(mean, la.posterior_scale.detach())
+def _convert(la, mean: dict[str, torch.Tensor], prior: list[float]) -> Posterior:
     kron = la.H  # KronDecomposed of the curvature; the posterior precision is H · H_factor + δ
     factors = {
         name: KronFactors(
@@ -129,14 +127,6 @@ def _convert(la, structure: str, mean: dict[str, torch.Tensor], prior: list[floa
         for i, name in enumerate(mean)
     }
     return KronPosterior(mean, factors, float(la._H_factor), prior if len(prior) > 1 else prior[0])
-
-
-def _split(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for name, t in like.items():
-        out[name] = flat[start : start + t.numel()].reshape(t.shape).clone()
-        start += t.numel()
-    return out
 
 
 def _laplace_order(la, params: dict[str, nn.Parameter]) -> list[str]:

@@ -19,7 +19,7 @@ from adapters import (
 )
 from adapters.manifest import AdapterSpec, BaseModelSpec, BundleManifest, HeadSpec, PosteriorSpec, TaskSpec
 from tests.conftest import random_batch, tiny_bert
-from training.full_ggn import exact_ggn, log_marginal_likelihood
+from training.exact_ggn import exact_ggn, log_marginal_likelihood
 from training.laplace_fit import _only_trainable, fit_laplace
 
 PATTERNS = ("query", "value")
@@ -80,13 +80,12 @@ def _laplace_covariance(la, structure: str) -> torch.Tensor:
     return la.posterior_covariance.double()
 
 
-@pytest.mark.parametrize("structure", ["diag", "kron"])
 @pytest.mark.parametrize("include_head", [False, True])
-def test_posterior_covariance_equals_laplace_torch(structure, include_head) -> None:
+def test_kron_covariance_equals_laplace_torch(include_head) -> None:
     model, _, loader, _ = _model_and_loader()
-    fit = fit_laplace(model, loader, structure, include_head=include_head, marglik_steps=20, progress=False)
+    fit = fit_laplace(model, loader, "kron", include_head=include_head, marglik_steps=20, progress=False)
     ours = fit.posterior.covariance().double()
-    theirs = _laplace_covariance(fit.laplace, structure)
+    theirs = _laplace_covariance(fit.laplace, "kron")
     assert ours.shape == theirs.shape == (fit.laplace.n_params, fit.laplace.n_params)
     torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=1e-4)
     assert fit.info["prior_precision"] > 0 and fit.info["n_data"] == 48
@@ -94,17 +93,18 @@ def test_posterior_covariance_equals_laplace_torch(structure, include_head) -> N
     assert trainable == {f"base.{n}.core.weight" for n in model.lora_layers} | {"head.weight", "head.bias"}
 
 
+@pytest.mark.parametrize("structure", ["diag", "full"])
 @pytest.mark.parametrize("include_head", [False, True])
-def test_full_ggn_and_evidence_equal_laplace_torch(include_head) -> None:
-    """Our exact GGN is laplace-torch's full GGN; our evidence is its evidence; our δ is at least as good."""
+def test_exact_ggn_and_evidence_equal_laplace_torch(structure, include_head) -> None:
+    """Our exact GGN is laplace-torch's; our evidence is its evidence; our δ is at least as good."""
     model, _, loader, _ = _model_and_loader()
     params = model.posterior_parameters(include_head=include_head)
     with _only_trainable(model, params.values()):
-        ggn, loss, count = exact_ggn(model, loader, params)
-    la = _laplace_torch(model, loader, "full", marglik_steps=100, include_head=include_head)
+        ggn, loss, count = exact_ggn(model, loader, params, diagonal=structure == "diag")
+    la = _laplace_torch(model, loader, structure, marglik_steps=100, include_head=include_head)
     assert count == 48 and loss == pytest.approx(float(la.loss), rel=1e-5)
     torch.testing.assert_close(ggn, la.H.double(), atol=1e-6 * la.H.abs().max().item(), rtol=1e-4)
-    eigvals = torch.linalg.eigvalsh(ggn).clamp_min(0)
+    eigvals = ggn.clamp_min(0) if structure == "diag" else torch.linalg.eigvalsh(ggn).clamp_min(0)
     theta = la.mean.detach().double()
     for delta in (1e-3, 0.05, 3.0):
         ours = log_marginal_likelihood(
@@ -112,14 +112,15 @@ def test_full_ggn_and_evidence_equal_laplace_torch(include_head) -> None:
         )
         # laplace-torch works in float32: its log-determinants carry ~1e-3 absolute error
         assert float(ours) == pytest.approx(float(la.log_marginal_likelihood(torch.tensor([delta]))), abs=1e-2)
-    fit = fit_laplace(model, loader, "full", include_head=include_head, progress=False)
-    assert fit.info["log_marginal_likelihood"] >= float(la.log_marginal_likelihood()) - 1e-6
+    fit = fit_laplace(model, loader, structure, include_head=include_head, progress=False)
+    assert fit.info["log_marginal_likelihood"] >= float(la.log_marginal_likelihood()) - 1e-2
+    as_matrix = torch.diag if structure == "diag" else (lambda m: m)
     # at laplace-torch's δ, the covariance is laplace-torch's
-    precision = ggn + la.prior_precision.item() * torch.eye(len(theta), dtype=torch.float64)
-    theirs = la.posterior_covariance.double()
+    precision = as_matrix(ggn) + la.prior_precision.item() * torch.eye(len(theta), dtype=torch.float64)
+    theirs = _laplace_covariance(la, structure)
     torch.testing.assert_close(torch.linalg.inv(precision), theirs, atol=1e-4 * theirs.abs().max().item(), rtol=1e-3)
     # and our posterior is N(θ̂, (GGN + δ̂ I)⁻¹) at our δ̂
-    ours = torch.linalg.inv(ggn + fit.info["prior_precision"] * torch.eye(len(theta), dtype=torch.float64))
+    ours = torch.linalg.inv(as_matrix(ggn) + fit.info["prior_precision"] * torch.eye(len(theta), dtype=torch.float64))
     torch.testing.assert_close(
         fit.posterior.covariance().double(), ours, atol=1e-5 * ours.abs().max().item(), rtol=1e-4
     )

@@ -1,7 +1,8 @@
-"""Exact full-GGN Laplace for LoRA-XS cores, from per-example Jacobians.
+"""Exact GGN Laplace (full and diagonal) for LoRA-XS cores, from per-example Jacobians.
 
 laplace-torch's curvlinops backend builds the full GGN as ``GGN @ I``: P matrix products over the data,
-hours for the ~10⁴ core parameters of an all-layer adapter. The GGN of a classifier is
+hours for the ~10⁴ core parameters of an all-layer adapter; its diagonal goes through ``torch.func``
+per-example Jacobians, which fall back to slow loops over PyTorch's CPU attention kernels. The GGN of a classifier is
 ``Σ_n J_nᵀ Λ_n J_n`` with ``Λ_n = diag(p_n) − p_n p_nᵀ`` (cross-entropy Hessian in logit space) and ``J_n``
 the ``C×P`` Jacobian of the logits. For a linear layer the per-example Jacobian row of class c is
 ``Σ_t g_t a_tᵀ`` from its inputs ``a`` and the output gradients ``g`` of that logit — the same quantities
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adapters import FullPosterior, LoraXSClassifier
+from adapters import DiagPosterior, FullPosterior, LoraXSClassifier
 from training.encoding import model_inputs
 
 
@@ -57,13 +58,20 @@ def _per_example_rows(modules: list[nn.Linear], params: dict, inputs: dict, grad
 
 
 def exact_ggn(
-    model: LoraXSClassifier, loader: DataLoader, params: dict[str, nn.Parameter], progress: bool = False
+    model: LoraXSClassifier,
+    loader: DataLoader,
+    params: dict[str, nn.Parameter],
+    progress: bool = False,
+    diagonal: bool = False,
 ) -> tuple[Tensor, float, int]:
-    """``(GGN (P×P) summed over the data, summed NLL, number of examples)`` at the current parameters."""
+    """``(GGN summed over the data, summed NLL, number of examples)`` at the current parameters.
+
+    The GGN is ``(P, P)``, or its diagonal ``(P,)`` when ``diagonal`` (same Jacobians, no P×P product).
+    """
     owners = {id(p): m for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     modules = list(dict.fromkeys(owners[id(p)] for p in params.values()))
     P = sum(p.numel() for p in params.values())
-    ggn = torch.zeros(P, P, dtype=torch.float64)
+    ggn = torch.zeros(P, dtype=torch.float64) if diagonal else torch.zeros(P, P, dtype=torch.float64)
     loss, count = 0.0, 0
     model.eval()
     with _capture(modules) as (inputs, grads):
@@ -80,7 +88,7 @@ def exact_ggn(
             J = torch.stack(jacobian, dim=1)  # (B, C, P)
             centred = J - torch.einsum("bc,bcp->bp", probs, J).unsqueeze(1)
             U = (probs.sqrt().unsqueeze(-1) * centred).reshape(-1, P)
-            ggn += U.T @ U
+            ggn += U.square().sum(dim=0) if diagonal else U.T @ U
     model.zero_grad(set_to_none=True)
     return ggn, loss, count
 
@@ -90,40 +98,54 @@ def log_marginal_likelihood(delta: Tensor, eigvals: Tensor, loss: float, mean_sq
     return -loss - 0.5 * delta * mean_sq - 0.5 * torch.log(eigvals + delta).sum() + 0.5 * P * torch.log(delta)
 
 
-def fit_full(
-    model: LoraXSClassifier,
-    loader: DataLoader,
-    params: dict[str, nn.Parameter],
-    *,
-    n_data: int | None = None,
-    progress: bool = False,
-) -> tuple[FullPosterior, dict]:
-    """Full Laplace posterior ``N(θ̂, (GGN + δI)⁻¹)`` with δ by marginal likelihood."""
-    ggn, loss, count = exact_ggn(model, loader, params, progress)
-    scale = (n_data or count) / count  # a subset stands for the N training examples
-    ggn, loss = ggn * scale, loss * scale
-    eigvals, eigvecs = torch.linalg.eigh(ggn)
-    eigvals = eigvals.clamp_min(0)
-    mean = {name: p.detach().clone() for name, p in params.items()}
-    theta = torch.cat([t.reshape(-1) for t in mean.values()]).double()
-    mean_sq = float(theta @ theta)
+def _tune_prior(eigvals: Tensor, loss: float, mean_sq: float, P: int) -> float:
+    """δ maximising the evidence (L-BFGS on log δ)."""
     log_delta = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_delta], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        value = -log_marginal_likelihood(log_delta.exp(), eigvals, loss, mean_sq, len(theta))
+        value = -log_marginal_likelihood(log_delta.exp(), eigvals, loss, mean_sq, P)
         value.backward()
         return value
 
     optimizer.step(closure)
-    delta = float(log_delta.exp())
-    covariance = (eigvecs / (eigvals + delta)) @ eigvecs.T
-    scale_tril = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
-    posterior = FullPosterior(mean, scale_tril.to(next(iter(mean.values())).dtype))
+    return float(log_delta.exp())
+
+
+def fit_exact(
+    model: LoraXSClassifier,
+    loader: DataLoader,
+    params: dict[str, nn.Parameter],
+    structure: str,
+    *,
+    n_data: int | None = None,
+    progress: bool = False,
+) -> tuple[FullPosterior | DiagPosterior, dict]:
+    """``full``: ``N(θ̂, (GGN + δI)⁻¹)``; ``diag``: ``N(θ̂, diag(1 / (diag GGN + δ)))``; δ by marginal likelihood."""
+    if structure not in ("diag", "full"):
+        raise ValueError(f"exact GGN fits 'diag' or 'full', not {structure!r}")
+    ggn, loss, count = exact_ggn(model, loader, params, progress, diagonal=structure == "diag")
+    scale = (n_data or count) / count  # a subset stands for the N training examples
+    ggn, loss = ggn * scale, loss * scale
+    mean = {name: p.detach().clone() for name, p in params.items()}
+    dtype = next(iter(mean.values())).dtype
+    theta = torch.cat([t.reshape(-1) for t in mean.values()]).double()
+    mean_sq = float(theta @ theta)
+    if structure == "diag":
+        eigvals = ggn.clamp_min(0)
+        delta = _tune_prior(eigvals, loss, mean_sq, len(theta))
+        variance = (1.0 / (eigvals + delta)).to(dtype)
+        posterior = DiagPosterior(mean, _split(variance, mean))
+    else:
+        eigvals, eigvecs = torch.linalg.eigh(ggn)
+        eigvals = eigvals.clamp_min(0)
+        delta = _tune_prior(eigvals, loss, mean_sq, len(theta))
+        covariance = (eigvecs / (eigvals + delta)) @ eigvecs.T
+        posterior = FullPosterior(mean, torch.linalg.cholesky(0.5 * (covariance + covariance.T)).to(dtype))
     evidence = log_marginal_likelihood(torch.tensor(delta, dtype=torch.float64), eigvals, loss, mean_sq, len(theta))
     info = {
-        "structure": "full",
+        "structure": structure,
         "prior_precision": delta,
         "prior_structure": "scalar",
         "log_marginal_likelihood": float(evidence),
@@ -133,3 +155,11 @@ def fit_full(
         "backend": "caveat exact GGN (per-example core Jacobians)",
     }
     return posterior, info
+
+
+def _split(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    out, start = {}, 0
+    for name, t in like.items():
+        out[name] = flat[start : start + t.numel()].reshape(t.shape).clone()
+        start += t.numel()
+    return out
