@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 bundle=bundles/sst2-minilm
 if [ ! -f "$bundle/bundle.json" ]; then
   .venv/bin/caveat-train --base-model minilm --dataset sst2 --shift drugreviews --ood bbcnews \
-    --posterior laplace-kron --out "$bundle" "$@"
+    --posterior laplace-kron --targets query,key,value,intermediate.dense,output.dense --rank 16 \
+    --max-length 128 --out "$bundle" "$@"
 fi
 cat "$bundle/report.md"
 echo

@@ -63,8 +63,6 @@ def fit_laplace(
     M of the N training examples, pass ``n_data=N``: the curvature and the data term are estimated on the M
     and scaled by N/M before the prior precision is tuned, so the posterior is the one for N examples.
     """
-    from laplace import Laplace  # imported here: laplace-torch imports its three curvature backends
-
     if structure not in STRUCTURES.values():
         raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {sorted(STRUCTURES.values())}")
     params = model.posterior_parameters(include_head=include_head)
@@ -78,13 +76,7 @@ def fit_laplace(
         return LaplaceFit(posterior, None, info)
     with _only_trainable(model, params.values()):
         model.eval()
-        la = Laplace(
-            DictInputModel(model),
-            "classification",
-            subset_of_weights="all",
-            hessian_structure=structure,
-            dict_key_y="labels",
-        )
+        la = laplace_torch(model, structure)
         la.fit(train_loader, progress_bar=progress)
         subset_size = int(la.n_data)
         if n_data is not None and n_data != subset_size:
@@ -107,6 +99,16 @@ def fit_laplace(
         "marglik_seconds": round(time.perf_counter() - fitted, 2),
     }
     return LaplaceFit(posterior, la, info)
+
+
+def laplace_torch(model: LoraXSClassifier, structure: str):
+    """An unfitted laplace-torch ``Laplace`` over the model's currently trainable parameters."""
+    from laplace import Laplace  # imported here: laplace-torch imports its three curvature backends
+
+    return Laplace(
+        DictInputModel(model), "classification", subset_of_weights="all", hessian_structure=structure,
+        dict_key_y="labels",
+    )  # fmt: skip
 
 
 def _scale_to(la, n_data: int) -> None:

@@ -28,8 +28,8 @@ class MapSchedule:
 
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 3e-3
-    head_lr: float = 3e-3
+    lr: float = 5e-3
+    head_lr: float = 5e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.06
     patience: int = 2

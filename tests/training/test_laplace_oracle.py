@@ -20,7 +20,7 @@ from adapters import (
 from adapters.manifest import AdapterSpec, BaseModelSpec, BundleManifest, HeadSpec, PosteriorSpec, TaskSpec
 from tests.conftest import random_batch, tiny_bert
 from training.exact_ggn import exact_ggn, log_marginal_likelihood
-from training.laplace_fit import _only_trainable, fit_laplace
+from training.laplace_fit import _only_trainable, fit_laplace, laplace_torch
 
 PATTERNS = ("query", "value")
 
@@ -53,19 +53,9 @@ def _model_and_loader(seed: int = 0):
 
 def _laplace_torch(model, loader, structure: str, marglik_steps: int = 20, include_head: bool = False):
     """laplace-torch's own fit of the same model (the oracle), with the same trainable parameters."""
-    from laplace import Laplace
-
-    from training.laplace_fit import DictInputModel
-
     with _only_trainable(model, model.posterior_parameters(include_head=include_head).values()):
         model.base.set_attn_implementation("eager")  # curvlinops' full GGN uses forward-mode AD
-        la = Laplace(
-            DictInputModel(model),
-            "classification",
-            subset_of_weights="all",
-            hessian_structure=structure,
-            dict_key_y="labels",
-        )
+        la = laplace_torch(model, structure)
         la.fit(loader)
         la.optimize_prior_precision(method="marglik", n_steps=marglik_steps)
         model.base.set_attn_implementation("sdpa")
