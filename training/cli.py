@@ -52,7 +52,7 @@ HELP = {
     "select_by": "validation score that picks the checkpoint: nll or accuracy",
     "seed": "seed of data splits, initialisation, shuffling and sampling",
     "posterior": "map, laplace-diag, laplace-kron or laplace-full",
-    "prior": "prior precision: marglik (Laplace marginal likelihood)",
+    "prior": "prior precision: marglik (Laplace marginal likelihood) or grid (validation NLL around it)",
     "posterior_head": "include the classifier head in the posterior",
     "prior_structure": "scalar or layerwise prior precision",
     "laplace_limit": "fit the curvature on at most this many training examples",

@@ -16,7 +16,7 @@ eigendecomposition. Tested against laplace-torch's ``hessian_structure="full"`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from adapters import DiagPosterior, FullPosterior, LoraXSClassifier
+from adapters import DiagPosterior, FullPosterior, LoraXSClassifier, Posterior
 from training.encoding import model_inputs
 
 
@@ -121,8 +121,11 @@ def fit_exact(
     *,
     n_data: int | None = None,
     progress: bool = False,
-) -> tuple[FullPosterior | DiagPosterior, dict]:
-    """``full``: ``N(θ̂, (GGN + δI)⁻¹)``; ``diag``: ``N(θ̂, diag(1 / (diag GGN + δ)))``; δ by marginal likelihood."""
+) -> tuple[FullPosterior | DiagPosterior, dict, Callable[[float], Posterior]]:
+    """``full``: ``N(θ̂, (GGN + δI)⁻¹)``; ``diag``: ``N(θ̂, diag(1 / (diag GGN + δ)))``; δ by marginal likelihood.
+
+    Returns the posterior, a record of the fit, and ``at(δ)``: the posterior for another prior precision.
+    """
     if structure not in ("diag", "full"):
         raise ValueError(f"exact GGN fits 'diag' or 'full', not {structure!r}")
     ggn, loss, count = exact_ggn(model, loader, params, progress, diagonal=structure == "diag")
@@ -134,15 +137,19 @@ def fit_exact(
     mean_sq = float(theta @ theta)
     if structure == "diag":
         eigvals = ggn.clamp_min(0)
-        delta = _tune_prior(eigvals, loss, mean_sq, len(theta))
-        variance = (1.0 / (eigvals + delta)).to(dtype)
-        posterior = DiagPosterior(mean, _split(variance, mean))
+
+        def at(delta: float) -> DiagPosterior:
+            return DiagPosterior(mean, _split((1.0 / (eigvals + delta)).to(dtype), mean))
     else:
         eigvals, eigvecs = torch.linalg.eigh(ggn)
         eigvals = eigvals.clamp_min(0)
-        delta = _tune_prior(eigvals, loss, mean_sq, len(theta))
-        covariance = (eigvecs / (eigvals + delta)) @ eigvecs.T
-        posterior = FullPosterior(mean, torch.linalg.cholesky(0.5 * (covariance + covariance.T)).to(dtype))
+
+        def at(delta: float) -> FullPosterior:
+            covariance = (eigvecs / (eigvals + delta)) @ eigvecs.T
+            return FullPosterior(mean, torch.linalg.cholesky(0.5 * (covariance + covariance.T)).to(dtype))
+
+    delta = _tune_prior(eigvals, loss, mean_sq, len(theta))
+    posterior = at(delta)
     evidence = log_marginal_likelihood(torch.tensor(delta, dtype=torch.float64), eigvals, loss, mean_sq, len(theta))
     info = {
         "structure": structure,
@@ -154,7 +161,7 @@ def fit_exact(
         "n_params": len(theta),
         "backend": "caveat exact GGN (per-example core Jacobians)",
     }
-    return posterior, info
+    return posterior, info, at
 
 
 def _split(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +42,9 @@ class DictInputModel(nn.Module):
 @dataclass
 class LaplaceFit:
     posterior: Posterior
-    laplace: Any  # the fitted laplace-torch object (None for full, which does not use it)
+    laplace: Any  # the fitted laplace-torch object (None for diag and full, which do not use it)
     info: dict[str, Any] = field(default_factory=dict)
+    at: Callable[[float], Posterior] | None = None  # the posterior for another (scalar) prior precision
 
 
 def fit_laplace(
@@ -71,9 +72,9 @@ def fit_laplace(
         if prior_structure != "scalar":
             raise ValueError(f"the {structure} structure supports a scalar prior precision only")
         with _only_trainable(model, params.values()):
-            posterior, info = fit_exact(model, train_loader, params, structure, n_data=n_data, progress=progress)
+            posterior, info, at = fit_exact(model, train_loader, params, structure, n_data=n_data, progress=progress)
         info["fit_seconds"] = round(time.perf_counter() - start, 2)
-        return LaplaceFit(posterior, None, info)
+        return LaplaceFit(posterior, None, info, at)
     with _only_trainable(model, params.values()):
         model.eval()
         la = laplace_torch(model, structure)
@@ -87,6 +88,10 @@ def fit_laplace(
     mean = {name: params[name].detach().clone() for name in names}
     prior = la.prior_precision.detach().cpu().flatten().tolist()
     posterior = _convert(la, mean, prior)
+
+    def at(delta: float) -> Posterior:
+        return KronPosterior(mean, posterior.factors, posterior.scale, delta)
+
     info = {
         "structure": structure,
         "prior_precision": prior[0] if len(prior) == 1 else prior,
@@ -98,7 +103,7 @@ def fit_laplace(
         "fit_seconds": round(fitted - start, 2),
         "marglik_seconds": round(time.perf_counter() - fitted, 2),
     }
-    return LaplaceFit(posterior, la, info)
+    return LaplaceFit(posterior, la, info, at)
 
 
 def laplace_torch(model: LoraXSClassifier, structure: str):

@@ -50,9 +50,13 @@ from training.encoding import Encoder, make_loader, model_inputs, texts_as_examp
 from training.evaluate import Outputs, labels_of, ood_metrics, predict, split_metrics
 from training.laplace_fit import STRUCTURES, fit_laplace
 from training.map_training import MapResult, MapSchedule, train_map
+from training.metrics import nll
 from training.report import render_report, write_reliability_png
 
 POSTERIORS = ("map", *STRUCTURES)
+PRIORS = ("marglik", "grid")
+GRID_DECADES = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # around the marglik δ
+GRID_VALIDATION, GRID_SAMPLES = 500, 8
 WSVD_BATCHES = 32
 
 
@@ -115,8 +119,8 @@ class TrainConfig:
             raise ConfigError("--out is required: the directory the bundle is written to")
         if self.posterior not in POSTERIORS:
             raise ConfigError(f"unknown --posterior {self.posterior!r}; choose one of {list(POSTERIORS)}")
-        if self.prior != "marglik":
-            raise ConfigError("only --prior marglik is implemented (the validation grid is not yet)")
+        if self.prior not in PRIORS:
+            raise ConfigError(f"unknown --prior {self.prior!r}; choose one of {list(PRIORS)}")
         if self.target_risk is not None and self.target_coverage is not None:
             raise ConfigError("give --target-risk or --target-coverage, not both")
         for name in ("rank", "epochs", "batch_size", "max_length", "num_samples", "validation_size"):
@@ -322,8 +326,37 @@ def fit_posterior(session: Session, family: str) -> tuple[Posterior, dict[str, A
         prior_structure=config.prior_structure,
         progress=config.progress,
     )
-    session.say(f"posterior {family}: prior precision {fit.info['prior_precision']}")
-    return fit.posterior, fit.info
+    posterior, info = fit.posterior, fit.info
+    if config.prior == "grid":
+        posterior, info = _grid_prior(session, fit)
+    session.say(f"posterior {family}: prior precision {info['prior_precision']} ({config.prior})")
+    return posterior, info
+
+
+def _grid_prior(session: Session, fit) -> tuple[Posterior, dict[str, Any]]:
+    """δ from a grid around the marginal-likelihood value, by validation NLL of the sampled predictive."""
+    config = session.config
+    if isinstance(fit.info["prior_precision"], list):
+        raise ConfigError("--prior grid needs a scalar prior (--prior-structure scalar)")
+    examples = _limit(session.validation, GRID_VALIDATION, config.seed)
+    labels = labels_of(examples)
+    scores = {}
+    for decade in GRID_DECADES:
+        delta = fit.info["prior_precision"] * 10**decade
+        outputs = predict(
+            session.model, examples, session.encoder, posterior=fit.at(delta),
+            num_samples=min(config.num_samples, GRID_SAMPLES), seed=config.seed, batch_size=config.batch_size,
+            desc=f"prior grid δ={delta:.3g}", progress=config.progress,
+        )  # fmt: skip
+        scores[delta] = nll(outputs.predictive().probs, labels)
+    best = min(scores, key=scores.get)
+    info = fit.info | {
+        "prior_precision": best,
+        "prior_method": "validation grid",
+        "marglik_prior_precision": fit.info["prior_precision"],
+        "grid_validation_nll": {f"{d:.6g}": round(v, 6) for d, v in scores.items()},
+    }
+    return fit.at(best), info
 
 
 def calibrate(session: Session, posterior: Posterior) -> tuple[float, list[AbstentionSpec]]:

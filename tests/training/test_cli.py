@@ -105,3 +105,18 @@ def test_compare_refuses_unknown_posteriors_and_formats_its_table(capsys) -> Non
     assert table[0] == "| posterior | SST acc | ECE | fit s | posterior kB |"
     assert table[2] == "| map | 0.9000 | 0.0500 | 0.0 | 1.0 |"
     assert table[3] == "| laplace-kron | 0.9100 | — | 3.2 | 9.5 |"
+
+
+@pytest.mark.slow
+def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
+    out = tmp_path / "grid"
+    argv = [
+        "--out", str(out), "--train-limit", "120", "--eval-limit", "40", "--validation-size", "120",
+        "--epochs", "1", "--rank", "2", "--targets", "query", "--num-samples", "3", "--laplace-limit", "48",
+        "--posterior", "laplace-diag", "--prior", "grid", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    laplace = load_bundle(out).manifest.eval["training"]["laplace"]
+    assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 9
+    best = min(laplace["grid_validation_nll"], key=laplace["grid_validation_nll"].get)
+    assert float(best) == pytest.approx(laplace["prior_precision"], rel=1e-5)

@@ -179,3 +179,14 @@ def test_subset_curvature_scaled_to_n_equals_fitting_on_n(structure) -> None:
     assert scaled.info["prior_precision"] == pytest.approx(on_all.info["prior_precision"], rel=1e-3)
     reference = on_all.posterior.covariance()
     torch.testing.assert_close(scaled.posterior.covariance(), reference, atol=1e-4 * reference.abs().max(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_posterior_at_another_prior_precision(structure) -> None:
+    """``fit.at(δ)`` rebuilds the posterior from the same curvature: at the tuned δ it is the fitted one."""
+    model, _, loader, _ = _model_and_loader(seed=4)
+    fit = fit_laplace(model, loader, structure, marglik_steps=20, progress=False)
+    delta = fit.info["prior_precision"]
+    torch.testing.assert_close(fit.at(delta).covariance(), fit.posterior.covariance(), atol=1e-6, rtol=1e-5)
+    wider, narrower = fit.at(delta / 10).covariance().diagonal(), fit.at(delta * 10).covariance().diagonal()
+    assert torch.all(wider > fit.posterior.covariance().diagonal()) and torch.all(narrower < wider)
