@@ -39,6 +39,8 @@ def compare(config: TrainConfig, families: list[str]) -> list[dict[str, Any]]:
         raise ConfigError(f"unknown posteriors {unknown}; choose from {list(POSTERIORS)}")
     session = prepare(config)
     train(session)
+    if not session.accelerator.is_main_process:
+        return []
     rows = []
     for family in families:
         start = time.perf_counter()

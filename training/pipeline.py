@@ -488,6 +488,8 @@ def run(config: TrainConfig) -> Path:
     prepare_output(out, config.overwrite)
     session = prepare(config)
     train(session)
+    if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
+        return out
     posterior, laplace_info = fit_posterior(session, config.posterior)
     session.stage.done("posterior")
     calibration = calibrate(session, posterior)
