@@ -16,6 +16,7 @@ eigendecomposition. Tested against laplace-torch's ``hessian_structure="full"`` 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -83,7 +84,9 @@ def exact_ggn(
             jacobian = []
             for c in range(logits.shape[1]):
                 model.zero_grad(set_to_none=True)
-                logits[:, c].sum().backward(retain_graph=c < logits.shape[1] - 1)
+                with warnings.catch_warnings():  # we want exactly the output gradients it warns about
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    logits[:, c].sum().backward(retain_graph=c < logits.shape[1] - 1)
                 jacobian.append(_per_example_rows(modules, params, inputs, grads).double())
             J = torch.stack(jacobian, dim=1)  # (B, C, P)
             centred = J - torch.einsum("bc,bcp->bp", probs, J).unsqueeze(1)
@@ -110,7 +113,7 @@ def _tune_prior(eigvals: Tensor, loss: float, mean_sq: float, P: int) -> float:
         return value
 
     optimizer.step(closure)
-    return float(log_delta.exp())
+    return float(log_delta.detach().exp())
 
 
 def fit_exact(
