@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -470,15 +471,25 @@ def write_bundle(
     }
     manifest.eval["training"] = {k: v for k, v in record.items() if k != "config"}
     bundle = Bundle.from_classifier(model, posterior, manifest)
-    if out.is_dir() and config.overwrite:
-        shutil.rmtree(out)
-    save_bundle(bundle, out)
-    write_reliability_png(out / "reliability.png", panels)
-    manifest_dict = json.loads((out / MANIFEST_FILE).read_text())
-    (out / "report.md").write_text(render_report(manifest_dict, record))
-    (out / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # the old bundle survives a failed write
+    shutil.rmtree(staging, ignore_errors=True)
+    save_bundle(bundle, staging)
+    write_reliability_png(staging / "reliability.png", panels)
+    manifest_dict = json.loads((staging / MANIFEST_FILE).read_text())
+    (staging / "report.md").write_text(render_report(manifest_dict, record))
+    (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    _replace_directory(staging, out)
     session.say(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
     return out
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing (empty or bundle) ``target`` is removed only after the move."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run(config: TrainConfig) -> Path:

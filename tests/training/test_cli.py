@@ -120,3 +120,7 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
     assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 9
     best = min(laplace["grid_validation_nll"], key=laplace["grid_validation_nll"].get)
     assert float(best) == pytest.approx(laplace["prior_precision"], rel=1e-5)
+    # --overwrite replaces the bundle; no staging directories are left behind
+    assert main([*argv, "--prior", "marglik", "--overwrite", "--version", "v2"]) == 0
+    assert load_bundle(out).manifest.version == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid"]
