@@ -53,6 +53,15 @@ def _table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) ->
     return header + "\n".join(lines) + "\n"
 
 
+def _describe_rule(rule: dict[str, Any]) -> str:
+    target = rule.get("target") or {}
+    goal = ", ".join(f"{k} {v:.3g}" for k, v in target.items() if not k.startswith("validation_"))
+    fitted = (
+        f"validation coverage {target.get('validation_coverage', 0):.3f}, risk {target.get('validation_risk', 0):.3f}"
+    )
+    return f"{rule['kind']} threshold {rule['threshold']:.4g} (target {goal or 'none'}; {fitted})"
+
+
 def render_report(manifest: dict[str, Any], training: dict[str, Any]) -> str:
     """Markdown report of a bundle from its manifest (eval card included) and the training record."""
     ev = manifest["eval"]
@@ -80,9 +89,7 @@ def render_report(manifest: dict[str, Any], training: dict[str, Any]) -> str:
             _table({"MAP": ev["ood"]["map"], "posterior": ev["ood"]["posterior"]}, rows),
         ]
     calibration = manifest["calibration"]
-    rules = "; ".join(
-        f"{r['kind']} threshold {r['threshold']:.4g} for {r['target']}" for r in calibration["abstention"]
-    )
+    rules = "; ".join(_describe_rule(r) for r in calibration["abstention"])
     parts += [
         "## Calibration (fitted on the validation split)\n",
         f"Temperature {calibration['temperature']:.4f}. Abstention: {rules or 'none'}.\n",
