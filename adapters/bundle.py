@@ -91,15 +91,13 @@ class Bundle:
     @classmethod
     def from_classifier(cls, model: LoraXSClassifier, posterior: Posterior, manifest: BundleManifest) -> Bundle:
         """Collect a trained classifier's projections, MAP cores and head (copied to CPU)."""
-        layers = model.lora_layers
-        if model.head is None or any(layer.core is None for layer in layers.values()):
-            raise ValueError("the classifier needs its own head and adapter cores to become a bundle")
+        own = model.own_adapter()
         return cls(
             manifest=manifest,
-            projections={n: Projection(layer.lora_A.cpu(), layer.lora_B.cpu()) for n, layer in layers.items()},
-            cores={n: layer.core.weight.detach().cpu().clone() for n, layer in layers.items()},
-            head_weight=model.head.weight.detach().cpu().clone(),
-            head_bias=model.head.bias.detach().cpu().clone(),
+            projections={name: p.to("cpu") for name, p in own.projections.items()},
+            cores={n: layer.core.weight.detach().cpu().clone() for n, layer in model.lora_layers.items()},
+            head_weight=own.head_weight.cpu().clone(),
+            head_bias=own.head_bias.cpu().clone(),
             posterior=posterior.to("cpu"),
         )
 

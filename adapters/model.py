@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.batching import RowBlock, RowPlan, apply_row_plan, split_blocks
+from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan, split_blocks
 from adapters.config import LoraXSConfig
 from adapters.errors import TargetNotFoundError
 from adapters.layer import LoraXSLinear
@@ -264,6 +264,15 @@ class LoraXSClassifier(nn.Module):
         with apply_row_plan(self.lora_layers, plan):
             features = self.features(rows_batch)
         return [head_logits(features[rows], block) for rows, block in zip(plan.block_rows, blocks, strict=True)]
+
+    def own_adapter(self) -> AdapterWeights:
+        """This model's own projections, scaling and head as batched-rows adapter weights (on its device)."""
+        layers = self.lora_layers
+        if self.head is None or not layers or any(layer.core is None for layer in layers.values()):
+            raise ValueError("the classifier needs its own head and adapter cores")
+        projections = {name: Projection(layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+        scaling = next(iter(layers.values())).scaling
+        return AdapterWeights(projections, scaling, self.head.weight.detach(), self.head.bias.detach())
 
     def freeze_base(self) -> list[str]:
         """Make only the cores and this model's head trainable; returns the trainable parameter names."""

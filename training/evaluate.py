@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adapters import AdapterWeights, LoraXSClassifier, Posterior, Predictive, Projection, RowBlock, make_generator
+from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_generator
 from adapters.predictive import predictive
 from training.data import Example
 from training.encoding import Encoder, LengthGroupedSampler, model_inputs
@@ -29,14 +29,6 @@ class Outputs:
 
     def predictive(self, temperature: float = 1.0) -> Predictive:
         return predictive(self.logits, temperature)
-
-
-def own_adapter(model: LoraXSClassifier) -> AdapterWeights:
-    """A trained classifier's own projections and head, for batched-rows evaluation."""
-    layers = model.lora_layers
-    projections = {name: Projection(layer.lora_A, layer.lora_B) for name, layer in layers.items()}
-    scaling = next(iter(layers.values())).scaling
-    return AdapterWeights(projections, scaling, model.head.weight.detach(), model.head.bias.detach())
 
 
 @torch.no_grad()
@@ -62,7 +54,7 @@ def predict(
     device = next(model.parameters()).device
     if token_budget is None and device.type == "cpu":
         token_budget = CPU_TOKEN_BUDGET
-    adapter = own_adapter(model) if posterior is not None else None
+    adapter = model.own_adapter() if posterior is not None else None
     generator = make_generator(seed, posterior.device) if posterior is not None else None
     sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
     num_out = 1 if posterior is None else num_samples

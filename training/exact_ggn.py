@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from adapters import DiagPosterior, FullPosterior, LoraXSClassifier, Posterior
+from adapters.posteriors.base import unflatten
 from training.encoding import model_inputs
 
 
@@ -142,7 +143,7 @@ def fit_exact(
         eigvals = ggn.clamp_min(0)
 
         def at(delta: float) -> DiagPosterior:
-            return DiagPosterior(mean, _split((1.0 / (eigvals + delta)).to(dtype), mean))
+            return DiagPosterior(mean, unflatten((1.0 / (eigvals + delta)).to(dtype), mean))
     else:
         eigvals, eigvecs = torch.linalg.eigh(ggn)
         eigvals = eigvals.clamp_min(0)
@@ -165,11 +166,3 @@ def fit_exact(
         "backend": "caveat exact GGN (per-example core Jacobians)",
     }
     return posterior, info, at
-
-
-def _split(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    out, start = {}, 0
-    for name, t in like.items():
-        out[name] = flat[start : start + t.numel()].reshape(t.shape).clone()
-        start += t.numel()
-    return out

@@ -125,11 +125,7 @@ class Posterior(ABC):
 
     def _unflatten(self, flat: Tensor) -> TensorDict:
         """``(S, P)`` → block name → ``(S, *shape)``."""
-        out, start = {}, 0
-        for name, t in self._mean.items():
-            out[name] = flat[:, start : start + t.numel()].reshape(flat.shape[0], *t.shape)
-            start += t.numel()
-        return out
+        return unflatten(flat, self._mean)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(blocks={len(self._mean)}, params={self.num_params})"
@@ -138,6 +134,15 @@ class Posterior(ABC):
 def flatten(blocks: Mapping[str, Tensor]) -> Tensor:
     """Concatenate row-major flattened blocks into θ ``(P,)``."""
     return torch.cat([t.reshape(-1) for t in blocks.values()])
+
+
+def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> TensorDict:
+    """Inverse of :func:`flatten`: ``(..., P)`` → block name → ``(..., *shape)`` with ``like``'s shapes."""
+    out, start = {}, 0
+    for name, t in like.items():
+        out[name] = flat[..., start : start + t.numel()].reshape(*flat.shape[:-1], *t.shape)
+        start += t.numel()
+    return out
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
