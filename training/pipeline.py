@@ -56,8 +56,10 @@ from training.report import render_report, write_reliability_png
 
 POSTERIORS = ("map", *STRUCTURES)
 PRIORS = ("marglik", "grid")
-GRID_DECADES = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # around the marglik δ
-GRID_VALIDATION, GRID_SAMPLES = 500, 8
+# Validation grid for δ, in decades above the marglik value (for a sampled predictive the marglik prior is too
+# weak, never too strong); the best coarse point is then refined by half decades on each side.
+GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
+GRID_VALIDATION, GRID_SAMPLES = 300, 8
 WSVD_BATCHES = 32
 
 
@@ -335,29 +337,37 @@ def fit_posterior(session: Session, family: str) -> tuple[Posterior, dict[str, A
 
 
 def _grid_prior(session: Session, fit) -> tuple[Posterior, dict[str, Any]]:
-    """δ from a grid around the marginal-likelihood value, by validation NLL of the sampled predictive."""
+    """δ by validation NLL of the sampled predictive: decades above the marglik value, then half decades."""
     config = session.config
     if isinstance(fit.info["prior_precision"], list):
         raise ConfigError("--prior grid needs a scalar prior (--prior-structure scalar)")
     examples = _limit(session.validation, GRID_VALIDATION, config.seed)
     labels = labels_of(examples)
-    scores = {}
-    for decade in GRID_DECADES:
-        delta = fit.info["prior_precision"] * 10**decade
-        outputs = predict(
+    marglik = fit.info["prior_precision"]
+    scores: dict[float, float] = {}
+
+    def score(decade: float) -> None:
+        delta = marglik * 10**decade
+        outputs = predict(  # the same seed at every δ: common random numbers make the comparison fair
             session.model, examples, session.encoder, posterior=fit.at(delta),
             num_samples=min(config.num_samples, GRID_SAMPLES), seed=config.seed, batch_size=config.batch_size,
             desc=f"prior grid δ={delta:.3g}", progress=config.progress,
         )  # fmt: skip
-        scores[delta] = nll(outputs.predictive().probs, labels)
+        scores[decade] = nll(outputs.predictive().probs, labels)
+
+    for decade in GRID_DECADES:
+        score(decade)
+    coarse = min(scores, key=scores.get)
+    for decade in (coarse - 0.5, coarse + 0.5):
+        score(decade)
     best = min(scores, key=scores.get)
     info = fit.info | {
-        "prior_precision": best,
+        "prior_precision": marglik * 10**best,
         "prior_method": "validation grid",
-        "marglik_prior_precision": fit.info["prior_precision"],
-        "grid_validation_nll": {f"{d:.6g}": round(v, 6) for d, v in scores.items()},
+        "marglik_prior_precision": marglik,
+        "grid_validation_nll": {f"{marglik * 10**d:.6g}": round(v, 6) for d, v in sorted(scores.items())},
     }
-    return fit.at(best), info
+    return fit.at(marglik * 10**best), info
 
 
 def calibrate(session: Session, posterior: Posterior) -> tuple[float, list[AbstentionSpec]]:

@@ -117,7 +117,7 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
     ]  # fmt: skip
     assert main(argv) == 0
     laplace = load_bundle(out).manifest.eval["training"]["laplace"]
-    assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 9
+    assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 7
     best = min(laplace["grid_validation_nll"], key=laplace["grid_validation_nll"].get)
     assert float(best) == pytest.approx(laplace["prior_precision"], rel=1e-5)
     # --overwrite replaces the bundle; no staging directories are left behind

@@ -1,0 +1,159 @@
+"""The FastAPI application: routes, middleware (request ids, body limit, metrics), errors in one shape."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.manifest import CAVEAT_VERSION
+from service.errors import ServiceError, error_body
+from service.routes import adapters, health, oip, predict
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger("caveat.serve")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """An app for ``settings``; the base model loads in the background once the app starts."""
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start()
+        yield
+        await state.stop()
+
+    app = FastAPI(
+        title="Caveat",
+        version=CAVEAT_VERSION,
+        description="Calibrated predictions with their uncertainty from Bayesian LoRA-XS adapters.",
+        lifespan=lifespan,
+    )
+    app.state.caveat = state
+    for router in (predict.router, adapters.router, health.router, oip.router):
+        app.include_router(router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.middleware("http")(_observe)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+# -------------------------------------------------------------------------------------------- middleware
+
+
+async def _observe(request: Request, call_next):
+    """Request id (the client's X-Request-ID or a new one), and request count and latency per endpoint."""
+    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request.state.adapter = ""
+    start = time.perf_counter()
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request.state.request_id
+    endpoint = _endpoint(request.url.path)
+    if endpoint is not None:
+        state = request.app.state.caveat
+        adapter = request.state.adapter
+        if state.registry is None or adapter not in {e.name for e in state.registry.entries()}:
+            adapter = ""  # never a label per unknown name a client sends
+        state.metrics.requests.labels(endpoint, adapter, str(response.status_code)).inc()
+        state.metrics.latency.labels(endpoint, adapter).observe(time.perf_counter() - start)
+    return response
+
+
+def _endpoint(path: str) -> str | None:
+    if path == "/v1/predict":
+        return "predict"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "v2_infer"
+    if path.startswith("/v1/adapters"):
+        return "adapters"
+    return None
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes`` (declared or actually sent), before any route parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(scope, send)
+                return
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"request body larger than this server's limit of {self.max_bytes} bytes"
+        response = JSONResponse(error_body(413, "PayloadTooLargeError", message, None), status_code=413)
+        await response(scope, _drain, send)
+
+
+async def _drain() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _respond(request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
+    if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's own error shape
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(error_body(status, kind, message, request_id), status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: ServiceError):
+    return _respond(request, exc.status, type(exc).__name__, exc.message, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+    )
+    return _respond(request, 422, "ValidationError", problems)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return _respond(request, exc.status_code, "HTTPError", str(exc.detail), getattr(exc, "headers", None))
+
+
+async def _unexpected_error(request: Request, exc: Exception):
+    log.exception("unexpected error on %s", request.url.path)
+    return _respond(request, 500, "InternalError", f"internal error ({type(exc).__name__}); see the server log")

@@ -1,0 +1,48 @@
+"""``caveat-serve``: run the prediction server (settings from flags and ``CAVEAT_*`` variables)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import settings_from
+from service.state import ServiceState
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: readiness turns 503 at once; the listener closes ``drain_s`` later, after which
+    uvicorn finishes the requests in flight and the engine finishes the admitted jobs."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_s: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_s = drain_s
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.state.draining or self.drain_s <= 0 or sig == signal.SIGINT:
+            self.state.draining = True
+            super().handle_exit(sig, frame)
+            return
+        self.state.draining = True
+        threading.Timer(self.drain_s, super().handle_exit, args=(sig, frame)).start()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
+    )
+    DrainingServer(config, app.state.caveat, settings.drain_s).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

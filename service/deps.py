@@ -1,0 +1,30 @@
+"""Dependencies the routes take: the server state, and the admin check."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.errors import AdminDisabledError, UnauthorizedError
+from service.state import ServiceState
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.caveat
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_admin(request: Request, state: State) -> None:
+    """Admin routes need ``Authorization: Bearer <token>``; with no token configured they are disabled."""
+    if state.admin_token is None:
+        raise AdminDisabledError("the admin API is disabled: start the server with CAVEAT_ADMIN_TOKEN set")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.admin_token.encode()):
+        raise UnauthorizedError("admin routes need the header 'Authorization: Bearer <admin token>'")
+
+
+Admin = Depends(require_admin)

@@ -1,0 +1,66 @@
+"""Errors the service answers with, each with its HTTP status, in one JSON shape:
+
+``{"error": {"code": <status>, "type": <class name>, "message": <text>, "request_id": <id>}}``
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the API reports on purpose; ``status`` is the HTTP status code."""
+
+    status = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequestError(ServiceError):
+    status = 400
+
+
+class UnauthorizedError(ServiceError):
+    status = 401
+
+
+class AdminDisabledError(ServiceError):
+    status = 403
+
+
+class AdapterNotFoundError(ServiceError):
+    status = 404
+
+
+class ConflictError(ServiceError):
+    status = 409
+
+
+class PayloadTooLargeError(ServiceError):
+    status = 413
+
+
+class BundleRejectedError(ServiceError):
+    """A bundle that cannot be served: damaged, incomplete, or made for another base model."""
+
+    status = 422
+
+
+class QueueFullError(ServiceError):
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReadyError(ServiceError):
+    status = 503
+
+
+class PredictionTimeoutError(ServiceError):
+    status = 504
+
+
+def error_body(status: int, kind: str, message: str, request_id: str | None) -> dict:
+    return {"error": {"code": status, "type": kind, "message": message, "request_id": request_id}}

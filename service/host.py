@@ -1,0 +1,129 @@
+"""The frozen base model, loaded once per process, with a host LoRA-XS layer on every linear map.
+
+Host layers (injected without projections) are the plain base layers except inside a batched-rows forward,
+where each adapter's rows get their own cores. Per-layer digests of the float32 weights are taken before
+the base is cast, so any bundle can be checked against the running base (``fingerprint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import AutoModel, AutoTokenizer
+
+from adapters.batching import RowBlock
+from adapters.embedded import resolve_model
+from adapters.model import LoraXSClassifier, combine_digests, inject_lora_xs, lora_xs_layers, module_digests
+
+log = logging.getLogger("caveat.serve")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_TOKEN_BUDGET = 4096  # rows × tokens per forward on a CPU (docs/benchmarks.md)
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """One input as the model sees it: a text, an optional second text, and the adapter's max length."""
+
+    text: str
+    text_pair: str | None
+    max_length: int
+
+
+class ModelHost:
+    """Tokenizer and base model on one device, ready for batched-rows forwards.
+
+    Attributes:
+        name: the base model as given (``minilm``, a hub id or a path).
+        device, dtype: where and in which precision the base runs.
+        pooling: how token states become features (``mean`` for encoders, ``last`` for decoders).
+        hidden_size: the feature size an adapter head must take.
+        layer_shapes: adapted-module name → ``(d_out, d_in)``.
+        load_seconds: time to load, fingerprint, cast and move the base.
+    """
+
+    def __init__(self, name: str, device: str = "auto", dtype: str = "float32", token_budget: int | None = None):
+        start = time.perf_counter()
+        self.name = name
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        path = resolve_model(name)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"  # "last" pooling reads the last non-padding token
+        base = AutoModel.from_pretrained(path, dtype=torch.float32)
+        self._digests = module_digests(base)  # float32, before any cast
+        inject_lora_xs(base, list(self._digests))
+        base.to(device=self.device, dtype=self.dtype).eval()
+        decoder = base.config.is_decoder or "llama" in base.config.model_type
+        self.pooling = "last" if decoder else "mean"
+        self.classifier = LoraXSClassifier(base, num_labels=None, pooling=self.pooling).eval()
+        self.hidden_size = base.config.hidden_size
+        self.layer_shapes = {
+            n: (layer.base.out_features, layer.base.in_features) for n, layer in lora_xs_layers(base).items()
+        }
+        self.token_budget = token_budget if token_budget else (CPU_TOKEN_BUDGET if self.device.type == "cpu" else None)
+        self.load_seconds = time.perf_counter() - start
+
+    def fingerprint(self, modules: Sequence[str]) -> str | None:
+        """The base fingerprint over ``modules`` (as bundles record it); ``None`` if a module is unknown."""
+        if any(m not in self._digests for m in modules):
+            return None
+        return combine_digests(self._digests, modules)
+
+    def encode(self, inputs: Sequence[TextInput]) -> dict[str, Tensor]:
+        """Tokenise unique inputs, each truncated at its own max length, into one right-padded batch."""
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for index, item in enumerate(inputs):
+            groups.setdefault((item.max_length, item.text_pair is not None), []).append(index)
+        encoded: list[dict[str, Tensor]] = [{}] * len(inputs)
+        for (max_length, paired), indices in groups.items():
+            texts = [inputs[i].text for i in indices]
+            pairs = [inputs[i].text_pair for i in indices] if paired else None
+            batch = self.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True)
+            for row, index in enumerate(indices):
+                encoded[index] = {k: batch[k][row] for k in batch}
+        return self._pad(encoded)
+
+    def _pad(self, rows: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows[0]]
+        lengths = [sum(r["attention_mask"]) for r in rows]
+        width = max(lengths)
+        pad_id = self.tokenizer.pad_token_id
+        batch = {k: torch.full((len(rows), width), pad_id if k == "input_ids" else 0) for k in keys}
+        for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+            for k in keys:
+                batch[k][i, :length] = torch.tensor(row[k][:length])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def forward(self, batch: dict[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
+        """One batched-rows forward (split under the CPU token budget); logits ``(S_b, n_b, C_b)`` per block."""
+        width = batch["input_ids"].shape[1]
+        max_rows = None if self.token_budget is None else max(1, self.token_budget // width)
+        return self.classifier.forward_rows(batch, blocks, max_rows=max_rows)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """A forward through the base (kernels, allocator, tokenizer); returns its seconds."""
+        start = time.perf_counter()
+        batch = self.encode([TextInput("Caveat warm-up input.", None, 32)] * 2)
+        self.classifier.features(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved

@@ -1,0 +1,88 @@
+"""Prometheus metrics (prefix ``caveat_``, units in names, counters end in ``_total``).
+
+Besides the usual request, latency, queue and batch series, every answered input feeds per-adapter
+histograms of confidence, entropy and mutual information, and abstention counters: a rising mutual
+information is the drift alarm of a Bayesian adapter.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from adapters.predictive import Predictive
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))  # 0.05 … 1.0
+MI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7)
+
+
+class Metrics:
+    """All series of one server, in a registry of its own (several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "caveat_requests_total", "HTTP requests answered", ["endpoint", "adapter", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "caveat_request_duration_seconds", "Request latency", ["endpoint", "adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "caveat_queue_wait_seconds", "Time from admission to the start of its batch", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("caveat_queue_depth", "Requests admitted and waiting for the model", registry=r)
+        self.batch_rows = Histogram(
+            "caveat_batch_rows", "Rows (inputs × samples) per batched forward", buckets=ROW_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "caveat_batch_requests", "Requests per batched forward", buckets=ROW_BUCKETS, registry=r
+        )
+        self.forward_seconds = Histogram(
+            "caveat_batch_forward_seconds", "Model time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.samples = Histogram(
+            "caveat_samples_per_request", "Posterior samples per request", buckets=ROW_BUCKETS, registry=r
+        )
+        self.adapters = Gauge("caveat_adapters_loaded", "Registered adapters by state", ["state"], registry=r)
+        self.adapter_bytes = Gauge("caveat_adapter_memory_bytes", "Device bytes of resident adapters", registry=r)
+        self.load_seconds = Histogram(
+            "caveat_adapter_load_seconds", "Time to read, validate and place a bundle", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.load_failures = Counter("caveat_adapter_load_failures_total", "Bundles refused", registry=r)
+        self.predictions = Counter("caveat_predictions_total", "Inputs answered", ["adapter"], registry=r)
+        self.abstentions = Counter(
+            "caveat_abstentions_total", "Inputs flagged to abstain, by first rule that fired", ["adapter", "rule"],
+            registry=r,
+        )  # fmt: skip
+        self.confidence = Histogram(
+            "caveat_prediction_confidence", "Top predictive probability", ["adapter"], buckets=UNIT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.entropy = Histogram(
+            "caveat_prediction_entropy_normalized", "Predictive entropy / log C", ["adapter"], buckets=UNIT_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.mutual_information = Histogram(
+            "caveat_prediction_mutual_information_nats", "Epistemic uncertainty (mutual information, nats)",
+            ["adapter"], buckets=MI_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def observe_predictions(self, adapter: str, pred: Predictive, reasons: list[str | None]) -> None:
+        self.predictions.labels(adapter).inc(len(reasons))
+        for confidence, entropy, mi in zip(
+            pred.confidence.tolist(), pred.entropy_normalized.tolist(), pred.mutual_information.tolist(), strict=True
+        ):
+            self.confidence.labels(adapter).observe(confidence)
+            self.entropy.labels(adapter).observe(entropy)
+            self.mutual_information.labels(adapter).observe(mi)
+        for reason in reasons:
+            if reason is not None:
+                self.abstentions.labels(adapter, reason.split(" ", 1)[0]).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,117 @@
+"""One prediction, from a validated request to the response: limits, the job, the answer's fields.
+
+Shared by the native route and the Open Inference Protocol route, which differ only in their bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+
+from adapters.predictive import AbstentionRule
+from service.engine import Job, JobResult
+from service.errors import InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
+from service.host import TextInput
+from service.registry import AdapterVersion
+from service.schemas import AbstainOverride, PredictResult, TextPair, Uncertainty
+from service.settings import Settings
+from service.state import ServiceState
+
+
+@dataclass
+class Answer:
+    adapter: AdapterVersion
+    method: str
+    num_samples: int
+    seed: int
+    result: JobResult
+    total_seconds: float
+
+
+async def run_prediction(
+    state: ServiceState,
+    adapter_ref: str,
+    inputs: list[str | TextPair],
+    *,
+    num_samples: int | None = None,
+    method: str = "sample",
+    seed: int | None = None,
+    abstain: AbstainOverride | None = None,
+) -> Answer:
+    """Check limits, pin the adapter version, run the job through the engine (with the request timeout)."""
+    start = time.perf_counter()
+    registry, engine = state.require_ready()
+    settings = state.settings
+    if method not in ("sample", "map"):
+        raise InvalidRequestError(f"method must be 'sample' or 'map', not {method!r}")
+    if num_samples is not None and num_samples < 1:
+        raise InvalidRequestError("num_samples must be at least 1")
+    _check_inputs(inputs, settings)
+    adapter = await registry.acquire(adapter_ref)
+    texts = [_text_input(item, adapter) for item in inputs]
+    if method == "map" or not adapter.samples_posterior:
+        num_samples = 1
+    elif num_samples is None:
+        num_samples = adapter.default_num_samples
+    if num_samples > settings.max_samples:
+        raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {settings.max_samples}")
+    seed = secrets.randbits(63) if seed is None else seed
+    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain))
+    try:
+        result = await asyncio.wait_for(asyncio.shield(engine.submit(job)), settings.request_timeout_s)
+    except TimeoutError:
+        job.future.cancel()
+        raise PredictionTimeoutError(f"no answer within {settings.request_timeout_s:g} s") from None
+    return Answer(adapter, method, num_samples, seed, result, time.perf_counter() - start)
+
+
+def _check_inputs(inputs: list[str | TextPair], settings: Settings) -> None:
+    if len(inputs) > settings.max_inputs:
+        raise PayloadTooLargeError(f"{len(inputs)} inputs; this server takes at most {settings.max_inputs} per request")
+    for index, item in enumerate(inputs):
+        texts = [item] if isinstance(item, str) else [item.text, item.text_pair or ""]
+        if any(len(t) > settings.max_text_chars for t in texts):
+            raise PayloadTooLargeError(
+                f"input {index} is longer than this server's limit of {settings.max_text_chars} characters"
+            )
+
+
+def _text_input(item: str | TextPair, adapter: AdapterVersion) -> TextInput:
+    text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
+    if pair is not None and not adapter.manifest.task.text_pair:
+        raise InvalidRequestError(f"adapter {adapter.name!r} takes single texts, not text pairs")
+    if pair is None and adapter.manifest.task.text_pair:
+        raise InvalidRequestError(f"adapter {adapter.name!r} takes text pairs: send {{text, text_pair}}")
+    return TextInput(text, pair, adapter.max_length)
+
+
+def _rules(adapter: AdapterVersion, override: AbstainOverride | None) -> list[AbstentionRule]:
+    if override is None:
+        return adapter.abstention_rules()
+    return [AbstentionRule(kind, value) for kind, value in override.model_dump().items() if value is not None]
+
+
+def results_of(answer: Answer, return_samples: bool = False) -> list[PredictResult]:
+    pred, labels = answer.result.pred, answer.adapter.labels
+    results = []
+    for i, label in enumerate(pred.label.tolist()):
+        results.append(
+            PredictResult(
+                label=labels[label],
+                probs=pred.probs[i].tolist(),
+                confidence=pred.confidence[i].item(),
+                uncertainty=Uncertainty(
+                    entropy=pred.entropy[i].item(),
+                    entropy_normalized=pred.entropy_normalized[i].item(),
+                    expected_entropy=pred.expected_entropy[i].item(),
+                    mutual_information=pred.mutual_information[i].item(),
+                    mc_stderr=pred.mc_stderr[i].item(),
+                ),
+                abstain=answer.result.abstain[i],
+                abstain_reason=answer.result.reasons[i],
+                samples=pred.sample_probs[:, i].tolist() if return_samples else None,
+            )
+        )
+    return results

@@ -1,0 +1,343 @@
+"""Adapter registry: name → the version currently served, with validation, atomic replace and LRU eviction.
+
+A request resolves its adapter once, at admission, to an immutable :class:`AdapterVersion` and keeps it
+until it is answered, so a replace never changes the version under a request in flight: the old tensors
+live until its last request finishes. Identical projections (same digest) are stored once on the device
+and shared as one *object*, which is what lets the batched forward compute ``A x`` once for all adapters
+that share them. Device memory for adapter tensors stays under a byte budget: loading beyond it evicts
+least-recently-used unpinned adapters, which reload from disk on their next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adapters.batching import AdapterWeights
+from adapters.bundle import Bundle, load_bundle, parse_manifest
+from adapters.errors import BundleError
+from adapters.manifest import MANIFEST_FILE, BundleManifest
+from adapters.posteriors.base import make_generator
+from adapters.predictive import AbstentionRule
+from adapters.projections import Projection
+from service.errors import AdapterNotFoundError, BundleRejectedError, ConflictError, InvalidRequestError
+from service.host import ModelHost
+
+log = logging.getLogger("caveat.serve")
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One loaded version of an adapter on the serving device; never changes once visible.
+
+    Attributes:
+        name: the name it is served under.
+        bundle: the bundle, tensors on the device (projections in the base's dtype; cores, head and
+            posterior in float32).
+        weights: the fixed tensors of a batched forward, with interned projections.
+        path: the bundle directory.
+        own_bytes: device bytes of everything but the (shareable) projections.
+    """
+
+    name: str
+    bundle: Bundle
+    weights: AdapterWeights
+    path: Path
+    own_bytes: int
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def manifest(self) -> BundleManifest:
+        return self.bundle.manifest
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def sha256(self) -> str:
+        return self.bundle.sha256
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.task.labels
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.task.max_length
+
+    @property
+    def temperature(self) -> float:
+        return self.manifest.calibration.temperature
+
+    @property
+    def default_num_samples(self) -> int:
+        return self.manifest.posterior.default_num_samples
+
+    @property
+    def samples_posterior(self) -> bool:
+        return self.manifest.posterior.family != "map"
+
+    def abstention_rules(self) -> list[AbstentionRule]:
+        return [AbstentionRule(rule.kind, rule.threshold) for rule in self.manifest.calibration.abstention]
+
+    def draw(self, num_samples: int, seed: int, method: str) -> dict[str, Tensor]:
+        """``(S, ...)`` samples of every posterior block (the MAP cores, S = 1, for ``method="map"``)."""
+        if method == "map" or not self.samples_posterior:
+            return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
+        generator = make_generator(seed, self.bundle.posterior.device)
+        return self.bundle.posterior.sample(num_samples, generator)
+
+
+@dataclass
+class AdapterEntry:
+    """A registered adapter: where it comes from and, when resident, the version on the device."""
+
+    name: str
+    path: Path
+    manifest: BundleManifest
+    sha256: str
+    pinned: bool
+    resident: AdapterVersion | None
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.resident is not None else "evicted"
+
+
+class AdapterRegistry:
+    """Loads, replaces, removes and evicts adapters for one :class:`ModelHost`.
+
+    Changes are serialised by one lock; lookups of resident adapters take no lock.
+    """
+
+    def __init__(
+        self,
+        host: ModelHost,
+        adapter_dir: Path,
+        budget_bytes: int,
+        pinned: set[str] | None = None,
+        on_change: Callable[[], None] | None = None,
+        on_load: Callable[[float, bool], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.adapter_dir = adapter_dir.resolve()
+        self.budget_bytes = budget_bytes
+        self._pinned = set(pinned or ())
+        self._entries: dict[str, AdapterEntry] = {}
+        self._projections: weakref.WeakValueDictionary[str, Projection] = weakref.WeakValueDictionary()
+        self._lock = asyncio.Lock()
+        self._on_change = on_change or (lambda: None)
+        self._on_load = on_load or (lambda seconds, ok: None)
+
+    # ------------------------------------------------------------------------------------------ lookups
+
+    def entries(self) -> list[AdapterEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def entry(self, name: str) -> AdapterEntry:
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded (loaded: {known})")
+        return self._entries[name]
+
+    async def acquire(self, reference: str) -> AdapterVersion:
+        """The version to serve ``name`` or ``name@version`` with, reloading an evicted adapter."""
+        name, _, wanted = reference.partition("@")
+        entry = self.entry(name)
+        if entry.resident is None:
+            async with self._lock:
+                if entry.resident is None:
+                    await self._reload(entry)
+        version = entry.resident
+        if wanted and version.version != wanted:
+            raise AdapterNotFoundError(f"adapter {name!r} serves version {version.version!r}, not {wanted!r}")
+        entry.last_used = time.monotonic()
+        return version
+
+    def used_bytes(self, extra: AdapterVersion | None = None, without: str | None = None) -> int:
+        """Device bytes of resident adapters (projections counted once), optionally with/without one."""
+        versions = [e.resident for e in self._entries.values() if e.resident is not None and e.name != without]
+        if extra is not None:
+            versions.append(extra)
+        unique = {id(p): p for v in versions for p in v.weights.projections.values()}
+        return sum(v.own_bytes for v in versions) + sum(_projection_bytes(p) for p in unique.values())
+
+    # ------------------------------------------------------------------------------------------ changes
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A bundle path (relative to the adapter directory, or absolute) that must stay inside it."""
+        candidate = Path(path)
+        resolved = (candidate if candidate.is_absolute() else self.adapter_dir / candidate).resolve()
+        if not resolved.is_relative_to(self.adapter_dir):
+            raise InvalidRequestError(f"bundle path {str(path)!r} is outside the adapter directory")
+        if not (resolved / MANIFEST_FILE).is_file():
+            raise BundleRejectedError(f"no bundle at {str(path)!r} (no {MANIFEST_FILE} there)")
+        return resolved
+
+    async def add(self, path: str | Path, name: str | None = None, pin: bool = False) -> AdapterEntry:
+        """Load a new adapter; 409 if the name is taken (replace it with :meth:`replace`)."""
+        directory = self.resolve_path(path)
+        async with self._lock:
+            if name is not None and name in self._entries:
+                raise ConflictError(f"adapter {name!r} is already loaded; PUT /v1/adapters/{name} replaces it")
+            version = await self._load(directory, name)
+            if version.name in self._entries:
+                raise ConflictError(
+                    f"adapter {version.name!r} is already loaded; PUT /v1/adapters/{version.name} replaces it"
+                )
+            self._make_room(version, without=None)
+            entry = AdapterEntry(
+                version.name, directory, version.manifest, version.sha256, pin or version.name in self._pinned, version
+            )
+            self._entries[version.name] = entry
+            self._on_change()
+            return entry
+
+    async def replace(self, name: str, path: str | Path | None = None) -> tuple[str | None, AdapterEntry]:
+        """Atomically serve ``name`` from a new bundle (default: its own directory, re-read).
+
+        Requests admitted before the swap finish on the old version. Returns the old version and the entry.
+        """
+        async with self._lock:
+            entry = self.entry(name)
+            directory = entry.path if path is None else self.resolve_path(path)
+            version = await self._load(directory, name)
+            self._make_room(version, without=name)
+            old = entry.resident.version if entry.resident is not None else None
+            entry.path, entry.manifest, entry.sha256, entry.resident = (
+                directory, version.manifest, version.sha256, version,
+            )  # fmt: skip
+            entry.last_used = time.monotonic()
+            self._on_change()
+            return old, entry
+
+    async def remove(self, name: str) -> AdapterEntry:
+        async with self._lock:
+            entry = self._entries.pop(self.entry(name).name)
+            self._on_change()
+            return entry
+
+    async def load_directory(self) -> list[str]:
+        """Load every bundle directly under the adapter directory; returns the problems (serving goes on)."""
+        problems = []
+        if not self.adapter_dir.is_dir():
+            return [f"adapter directory {self.adapter_dir} does not exist"]
+        for directory in sorted(p for p in self.adapter_dir.iterdir() if (p / MANIFEST_FILE).is_file()):
+            try:
+                entry = await self.add(directory)
+                log.info("loaded adapter %s version %s from %s", entry.name, entry.manifest.version, directory)
+            except (BundleRejectedError, ConflictError) as exc:
+                log.error("skipped %s: %s", directory, exc.message)
+                problems.append(f"{directory.name}: {exc.message}")
+        return problems
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    async def _reload(self, entry: AdapterEntry) -> None:
+        version = await self._load(entry.path, entry.name)
+        if version.sha256 != entry.sha256:
+            raise ConflictError(
+                f"adapter {entry.name!r} was evicted and its bundle at {entry.path.name} changed on disk since "
+                f"it was loaded; PUT /v1/adapters/{entry.name} to serve the new version"
+            )
+        self._make_room(version, without=entry.name)
+        entry.resident = version
+        self._on_change()
+
+    async def _load(self, directory: Path, name: str | None) -> AdapterVersion:
+        start = time.perf_counter()
+        try:
+            version = await asyncio.to_thread(self._read_version, directory, name)
+        except BundleRejectedError:
+            self._on_load(time.perf_counter() - start, False)
+            raise
+        self._on_load(time.perf_counter() - start, True)
+        return version
+
+    def _read_version(self, directory: Path, name: str | None) -> AdapterVersion:
+        """Read, validate against the running base, and move to the device (blocking: a worker thread)."""
+        try:
+            manifest = parse_manifest((directory / MANIFEST_FILE).read_bytes(), directory)
+            self._check_task(manifest, directory)
+            fingerprint = self.host.fingerprint(manifest.adapter.modules)
+            if fingerprint is None:
+                unknown = [m for m in manifest.adapter.modules if m not in self.host.layer_shapes]
+                raise BundleRejectedError(
+                    f"bundle {directory.name!r} adapts modules the running base ({self.host.name}) does not have: "
+                    f"{unknown[:3]}"
+                )
+            bundle = load_bundle(
+                directory,
+                base_fingerprint=fingerprint,
+                layer_shapes=self.host.layer_shapes,
+                hidden_size=self.host.hidden_size,
+            )
+        except BundleError as exc:
+            raise BundleRejectedError(f"bundle {directory.name!r} refused: {exc}") from exc
+        except OSError as exc:
+            raise BundleRejectedError(f"bundle {directory.name!r} cannot be read: {exc}") from exc
+        return self._place(bundle, name or manifest.name, directory)
+
+    def _check_task(self, manifest: BundleManifest, directory: Path) -> None:
+        if manifest.task.type != "sequence-classification":
+            raise BundleRejectedError(f"bundle {directory.name!r} is a {manifest.task.type} task; not served yet")
+        if manifest.task.pooling != self.host.pooling:
+            raise BundleRejectedError(
+                f"bundle {directory.name!r} pools by {manifest.task.pooling!r}; this server's base pools by "
+                f"{self.host.pooling!r}"
+            )
+
+    def _place(self, bundle: Bundle, name: str, directory: Path) -> AdapterVersion:
+        """Move to the device: projections interned in the base's dtype, the rest in float32."""
+        device, dtype = self.host.device, self.host.dtype
+        projections = {module: self._intern(p, device, dtype) for module, p in bundle.projections.items()}
+        on_device = Bundle(
+            manifest=bundle.manifest,
+            projections=projections,
+            cores={n: c.to(device) for n, c in bundle.cores.items()},
+            head_weight=bundle.head_weight.to(device),
+            head_bias=bundle.head_bias.to(device),
+            posterior=bundle.posterior.to(device),
+            path=directory,
+            sha256=bundle.sha256,
+        )
+        own_bytes = bundle.tensor_bytes() - sum(_projection_bytes(p) for p in bundle.projections.values())
+        return AdapterVersion(name, on_device, on_device.adapter_weights(), directory, own_bytes)
+
+    def _intern(self, projection: Projection, device: torch.device, dtype: torch.dtype) -> Projection:
+        """One device copy per distinct projection (by digest of the float32 bytes)."""
+        key = f"{projection.digest}:{dtype}"
+        shared = self._projections.get(key)
+        if shared is None:
+            shared = projection.to(device=device, dtype=dtype)
+            self._projections[key] = shared
+        return shared
+
+    def _make_room(self, version: AdapterVersion, without: str | None) -> None:
+        """Evict least-recently-used unpinned adapters until ``version`` fits the budget."""
+        while self.used_bytes(extra=version, without=without) > self.budget_bytes:
+            candidates = [
+                e for e in self._entries.values() if e.resident is not None and not e.pinned and e.name != without
+            ]
+            if not candidates:
+                raise ConflictError(
+                    f"adapter {version.name!r} needs {version.own_bytes / 2**20:.1f} MiB and the memory budget "
+                    f"({self.budget_bytes / 2**20:.0f} MiB) is taken by pinned or in-use adapters"
+                )
+            victim = min(candidates, key=lambda e: e.last_used)
+            victim.resident = None
+            log.info("evicted adapter %s (memory budget)", victim.name)
+
+
+def _projection_bytes(projection: Projection) -> int:
+    return sum(t.numel() * t.element_size() for t in (projection.A, projection.B))

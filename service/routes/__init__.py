@@ -1,0 +1,1 @@
+"""HTTP routes, thin: each validates its body (pydantic), calls the state, and shapes the answer."""

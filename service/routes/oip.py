@@ -1,0 +1,133 @@
+"""Open Inference Protocol (KServe V2) routes, so that standard V2 clients can call Caveat adapters.
+
+An adapter is a V2 *model*. ``infer`` takes a BYTES input ``text`` (shape ``[N]`` or ``[N, 1]``), an
+optional BYTES ``text_pair``, and the parameters ``num_samples``, ``seed`` and ``method``; it returns
+``probs`` (FP32 ``[N, C]``), ``entropy`` and ``mutual_information`` (FP32 ``[N]``), ``abstain`` (BOOL ``[N]``)
+and ``label`` (BYTES ``[N]``). Errors follow the protocol's ``{"error": "<message>"}``.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from adapters.manifest import CAVEAT_VERSION
+from service.deps import State
+from service.errors import InvalidRequestError
+from service.predict import run_prediction
+from service.schemas import TextPair, V2InferRequest, V2InferResponse, V2ModelMetadata, V2Tensor, V2TensorMetadata
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label")
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "caveat", "version": CAVEAT_VERSION, "extensions": []}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(state: State):
+    return JSONResponse({"ready": state.ready}, status_code=200 if state.ready else 503)
+
+
+@router.get("/models/{model}", response_model=V2ModelMetadata)
+async def model_metadata(model: str, state: State) -> V2ModelMetadata:
+    registry, _ = state.require_ready()
+    entry = registry.entry(model)
+    inputs = [V2TensorMetadata(name="text", datatype="BYTES", shape=[-1])]
+    if entry.manifest.task.text_pair:
+        inputs.append(V2TensorMetadata(name="text_pair", datatype="BYTES", shape=[-1]))
+    classes = len(entry.manifest.task.labels)
+    return V2ModelMetadata(
+        name=entry.name,
+        versions=[entry.manifest.version],
+        platform="caveat",
+        inputs=inputs,
+        outputs=[
+            V2TensorMetadata(name="probs", datatype="FP32", shape=[-1, classes]),
+            V2TensorMetadata(name="entropy", datatype="FP32", shape=[-1]),
+            V2TensorMetadata(name="mutual_information", datatype="FP32", shape=[-1]),
+            V2TensorMetadata(name="abstain", datatype="BOOL", shape=[-1]),
+            V2TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+        ],
+    )
+
+
+@router.get("/models/{model}/ready")
+async def model_ready(model: str, state: State):
+    registry, _ = state.require_ready()
+    registry.entry(model)
+    return {"name": model, "ready": True}
+
+
+@router.post("/models/{model}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
+async def infer(model: str, body: V2InferRequest, request: Request, state: State) -> V2InferResponse:
+    request.state.adapter = model
+    texts = _bytes_input(body, "text", required=True)
+    pairs = _bytes_input(body, "text_pair", required=False)
+    if pairs is not None and len(pairs) != len(texts):
+        raise InvalidRequestError(f"text_pair has {len(pairs)} elements, text has {len(texts)}")
+    inputs: list[str | TextPair] = (
+        list(texts) if pairs is None else [TextPair(text=t, text_pair=p) for t, p in zip(texts, pairs, strict=True)]
+    )
+    params = body.parameters or {}
+    answer = await run_prediction(
+        state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
+        method=str(params.get("method", "sample")),
+    )  # fmt: skip
+    pred, result = answer.result.pred, answer.result
+    n, classes = pred.probs.shape
+    tensors = {
+        "probs": V2Tensor(name="probs", datatype="FP32", shape=[n, classes], data=pred.probs.flatten().tolist()),
+        "entropy": V2Tensor(name="entropy", datatype="FP32", shape=[n], data=pred.entropy.tolist()),
+        "mutual_information": V2Tensor(
+            name="mutual_information", datatype="FP32", shape=[n], data=pred.mutual_information.tolist()
+        ),
+        "abstain": V2Tensor(name="abstain", datatype="BOOL", shape=[n], data=result.abstain),
+        "label": V2Tensor(
+            name="label", datatype="BYTES", shape=[n], data=[answer.adapter.labels[i] for i in pred.label.tolist()]
+        ),
+    }
+    wanted = [o.get("name") for o in body.outputs] if body.outputs else list(OUTPUTS)
+    unknown = [w for w in wanted if w not in tensors]
+    if unknown:
+        raise InvalidRequestError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
+    return V2InferResponse(
+        model_name=answer.adapter.name,
+        model_version=answer.adapter.version,
+        id=body.id,
+        parameters={"num_samples": answer.num_samples, "seed": answer.seed, "sha256": answer.adapter.sha256},
+        outputs=[tensors[w] for w in wanted],
+    )
+
+
+def _bytes_input(body: V2InferRequest, name: str, required: bool) -> list[str] | None:
+    tensor = next((t for t in body.inputs if t.name == name), None)
+    if tensor is None:
+        if required:
+            raise InvalidRequestError(f"the request needs a BYTES input named {name!r}")
+        return None
+    if tensor.datatype != "BYTES":
+        raise InvalidRequestError(f"input {name!r} must have datatype BYTES, not {tensor.datatype}")
+    data = list(chain.from_iterable(d if isinstance(d, list) else [d] for d in tensor.data))
+    if not data or not all(isinstance(d, str) for d in data):
+        raise InvalidRequestError(f"input {name!r} must hold one or more strings")
+    return data
+
+
+def _int_param(params: dict[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequestError(f"parameter {name!r} must be a non-negative integer")
+    return value

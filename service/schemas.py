@@ -1,0 +1,183 @@
+"""Request and response bodies of the native API (``/v1``) and of the Open Inference Protocol (``/v2``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+class TextPair(_Strict):
+    text: str
+    text_pair: str | None = None
+
+
+class AbstainOverride(_Strict):
+    """Thresholds that replace the bundle's abstention rules for this request (only those given apply;
+    ``{}`` disables abstention)."""
+
+    max_prob: float | None = Field(None, ge=0, le=1, description="abstain when the top probability is below")
+    entropy: float | None = Field(None, ge=0, le=1, description="abstain when the normalised entropy is above")
+    mutual_information: float | None = Field(None, ge=0, description="abstain when MI (nats) is above")
+
+
+class PredictRequest(_Strict):
+    adapter: str = Field(description="adapter name, or name@version to insist on a version")
+    inputs: list[str | TextPair] = Field(min_length=1, description="texts, or {text, text_pair} objects")
+    num_samples: int | None = Field(None, ge=1, description="posterior samples (default: the bundle's)")
+    method: Literal["sample", "map"] = Field("sample", description="posterior sampling, or the MAP alone")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same samples (default: random)")
+    return_samples: bool = Field(False, description="include each sample's probabilities")
+    abstain: AbstainOverride | None = None
+
+
+class Uncertainty(BaseModel):
+    entropy: float = Field(description="H[p̄] in nats (total)")
+    entropy_normalized: float = Field(description="H[p̄] / log C, in [0, 1]")
+    expected_entropy: float = Field(description="E_s H[p_s] (aleatoric)")
+    mutual_information: float = Field(description="H[p̄] − E_s H[p_s] (epistemic)")
+    mc_stderr: float = Field(description="Monte-Carlo standard error of the top probability")
+
+
+class PredictResult(BaseModel):
+    label: str
+    probs: list[float] = Field(description="aligned to the response's labels")
+    confidence: float
+    uncertainty: Uncertainty
+    abstain: bool
+    abstain_reason: str | None
+    samples: list[list[float]] | None = Field(None, description="per-sample probabilities (return_samples)")
+
+
+class AdapterRef(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class Timing(BaseModel):
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    batch_requests: int = Field(description="requests that shared the batched forward")
+    batch_rows: int = Field(description="rows (inputs × samples) of that forward")
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    adapter: AdapterRef
+    labels: list[str]
+    method: str
+    num_samples: int
+    seed: int
+    results: list[PredictResult]
+    timing: Timing
+
+
+# --------------------------------------------------------------------------------------------- adapters
+
+
+class LoadAdapterRequest(_Strict):
+    path: str = Field(description="bundle directory, relative to the adapter directory (or inside it)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="default: bundle's")
+    pin: bool = Field(False, description="never evict under the memory budget")
+
+
+class ReplaceAdapterRequest(_Strict):
+    path: str | None = Field(None, description="new bundle directory (default: re-read the current one)")
+
+
+class AdapterSummary(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    state: str
+    pinned: bool
+    labels: list[str]
+    posterior: str
+    default_num_samples: int
+    path: str
+
+
+class AdapterDetail(AdapterSummary):
+    manifest: dict[str, Any]
+
+
+class AdapterChange(BaseModel):
+    adapter: AdapterSummary
+    previous_version: str | None = None
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterSummary]
+    memory_bytes: int
+    memory_budget_bytes: int
+
+
+# --------------------------------------------------------------------------------------------- service
+
+
+class Health(BaseModel):
+    status: str
+    reason: str | None = None
+
+
+class Info(BaseModel):
+    caveat_version: str
+    base_model: str
+    device: str
+    dtype: str
+    pooling: str
+    adapters: int
+    batching: bool
+    max_batch_rows: int
+    max_wait_ms: float
+    queue_size: int
+    startup_problems: list[str]
+
+
+# ------------------------------------------------------------------------------- Open Inference Protocol
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[dict[str, Any]] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[V2Tensor]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]

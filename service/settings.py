@@ -1,0 +1,110 @@
+"""Server settings: one object, from defaults < ``CAVEAT_*`` environment variables < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "CAVEAT_"
+
+
+class Settings(BaseModel):
+    """Everything ``caveat-serve`` can be told. Field descriptions are the ``--help`` texts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field("minilm", description="Hugging Face id, local path, or the embedded name 'minilm'")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: str = Field("float32", description="base model precision: float32, bfloat16 or float16")
+    adapter_dir: Path = Field(Path("bundles"), description="bundles found here load at start; admin loads stay inside")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    admin_token: str | None = Field(None, description="bearer token of the admin routes (unset: admin disabled)")
+    admin_token_file: Path | None = Field(None, description="file holding the admin token (Docker secrets)")
+    batching: bool = Field(True, description="combine concurrent requests into one batched forward")
+    max_batch_rows: int = Field(512, ge=1, description="rows (inputs × samples) collected into one batch")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits for more requests once one arrived")
+    queue_size: int = Field(256, ge=1, description="admitted requests waiting for the model; beyond: 429")
+    token_budget: int | None = Field(
+        None, ge=1, description="rows × tokens per forward (default 4096 on CPU, where big forwards leave cache)"
+    )
+    max_inputs: int = Field(64, ge=1, description="inputs per request")
+    max_text_chars: int = Field(20_000, ge=1, description="characters per input text")
+    max_samples: int = Field(128, ge=1, description="posterior samples per request")
+    max_body_bytes: int = Field(1_048_576, ge=1, description="request body size")
+    request_timeout_s: float = Field(30.0, gt=0, description="a prediction not done by then answers 504")
+    memory_budget_mb: float = Field(2048.0, gt=0, description="device memory for adapter tensors; LRU beyond")
+    pinned: list[str] = Field(default_factory=list, description="comma-separated adapters never evicted")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    warmup: bool = Field(True, description="run a warm-up forward before turning ready")
+    drain_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+        return value
+
+    @field_validator("pinned", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin token from ``admin_token`` or, failing that, ``admin_token_file``."""
+        if self.admin_token:
+            return self.admin_token
+        if self.admin_token_file is not None:
+            return self.admin_token_file.read_text().strip() or None
+        return None
+
+
+def settings_from(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then ``CAVEAT_<FIELD>`` variables, then flags. Raises ``SystemExit(2)`` on bad values."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = environ[key]
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        parser.error(problems)
+        raise  # parser.error exits; this keeps type checkers content
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caveat-serve",
+        description="Serve calibrated predictions from Caveat bundles. Every flag can also be set as an "
+        f"environment variable {ENV_PREFIX}<FLAG> (upper case, underscores).",
+    )
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        help_text = f"{info.description} (default: {default})"
+        if _annotation_is(info.annotation, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+    return parser
+
+
+def _annotation_is(annotation: Any, kind: type) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(a is kind for a in typing.get_args(annotation))
+    return annotation is kind

@@ -1,0 +1,111 @@
+"""What a running server holds: settings, metrics, and — once started — the model host, registry and engine.
+
+Startup runs in the background so that the health routes answer (503, with the reason) while the base
+model loads; ``ready`` turns true after the warm-up forward and the adapter directory have been loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+
+from service.engine import BatchingConfig, Engine
+from service.errors import NotReadyError
+from service.host import ModelHost
+from service.metrics import Metrics
+from service.registry import AdapterRegistry
+from service.settings import Settings
+
+log = logging.getLogger("caveat.serve")
+
+
+class ServiceState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.admin_token = settings.resolved_admin_token()
+        self.host: ModelHost | None = None
+        self.registry: AdapterRegistry | None = None
+        self.engine: Engine | None = None
+        self.status = "loading base model"
+        self.failed = False
+        self.draining = False
+        self.startup_problems: list[str] = []
+        self._startup: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining and not self.failed
+
+    def not_ready_reason(self) -> str:
+        return "draining: the server is shutting down" if self.draining else self.status
+
+    def require_ready(self) -> tuple[AdapterRegistry, Engine]:
+        """Registry and engine, or 503. While draining, requests are still served until the listener closes
+        (the load balancer has ``drain_s`` to notice the failing readiness probe)."""
+        if self.failed or self.registry is None or self.engine is None:
+            raise NotReadyError(f"not ready: {self.not_ready_reason()}")
+        return self.registry, self.engine
+
+    def start(self) -> None:
+        self._startup = asyncio.create_task(self._start(), name="caveat-startup")
+
+    async def _start(self) -> None:
+        settings = self.settings
+        try:
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            host = await asyncio.to_thread(
+                ModelHost, settings.base_model, settings.device, settings.dtype, settings.token_budget
+            )
+            log.info("base model %s on %s (%s) in %.1f s", settings.base_model, host.device, settings.dtype,
+                     host.load_seconds)  # fmt: skip
+            if settings.warmup:
+                self.status = "warming up"
+                log.info("warm-up forward %.3f s", await asyncio.to_thread(host.warm_up))
+            self.status = "loading adapters"
+            registry = AdapterRegistry(
+                host,
+                settings.adapter_dir,
+                int(settings.memory_budget_mb * 2**20),
+                pinned=set(settings.pinned),
+                on_change=self._count_adapters,
+                on_load=self._count_load,
+            )
+            self.host, self.registry = host, registry
+            self.startup_problems = await registry.load_directory()
+            engine = Engine(
+                host,
+                BatchingConfig(settings.batching, settings.max_batch_rows, settings.max_wait_ms, settings.queue_size),
+                self.metrics,
+            )
+            engine.start()
+            self.engine = engine
+            self.status = "ready"
+            log.info("ready: %d adapters", len(registry.entries()))
+        except Exception as exc:  # the process stays up and says why it is not ready
+            self.failed = True
+            self.status = f"startup failed: {type(exc).__name__}: {exc}"
+            log.exception("startup failed")
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+        if self.engine is not None:
+            await self.engine.close()
+
+    def _count_adapters(self) -> None:
+        if self.registry is None:
+            return
+        entries = self.registry.entries()
+        for state in ("ready", "evicted"):
+            self.metrics.adapters.labels(state).set(sum(e.state == state for e in entries))
+        self.metrics.adapter_bytes.set(self.registry.used_bytes())
+
+    def _count_load(self, seconds: float, ok: bool) -> None:
+        self.metrics.load_seconds.observe(seconds)
+        if not ok:
+            self.metrics.load_failures.inc()

@@ -1,0 +1,138 @@
+"""The server's pieces in process: the served predictive against a per-sample loop, the registry's
+projection sharing and LRU eviction, and settings from the environment."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModel, AutoTokenizer
+
+from adapters import LoraXSClassifier, inject_lora_xs, lora_xs_layers
+from adapters.bundle import load_bundle
+from adapters.posteriors import make_generator
+from service.app import create_app
+from service.settings import Settings, settings_from
+from tests.service.bundles import make_bundle
+
+TOKEN = "t"
+
+
+def running_app(base: Path, adapter_dir: Path, **settings) -> TestClient:
+    app = create_app(Settings(base_model=str(base), adapter_dir=adapter_dir, admin_token=TOKEN, **settings))
+    client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+    client.__enter__()
+    deadline = time.monotonic() + 60
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health/ready").json()
+        time.sleep(0.05)
+    return client
+
+
+def test_served_predictive_equals_the_per_sample_loop(tiny_base: Path, tmp_path: Path) -> None:
+    path = make_bundle(tiny_base, tmp_path / "adapters" / "alpha", name="alpha", variance=0.3)
+    texts = ["a gorgeous, witty, seductive movie.", "it is a dull film", "meh"]
+    client = running_app(tiny_base, tmp_path / "adapters")
+    try:
+        served = client.post("/v1/predict", json={"adapter": "alpha", "inputs": texts, "num_samples": 5, "seed": 9})
+    finally:
+        client.__exit__(None, None, None)
+    bundle = load_bundle(path)
+    samples = bundle.posterior.sample(5, make_generator(9))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModel.from_pretrained(tiny_base).eval()
+    spec = bundle.manifest.adapter
+    inject_lora_xs(base, spec.target_modules, bundle.projections, alpha=spec.alpha)
+    model = LoraXSClassifier(base, num_labels=2).eval()
+    model.head.load_state_dict({"weight": bundle.head_weight, "bias": bundle.head_bias})
+    expected = torch.zeros(len(texts), 2)
+    with torch.no_grad():
+        for s in range(5):
+            for name, layer in lora_xs_layers(model.base).items():
+                layer.core.weight.copy_(samples[name][s])
+            for i, text in enumerate(texts):  # one input at a time: no padding at all
+                batch = tokenizer([text], truncation=True, max_length=64, return_tensors="pt")
+                expected[i] += torch.softmax(model(**batch)[0], -1) / 5
+    got = torch.tensor([r["probs"] for r in served.json()["results"]])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_identical_projections_are_stored_once(tiny_base: Path, tmp_path: Path) -> None:
+    make_bundle(tiny_base, tmp_path / "adapters" / "one", name="one", seed=3)
+    make_bundle(tiny_base, tmp_path / "adapters" / "two", name="two", seed=3, variance=0.1)
+    client = running_app(tiny_base, tmp_path / "adapters")
+    try:
+        registry = client.app.state.caveat.registry
+        one, two = (registry.entry(n).resident for n in ("one", "two"))
+        assert one.weights.projections.keys() == two.weights.projections.keys()
+        assert all(one.weights.projections[m] is two.weights.projections[m] for m in one.weights.projections)
+        alone = registry.used_bytes(without="two")
+        assert registry.used_bytes() - alone == two.own_bytes  # the second adapter's projections cost nothing
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_lru_eviction_under_the_memory_budget_spares_pinned_adapters(tiny_base: Path, tmp_path: Path) -> None:
+    adapters = tmp_path / "adapters"
+    for index, name in enumerate(("a", "b")):
+        make_bundle(tiny_base, adapters / name, name=name, seed=index)
+    make_bundle(tiny_base, adapters / "staged" / "c", name="c", seed=2)
+    bundle = load_bundle(adapters / "a")  # SVD projections depend on the base only: all three share them
+    shared = sum(t.numel() * t.element_size() for p in bundle.projections.values() for t in (p.A, p.B))
+    own = bundle.tensor_bytes() - shared
+    budget = shared + 2.5 * own  # two adapters fit, three do not
+    client = running_app(tiny_base, adapters, memory_budget_mb=budget / 2**20, pinned=["a"])
+    try:
+        registry = client.app.state.caveat.registry
+        assert [e.state for e in registry.entries()] == ["ready", "ready"]
+        assert client.post("/v1/predict", json={"adapter": "b", "inputs": ["x"]}).status_code == 200
+        assert client.post("/v1/adapters", json={"path": "staged/c"}).status_code == 201
+        states = {a["name"]: a["state"] for a in client.get("/v1/adapters").json()["adapters"]}
+        assert states == {"a": "ready", "b": "evicted", "c": "ready"}  # b was least recently used, a is pinned
+        reloaded = client.post("/v1/predict", json={"adapter": "b", "inputs": ["x"], "seed": 1})
+        assert reloaded.status_code == 200 and reloaded.json()["adapter"]["name"] == "b"
+        states = {a["name"]: a["state"] for a in client.get("/v1/adapters").json()["adapters"]}
+        assert states == {"a": "ready", "b": "ready", "c": "evicted"}
+        assert registry.used_bytes() <= registry.budget_bytes
+        metrics = client.get("/metrics").text
+        assert 'caveat_adapters_loaded{state="evicted"} 1.0' in metrics
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_not_ready_while_loading_and_a_failed_start_says_why(tmp_path: Path) -> None:
+    app = create_app(Settings(base_model=str(tmp_path / "no-such-model"), adapter_dir=tmp_path))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while "failed" not in client.get("/health/ready").json()["reason"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        response = client.get("/health/ready")
+        assert response.status_code == 503 and "no-such-model" in response.json()["reason"]
+        assert client.get("/health/live").status_code == 200
+        refused = client.post("/v1/predict", json={"adapter": "a", "inputs": ["x"]})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "NotReadyError"
+        assert client.get("/v1/adapters", headers={}).status_code == 503
+
+
+def test_admin_routes_are_disabled_without_a_token(tiny_base: Path, tmp_path: Path) -> None:
+    app = create_app(Settings(base_model=str(tiny_base), adapter_dir=tmp_path))
+    with TestClient(app) as client:
+        response = client.post("/v1/adapters", json={"path": "x"}, headers={"Authorization": "Bearer anything"})
+    assert response.status_code == 403 and "CAVEAT_ADMIN_TOKEN" in response.json()["error"]["message"]
+
+
+def test_settings_flags_override_environment_which_overrides_defaults(tmp_path: Path) -> None:
+    environ = {"CAVEAT_PORT": "9001", "CAVEAT_MAX_WAIT_MS": "7.5", "CAVEAT_PINNED": "a, b", "CAVEAT_BATCHING": "false"}
+    settings = settings_from(["--port", "9002"], environ)
+    assert settings.port == 9002 and settings.max_wait_ms == 7.5 and settings.pinned == ["a", "b"]
+    assert settings.batching is False and settings.base_model == "minilm"
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    assert settings_from(["--admin-token-file", str(token_file)], {}).resolved_admin_token() == "s3cret"
+    with pytest.raises(SystemExit) as exc:
+        settings_from(["--dtype", "float8"], {})
+    assert exc.value.code == 2
