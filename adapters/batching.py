@@ -129,29 +129,70 @@ def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice]
     return groups
 
 
-def split_blocks(blocks: Sequence[RowBlock], max_rows: int) -> list[list[tuple[int, RowBlock]]]:
-    """Pack blocks into chunks of at most ``max_rows`` rows, splitting a block by samples where needed.
+@dataclass
+class Chunk:
+    """One forward of a packed batch.
 
-    Returns chunks of ``(index of the original block, block or sample-slice of it)``. A single sample of a
-    block is never split, so a chunk can exceed ``max_rows`` only when one sample's inputs alone do. The
-    sample slices of a block appear in order, so concatenating their outputs along S restores the block.
+    Attributes:
+        inputs: ``(m,)`` the unique inputs it reads (indices into the whole batch).
+        width: tokens to keep (the longest of those inputs; right padding beyond it is dropped).
+        parts: ``(index of the original block, block or sample slice of it)``; each part's ``inputs``
+            index into this chunk's ``inputs``.
     """
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be positive, got {max_rows}")
-    chunks: list[list[tuple[int, RowBlock]]] = [[]]
-    free = max_rows
-    for index, block in enumerate(blocks):
-        start = 0
+
+    inputs: Tensor
+    width: int
+    parts: list[tuple[int, RowBlock]]
+
+
+def pack_blocks(blocks: Sequence[RowBlock], input_lengths: Sequence[int], token_budget: int | None) -> list[Chunk]:
+    """Pack blocks into forwards of at most ``token_budget`` padded tokens (rows × longest input).
+
+    Blocks are taken shortest first, so short requests are not padded to the length of long ones, and a
+    block that does not fit is split by samples. A single sample of a block is never split, so a chunk can
+    exceed the budget only when one sample's inputs alone do. The sample slices of a block appear in order,
+    so concatenating their outputs along S restores the block. ``token_budget=None`` gives one forward.
+
+    Args:
+        blocks: the row blocks of one batch.
+        input_lengths: tokens of each unique input (without padding).
+        token_budget: rows × width per forward, or ``None``.
+    """
+    widths = [max(input_lengths[i] for i in block.inputs.tolist()) for block in blocks]
+    if token_budget is None:
+        return [_localise(list(enumerate(blocks)), max(widths))]
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    groups: list[list[tuple[int, RowBlock]]] = [[]]
+    group_widths = [0]
+    rows = 0
+    for index in sorted(range(len(blocks)), key=widths.__getitem__):
+        block, start = blocks[index], 0
         while start < block.num_samples:
-            if free < block.num_inputs and chunks[-1]:
-                chunks.append([])
-                free = max_rows
+            free = token_budget // max(group_widths[-1], widths[index]) - rows
+            if free < block.num_inputs and groups[-1]:
+                groups.append([])
+                group_widths.append(0)
+                rows = 0
+                continue
             take = min(block.num_samples - start, max(1, free // block.num_inputs))
             part = block if take == block.num_samples else block.sample_slice(start, start + take)
-            chunks[-1].append((index, part))
-            free -= take * block.num_inputs
+            groups[-1].append((index, part))
+            group_widths[-1] = max(group_widths[-1], widths[index])
+            rows += take * block.num_inputs
             start += take
-    return chunks
+    return [_localise(group, width) for group, width in zip(groups, group_widths, strict=True)]
+
+
+def _localise(parts: list[tuple[int, RowBlock]], width: int) -> Chunk:
+    """Re-index the parts' inputs into the unique inputs the chunk reads."""
+    inputs, local = torch.unique(torch.cat([part.inputs for _, part in parts]), sorted=True, return_inverse=True)
+    localised, start = [], 0
+    for index, part in parts:
+        stop = start + part.num_inputs
+        localised.append((index, RowBlock(part.adapter, part.samples, local[start:stop])))
+        start = stop
+    return Chunk(inputs, width, localised)
 
 
 @contextmanager

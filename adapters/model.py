@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan, split_blocks
+from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan, pack_blocks
 from adapters.config import LoraXSConfig
 from adapters.errors import TargetNotFoundError
 from adapters.layer import LoraXSLinear
@@ -261,27 +261,34 @@ class LoraXSClassifier(nn.Module):
         return self.head(self.dropout(features))
 
     def forward_rows(
-        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], max_rows: int | None = None
+        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], token_budget: int | None = None
     ) -> list[Tensor]:
-        """Batched-rows mode: one forward for every (input, posterior sample) of every block.
+        """Batched-rows mode: every (input, posterior sample) of every block, in as few forwards as fit.
 
         Args:
-            batch: tokenised unique inputs, each tensor ``(N_inputs, T)``.
+            batch: tokenised unique inputs, each tensor ``(N_inputs, T)``, right-padded.
             blocks: row blocks (:class:`adapters.batching.RowBlock`), each naming its inputs, its adapter
                 and its ``S`` sampled cores (and optionally sampled head parameters).
-            max_rows: when given, run several forwards of at most this many rows (blocks split by samples;
-                see :func:`adapters.batching.split_blocks`). On a CPU, very large forwards fall out of cache
-                and get slower per row; on a GPU, leave it ``None``.
+            token_budget: when given, forwards of at most this many padded tokens (rows × longest input),
+                blocks packed shortest first and split by samples (:func:`adapters.batching.pack_blocks`).
+                On a CPU very large forwards fall out of cache and get slower per row; on a GPU, leave it
+                ``None`` for one forward.
 
         Returns:
             One logits tensor ``(S_b, n_b, C_b)`` per block.
         """
-        if max_rows is None:
-            return self._forward_plan(batch, blocks)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            lengths = [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+        else:
+            lengths = mask.sum(dim=1).tolist()
+            if not torch.equal(mask.cumprod(dim=1).sum(dim=1), mask.sum(dim=1)):
+                raise ValueError("batched rows need right-padded inputs (padding_side='right')")
         outputs: list[list[Tensor]] = [[] for _ in blocks]
-        for chunk in split_blocks(blocks, max_rows):
-            logits = self._forward_plan(batch, [part for _, part in chunk])
-            for (index, _), part_logits in zip(chunk, logits, strict=True):
+        for chunk in pack_blocks(blocks, lengths, token_budget):
+            rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
+            logits = self._forward_plan(rows, [part for _, part in chunk.parts])
+            for (index, _), part_logits in zip(chunk.parts, logits, strict=True):
                 outputs[index].append(part_logits)
         return [torch.cat(parts) for parts in outputs]
 

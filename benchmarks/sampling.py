@@ -124,9 +124,9 @@ def main() -> None:
             probs.append(torch.softmax(single(**batch), dim=-1))
         return torch.stack(probs)
 
-    def batched(num_samples: int, seed: int, max_rows: int | None = None) -> torch.Tensor:
+    def batched(num_samples: int, seed: int, token_budget: int | None = None) -> torch.Tensor:
         samples = posterior.sample(num_samples, make_generator(seed, device))
-        (logits,) = host.forward_rows(batch, [RowBlock(adapter, samples, inputs)], max_rows=max_rows)
+        (logits,) = host.forward_rows(batch, [RowBlock(adapter, samples, inputs)], token_budget=token_budget)
         return torch.softmax(logits, dim=-1)
 
     max_rows = max(1, args.token_budget // batch["input_ids"].shape[1])
@@ -136,7 +136,7 @@ def main() -> None:
     for num_samples in args.samples:
         loop_ms, loop_probs = median_ms(lambda s=num_samples: loop(s, 7), args.repeats, device)
         batched_ms, batched_probs = median_ms(lambda s=num_samples: batched(s, 7), args.repeats, device)
-        chunked_ms, _ = median_ms(lambda s=num_samples: batched(s, 7, max_rows), args.repeats, device)
+        chunked_ms, _ = median_ms(lambda s=num_samples: batched(s, 7, args.token_budget), args.repeats, device)
         # Same seed, but the loop draws one sample per call: compare the predictive only statistically.
         diff = (loop_probs.mean(0) - batched_probs.mean(0)).abs().max().item()
         results.append(

@@ -104,10 +104,9 @@ class ModelHost:
 
     @torch.inference_mode()
     def forward(self, batch: dict[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
-        """One batched-rows forward (split under the CPU token budget); logits ``(S_b, n_b, C_b)`` per block."""
-        width = batch["input_ids"].shape[1]
-        max_rows = None if self.token_budget is None else max(1, self.token_budget // width)
-        return self.classifier.forward_rows(batch, blocks, max_rows=max_rows)
+        """Batched-rows forwards (packed by length under the CPU token budget); logits ``(S_b, n_b, C_b)`` per
+        block."""
+        return self.classifier.forward_rows(batch, blocks, token_budget=self.token_budget)
 
     @torch.inference_mode()
     def warm_up(self) -> float:

@@ -67,8 +67,7 @@ def predict(
             block = RowBlock(
                 adapter, posterior.sample(num_samples, generator), torch.arange(len(indices), device=device)
             )
-            max_rows = None if token_budget is None else max(1, token_budget // batch["input_ids"].shape[1])
-            (logits,) = model.forward_rows(batch, [block], max_rows=max_rows)
+            (logits,) = model.forward_rows(batch, [block], token_budget=token_budget)
         out[:, torch.tensor(indices)] = logits.float().cpu()
     return Outputs(out)
 

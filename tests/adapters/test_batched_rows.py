@@ -18,7 +18,7 @@ from adapters import (
     lora_xs_layers,
     predictive,
 )
-from adapters.batching import split_blocks
+from adapters.batching import pack_blocks
 from adapters.model import HEAD_BIAS, HEAD_WEIGHT
 from tests.conftest import random_batch, tiny_bert, tiny_llama
 
@@ -134,7 +134,7 @@ def test_row_groups_are_cleared_after_forward(bert) -> None:
     assert all(layer.row_groups is None for layer in lora_xs_layers(bert).values())
 
 
-def test_split_blocks_respects_the_budget_and_keeps_order() -> None:
+def test_pack_blocks_respects_the_token_budget_and_keeps_sample_order() -> None:
     base = tiny_bert()
     adapter = _make_adapter(base, ("query",), 2, "svd", 4.0, 2, seed=0)
     blocks = [
@@ -142,18 +142,28 @@ def test_split_blocks_respects_the_budget_and_keeps_order() -> None:
         RowBlock(adapter, _sample_cores(adapter, 2, seed=1), torch.tensor([3])),
         RowBlock(adapter, _sample_cores(adapter, 4, seed=2), torch.tensor([0, 4])),
     ]
-    chunks = split_blocks(blocks, max_rows=7)
-    assert all(sum(part.num_rows for _, part in chunk) <= 7 for chunk in chunks)
+    lengths = [3, 5, 4, 9, 2]
+    chunks = pack_blocks(blocks, lengths, token_budget=35)
+    for chunk in chunks:
+        assert chunk.width == max(lengths[i] for i in chunk.inputs.tolist())
+        assert sum(part.num_rows for _, part in chunk.parts) * chunk.width <= 35
+        for index, part in chunk.parts:  # local indices point at the same unique inputs
+            assert torch.equal(chunk.inputs[part.inputs], blocks[index].inputs)
     for index, block in enumerate(blocks):
-        parts = [part for chunk in chunks for i, part in chunk if i == index]
+        parts = [part for chunk in chunks for i, part in chunk.parts if i == index]
         for name, samples in block.samples.items():
             assert torch.equal(torch.cat([p.samples[name] for p in parts]), samples)
-    # one sample of 3 inputs does not fit a budget of 2 rows: it goes whole, alone in its chunk
-    assert [[p.num_rows for _, p in c] for c in split_blocks(blocks[:1], max_rows=2)] == [[3]] * 5
+    # shortest first: the 9-token block does not pad the others
+    assert chunks[-1].width == 9 and all(c.width <= 5 for c in chunks[:-1])
+    # one sample of 3 inputs of 5 tokens does not fit 10 tokens: it goes whole, alone in its forward
+    tight = pack_blocks(blocks[:1], lengths, token_budget=10)
+    assert [[p.num_rows for _, p in c.parts] for c in tight] == [[3]] * 5
+    whole = pack_blocks(blocks, lengths, token_budget=None)
+    assert len(whole) == 1 and whole[0].width == 9 and [i for i, _ in whole[0].parts] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("max_rows", [1, 4, 9, 1000])
-def test_chunked_forward_equals_one_forward(max_rows) -> None:
+@pytest.mark.parametrize("token_budget", [1, 20, 60, 10_000])
+def test_packed_forward_equals_one_forward(token_budget) -> None:
     base = tiny_bert()
     batch = random_batch(5, seed=2)
     adapter = _make_adapter(base, ("query", "value"), 4, "svd", 8.0, 3, seed=0)
@@ -161,14 +171,25 @@ def test_chunked_forward_equals_one_forward(max_rows) -> None:
     blocks = [
         RowBlock(adapter, _sample_cores(adapter, 6, seed=3), torch.tensor([0, 1, 4])),
         RowBlock(other, _sample_cores(other, 3, seed=4, head=True), torch.tensor([2, 3])),
+        RowBlock(other, _sample_cores(other, 2, seed=5), torch.tensor([1])),
     ]
     inject_lora_xs(base, ("query", "value"))
     host = LoraXSClassifier(base, num_labels=None).eval()
     with torch.no_grad():
         whole = host.forward_rows(batch, blocks)
-        chunked = host.forward_rows(batch, blocks, max_rows=max_rows)
-    for a, b in zip(whole, chunked, strict=True):
+        packed = host.forward_rows(batch, blocks, token_budget=token_budget)
+    for a, b in zip(whole, packed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_left_padding_is_refused(bert) -> None:
+    inject_lora_xs(bert, ("query",))
+    host = LoraXSClassifier(bert, num_labels=None).eval()
+    adapter = _make_adapter(bert, ("query",), 2, "svd", 4.0, 2, seed=0)
+    batch = random_batch(2)
+    batch["attention_mask"] = batch["attention_mask"].flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        host.forward_rows(batch, [RowBlock(adapter, _sample_cores(adapter, 2, seed=0), torch.tensor([0, 1]))])
 
 
 def test_low_precision_base_with_float32_samples_and_head() -> None:

@@ -1,0 +1,161 @@
+"""What the serving benchmark and the server tests share: synthetic bundles and a server process.
+
+Synthetic bundles have real projections from a base model's weights, random cores and head, and a real
+posterior. What serving costs does not depend on what the cores learned, so they stand in when no trained
+bundle is at hand (or when the base differs from the one a bundle was trained on, e.g. a converted copy on
+another machine). :class:`ServerProcess` runs ``caveat-serve`` as its own process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import AutoModel
+
+from adapters import LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs, target_names
+from adapters.bundle import Bundle, save_bundle
+from adapters.manifest import (
+    AbstentionSpec,
+    AdapterSpec,
+    BaseModelSpec,
+    BundleManifest,
+    CalibrationSpec,
+    HeadSpec,
+    PosteriorSpec,
+    TaskSpec,
+)
+from adapters.model import base_fingerprint, lora_xs_layers
+from adapters.posteriors import DiagPosterior, KronFactors, KronPosterior, Posterior
+
+
+def synthetic_bundle(
+    base_dir: str | Path,
+    out: Path,
+    *,
+    name: str,
+    version: str = "1",
+    targets: Sequence[str] = ("query", "value"),
+    rank: int = 4,
+    family: str = "diag",
+    seed: int = 0,
+    labels: Sequence[str] = ("negative", "positive"),
+    variance: float = 0.5,
+    core_scale: float = 1.0,
+    abstain_mi: float | None = None,
+    max_length: int = 64,
+    num_samples: int = 8,
+    base: torch.nn.Module | None = None,
+) -> Path:
+    """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``."""
+    base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
+    config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed)
+    names = target_names(base, targets)
+    adapted = copy.deepcopy(base)
+    inject_lora_xs(adapted, targets, compute_projections(adapted, names, config), alpha=config.alpha, seed=seed)
+    hidden = base.config.hidden_size
+    model = LoraXSClassifier(adapted, num_labels=len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_xs_layers(adapted).values():
+            layer.core.weight.copy_(core_scale * torch.randn(rank, rank, generator=generator))
+        model.head.weight.copy_(torch.randn(len(labels), hidden, generator=generator))
+    mean = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
+    rules = [AbstentionSpec(kind="max_prob", threshold=0.55)]
+    if abstain_mi is not None:
+        rules.append(AbstentionSpec(kind="mutual_information", threshold=abstain_mi))
+    manifest = BundleManifest(
+        name=name,
+        version=version,
+        task=TaskSpec(labels=list(labels), max_length=max_length),
+        base_model=BaseModelSpec(
+            name_or_path=str(base_dir), fingerprint=base_fingerprint(base, names), hidden_size=hidden
+        ),
+        adapter=AdapterSpec(rank=rank, alpha=config.alpha, target_modules=list(targets), modules=names),
+        head=HeadSpec(in_features=hidden, num_labels=len(labels)),
+        posterior=PosteriorSpec(family=family, default_num_samples=num_samples),
+        calibration=CalibrationSpec(abstention=rules),
+    )
+    posterior = _posterior(family, mean, variance)
+    return save_bundle(Bundle.from_classifier(model, posterior, manifest), out)
+
+
+def _posterior(family: str, mean: dict[str, torch.Tensor], variance: float) -> Posterior:
+    if family == "diag":
+        return DiagPosterior(mean, {n: torch.full_like(t, variance) for n, t in mean.items()})
+    if family == "kron":
+        r = next(iter(mean.values())).shape[0]
+        factors = {n: KronFactors.from_matrices(torch.eye(r), torch.eye(r)) for n in mean}
+        return KronPosterior(mean, factors, scale=0.0, prior_precision=1.0 / variance)
+    raise ValueError(f"synthetic bundles have diag or kron posteriors, not {family!r}")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ServerProcess:
+    """A ``caveat-serve`` process on 127.0.0.1 (``python -m service.cli``)."""
+
+    process: subprocess.Popen
+    url: str
+    adapter_dir: Path
+    log: Path
+    admin_token: str
+
+    @classmethod
+    def start(
+        cls, base: str | Path, adapter_dir: Path, log: Path, *flags: str, admin_token: str = "admin", timeout_s=180
+    ) -> ServerProcess:
+        """Start the server and wait until ``/health/ready`` answers 200."""
+        port = free_port()
+        command = [
+            sys.executable, "-m", "service.cli", "--base-model", str(base), "--adapter-dir", str(adapter_dir),
+            "--port", str(port), "--admin-token", admin_token, "--log-level", "warning", *flags,
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        server = cls(process, f"http://127.0.0.1:{port}", adapter_dir, log, admin_token)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        server.stop()
+        raise RuntimeError(f"server not ready within {timeout_s} s:\n{log.read_text()}")
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def admin(self) -> httpx.Client:
+        return self.client(headers={"Authorization": f"Bearer {self.admin_token}"})
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then kill if it does not exit within 30 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
