@@ -277,20 +277,76 @@ class LoraXSClassifier(nn.Module):
         Returns:
             One logits tensor ``(S_b, n_b, C_b)`` per block.
         """
-        mask = batch.get("attention_mask")
-        if mask is None:
-            lengths = [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
-        else:
-            lengths = mask.sum(dim=1).tolist()
-            if not torch.equal(mask.cumprod(dim=1).sum(dim=1), mask.sum(dim=1)):
-                raise ValueError("batched rows need right-padded inputs (padding_side='right')")
         outputs: list[list[Tensor]] = [[] for _ in blocks]
-        for chunk in pack_blocks(blocks, lengths, token_budget):
+        for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
             logits = self._forward_plan(rows, [part for _, part in chunk.parts])
             for (index, _), part_logits in zip(chunk.parts, logits, strict=True):
                 outputs[index].append(part_logits)
         return [torch.cat(parts) for parts in outputs]
+
+    def forward_rows_jacobians(
+        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], token_budget: int | None = None
+    ) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        """The GLM linearisation of every block: logits and their Jacobians w.r.t. each core and the head.
+
+        Each block holds one sample (``S = 1``), the point the network is linearised at (the MAP cores).
+        Every row gets its own copy of each core, so one backward pass per class gives every input's own
+        Jacobian (rows do not interact).
+
+        Args:
+            batch, token_budget: as for :meth:`forward_rows`.
+            blocks: row blocks with ``S = 1``.
+
+        Returns:
+            Per block: logits ``(n, C)`` and block name → Jacobian ``(n, C, *shape)`` for every core the
+            adapter has, ``head.weight`` ``(n, C, C, H)`` and ``head.bias`` ``(n, C, C)`` (float32).
+        """
+        if any(block.num_samples != 1 for block in blocks):
+            raise ValueError("a GLM linearisation takes one sample (the MAP) per block")
+        outputs: list[tuple[Tensor, dict[str, Tensor]]] = [None] * len(blocks)  # type: ignore[list-item]
+        for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
+            rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
+            results = self._jacobian_plan(rows, [part for _, part in chunk.parts])
+            for (index, _), result in zip(chunk.parts, results, strict=True):
+                outputs[index] = result
+        return outputs
+
+    def _jacobian_plan(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[tuple[Tensor, dict]]:
+        plan = RowPlan.build(blocks, self.lora_layers.keys())
+        leaves = [(name, group) for name, groups in plan.layer_groups.items() for group in groups]
+        for _, group in leaves:
+            group.cores = group.cores.detach().requires_grad_(True)
+        rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
+        with torch.enable_grad(), apply_row_plan(self.lora_layers, plan):
+            features = self.features(rows_batch)
+            logits = [head_logits(features[r], b)[0] for r, b in zip(plan.block_rows, blocks, strict=True)]
+        num_rows, num_classes = plan.row_inputs.shape[0], max(out.shape[-1] for out in logits)
+        per_class = []  # per class: layer → (N_rows, r, r) gradient w.r.t. each row's (scaled) core
+        for c in range(num_classes):
+            target = sum(out[:, c].sum() for out in logits if out.shape[-1] > c)
+            grads = torch.autograd.grad(
+                target, [g.cores for _, g in leaves], retain_graph=c < num_classes - 1, allow_unused=True
+            )
+            per_layer: dict[str, Tensor] = {}
+            for (name, group), grad in zip(leaves, grads, strict=True):
+                full = per_layer.setdefault(name, group.cores.new_zeros(num_rows, *group.cores.shape[1:]).float())
+                if grad is not None:
+                    full[slice(None) if group.rows is None else group.rows] = grad.float()
+            per_class.append(per_layer)
+        results = []
+        for rows, block, out in zip(plan.block_rows, blocks, logits, strict=True):
+            C = out.shape[-1]
+            jacobians = {
+                name: block.adapter.scaling * torch.stack([per_class[c][name][rows] for c in range(C)], dim=1)
+                for name in block.adapter.projections
+            }  # the rows hold scaling · R, so ∂f/∂R = scaling · ∂f/∂(row core)
+            phi = features[rows].detach().float()
+            eye = torch.eye(C, device=phi.device)
+            jacobians[HEAD_WEIGHT] = torch.einsum("ij,nh->nijh", eye, phi)
+            jacobians[HEAD_BIAS] = eye.expand(phi.shape[0], C, C)
+            results.append((out.detach().float(), jacobians))
+        return results
 
     def _forward_plan(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
         plan = RowPlan.build(blocks, self.lora_layers.keys())
@@ -327,6 +383,16 @@ class LoraXSClassifier(nn.Module):
             params[HEAD_WEIGHT] = self.head.weight
             params[HEAD_BIAS] = self.head.bias
         return params
+
+
+def _input_lengths(batch: Mapping[str, Tensor]) -> list[int]:
+    """Tokens of each input (right padding required: batched rows trim forwards to their longest input)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+    if not torch.equal(mask.cumprod(dim=1).sum(dim=1), mask.sum(dim=1)):
+        raise ValueError("batched rows need right-padded inputs (padding_side='right')")
+    return mask.sum(dim=1).tolist()
 
 
 def head_logits(features: Tensor, block: RowBlock) -> Tensor:

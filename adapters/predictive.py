@@ -126,3 +126,28 @@ def abstain(pred: Predictive, rules: list[AbstentionRule]) -> tuple[Tensor, list
             reasons[i] = rule.reason()
         flags |= fired
     return flags, reasons
+
+
+def glm_predictive(
+    logits: Tensor,
+    covariance: Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> Predictive:
+    """The linearised (GLM) predictive by Monte-Carlo in logit space: ``f_s = f̂ + Σ_f^{1/2} ε_s``.
+
+    Args:
+        logits: ``(N, C)`` logits at the linearisation point (the MAP).
+        covariance: ``(N, C, C)`` ``J Σ Jᵀ`` per input (``Posterior.jacobian_covariance``).
+        num_samples: logit draws (no network passes: cheap).
+        generator: RNG on the covariance's device, for reproducible draws.
+    """
+    if covariance.shape != (*logits.shape, logits.shape[-1]):
+        raise ValueError(f"covariance {tuple(covariance.shape)} does not fit logits {tuple(logits.shape)}")
+    covariance = covariance.double()
+    eigvals, eigvecs = torch.linalg.eigh((covariance + covariance.transpose(1, 2)) / 2)
+    root = eigvecs * eigvals.clamp_min(0).sqrt().unsqueeze(1)  # Σ = root rootᵀ, PSD even when singular
+    noise = torch.randn(num_samples, *logits.shape, generator=generator, device=logits.device, dtype=root.dtype)
+    draws = logits.double() + torch.einsum("nij,snj->sni", root, noise)
+    return predictive(draws, temperature)

@@ -50,6 +50,27 @@ class Posterior(ABC):
     def covariance(self) -> Tensor:
         """The analytic ``(P, P)`` covariance of θ (dense; meant for small P, tests and reports)."""
 
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        """``J Σ Jᵀ`` per input: the covariance of the linearised outputs (the GLM predictive).
+
+        Args:
+            jacobians: block name → ``(N, C, *block shape)``, ``∂f_c(x_n) / ∂θ_block``; every block of the
+                posterior must be present.
+
+        Returns:
+            ``(N, C, C)``. This default goes through the dense :meth:`covariance`; families override it
+            with their structure.
+        """
+        flat = self._flat_jacobians(jacobians)
+        return flat @ self.covariance().to(flat.dtype) @ flat.transpose(1, 2)
+
+    def _flat_jacobians(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        """``(N, C, P)`` in θ order."""
+        missing = set(self.names) - set(jacobians)
+        if missing:
+            raise ValueError(f"no Jacobian for posterior blocks {sorted(missing)[:5]}")
+        return torch.cat([jacobians[name].flatten(start_dim=2) for name in self.names], dim=2)
+
     @abstractmethod
     def _state_tensors(self) -> TensorDict:
         """Family-specific tensors (the means are stored by the base class)."""

@@ -37,6 +37,10 @@ class DiagPosterior(Posterior):
     def covariance(self) -> Tensor:
         return torch.diag(self._std.square())
 
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        flat = self._flat_jacobians(jacobians)
+        return (flat * self._std.square().to(flat.dtype)) @ flat.transpose(1, 2)
+
     def _state_tensors(self) -> TensorDict:
         return {f"{name}{KEY_SEP}variance": t for name, t in self.variance.items()}
 
@@ -68,6 +72,10 @@ class FullPosterior(Posterior):
 
     def covariance(self) -> Tensor:
         return self.scale_tril @ self.scale_tril.T
+
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        projected = self._flat_jacobians(jacobians) @ self.scale_tril.to(next(iter(jacobians.values())).dtype)
+        return projected @ projected.transpose(1, 2)
 
     def _state_tensors(self) -> TensorDict:
         return {"scale_tril": self.scale_tril}
@@ -111,6 +119,12 @@ class LowRankDiagPosterior(Posterior):
     def covariance(self) -> Tensor:
         low_rank = self.deviations.T @ self.deviations / (self.rank - 1)
         return self.scale * (torch.diag(self.variance) + low_rank)
+
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        flat = self._flat_jacobians(jacobians)
+        diagonal = (flat * self.variance.to(flat.dtype)) @ flat.transpose(1, 2)
+        low = flat @ self.deviations.T.to(flat.dtype)  # (N, C, K)
+        return self.scale * (diagonal + low @ low.transpose(1, 2) / (self.rank - 1))
 
     def _state_tensors(self) -> TensorDict:
         return {"variance": self.variance, "deviations": self.deviations}

@@ -102,6 +102,23 @@ class KronPosterior(Posterior):
             blocks.append(basis @ torch.diag(self._inv_sqrt[name].reshape(-1).square()) @ basis.T)
         return torch.block_diag(*blocks)
 
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        """Per block, rotate the Jacobian into the eigenbasis (``Q_Gᵀ J Q_A``) and weight by ``D⁻¹``."""
+        total = None
+        for name in self.names:
+            if name not in jacobians:
+                raise ValueError(f"no Jacobian for posterior block {name!r}")
+            jac, eigvecs = jacobians[name], self.factors[name].eigvecs
+            rotated = (
+                jac @ eigvecs[0].to(jac.dtype)
+                if len(eigvecs) == 1
+                else (eigvecs[0].T.to(jac.dtype) @ jac @ eigvecs[1].to(jac.dtype))
+            )
+            weighted = (rotated * self._inv_sqrt[name].to(jac.dtype)).flatten(start_dim=2)  # (N, C, size)
+            block = weighted @ weighted.transpose(1, 2)
+            total = block if total is None else total + block
+        return total
+
     def _state_tensors(self) -> TensorDict:
         tensors = {}
         for name, factors in self.factors.items():

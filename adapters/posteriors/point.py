@@ -26,6 +26,10 @@ class MapPosterior(Posterior):
     def covariance(self) -> Tensor:
         return torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
 
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        flat = self._flat_jacobians(jacobians)
+        return flat.new_zeros(flat.shape[0], flat.shape[1], flat.shape[1])
+
     def _state_tensors(self) -> TensorDict:
         return {}
 
@@ -70,6 +74,9 @@ class EnsemblePosterior(Posterior):
         flat = torch.stack([flatten({n: t[m] for n, t in self.members.items()}) for m in range(self.num_members)])
         centred = flat - flat.mean(dim=0)
         return centred.T @ centred / self.num_members
+
+    def jacobian_covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
+        raise ValueError("an ensemble is a set of fixed members, not a Gaussian: it has no GLM predictive")
 
     def _state_tensors(self) -> TensorDict:
         return {f"{name}{KEY_SEP}members": t for name, t in self.members.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import UserDict
+
 import pytest
 import torch
 
@@ -190,3 +192,20 @@ def test_posterior_at_another_prior_precision(structure) -> None:
     torch.testing.assert_close(fit.at(delta).covariance(), fit.posterior.covariance(), atol=1e-6, rtol=1e-5)
     wider, narrower = fit.at(delta / 10).covariance().diagonal(), fit.at(delta * 10).covariance().diagonal()
     assert torch.all(wider > fit.posterior.covariance().diagonal()) and torch.all(narrower < wider)
+
+
+@pytest.mark.parametrize("include_head", [False, True])
+def test_glm_logit_covariance_equals_laplace_torch(include_head) -> None:
+    """Our batched-rows Jacobians and kron J Σ Jᵀ against laplace-torch's GLM predictive (f_μ, f_var)."""
+    model, _, loader, batch = _model_and_loader(seed=4)
+    fit = fit_laplace(model, loader, "kron", include_head=include_head, marglik_steps=20, progress=False)
+    x = {k: v[:5] for k, v in batch.items()}
+    model.base.set_attn_implementation("eager")  # laplace-torch takes Jacobians with torch.func
+    f_mu, f_var = fit.laplace._glm_predictive_distribution(UserDict(x))
+    model.base.set_attn_implementation("sdpa")
+    samples = {name: t[None] for name, t in fit.posterior.mean().items()}  # linearised at the MAP
+    ((logits, jacobians),) = model.forward_rows_jacobians(x, [RowBlock(model.own_adapter(), samples, torch.arange(5))])
+    torch.testing.assert_close(logits, f_mu.float(), atol=1e-5, rtol=1e-5)
+    ours = fit.posterior.jacobian_covariance({k: v.double() for k, v in jacobians.items()})
+    torch.testing.assert_close(ours, f_var.double(), atol=1e-6 * f_var.abs().max().item(), rtol=1e-4)
+    assert f_var.diagonal(dim1=1, dim2=2).min() > 0  # a real variance: the check has power
