@@ -89,6 +89,9 @@ class PosteriorSpec(_Strict):
     prior_precision: float | list[float] | None = None
     default_num_samples: int = Field(default=16, gt=0)
     covers_head: bool = False
+    predictive: Literal["sample", "glm"] = Field(
+        default="sample", description="how the bundle's predictive was evaluated and calibrated (the default)"
+    )
 
 
 class AbstentionSpec(_Strict):

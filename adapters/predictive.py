@@ -128,18 +128,14 @@ def abstain(pred: Predictive, rules: list[AbstentionRule]) -> tuple[Tensor, list
     return flags, reasons
 
 
-def glm_predictive(
-    logits: Tensor,
-    covariance: Tensor,
-    num_samples: int,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-) -> Predictive:
-    """The linearised (GLM) predictive by Monte-Carlo in logit space: ``f_s = f̂ + Σ_f^{1/2} ε_s``.
+def glm_logit_draws(
+    logits: Tensor, covariance: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Draws ``f_s = f̂ + Σ_f^{1/2} ε_s`` of the linearised (GLM) logits, ``(S, N, C)`` in float64.
 
     Args:
         logits: ``(N, C)`` logits at the linearisation point (the MAP).
-        covariance: ``(N, C, C)`` ``J Σ Jᵀ`` per input (``Posterior.jacobian_covariance``).
+        covariance: ``(N, C, C)`` ``J Σ Jᵀ`` per input (``Posterior.jacobian_covariance``); singular is fine.
         num_samples: logit draws (no network passes: cheap).
         generator: RNG on the covariance's device, for reproducible draws.
     """
@@ -147,7 +143,17 @@ def glm_predictive(
         raise ValueError(f"covariance {tuple(covariance.shape)} does not fit logits {tuple(logits.shape)}")
     covariance = covariance.double()
     eigvals, eigvecs = torch.linalg.eigh((covariance + covariance.transpose(1, 2)) / 2)
-    root = eigvecs * eigvals.clamp_min(0).sqrt().unsqueeze(1)  # Σ = root rootᵀ, PSD even when singular
+    root = eigvecs * eigvals.clamp_min(0).sqrt().unsqueeze(1)  # Σ = root rootᵀ
     noise = torch.randn(num_samples, *logits.shape, generator=generator, device=logits.device, dtype=root.dtype)
-    draws = logits.double() + torch.einsum("nij,snj->sni", root, noise)
-    return predictive(draws, temperature)
+    return logits.double() + torch.einsum("nij,snj->sni", root, noise)
+
+
+def glm_predictive(
+    logits: Tensor,
+    covariance: Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+) -> Predictive:
+    """The linearised (GLM) predictive by Monte-Carlo in logit space (:func:`glm_logit_draws`)."""
+    return predictive(glm_logit_draws(logits, covariance, num_samples, generator), temperature)

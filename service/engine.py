@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.batching import RowBlock
-from adapters.predictive import AbstentionRule, Predictive, abstain, predictive
+from adapters.posteriors.base import make_generator
+from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
 from service.errors import NotReadyError, QueueFullError
 from service.host import ModelHost, TextInput
 from service.metrics import Metrics
@@ -43,7 +44,8 @@ class Job:
 
     @property
     def rows(self) -> int:
-        return len(self.inputs) * self.num_samples
+        """Rows of the network forward: the GLM runs each input once (its draws are in logit space)."""
+        return len(self.inputs) * (1 if self.method == "glm" else self.num_samples)
 
 
 @dataclass
@@ -189,6 +191,7 @@ class Engine:
         return outcomes
 
     def _run(self, jobs: list[Job]) -> list[JobResult]:
+        """Sampled and MAP jobs in one batched-rows forward, GLM jobs in one batched linearisation."""
         start = time.perf_counter()
         device = self.host.device
         unique: dict[TextInput, int] = {}
@@ -197,17 +200,35 @@ class Engine:
             indices = [unique.setdefault(item, len(unique)) for item in job.inputs]
             samples = job.adapter.draw(job.num_samples, job.seed, job.method)
             blocks.append(RowBlock(job.adapter.weights, samples, torch.tensor(indices, device=device)))
-        logits = self.host.forward(self.host.encode(list(unique)), blocks)
-        results = []
+        batch = self.host.encode(list(unique))
+        sampled = [i for i, job in enumerate(jobs) if job.method != "glm"]
+        linearised = [i for i, job in enumerate(jobs) if job.method == "glm"]
+        preds: dict[int, Predictive] = {}
+        if sampled:
+            logits = self.host.forward(batch, [blocks[i] for i in sampled])
+            for i, block_logits in zip(sampled, logits, strict=True):
+                preds[i] = predictive(block_logits, jobs[i].adapter.temperature)
+        if linearised:
+            outputs = self.host.linearise(batch, [blocks[i] for i in linearised])
+            for i, (logits, jacobians) in zip(linearised, outputs, strict=True):
+                preds[i] = _glm(jobs[i], logits, jacobians)
         rows = sum(job.rows for job in jobs)
-        for job, block_logits in zip(jobs, logits, strict=True):
-            pred = _to_cpu(predictive(block_logits, job.adapter.temperature))
+        results = []
+        for i, job in enumerate(jobs):
+            pred = _to_cpu(preds[i])
             flags, reasons = abstain(pred, job.rules)
             results.append(JobResult(pred, flags.tolist(), reasons, 0.0, 0.0, len(jobs), rows))
         seconds = time.perf_counter() - start
         for result in results:
             result.compute_seconds = seconds
         return results
+
+
+def _glm(job: Job, logits: torch.Tensor, jacobians: dict[str, torch.Tensor]) -> Predictive:
+    posterior = job.adapter.bundle.posterior
+    covariance = posterior.jacobian_covariance({k: v.to(posterior.dtype) for k, v in jacobians.items()})
+    generator = make_generator(job.seed, covariance.device)
+    return glm_predictive(logits, covariance, job.num_samples, generator, job.adapter.temperature)
 
 
 def _to_cpu(pred: Predictive) -> Predictive:

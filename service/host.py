@@ -108,6 +108,11 @@ class ModelHost:
         block."""
         return self.classifier.forward_rows(batch, blocks, token_budget=self.token_budget)
 
+    def linearise(self, batch: dict[str, Tensor], blocks: Sequence[RowBlock]) -> list[tuple[Tensor, dict]]:
+        """The GLM linearisation of each block (MAP logits and per-input Jacobians; needs autograd, so not
+        under inference mode)."""
+        return self.classifier.forward_rows_jacobians(batch, blocks, token_budget=self.token_budget)
+
     @torch.inference_mode()
     def warm_up(self) -> float:
         """A forward through the base (kernels, allocator, tokenizer); returns its seconds."""

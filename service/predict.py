@@ -19,6 +19,8 @@ from service.schemas import AbstainOverride, PredictResult, TextPair, Uncertaint
 from service.settings import Settings
 from service.state import ServiceState
 
+METHODS = ("sample", "glm", "map")
+
 
 @dataclass
 class Answer:
@@ -36,7 +38,7 @@ async def run_prediction(
     inputs: list[str | TextPair],
     *,
     num_samples: int | None = None,
-    method: str = "sample",
+    method: str | None = None,
     seed: int | None = None,
     abstain: AbstainOverride | None = None,
 ) -> Answer:
@@ -44,19 +46,24 @@ async def run_prediction(
     start = time.perf_counter()
     registry, engine = state.require_ready()
     settings = state.settings
-    if method not in ("sample", "map"):
-        raise InvalidRequestError(f"method must be 'sample' or 'map', not {method!r}")
+    if method not in (None, *METHODS):
+        raise InvalidRequestError(f"method must be one of {list(METHODS)}, not {method!r}")
     if num_samples is not None and num_samples < 1:
         raise InvalidRequestError("num_samples must be at least 1")
     _check_inputs(inputs, settings)
     adapter = await registry.acquire(adapter_ref)
     texts = [_text_input(item, adapter) for item in inputs]
+    method = adapter.default_method if method is None else method
+    if method == "glm" and not adapter.has_glm:
+        family = adapter.manifest.posterior.family
+        raise InvalidRequestError(f"adapter {adapter.name!r} has a {family} posterior, which has no GLM predictive")
     if method == "map" or not adapter.samples_posterior:
-        num_samples = 1
+        method, num_samples = "map", 1
     elif num_samples is None:
-        num_samples = adapter.default_num_samples
-    if num_samples > settings.max_samples:
-        raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {settings.max_samples}")
+        num_samples = adapter.default_num_samples(method)
+    limit = settings.max_glm_samples if method == "glm" else settings.max_samples
+    if num_samples > limit:
+        raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed
     job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain))
     try:

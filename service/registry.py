@@ -79,19 +79,33 @@ class AdapterVersion:
         return self.manifest.calibration.temperature
 
     @property
-    def default_num_samples(self) -> int:
-        return self.manifest.posterior.default_num_samples
+    def default_method(self) -> str:
+        """The predictive the bundle was evaluated and calibrated with."""
+        return "map" if not self.samples_posterior else self.manifest.posterior.predictive
+
+    def default_num_samples(self, method: str) -> int:
+        """The bundle's draws for its own predictive; 256 logit draws for the GLM, 16 network samples else."""
+        if method == "map":
+            return 1
+        if method == self.manifest.posterior.predictive:
+            return self.manifest.posterior.default_num_samples
+        return 256 if method == "glm" else 16
 
     @property
     def samples_posterior(self) -> bool:
         return self.manifest.posterior.family != "map"
 
+    @property
+    def has_glm(self) -> bool:
+        return self.manifest.posterior.family not in ("map", "ensemble")
+
     def abstention_rules(self) -> list[AbstentionRule]:
         return [AbstentionRule(rule.kind, rule.threshold) for rule in self.manifest.calibration.abstention]
 
     def draw(self, num_samples: int, seed: int, method: str) -> dict[str, Tensor]:
-        """``(S, ...)`` samples of every posterior block (the MAP cores, S = 1, for ``method="map"``)."""
-        if method == "map" or not self.samples_posterior:
+        """``(S, ...)`` samples of every posterior block; the MAP cores (S = 1) for ``map`` and for ``glm``,
+        whose linearisation point they are."""
+        if method in ("map", "glm") or not self.samples_posterior:
             return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
         generator = make_generator(seed, self.bundle.posterior.device)
         return self.bundle.posterior.sample(num_samples, generator)

@@ -31,8 +31,14 @@ class AbstainOverride(_Strict):
 class PredictRequest(_Strict):
     adapter: str = Field(description="adapter name, or name@version to insist on a version")
     inputs: list[str | TextPair] = Field(min_length=1, description="texts, or {text, text_pair} objects")
-    num_samples: int | None = Field(None, ge=1, description="posterior samples (default: the bundle's)")
-    method: Literal["sample", "map"] = Field("sample", description="posterior sampling, or the MAP alone")
+    num_samples: int | None = Field(
+        None, ge=1, description="network samples (sample) or logit draws (glm); default: the bundle's"
+    )
+    method: Literal["sample", "glm", "map"] | None = Field(
+        None,
+        description="sample: posterior samples through the network; glm: the linearised network (Gaussian "
+        "logits, sampled in logit space); map: the MAP alone. Default: the predictive the bundle was calibrated with",
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same samples (default: random)")
     return_samples: bool = Field(False, description="include each sample's probabilities")
     abstain: AbstainOverride | None = None

@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_generator
-from adapters.predictive import predictive
+from adapters.predictive import glm_logit_draws, predictive
 from training.data import Example
 from training.encoding import Encoder, LengthGroupedSampler, model_inputs
 from training.metrics import auroc, classification_metrics, fpr_at_tpr
@@ -70,6 +70,61 @@ def predict(
             (logits,) = model.forward_rows(batch, [block], token_budget=token_budget)
         out[:, torch.tensor(indices)] = logits.float().cpu()
     return Outputs(out)
+
+
+@dataclass
+class Linearisation:
+    """A split linearised at the MAP: logits ``(N, C)`` and Jacobians w.r.t. the posterior's blocks
+    ``(N, C, *shape)`` (CPU, float32). They do not depend on the posterior, so one linearisation serves every
+    prior precision and every Gaussian family."""
+
+    logits: Tensor
+    jacobians: dict[str, Tensor]
+
+    def outputs(self, posterior: Posterior, num_samples: int, seed: int, chunk: int = 256) -> Outputs:
+        """GLM logit draws ``(S, N, C)`` under ``posterior`` (``J Σ Jᵀ`` per input, MC in logit space)."""
+        generator, posterior = make_generator(seed), posterior.to("cpu", torch.float64)
+        draws = []
+        for start in range(0, self.logits.shape[0], chunk):
+            part = {name: t[start : start + chunk].double() for name, t in self.jacobians.items()}
+            covariance = posterior.jacobian_covariance(part)
+            draws.append(glm_logit_draws(self.logits[start : start + chunk], covariance, num_samples, generator))
+        return Outputs(torch.cat(draws, dim=1).float())
+
+
+def linearise(
+    model: LoraXSClassifier,
+    examples: list[Example],
+    encoder: Encoder,
+    *,
+    include_head: bool,
+    batch_size: int = 32,
+    token_budget: int | None = None,
+    desc: str = "linearise",
+    progress: bool = True,
+) -> Linearisation:
+    """MAP logits and per-example Jacobians of every example (the batched-rows linearisation)."""
+    model.eval()
+    device = next(model.parameters()).device
+    if token_budget is None and device.type == "cpu":
+        token_budget = CPU_TOKEN_BUDGET
+    adapter = model.own_adapter()
+    point = {n: p.detach()[None] for n, p in model.posterior_parameters(include_head=include_head).items()}
+    names = list(model.posterior_parameters(include_head=include_head))
+    sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
+    logits = torch.empty(len(examples), model.head.out_features)
+    jacobians: dict[str, Tensor] = {}
+    for indices in tqdm(sampler, desc=desc, disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in model_inputs(encoder([examples[i] for i in indices])).items()}
+        block = RowBlock(adapter, point, torch.arange(len(indices), device=device))
+        ((out, jac),) = model.forward_rows_jacobians(batch, [block], token_budget=token_budget)
+        rows = torch.tensor(indices)
+        logits[rows] = out.cpu()
+        for name in names:
+            if name not in jacobians:
+                jacobians[name] = torch.empty(len(examples), *jac[name].shape[1:])
+            jacobians[name][rows] = jac[name].cpu()
+    return Linearisation(logits, jacobians)
 
 
 def labels_of(examples: list[Example]) -> Tensor:

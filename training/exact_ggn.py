@@ -73,11 +73,13 @@ def exact_ggn(
     owners = {id(p): m for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     modules = list(dict.fromkeys(owners[id(p)] for p in params.values()))
     P = sum(p.numel() for p in params.values())
-    ggn = torch.zeros(P, dtype=torch.float64) if diagonal else torch.zeros(P, P, dtype=torch.float64)
+    device = next(iter(params.values())).device
+    ggn = torch.zeros((P,) if diagonal else (P, P), dtype=torch.float64, device=device)
     loss, count = 0.0, 0
     model.eval()
     with _capture(modules) as (inputs, grads):
         for batch in tqdm(loader, desc="full GGN", disable=not progress, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**model_inputs(batch))
             probs = torch.softmax(logits.detach().double(), dim=-1)
             loss += F.cross_entropy(logits.detach().double(), batch["labels"], reduction="sum").item()
@@ -152,9 +154,10 @@ def fit_exact(
             covariance = (eigvecs / (eigvals + delta)) @ eigvecs.T
             return FullPosterior(mean, torch.linalg.cholesky(0.5 * (covariance + covariance.T)).to(dtype))
 
-    delta = _tune_prior(eigvals, loss, mean_sq, len(theta))
+    spectrum = eigvals.cpu()  # the prior is tuned on the CPU whatever device the curvature is on
+    delta = _tune_prior(spectrum, loss, mean_sq, len(theta))
     posterior = at(delta)
-    evidence = log_marginal_likelihood(torch.tensor(delta, dtype=torch.float64), eigvals, loss, mean_sq, len(theta))
+    evidence = log_marginal_likelihood(torch.tensor(delta, dtype=torch.float64), spectrum, loss, mean_sq, len(theta))
     info = {
         "structure": structure,
         "prior_precision": delta,

@@ -36,7 +36,8 @@ class DictInputModel(nn.Module):
         self.model = model
 
     def forward(self, batch) -> torch.Tensor:
-        return self.model(**model_inputs(batch))
+        device = next(self.model.parameters()).device  # laplace-torch moves the labels, not a mapping
+        return self.model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
 
 
 @dataclass

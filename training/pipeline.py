@@ -48,7 +48,7 @@ from adapters.projections import spec_needs_data
 from training.calibration import fit_abstention, fit_temperature
 from training.data import Columns, Example, TaskData, fingerprint, load_ood, load_shift, load_task
 from training.encoding import Encoder, make_loader, model_inputs, texts_as_examples
-from training.evaluate import Outputs, labels_of, ood_metrics, predict, split_metrics
+from training.evaluate import Linearisation, Outputs, labels_of, linearise, ood_metrics, predict, split_metrics
 from training.laplace_fit import STRUCTURES, fit_laplace
 from training.map_training import MapResult, MapSchedule, train_map
 from training.metrics import nll
@@ -56,6 +56,8 @@ from training.report import render_report, write_reliability_png
 
 POSTERIORS = ("map", *STRUCTURES)
 PRIORS = ("marglik", "grid")
+PREDICTIVES = ("glm", "sample")
+DEFAULT_SAMPLES = {"sample": 16, "glm": 256}  # GLM draws are in logit space (no network passes): cheap
 # Validation grid for δ, in decades above the marglik value (for a sampled predictive the marglik prior is too
 # weak, never too strong); the best coarse point is then refined by half decades on each side.
 GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
@@ -101,11 +103,12 @@ class TrainConfig:
     select_by: str = "nll"
     seed: int = 0
     posterior: str = "laplace-kron"
+    predictive: str = "glm"
     prior: str = "marglik"
     posterior_head: bool = False
     prior_structure: str = "scalar"
     laplace_limit: int | None = 1500
-    num_samples: int = 16
+    num_samples: int | None = None  # default: 16 network samples, or 256 logit draws for the GLM
     temperature_scaling: bool = False
     target_risk: float | None = None
     target_coverage: float | None = None
@@ -122,12 +125,14 @@ class TrainConfig:
             raise ConfigError("--out is required: the directory the bundle is written to")
         if self.posterior not in POSTERIORS:
             raise ConfigError(f"unknown --posterior {self.posterior!r}; choose one of {list(POSTERIORS)}")
+        if self.predictive not in PREDICTIVES:
+            raise ConfigError(f"unknown --predictive {self.predictive!r}; choose one of {list(PREDICTIVES)}")
         if self.prior not in PRIORS:
             raise ConfigError(f"unknown --prior {self.prior!r}; choose one of {list(PRIORS)}")
         if self.target_risk is not None and self.target_coverage is not None:
             raise ConfigError("give --target-risk or --target-coverage, not both")
         for name in ("rank", "epochs", "batch_size", "max_length", "num_samples", "validation_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.mi_coverage <= 1:
             raise ConfigError("--mi-coverage must be in (0, 1]")
@@ -206,6 +211,7 @@ class Session:
     stage: Stage
     map_result: MapResult | None = None
     _map_outputs: dict[str, Outputs] = field(default_factory=dict)
+    _linearisations: dict[str, Linearisation] = field(default_factory=dict)
 
     def say(self, message: str) -> None:
         self.accelerator.print(message)
@@ -232,13 +238,30 @@ class Session:
             )
         return self._map_outputs[split]
 
+    @property
+    def num_samples(self) -> int:
+        """Draws of the posterior predictive: logit draws for the GLM, network samples otherwise."""
+        return self.config.num_samples or DEFAULT_SAMPLES[self.config.predictive]
+
+    def linearisation(self, split: str, examples: list[Example]) -> Linearisation:
+        """A split linearised at the MAP (computed once: it serves every prior precision and family)."""
+        if split not in self._linearisations:
+            self._linearisations[split] = linearise(
+                self.model, examples, self.encoder, include_head=self.config.posterior_head,
+                batch_size=self.config.batch_size, desc=f"{split} (Jacobians)", progress=self.config.progress,
+            )  # fmt: skip
+        return self._linearisations[split]
+
     def sampled_outputs(self, posterior: Posterior, split: str, examples: list[Example]) -> Outputs:
+        """The posterior predictive's per-draw logits, the way the bundle's server computes them."""
+        if self.config.predictive == "glm" and posterior.family != "map":
+            return self.linearisation(split, examples).outputs(posterior, self.num_samples, self.config.seed)
         return predict(
             self.model,
             examples,
             self.encoder,
             posterior=posterior,
-            num_samples=self.config.num_samples if posterior.family != "map" else 1,
+            num_samples=self.num_samples if posterior.family != "map" else 1,
             seed=self.config.seed,
             batch_size=self.config.batch_size,
             desc=f"{split} (posterior)",
@@ -337,22 +360,31 @@ def fit_posterior(session: Session, family: str) -> tuple[Posterior, dict[str, A
 
 
 def _grid_prior(session: Session, fit) -> tuple[Posterior, dict[str, Any]]:
-    """δ by validation NLL of the sampled predictive: decades above the marglik value, then half decades."""
+    """δ by validation NLL of the predictive: decades around the marglik value, then half decades.
+
+    With the GLM predictive every point reuses one linearisation of the whole validation split; with
+    network sampling each point is a sampled pass over a validation subset.
+    """
     config = session.config
     if isinstance(fit.info["prior_precision"], list):
         raise ConfigError("--prior grid needs a scalar prior (--prior-structure scalar)")
-    examples = _limit(session.validation, GRID_VALIDATION, config.seed)
+    glm = config.predictive == "glm"
+    examples = session.validation if glm else _limit(session.validation, GRID_VALIDATION, config.seed)
     labels = labels_of(examples)
     marglik = fit.info["prior_precision"]
     scores: dict[float, float] = {}
 
     def score(decade: float) -> None:
         delta = marglik * 10**decade
-        outputs = predict(  # the same seed at every δ: common random numbers make the comparison fair
-            session.model, examples, session.encoder, posterior=fit.at(delta),
-            num_samples=min(config.num_samples, GRID_SAMPLES), seed=config.seed, batch_size=config.batch_size,
-            desc=f"prior grid δ={delta:.3g}", progress=config.progress,
-        )  # fmt: skip
+        if glm:
+            linearised = session.linearisation("validation", examples)
+            outputs = linearised.outputs(fit.at(delta), session.num_samples, config.seed)
+        else:
+            outputs = predict(  # the same seed at every δ: common random numbers make the comparison fair
+                session.model, examples, session.encoder, posterior=fit.at(delta),
+                num_samples=min(session.num_samples, GRID_SAMPLES), seed=config.seed, batch_size=config.batch_size,
+                desc=f"prior grid δ={delta:.3g}", progress=config.progress,
+            )  # fmt: skip
         scores[decade] = nll(outputs.predictive().probs, labels)
 
     for decade in GRID_DECADES:
@@ -395,7 +427,11 @@ def evaluate(session: Session, posterior: Posterior, temperature: float) -> tupl
     """MAP and posterior metrics on test, shift and OOD; the reliability-diagram panels."""
     config = session.config
     with_mi = posterior.family != "map"
-    evaluation: dict[str, Any] = {"num_samples": config.num_samples if with_mi else 1, "temperature": temperature}
+    evaluation: dict[str, Any] = {
+        "num_samples": session.num_samples if with_mi else 1,
+        "predictive": config.predictive if with_mi else "map",
+        "temperature": temperature,
+    }
     preds, panels = {}, {}
     for split, examples in session.splits().items():
         preds[split] = {
@@ -464,6 +500,7 @@ def write_bundle(
             prior_precision=laplace_info.get("prior_precision"),
             default_num_samples=evaluation["num_samples"],
             covers_head=config.posterior_head and posterior.family != "map",
+            predictive=config.predictive if posterior.family != "map" else "sample",
         ),
         calibration=CalibrationSpec(temperature=temperature, abstention=rules),
         eval=evaluation | {"data": _data_card(session)},

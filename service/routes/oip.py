@@ -82,7 +82,7 @@ async def infer(model: str, body: V2InferRequest, request: Request, state: State
     params = body.parameters or {}
     answer = await run_prediction(
         state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
-        method=str(params.get("method", "sample")),
+        method=params.get("method"),
     )  # fmt: skip
     pred, result = answer.result.pred, answer.result
     n, classes = pred.probs.shape

@@ -136,3 +136,28 @@ def test_settings_flags_override_environment_which_overrides_defaults(tmp_path: 
     with pytest.raises(SystemExit) as exc:
         settings_from(["--dtype", "float8"], {})
     assert exc.value.code == 2
+
+
+def test_glm_predictive_agrees_with_network_sampling_for_a_narrow_posterior(tiny_base: Path, tmp_path: Path) -> None:
+    """For a narrow posterior the linearisation is nearly exact: GLM and network sampling agree."""
+    make_bundle(tiny_base, tmp_path / "adapters" / "alpha", name="alpha", variance=0.02)
+    texts = ["a gorgeous, witty, seductive movie.", "it is a dull film", "meh", "the cast is strong but the plot"]
+    client = running_app(tiny_base, tmp_path / "adapters")
+    try:
+
+        def ask(method: str, samples: int) -> dict:
+            body = {"adapter": "alpha", "inputs": texts, "method": method, "num_samples": samples, "seed": 1}
+            response = client.post("/v1/predict", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        glm, sampled = ask("glm", 20_000), ask("sample", 128)
+        default = client.post("/v1/predict", json={"adapter": "alpha", "inputs": texts[:1], "method": "glm"}).json()
+    finally:
+        client.__exit__(None, None, None)
+    assert glm["method"] == "glm" and default["num_samples"] == 256
+    for g, s in zip(glm["results"], sampled["results"], strict=True):
+        assert g["probs"] == pytest.approx(s["probs"], abs=4 * s["uncertainty"]["mc_stderr"] + 2e-3)
+        assert g["uncertainty"]["mutual_information"] > 0
+        mi_g, mi_s = g["uncertainty"]["mutual_information"], s["uncertainty"]["mutual_information"]
+        assert mi_g == pytest.approx(mi_s, rel=0.5)
