@@ -48,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base-model", default="minilm")
     parser.add_argument("--bundle", type=Path, help="a trained bundle for --base-model (default: synthetic)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=16, help="network samples (sample) or logit draws (glm)")
+    parser.add_argument("--method", default="sample", choices=["sample", "glm", "map"], help="predictive per request")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per point")
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each measurement")
     parser.add_argument("--threads", type=int, default=None, help="server torch threads (default: torch's)")
@@ -64,7 +65,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def closed_loop(url: str, adapters: list[str], concurrency: int, samples: int, seconds: float,
-                      warmup: float, texts: list[str]) -> dict:  # fmt: skip
+                      warmup: float, texts: list[str], method: str = "sample") -> dict:  # fmt: skip
     """``concurrency`` loops, each sending its next request when the last is answered."""
     latencies: list[float] = []
     errors = 0
@@ -74,7 +75,8 @@ async def closed_loop(url: str, adapters: list[str], concurrency: int, samples: 
         nonlocal errors
         i = index
         while time.perf_counter() < stop_at:
-            body = {"adapter": adapters[i % len(adapters)], "inputs": [texts[i % len(texts)]], "num_samples": samples}
+            body = {"adapter": adapters[i % len(adapters)], "inputs": [texts[i % len(texts)]],
+                    "num_samples": samples, "method": method}  # fmt: skip
             i += concurrency
             start = time.perf_counter()
             response = await client.post("/v1/predict", json=body)
@@ -106,14 +108,17 @@ async def closed_loop(url: str, adapters: list[str], concurrency: int, samples: 
     }
 
 
-def load_to_first_prediction(server: ServerProcess, names: list[str], samples: int, text: str) -> list[float]:
+def load_to_first_prediction(
+    server: ServerProcess, names: list[str], samples: int, text: str, method: str
+) -> list[float]:
     """Milliseconds from the admin load request to the first answer from the new adapter."""
     times = []
     with server.admin() as admin:
         for name in names:
             start = time.perf_counter()
             loaded = admin.post("/v1/adapters", json={"path": f"staged/{name}"})
-            answer = admin.post("/v1/predict", json={"adapter": name, "inputs": [text], "num_samples": samples})
+            answer = admin.post("/v1/predict", json={"adapter": name, "inputs": [text], "num_samples": samples,
+                                                     "method": method})  # fmt: skip
             times.append(round(1000 * (time.perf_counter() - start), 1))
             if loaded.status_code != 201 or answer.status_code != 200:
                 raise RuntimeError(f"loading {name}: {loaded.text} / {answer.text}")
@@ -170,16 +175,14 @@ def main() -> None:
             )  # fmt: skip
             try:
                 for concurrency in args.concurrency:
-                    point = asyncio.run(
-                        closed_loop(server.url, ["main"], concurrency, args.samples, args.duration, args.warmup, texts)
-                    )
+                    point = asyncio.run(closed_loop(server.url, ["main"], concurrency, *load_args(args, texts)))
                     point["batching"] = batching
                     results["sweep"].append(point)
                     print(json.dumps(point), flush=True)
                 if batching:
                     names = [f"load-{i}" for i in range(args.loads)]
                     results["load_to_first_prediction_ms"] = load_to_first_prediction(
-                        server, names, args.samples, texts[0]
+                        server, names, args.samples, texts[0], args.method
                     )
                     print("load to first prediction (ms):", results["load_to_first_prediction_ms"], flush=True)
                     results["adapters"] = spread_over_adapters(server, args, texts)
@@ -192,14 +195,19 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def load_args(args: argparse.Namespace, texts: list[str]) -> tuple:
+    """The closed-loop arguments after url, adapters and concurrency."""
+    return args.samples, args.duration, args.warmup, texts, args.method
+
+
 def spread_over_adapters(server: ServerProcess, args: argparse.Namespace, texts: list[str]) -> dict:
     names = [f"a{i}" for i in range(8)]
     with server.admin() as admin:
         for name in names:
             admin.post("/v1/adapters", json={"path": f"staged/{name}"}).raise_for_status()
     concurrency = 16
-    one = asyncio.run(closed_loop(server.url, ["main"], concurrency, args.samples, args.duration, args.warmup, texts))
-    eight = asyncio.run(closed_loop(server.url, names, concurrency, args.samples, args.duration, args.warmup, texts))
+    one = asyncio.run(closed_loop(server.url, ["main"], concurrency, *load_args(args, texts)))
+    eight = asyncio.run(closed_loop(server.url, names, concurrency, *load_args(args, texts)))
     return {"concurrency": concurrency, "one_adapter": one, "eight_adapters": eight}
 
 
