@@ -330,7 +330,9 @@ class LoraXSClassifier(nn.Module):
             )
             per_layer: dict[str, Tensor] = {}
             for (name, group), grad in zip(leaves, grads, strict=True):
-                full = per_layer.setdefault(name, group.cores.new_zeros(num_rows, *group.cores.shape[1:]).float())
+                if name not in per_layer:
+                    per_layer[name] = torch.zeros(num_rows, *group.cores.shape[1:], device=group.cores.device)
+                full = per_layer[name]
                 if grad is not None:
                     full[slice(None) if group.rows is None else group.rows] = grad.float()
             per_class.append(per_layer)

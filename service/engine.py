@@ -129,9 +129,12 @@ class Engine:
             self._finish(jobs, outcomes, started)
 
     async def _collect(self) -> list[Job]:
-        """The next batch: every waiting job up to the row limit, waiting ``max_wait_ms`` for company."""
+        """The next batch: every waiting job up to the row limit, waiting ``max_wait_ms`` for company.
+        Jobs whose client has already given up (timed out) are dropped unrun."""
         first = self._held if self._held is not None else await self._queue.get()
         self._held = None
+        while first.future.done():
+            first = await self._queue.get()
         jobs, rows = [first], first.rows
         if not self.config.enabled:
             return jobs
@@ -147,6 +150,8 @@ class Engine:
                     job = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
+            if job.future.done():
+                continue
             if rows + job.rows > self.config.max_batch_rows:
                 self._held = job
                 break
