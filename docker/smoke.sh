@@ -19,12 +19,14 @@ NAME=caveat-smoke
 VOLUME=caveat-smoke-bundles
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PY=${PYTHON:-.venv/bin/python}
-daemon_pid="" rootfs=""
+PROJECT=caveatsmoke
+daemon_pid="" rootfs="" compose=""
 
 say() { printf '\n== %s\n' "$*"; }
 cleanup() {
   say "cleaning up"
   docker rm -f "$NAME" > /dev/null 2>&1 || true
+  [ -z "$compose" ] || $compose -p "$PROJECT" down -v > /dev/null 2>&1 || true
   docker volume rm "$VOLUME" > /dev/null 2>&1 || true
   [ "${KEEP_IMAGE:-1}" = "1" ] || docker rmi "$IMAGE" > /dev/null 2>&1 || true
   [ -z "$rootfs" ] || rm -rf "$rootfs"
@@ -115,4 +117,35 @@ for _ in $(seq 30); do
 done
 echo "container health: $health"
 [ "$health" = "healthy" ]
+docker rm -f "$NAME" > /dev/null
+
+say "docker compose: the caveat service (env file, secret, volume, health check)"
+if command -v docker-compose > /dev/null; then
+  compose=docker-compose
+elif docker compose version > /dev/null 2>&1; then
+  compose="docker compose"
+fi
+if [ -n "$compose" ]; then
+  $compose config -q && $compose -f docker-compose.yml -f docker-compose.gpu.yml config -q && echo "compose files valid"
+  docker tag "$IMAGE" caveat:cpu
+  docker volume create "${PROJECT}_bundles" > /dev/null
+  docker run --rm -v "${PROJECT}_bundles":/bundles -v "$VOLUME":/from:ro --entrypoint cp "$IMAGE" -r "/from/$adapter" /bundles/
+  $compose -p "$PROJECT" up -d --no-build caveat > /dev/null 2>&1
+  for _ in $(seq 90); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "${PROJECT}_caveat_1" 2> /dev/null || \
+         docker inspect -f '{{.State.Health.Status}}' "${PROJECT}-caveat-1")" = "healthy" ] && break
+    sleep 2
+  done
+  token_ok=$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "http://127.0.0.1:8000/v1/adapters/none" \
+    -H "authorization: Bearer $(cat docker/admin_token)")
+  no_token=$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "http://127.0.0.1:8000/v1/adapters/none")
+  predicted=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:8000/v1/predict" \
+    -H 'content-type: application/json' -d "{\"adapter\": \"$adapter\", \"inputs\": [\"fine\"]}")
+  echo "compose service healthy; predict $predicted; admin with the secret's token $token_ok (404: no such adapter), without $no_token"
+  [ "$predicted" = 200 ] && [ "$token_ok" = 404 ] && [ "$no_token" = 401 ]
+  $compose -p "$PROJECT" down -v > /dev/null 2>&1
+  echo "Prometheus and Grafana were not started: their images come from Docker Hub"
+else
+  echo "no docker-compose: skipped"
+fi
 say "smoke test passed"
