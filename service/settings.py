@@ -81,11 +81,14 @@ def settings_from(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     flags = vars(parser.parse_args(argv))
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         parser.error(problems)
         raise  # parser.error exits; this keeps type checkers content
+    if settings.admin_token_file is not None and not settings.admin_token_file.is_file():
+        parser.error(f"admin_token_file: {settings.admin_token_file} is not a readable file")
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,9 +133,10 @@ def test_settings_flags_override_environment_which_overrides_defaults(tmp_path: 
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
     assert settings_from(["--admin-token-file", str(token_file)], {}).resolved_admin_token() == "s3cret"
-    with pytest.raises(SystemExit) as exc:
-        settings_from(["--dtype", "float8"], {})
-    assert exc.value.code == 2
+    for bad in (["--dtype", "float8"], ["--admin-token-file", str(tmp_path / "missing")], ["--port", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            settings_from(bad, {})
+        assert exc.value.code == 2
 
 
 def test_glm_predictive_agrees_with_network_sampling_for_a_narrow_posterior(tiny_base: Path, tmp_path: Path) -> None:
