@@ -272,6 +272,7 @@ class Session:
 def prepare(config: TrainConfig) -> Session:
     """Load data and base model, inject LoRA-XS (projections fitted on the pretrained weights)."""
     config.validate(needs_out=False)
+    torch.manual_seed(config.seed)  # the head's initialisation draws from the global generator
     stage = Stage()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     columns = Columns(config.text_column, config.label_column, config.text_pair_column)
