@@ -6,6 +6,7 @@ samples per batch), so the reported numbers are what the server computes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,17 +51,13 @@ def predict(
     ``token_budget`` caps rows × padded length per forward (default: 4,096 on a CPU, where larger forwards
     fall out of cache — docs/benchmarks.md — and no cap on a GPU).
     """
-    model.eval()
-    device = next(model.parameters()).device
-    if token_budget is None and device.type == "cpu":
-        token_budget = CPU_TOKEN_BUDGET
+    token_budget = _token_budget(model, token_budget)
     adapter = model.own_adapter() if posterior is not None else None
     generator = make_generator(seed, posterior.device) if posterior is not None else None
-    sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
     num_out = 1 if posterior is None else num_samples
     out = torch.empty(num_out, len(examples), model.head.out_features)
-    for indices in tqdm(sampler, desc=desc, disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in model_inputs(encoder([examples[i] for i in indices])).items()}
+    for indices, batch in _batches(model, examples, encoder, batch_size, desc, progress):
+        device = batch["input_ids"].device
         if posterior is None:
             logits = model(**batch).unsqueeze(0)
         else:
@@ -104,27 +101,38 @@ def linearise(
     progress: bool = True,
 ) -> Linearisation:
     """MAP logits and per-example Jacobians of every example (the batched-rows linearisation)."""
-    model.eval()
-    device = next(model.parameters()).device
-    if token_budget is None and device.type == "cpu":
-        token_budget = CPU_TOKEN_BUDGET
+    token_budget = _token_budget(model, token_budget)
     adapter = model.own_adapter()
     point = {n: p.detach()[None] for n, p in model.posterior_parameters(include_head=include_head).items()}
-    names = list(model.posterior_parameters(include_head=include_head))
-    sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
     logits = torch.empty(len(examples), model.head.out_features)
     jacobians: dict[str, Tensor] = {}
-    for indices in tqdm(sampler, desc=desc, disable=not progress, leave=False):
-        batch = {k: v.to(device) for k, v in model_inputs(encoder([examples[i] for i in indices])).items()}
-        block = RowBlock(adapter, point, torch.arange(len(indices), device=device))
+    for indices, batch in _batches(model, examples, encoder, batch_size, desc, progress):
+        block = RowBlock(adapter, point, torch.arange(len(indices), device=batch["input_ids"].device))
         ((out, jac),) = model.forward_rows_jacobians(batch, [block], token_budget=token_budget)
         rows = torch.tensor(indices)
         logits[rows] = out.cpu()
-        for name in names:
+        for name in point:
             if name not in jacobians:
                 jacobians[name] = torch.empty(len(examples), *jac[name].shape[1:])
             jacobians[name][rows] = jac[name].cpu()
     return Linearisation(logits, jacobians)
+
+
+def _token_budget(model: LoraXSClassifier, token_budget: int | None) -> int | None:
+    """The given budget, or the CPU default on a CPU (none on a GPU)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return CPU_TOKEN_BUDGET if token_budget is None and on_cpu else token_budget
+
+
+def _batches(
+    model: LoraXSClassifier, examples: list[Example], encoder: Encoder, batch_size: int, desc: str, progress: bool
+) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
+    """Length-grouped batches of a split, encoded and on the model's device (the model put in eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    sampler = LengthGroupedSampler(encoder.lengths(examples), batch_size, shuffle=False)
+    for indices in tqdm(sampler, desc=desc, disable=not progress, leave=False):
+        yield indices, {k: v.to(device) for k, v in model_inputs(encoder([examples[i] for i in indices])).items()}
 
 
 def labels_of(examples: list[Example]) -> Tensor:
