@@ -44,6 +44,7 @@ from adapters.model import (
 )
 from adapters.posteriors import (
     DiagPosterior,
+    DropoutPosterior,
     EnsemblePosterior,
     FullPosterior,
     KronFactors,
@@ -66,6 +67,7 @@ __all__ = [
     "CaveatError",
     "ChecksumMismatchError",
     "DiagPosterior",
+    "DropoutPosterior",
     "EnsemblePosterior",
     "FingerprintMismatchError",
     "FullPosterior",

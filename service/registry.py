@@ -97,7 +97,7 @@ class AdapterVersion:
 
     @property
     def has_glm(self) -> bool:
-        return self.manifest.posterior.family not in ("map", "ensemble")
+        return self.samples_posterior and self.bundle.posterior.gaussian
 
     def abstention_rules(self) -> list[AbstentionRule]:
         return [AbstentionRule(rule.kind, rule.threshold) for rule in self.manifest.calibration.abstention]

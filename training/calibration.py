@@ -30,7 +30,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200) -> floa
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def _keep_scores(pred: Predictive, kind: AbstentionKind) -> Tensor:

@@ -1,21 +1,35 @@
-"""Compare posterior families on one MAP checkpoint: ``caveat-train compare``.
+"""Compare posterior methods on one dataset: ``caveat-train compare``.
 
-Trains the MAP once with the usual flags, then fits each requested posterior on the same checkpoint and
-evaluates it on the same splits (test, shift, OOD), and prints one markdown table (also written as JSON).
-Usage::
+Trains the MAP once with the usual flags; every method that builds on it (temperature scaling, Laplace,
+SWAG, VI, the ensemble's first member) reuses that checkpoint, MC dropout trains its own (with dropout, from
+the same initialisation), and the ensemble trains or loads (``--member-bundles``) its other members. Each
+method is calibrated and evaluated on the same splits (test, shift, OOD); one markdown table is printed
+(and written as JSON). Usage::
 
-    caveat-train compare --posteriors map,laplace-diag,laplace-kron,laplace-full --json OUT.json [train flags]
+    caveat-train compare --posteriors map,temperature,laplace-kron,swag,vi --json OUT.json [train flags]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-from training.pipeline import POSTERIORS, ConfigError, TrainConfig, calibrate, evaluate, fit_posterior, prepare, train
+from training.pipeline import (
+    POSTERIORS,
+    ConfigError,
+    TrainConfig,
+    calibrate,
+    evaluate,
+    fit_posterior,
+    prepare,
+    reinitialise,
+    train,
+)
+
+METHODS = ("map", "temperature", *POSTERIORS[1:])
+NEEDS_OWN_MAP = ("mc-dropout",)  # trained last, so the shared MAP serves every other method first
 
 COLUMNS = [
     ("test", "accuracy", "SST acc"),
@@ -32,28 +46,39 @@ COLUMNS = [
 ]
 
 
-def compare(config: TrainConfig, families: list[str]) -> list[dict[str, Any]]:
-    """One row per family: its posterior-predictive metrics (MAP metrics for ``map``) and costs."""
-    unknown = [f for f in families if f not in POSTERIORS]
+def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
+    """One row per method: its predictive's metrics (MAP metrics for ``map``), training time and size."""
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"unknown posteriors {unknown}; choose from {list(POSTERIORS)}")
+        raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     session = prepare(config)
-    train(session)
+    train(session, dropout=False)
     if not session.accelerator.is_main_process:
         return []
+    map_seconds = session.map_result.seconds
     rows = []
-    for family in families:
-        start = time.perf_counter()
-        posterior, info = fit_posterior(session, family)
-        fit_seconds = time.perf_counter() - start
-        temperature, _ = calibrate(session, posterior)
-        evaluation, _ = evaluate(session, posterior, temperature)
-        tensors, _ = posterior.state()
+    ordered = [m for m in methods if m not in NEEDS_OWN_MAP] + [m for m in methods if m in NEEDS_OWN_MAP]
+    for method in ordered:
+        if method in NEEDS_OWN_MAP:
+            reinitialise(session.model, config.seed)
+            session.forget_outputs()
+            map_seconds = train(session, dropout=True).seconds
+        fitted = fit_posterior(session, "map" if method == "temperature" else method)
+        temperature, _ = calibrate(session, fitted, method == "temperature" or config.temperature_scaling)
+        evaluation, _ = evaluate(session, fitted, temperature)
+        if method == "ensemble":
+            train_seconds = sum(fitted.info["member_training_seconds"])
+        else:
+            train_seconds = map_seconds + fitted.seconds
         row: dict[str, Any] = {
-            "posterior": family,
-            "fit_seconds": round(fit_seconds, 1),
-            "posterior_kb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 1024, 1),
-            "prior_precision": info.get("prior_precision"),
+            "posterior": method,
+            "train_seconds": round(train_seconds, 1),
+            "fit_seconds": fitted.seconds,
+            "bundle_kb": round(_tensor_kb(session, fitted), 1),
+            "num_samples": fitted.num_samples,
+            "predictive": fitted.predictive,
+            "temperature": temperature,
+            "prior_precision": fitted.info.get("prior_precision"),
         }
         for split in ("test", "shift", "ood"):
             if split in evaluation:
@@ -63,14 +88,21 @@ def compare(config: TrainConfig, families: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _tensor_kb(session, fitted) -> float:
+    """kB of the bundle's own tensors: cores, head and posterior (the shared projections excluded)."""
+    tensors, _ = fitted.posterior.state()
+    own = [layer.core.weight for layer in session.model.lora_layers.values()] + list(session.model.head.parameters())
+    return sum(t.numel() * t.element_size() for t in [*tensors.values(), *own]) / 1024
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     present = [(s, k, label) for s, k, label in COLUMNS if any(k in row.get(s, {}) for row in rows)]
-    header = "| posterior | " + " | ".join(label for _, _, label in present) + " | fit s | posterior kB |"
+    header = "| method | " + " | ".join(label for _, _, label in present) + " | train s | bundle kB |"
     lines = [header, "|---|" + "---:|" * (len(present) + 2)]
     for row in rows:
         cells = [f"{row[s][k]:.4f}" if k in row.get(s, {}) else "—" for s, k, _ in present]
         lines.append(
-            f"| {row['posterior']} | " + " | ".join(cells) + f" | {row['fit_seconds']} | {row['posterior_kb']} |"
+            f"| {row['posterior']} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} | {row['bundle_kb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -79,7 +111,7 @@ def main(argv: list[str]) -> None:
     from training.cli import parse_config
 
     parser = argparse.ArgumentParser(prog="caveat-train compare", add_help=False)
-    parser.add_argument("--posteriors", default="map,laplace-diag,laplace-kron,laplace-full")
+    parser.add_argument("--posteriors", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
     parser.add_argument("--json", type=Path)
     own, rest = parser.parse_known_args(argv)
     config = parse_config(rest)

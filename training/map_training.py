@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from adapters import LoraXSClassifier
 from training.data import Example
 from training.encoding import Encoder, make_loader, model_inputs
+from training.objectives import CrossEntropy, Objective
 
 
 @dataclass
@@ -53,8 +55,13 @@ def train_map(
     schedule: MapSchedule,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    objective: Objective | None = None,
 ) -> MapResult:
-    """Train in place; on return ``model`` holds the best checkpoint (by validation ``select_by``)."""
+    """Train in place; on return ``model`` holds the best checkpoint (by validation ``select_by``).
+
+    ``objective`` is the per-batch loss (cross-entropy by default; :class:`AdapterDropout` for MC dropout).
+    """
+    objective = objective or CrossEntropy()
     accelerator = accelerator or Accelerator(mixed_precision=schedule.mixed_precision)
     torch.manual_seed(schedule.seed)
     model.freeze_base()
@@ -66,7 +73,7 @@ def train_map(
     loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed)
     sampler = loader.batch_sampler  # keep our own handle: accelerate may wrap it for several processes
     total_steps = schedule.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_linear(total_steps, schedule.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, schedule.warmup_fraction))
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     result, best_score, best_state, stale = MapResult(best_epoch=0), -math.inf, None, 0
@@ -74,21 +81,12 @@ def train_map(
     for epoch in range(1, schedule.epochs + 1):
         sampler.set_epoch(epoch)
         prepared.train()
-        running, seen = 0.0, 0
-        bar = tqdm(
-            loader, desc=f"epoch {epoch}/{schedule.epochs}", disable=not progress or not accelerator.is_main_process
-        )
-        for batch in bar:
-            logits = prepared(**model_inputs(batch))
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running, seen = running + loss.item() * len(batch["labels"]), seen + len(batch["labels"])
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+        train_loss = run_epoch(
+            prepared, loader, optimizer, scheduler, objective, backward=accelerator.backward,
+            desc=f"epoch {epoch}/{schedule.epochs}", progress=progress and accelerator.is_main_process,
+        )  # fmt: skip
         scores = validation_scores(accelerator.unwrap_model(prepared), validation, encoder, schedule.batch_size * 2)
-        scores.update(epoch=epoch, train_loss=running / max(seen, 1))
+        scores.update(epoch=epoch, train_loss=train_loss)
         result.history.append(scores)
         score = -scores["nll"] if schedule.select_by == "nll" else scores["accuracy"]
         accelerator.print(
@@ -107,6 +105,43 @@ def train_map(
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
+
+
+def run_epoch(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    objective: Objective,
+    *,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    device: torch.device | None = None,
+    desc: str = "epoch",
+    progress: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """One pass of ``optimizer`` steps over ``loader``; returns the mean loss per example.
+
+    Batches are moved to ``device`` when given (an accelerate-prepared loader places them itself);
+    ``on_step`` runs after every step (SWAG takes its snapshots there).
+    """
+    running, seen = 0.0, 0
+    bar = tqdm(loader, desc=desc, disable=not progress)
+    for batch in bar:
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        loss = objective.loss(model, batch)
+        backward(loss)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step()
+        count = len(batch["labels"])
+        running, seen = running + loss.item() * count, seen + count
+        bar.set_postfix(loss=f"{running / seen:.4f}")
+    return running / max(seen, 1)
 
 
 @torch.no_grad()
@@ -128,7 +163,7 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: copy.deepcopy(v.detach()) for k, v in model.named_parameters() if v.requires_grad}
 
 
-def _warmup_linear(total_steps: int, warmup_fraction: float):
+def warmup_linear(total_steps: int, warmup_fraction: float):
     warmup = max(1, int(total_steps * warmup_fraction))
 
     def factor(step: int) -> float:

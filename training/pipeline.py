@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
 from adapters import (
     Bundle,
+    DropoutPosterior,
+    EnsemblePosterior,
     InputMoments,
     LoraXSClassifier,
     LoraXSConfig,
@@ -26,6 +29,7 @@ from adapters import (
     base_fingerprint,
     compute_projections,
     inject_lora_xs,
+    load_bundle,
     save_bundle,
     target_names,
 )
@@ -44,6 +48,7 @@ from adapters.manifest import (
     ProjectionSpecRecord,
     TaskSpec,
 )
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT
 from adapters.projections import spec_needs_data
 from training.calibration import fit_abstention, fit_temperature
 from training.data import Columns, Example, TaskData, fingerprint, load_ood, load_shift, load_task
@@ -52,9 +57,13 @@ from training.evaluate import Linearisation, Outputs, labels_of, linearise, ood_
 from training.laplace_fit import STRUCTURES, fit_laplace
 from training.map_training import MapResult, MapSchedule, train_map
 from training.metrics import nll
+from training.objectives import AdapterDropout
 from training.report import render_report, write_reliability_png
+from training.swag import SwagSchedule, fit_swag
+from training.variational import ViSchedule, fit_vi
 
-POSTERIORS = ("map", *STRUCTURES)
+SAMPLED_METHODS = ("swag", "vi", "ensemble", "mc-dropout")  # predictive by network samples only
+POSTERIORS = ("map", *STRUCTURES, *SAMPLED_METHODS)
 PRIORS = ("marglik", "grid")
 PREDICTIVES = ("glm", "sample")
 DEFAULT_SAMPLES = {"sample": 16, "glm": 256}  # GLM draws are in logit space (no network passes): cheap
@@ -63,6 +72,7 @@ DEFAULT_SAMPLES = {"sample": 16, "glm": 256}  # GLM draws are in logit space (no
 GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
 GRID_VALIDATION, GRID_SAMPLES = 300, 8
 WSVD_BATCHES = 32
+CORE_INIT_STD = 1e-5
 
 
 class ConfigError(CaveatError, ValueError):
@@ -102,12 +112,27 @@ class TrainConfig:
     patience: int = 2
     select_by: str = "nll"
     seed: int = 0
+    data_seed: int | None = None  # default: --seed; fix it to vary only initialisation and shuffling
     posterior: str = "laplace-kron"
     predictive: str = "glm"
     prior: str = "marglik"
     posterior_head: bool = False
     prior_structure: str = "scalar"
     laplace_limit: int | None = 1500
+    swag_epochs: int = 1
+    swag_lr: float = 1e-3
+    swag_snapshots: int = 20
+    swag_rank: int = 10
+    swag_scale: float = 0.5
+    vi_epochs: int = 1
+    vi_lr: float = 1e-3
+    vi_std_lr: float = 0.05
+    vi_init_std: float = 0.01
+    vi_prior_precision: float | None = None  # None: learned (the ELBO's closed-form optimum)
+    vi_kl_weight: float = 1.0
+    members: int = 5
+    member_bundles: list[str] | None = None
+    adapter_dropout: float = 0.1
     num_samples: int | None = None  # default: 16 network samples, or 256 logit draws for the GLM
     temperature_scaling: bool = False
     target_risk: float | None = None
@@ -120,6 +145,11 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def split_seed(self) -> int:
+        """The seed of the data splits and subsets."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def validate(self, needs_out: bool = True) -> None:
         if needs_out and not self.out:
             raise ConfigError("--out is required: the directory the bundle is written to")
@@ -131,9 +161,18 @@ class TrainConfig:
             raise ConfigError(f"unknown --prior {self.prior!r}; choose one of {list(PRIORS)}")
         if self.target_risk is not None and self.target_coverage is not None:
             raise ConfigError("give --target-risk or --target-coverage, not both")
-        for name in ("rank", "epochs", "batch_size", "max_length", "num_samples", "validation_size"):
+        if self.posterior in ("vi", "mc-dropout") and self.posterior_head:
+            raise ConfigError(f"--posterior-head is not available for --posterior {self.posterior} (cores only)")
+        if not 0 < self.adapter_dropout < 1:
+            raise ConfigError("--adapter-dropout must be in (0, 1)")
+        for name in (
+            "rank", "epochs", "batch_size", "max_length", "num_samples", "validation_size", "swag_epochs",
+            "swag_snapshots", "vi_epochs", "members",
+        ):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.swag_rank < 2 or self.swag_snapshots < self.swag_rank:
+            raise ConfigError("--swag-rank must be at least 2 and at most --swag-snapshots")
         if not 0 < self.mi_coverage <= 1:
             raise ConfigError("--mi-coverage must be in (0, 1]")
 
@@ -191,6 +230,26 @@ def _limit(examples: list, limit: int | None, seed: int) -> list:
 
 
 @dataclass
+class Fitted:
+    """A posterior and how its predictive is computed.
+
+    Attributes:
+        method: the ``--posterior`` value that produced it.
+        predictive: ``glm`` (linearised, Laplace only), ``sample`` (network samples) or ``map``.
+        num_samples: draws of the predictive (logit draws for ``glm``).
+        info: what the fit records in the bundle (prior precision, schedule, diagnostics).
+        seconds: wall time of the fit, training beyond the MAP included.
+    """
+
+    method: str
+    posterior: Posterior
+    predictive: str
+    num_samples: int
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
 class Session:
     """Everything the stages share: data, the model being trained, and cached MAP outputs."""
 
@@ -238,10 +297,10 @@ class Session:
             )
         return self._map_outputs[split]
 
-    @property
-    def num_samples(self) -> int:
-        """Draws of the posterior predictive: logit draws for the GLM, network samples otherwise."""
-        return self.config.num_samples or DEFAULT_SAMPLES[self.config.predictive]
+    def forget_outputs(self) -> None:
+        """Drop cached MAP outputs and linearisations (after the model was retrained)."""
+        self._map_outputs.clear()
+        self._linearisations.clear()
 
     def linearisation(self, split: str, examples: list[Example]) -> Linearisation:
         """A split linearised at the MAP (computed once: it serves every prior precision and family)."""
@@ -252,16 +311,16 @@ class Session:
             )  # fmt: skip
         return self._linearisations[split]
 
-    def sampled_outputs(self, posterior: Posterior, split: str, examples: list[Example]) -> Outputs:
+    def sampled_outputs(self, fitted: Fitted, split: str, examples: list[Example]) -> Outputs:
         """The posterior predictive's per-draw logits, the way the bundle's server computes them."""
-        if self.config.predictive == "glm" and posterior.family != "map":
-            return self.linearisation(split, examples).outputs(posterior, self.num_samples, self.config.seed)
+        if fitted.predictive == "glm":
+            return self.linearisation(split, examples).outputs(fitted.posterior, fitted.num_samples, self.config.seed)
         return predict(
             self.model,
             examples,
             self.encoder,
-            posterior=posterior,
-            num_samples=self.num_samples if posterior.family != "map" else 1,
+            posterior=fitted.posterior,
+            num_samples=fitted.num_samples,
             seed=self.config.seed,
             batch_size=self.config.batch_size,
             desc=f"{split} (posterior)",
@@ -282,15 +341,15 @@ def prepare(config: TrainConfig) -> Session:
         validation_file=config.validation_file,
         test_file=config.test_file,
         validation_size=config.validation_size,
-        seed=config.seed,
+        seed=config.split_seed,
     )
     shift = load_shift(config.shift, task.labels, columns) if config.shift else None
     ood = load_ood(config.ood, config.text_column) if config.ood else None
-    train = _limit(task.train, config.train_limit, config.seed)
-    validation = _limit(task.validation, config.eval_limit, config.seed)
-    test = _limit(task.test, config.eval_limit, config.seed)
-    shift = (shift[0], _limit(shift[1], config.shift_limit, config.seed)) if shift else None
-    ood = (ood[0], _limit(ood[1], config.ood_limit, config.seed)) if ood else None
+    train = _limit(task.train, config.train_limit, config.split_seed)
+    validation = _limit(task.validation, config.eval_limit, config.split_seed)
+    test = _limit(task.test, config.eval_limit, config.split_seed)
+    shift = (shift[0], _limit(shift[1], config.shift_limit, config.split_seed)) if shift else None
+    ood = (ood[0], _limit(ood[1], config.ood_limit, config.split_seed)) if ood else None
     accelerator.print(
         f"data: {task.name} train {len(train)}, validation {len(validation)}, test {len(test)}, labels {task.labels}"
     )
@@ -303,9 +362,8 @@ def prepare(config: TrainConfig) -> Session:
     lora = LoraXSConfig(config.rank, config.alpha, tuple(patterns), config.projection, config.seed)
     encoder = Encoder(tokenizer, config.max_length)
     moments, projection_data = _input_moments(base, names, train, encoder, config)
-    report = inject_lora_xs(
-        base, patterns, compute_projections(base, names, lora, moments), alpha=config.alpha, seed=config.seed
-    )
+    projections = compute_projections(base, names, lora, moments)
+    report = inject_lora_xs(base, patterns, projections, alpha=config.alpha, init_std=CORE_INIT_STD, seed=config.seed)
     pooling = config.pooling or ("last" if base.config.is_decoder or "llama" in base.config.model_type else "mean")
     model = LoraXSClassifier(base, num_labels=len(task.labels), pooling=pooling).to(accelerator.device)
     accelerator.print(f"LoRA-XS: {report}, rank {config.rank}, {len(names) * config.rank**2} core parameters")
@@ -316,9 +374,8 @@ def prepare(config: TrainConfig) -> Session:
     )  # fmt: skip
 
 
-def train(session: Session) -> MapResult:
-    config = session.config
-    schedule = MapSchedule(
+def map_schedule(config: TrainConfig, seed: int | None = None) -> MapSchedule:
+    return MapSchedule(
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
@@ -327,40 +384,155 @@ def train(session: Session) -> MapResult:
         patience=config.patience,
         select_by=config.select_by,
         mixed_precision=config.mixed_precision,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
     )
+
+
+def train(session: Session, dropout: bool | None = None) -> MapResult:
+    """MAP training (with MC dropout on the adapter input for ``--posterior mc-dropout``)."""
+    config = session.config
+    dropout = config.posterior == "mc-dropout" if dropout is None else dropout
     session.map_result = train_map(
-        session.model, session.train, session.validation, session.encoder, schedule, session.accelerator,
-        progress=config.progress,
+        session.model, session.train, session.validation, session.encoder, map_schedule(config),
+        session.accelerator, progress=config.progress,
+        objective=AdapterDropout(config.adapter_dropout) if dropout else None,
     )  # fmt: skip
     session.stage.done("map_training")
     return session.map_result
 
 
-def fit_posterior(session: Session, family: str) -> tuple[Posterior, dict[str, Any]]:
-    """``map`` or a Laplace structure around the trained MAP (curvature on a subset, scaled to N)."""
+def fit_posterior(session: Session, method: str) -> Fitted:
+    """The posterior of ``method`` around (or from) the trained MAP in the session's model."""
     config, model = session.config, session.model
-    if family == "map":
-        return MapPosterior({n: p.detach().clone() for n, p in model.posterior_parameters().items()}), {}
+    start = time.perf_counter()
+    draws = config.num_samples or DEFAULT_SAMPLES["sample"]
+    if method == "map":
+        posterior = MapPosterior({n: p.detach().clone() for n, p in model.posterior_parameters().items()})
+        fitted = Fitted(method, posterior, "map", 1)
+    elif method in STRUCTURES:
+        fitted = _fit_laplace(session, method)
+    elif method == "swag":
+        schedule = SwagSchedule(
+            epochs=config.swag_epochs, lr=config.swag_lr, snapshots=config.swag_snapshots, rank=config.swag_rank,
+            scale=config.swag_scale, batch_size=config.batch_size, seed=config.seed,
+        )  # fmt: skip
+        posterior, info = fit_swag(
+            model, session.train, session.encoder, schedule, config.posterior_head, progress=config.progress
+        )
+        fitted = Fitted(method, posterior, "sample", draws, info)
+    elif method == "vi":
+        schedule = ViSchedule(
+            epochs=config.vi_epochs, batch_size=config.batch_size, lr=config.vi_lr, std_lr=config.vi_std_lr,
+            init_std=config.vi_init_std, prior_precision=config.vi_prior_precision, kl_weight=config.vi_kl_weight,
+            seed=config.seed,
+        )  # fmt: skip
+        posterior, info = fit_vi(model, session.train, session.encoder, schedule, config.progress)
+        fitted = Fitted(method, posterior, "sample", draws, info)
+    elif method == "ensemble":
+        posterior, info = train_ensemble(session)
+        fitted = Fitted(method, posterior, "sample", posterior.num_members, info)  # each member once
+    elif method == "mc-dropout":
+        cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
+        posterior = DropoutPosterior(cores, config.adapter_dropout)
+        fitted = Fitted(method, posterior, "sample", draws, {"rate": config.adapter_dropout})
+    else:
+        raise ConfigError(f"unknown --posterior {method!r}; choose one of {list(POSTERIORS)}")
+    fitted.seconds = round(time.perf_counter() - start, 1)
+    if method != "map":
+        session.say(f"posterior {method}: {fitted.posterior} in {fitted.seconds:.0f} s")
+    return fitted
+
+
+def _fit_laplace(session: Session, method: str) -> Fitted:
+    """A Laplace structure around the MAP (curvature on a subset, scaled to N); δ by marglik or grid."""
+    config = session.config
     curvature_data = _limit(session.train, config.laplace_limit, config.seed)
     loader = make_loader(curvature_data, session.encoder, config.batch_size, shuffle=False)
     fit = fit_laplace(
-        model,
+        session.model,
         loader,
-        STRUCTURES[family],
+        STRUCTURES[method],
         include_head=config.posterior_head,
         n_data=len(session.train),
         prior_structure=config.prior_structure,
         progress=config.progress,
     )
-    posterior, info = fit.posterior, fit.info
+    fitted = Fitted(
+        method, fit.posterior, config.predictive, config.num_samples or DEFAULT_SAMPLES[config.predictive], fit.info
+    )
     if config.prior == "grid":
-        posterior, info = _grid_prior(session, fit)
-    session.say(f"posterior {family}: prior precision {info['prior_precision']} ({config.prior})")
-    return posterior, info
+        fitted.posterior, fitted.info = _grid_prior(session, fit, fitted)
+    session.say(f"posterior {method}: prior precision {fitted.info['prior_precision']} ({config.prior})")
+    return fitted
 
 
-def _grid_prior(session: Session, fit) -> tuple[Posterior, dict[str, Any]]:
+def train_ensemble(session: Session) -> tuple[EnsemblePosterior, dict[str, Any]]:
+    """M members: the session's MAP, members loaded from ``--member-bundles``, and the rest trained here
+    with seeds ``seed+1, seed+2, ...`` (same data, new initialisation and shuffling). Every member brings its
+    own head, so the ensemble covers the head. The model is left holding the first member."""
+    config, model = session.config, session.model
+    first = {n: p.detach().clone() for n, p in model.posterior_parameters(include_head=True).items()}
+    members, seconds = [first], [session.map_result.seconds if session.map_result else 0.0]
+    for path in config.member_bundles or []:
+        member, member_seconds = _member_from_bundle(session, Path(path))
+        members.append(member)
+        seconds.append(member_seconds)
+    seed = config.seed
+    while len(members) < config.members:
+        seed += 1
+        session.say(f"ensemble member {len(members) + 1}/{config.members} (seed {seed})")
+        reinitialise(model, seed)
+        result = train_map(
+            model, session.train, session.validation, session.encoder, map_schedule(config, seed),
+            session.accelerator, progress=config.progress,
+        )  # fmt: skip
+        members.append({n: p.detach().clone() for n, p in model.posterior_parameters(include_head=True).items()})
+        seconds.append(result.seconds)
+    with torch.no_grad():
+        for name, param in model.posterior_parameters(include_head=True).items():
+            param.copy_(first[name])
+    stacked = {name: torch.stack([m[name] for m in members]) for name in first}
+    info = {
+        "members": len(members),
+        "loaded": list(config.member_bundles or []),
+        "member_training_seconds": [round(v, 1) for v in seconds],
+    }
+    return EnsemblePosterior(stacked), info
+
+
+def reinitialise(model: LoraXSClassifier, seed: int) -> None:
+    """Fresh cores (``N(0, 1e-5²)``, as at injection) and head, from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            weight = layer.core.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * CORE_INIT_STD)
+        torch.manual_seed(seed)
+        model.head.reset_parameters()
+
+
+def _member_from_bundle(session: Session, path: Path) -> tuple[dict[str, Tensor], float]:
+    """A trained member's cores and head from its bundle, after checking it saw the same data and base."""
+    try:
+        bundle = load_bundle(path)
+    except (CaveatError, OSError) as exc:
+        raise ConfigError(f"--member-bundles {path}: {exc}") from exc
+    manifest = bundle.manifest
+    card = manifest.eval.get("data", {})
+    if manifest.base_model.fingerprint != session.fingerprint or manifest.adapter.modules != session.names:
+        raise ConfigError(f"--member-bundles {path}: adapts another base model or other modules")
+    if card.get("sha256", {}) != _data_card(session)["sha256"]:
+        raise ConfigError(f"--member-bundles {path}: trained on other data splits (give it the same --data-seed)")
+    if manifest.adapter.rank != session.config.rank:
+        raise ConfigError(f"--member-bundles {path}: rank {manifest.adapter.rank}, not {session.config.rank}")
+    device = next(session.model.parameters()).device
+    member = {name: core.to(device) for name, core in bundle.cores.items()}
+    member[HEAD_WEIGHT], member[HEAD_BIAS] = bundle.head_weight.to(device), bundle.head_bias.to(device)
+    seconds = manifest.eval.get("training", {}).get("stage_seconds", {}).get("map_training", 0.0)
+    return member, float(seconds)
+
+
+def _grid_prior(session: Session, fit, fitted: Fitted) -> tuple[Posterior, dict[str, Any]]:
     """δ by validation NLL of the predictive: decades around the marglik value, then half decades.
 
     With the GLM predictive every point reuses one linearisation of the whole validation split; with
@@ -379,11 +551,11 @@ def _grid_prior(session: Session, fit) -> tuple[Posterior, dict[str, Any]]:
         delta = marglik * 10**decade
         if glm:
             linearised = session.linearisation("validation", examples)
-            outputs = linearised.outputs(fit.at(delta), session.num_samples, config.seed)
+            outputs = linearised.outputs(fit.at(delta), fitted.num_samples, config.seed)
         else:
             outputs = predict(  # the same seed at every δ: common random numbers make the comparison fair
                 session.model, examples, session.encoder, posterior=fit.at(delta),
-                num_samples=min(session.num_samples, GRID_SAMPLES), seed=config.seed, batch_size=config.batch_size,
+                num_samples=min(fitted.num_samples, GRID_SAMPLES), seed=config.seed, batch_size=config.batch_size,
                 desc=f"prior grid δ={delta:.3g}", progress=config.progress,
             )  # fmt: skip
         scores[decade] = nll(outputs.predictive().probs, labels)
@@ -403,12 +575,15 @@ def _grid_prior(session: Session, fit) -> tuple[Posterior, dict[str, Any]]:
     return fit.at(marglik * 10**best), info
 
 
-def calibrate(session: Session, posterior: Posterior) -> tuple[float, list[AbstentionSpec]]:
-    """Temperature (when asked) and abstention thresholds, fitted on the validation split."""
+def calibrate(
+    session: Session, fitted: Fitted, temperature_scaling: bool | None = None
+) -> tuple[float, list[AbstentionSpec]]:
+    """Temperature (``--temperature-scaling``, or as asked) and abstention thresholds, fitted on validation."""
     config = session.config
-    outputs = session.sampled_outputs(posterior, "validation", session.validation)
+    scale = config.temperature_scaling if temperature_scaling is None else temperature_scaling
+    outputs = session.sampled_outputs(fitted, "validation", session.validation)
     labels = labels_of(session.validation)
-    temperature = fit_temperature(outputs.logits, labels) if config.temperature_scaling else 1.0
+    temperature = fit_temperature(outputs.logits, labels) if scale else 1.0
     pred = outputs.predictive(temperature)
     target_risk = config.target_risk
     if target_risk is None and config.target_coverage is None:
@@ -424,20 +599,20 @@ def calibrate(session: Session, posterior: Posterior) -> tuple[float, list[Abste
     return temperature, rules
 
 
-def evaluate(session: Session, posterior: Posterior, temperature: float) -> tuple[dict[str, Any], dict]:
+def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[dict[str, Any], dict]:
     """MAP and posterior metrics on test, shift and OOD; the reliability-diagram panels."""
-    config = session.config
-    with_mi = posterior.family != "map"
+    with_mi = fitted.predictive != "map"
     evaluation: dict[str, Any] = {
-        "num_samples": session.num_samples if with_mi else 1,
-        "predictive": config.predictive if with_mi else "map",
+        "method": fitted.method,
+        "num_samples": fitted.num_samples,
+        "predictive": fitted.predictive,
         "temperature": temperature,
     }
     preds, panels = {}, {}
     for split, examples in session.splits().items():
         preds[split] = {
             "MAP": session.map_outputs(split, examples).predictive(),
-            "posterior": session.sampled_outputs(posterior, split, examples).predictive(temperature),
+            "posterior": session.sampled_outputs(fitted, split, examples).predictive(temperature),
         }
         if split == "ood":
             continue
@@ -464,13 +639,13 @@ def evaluate(session: Session, posterior: Posterior, temperature: float) -> tupl
 def write_bundle(
     session: Session,
     out: Path,
-    posterior: Posterior,
-    laplace_info: dict[str, Any],
+    fitted: Fitted,
     calibration: tuple[float, list[AbstentionSpec]],
     evaluation: dict[str, Any],
     panels: dict,
 ) -> Path:
     config, model, base = session.config, session.model, session.model.base
+    posterior = fitted.posterior
     temperature, rules = calibration
     manifest = BundleManifest(
         name=config.name or _bundle_name(out),
@@ -498,10 +673,10 @@ def write_bundle(
         head=HeadSpec(in_features=base.config.hidden_size, num_labels=len(session.task.labels)),
         posterior=PosteriorSpec(
             family=posterior.family,
-            prior_precision=laplace_info.get("prior_precision"),
-            default_num_samples=evaluation["num_samples"],
-            covers_head=config.posterior_head and posterior.family != "map",
-            predictive=config.predictive if posterior.family != "map" else "sample",
+            prior_precision=fitted.info.get("prior_precision"),
+            default_num_samples=fitted.num_samples,
+            covers_head=HEAD_WEIGHT in posterior.names and posterior.family != "map",
+            predictive="glm" if fitted.predictive == "glm" else "sample",
         ),
         calibration=CalibrationSpec(temperature=temperature, abstention=rules),
         eval=evaluation | {"data": _data_card(session)},
@@ -510,7 +685,7 @@ def write_bundle(
     record = {
         "config": asdict(config),
         "map": asdict(map_result) if map_result else None,
-        "laplace": laplace_info,
+        "posterior": {"method": fitted.method, "seconds": fitted.seconds, **fitted.info},
         "stage_seconds": session.stage.seconds,
         "summary": (
             f"{map_result.best_epoch} of {len(map_result.history)} epochs kept (validation {config.select_by}); "
@@ -549,13 +724,13 @@ def run(config: TrainConfig) -> Path:
     train(session)
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
         return out
-    posterior, laplace_info = fit_posterior(session, config.posterior)
+    fitted = fit_posterior(session, config.posterior)
     session.stage.done("posterior")
-    calibration = calibrate(session, posterior)
+    calibration = calibrate(session, fitted)
     session.stage.done("calibration")
-    evaluation, panels = evaluate(session, posterior, calibration[0])
+    evaluation, panels = evaluate(session, fitted, calibration[0])
     session.stage.done("evaluation")
-    return write_bundle(session, out, posterior, laplace_info, calibration, evaluation, panels)
+    return write_bundle(session, out, fitted, calibration, evaluation, panels)
 
 
 def _input_moments(base, names, train: list[Example], encoder: Encoder, config: TrainConfig):

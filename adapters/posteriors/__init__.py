@@ -1,18 +1,20 @@
 """Posterior families over the LoRA-XS cores, behind one interface (:class:`Posterior`).
 
-=============== ===================================== ==================================================
-family          class                                 stored tensors
-=============== ===================================== ==================================================
-``map``         :class:`MapPosterior`                 mean
-``diag``        :class:`DiagPosterior`                mean, variance
-``kron``        :class:`KronPosterior`                mean, eigenbases and eigenvalues of both factors
-``full``        :class:`FullPosterior`                mean, Cholesky factor of the covariance
-``lowrank_diag`` :class:`LowRankDiagPosterior` (SWAG) mean, diagonal variance, K deviations
-``ensemble``    :class:`EnsemblePosterior`            M member values
-=============== ===================================== ==================================================
+================ ====================================== =================================================
+family           class                                  stored tensors
+================ ====================================== =================================================
+``map``          :class:`MapPosterior`                  mean
+``diag``         :class:`DiagPosterior` (Laplace, VI)   mean, variance
+``kron``         :class:`KronPosterior`                 mean, eigenbases and eigenvalues of both factors
+``full``         :class:`FullPosterior`                 mean, Cholesky factor of the covariance
+``lowrank_diag`` :class:`LowRankDiagPosterior` (SWAG)   mean, diagonal variance, K deviations
+``ensemble``     :class:`EnsemblePosterior`             M member values
+``dropout``      :class:`DropoutPosterior` (MC dropout) mean, rate
+================ ====================================== =================================================
 """
 
 from adapters.posteriors.base import Posterior, TensorDict, flatten, make_generator
+from adapters.posteriors.dropout import DropoutPosterior, drop_columns
 from adapters.posteriors.gaussian import DiagPosterior, FullPosterior, LowRankDiagPosterior
 from adapters.posteriors.kron import KronFactors, KronPosterior
 from adapters.posteriors.point import EnsemblePosterior, MapPosterior
@@ -22,6 +24,7 @@ FAMILIES = tuple(Posterior.registry)
 __all__ = [
     "FAMILIES",
     "DiagPosterior",
+    "DropoutPosterior",
     "EnsemblePosterior",
     "FullPosterior",
     "KronFactors",
@@ -30,6 +33,7 @@ __all__ = [
     "MapPosterior",
     "Posterior",
     "TensorDict",
+    "drop_columns",
     "flatten",
     "make_generator",
 ]

@@ -27,6 +27,7 @@ class Posterior(ABC):
     """
 
     family: ClassVar[str]
+    gaussian: ClassVar[bool] = True  # a Gaussian (or point mass) has a GLM predictive; samples-only families not
     registry: ClassVar[dict[str, type[Posterior]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ class EnsemblePosterior(Posterior):
     """
 
     family = "ensemble"
+    gaussian: ClassVar[bool] = False
 
     def __init__(self, members: Mapping[str, Tensor]) -> None:
         sizes = {t.shape[0] for t in members.values()}

@@ -8,6 +8,7 @@ import torch
 from adapters.posteriors import (
     FAMILIES,
     DiagPosterior,
+    DropoutPosterior,
     EnsemblePosterior,
     FullPosterior,
     KronFactors,
@@ -67,11 +68,13 @@ def _build(family: str) -> Posterior:
         return EnsemblePosterior(
             {n: torch.randn(5, *t.shape, generator=g, dtype=torch.float64) for n, t in mean.items()}
         )
+    if family == "dropout":
+        return DropoutPosterior(mean, rate=0.3)
     raise AssertionError(family)
 
 
 def test_every_family_is_covered() -> None:
-    assert set(FAMILIES) == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble"}
+    assert set(FAMILIES) == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble", "dropout"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -82,7 +82,7 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
             assert set(ev[split][method]) >= {"accuracy", "ece", "nll", "brier", "aurc", "risk_at_80_coverage"}
     assert set(ev["ood"]["posterior"]) >= {"max_prob", "entropy", "mutual_information"}
     assert ev["shift"]["dataset"] == "drugreviews" and ev["ood"]["dataset"] == "bbcnews"
-    assert ev["training"]["laplace"]["curvature_examples"] == 64 and ev["training"]["laplace"]["n_data"] == 200
+    assert ev["training"]["posterior"]["curvature_examples"] == 64 and ev["training"]["posterior"]["n_data"] == 200
     assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "mutual_information"}
     assert (out / "report.md").read_text().startswith("# bundle ")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -96,15 +96,15 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
 def test_compare_refuses_unknown_posteriors_and_formats_its_table(capsys) -> None:
     from training.compare import markdown_table
 
-    _fails(capsys, ["compare", "--posteriors", "map,swag-xl"], "unknown posteriors ['swag-xl']")
+    _fails(capsys, ["compare", "--posteriors", "map,swag-xl"], "unknown methods ['swag-xl']")
     rows = [
-        {"posterior": "map", "fit_seconds": 0.0, "posterior_kb": 1.0, "test": {"accuracy": 0.9, "ece": 0.05}},
-        {"posterior": "laplace-kron", "fit_seconds": 3.2, "posterior_kb": 9.5, "test": {"accuracy": 0.91}},
+        {"posterior": "map", "train_seconds": 60.0, "bundle_kb": 1.0, "test": {"accuracy": 0.9, "ece": 0.05}},
+        {"posterior": "laplace-kron", "train_seconds": 63.2, "bundle_kb": 9.5, "test": {"accuracy": 0.91}},
     ]
     table = markdown_table(rows).splitlines()
-    assert table[0] == "| posterior | SST acc | ECE | fit s | posterior kB |"
-    assert table[2] == "| map | 0.9000 | 0.0500 | 0.0 | 1.0 |"
-    assert table[3] == "| laplace-kron | 0.9100 | — | 3.2 | 9.5 |"
+    assert table[0] == "| method | SST acc | ECE | train s | bundle kB |"
+    assert table[2] == "| map | 0.9000 | 0.0500 | 60 | 1 |"
+    assert table[3] == "| laplace-kron | 0.9100 | — | 63 | 10 |"
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
         "--posterior", "laplace-diag", "--prior", "grid", "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 0
-    laplace = load_bundle(out).manifest.eval["training"]["laplace"]
+    laplace = load_bundle(out).manifest.eval["training"]["posterior"]
     assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 7
     best = min(laplace["grid_validation_nll"], key=laplace["grid_validation_nll"].get)
     assert float(best) == pytest.approx(laplace["prior_precision"], rel=1e-5)

@@ -1,0 +1,125 @@
+"""Every posterior method end to end: ``caveat-train compare`` on a small slice of the embedded default, and
+SWAG / ensemble / MC-dropout / VI bundles served by the real server app."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModel, AutoTokenizer
+
+from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from service.app import create_app
+from service.settings import Settings
+from tests.service.bundles import save_tiny_base
+from training.cli import main
+
+SLICE = [
+    "--train-limit", "120", "--eval-limit", "40", "--validation-size", "120", "--epochs", "1", "--rank", "2",
+    "--targets", "query,value", "--num-samples", "3", "--laplace-limit", "48", "--swag-snapshots", "4",
+    "--swag-rank", "2", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    methods = ["map", "temperature", "mc-dropout", "ensemble", "swag", "vi", "laplace-kron"]
+    argv = ["compare", "--posteriors", ",".join(methods), "--json", str(out), "--ood", "bbcnews", "--members", "2"]
+    assert main([*argv, "--ood-limit", "30", *SLICE]) == 0
+    rows = {row["posterior"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(methods)
+    for method, row in rows.items():
+        assert 0 <= row["test"]["accuracy"] <= 1 and row["test"]["nll"] > 0, method
+        assert row["bundle_kb"] > 0 and row["train_seconds"] > 0, method
+        if method not in ("map", "temperature"):
+            assert "mutual_information" in row["ood"], method
+    assert rows["map"]["temperature"] == 1.0 and rows["temperature"]["temperature"] != 1.0
+    assert rows["ensemble"]["num_samples"] == 2 and rows["swag"]["predictive"] == "sample"
+    assert rows["laplace-kron"]["predictive"] == "glm"
+    # one more member costs one more MAP training; SWAG and VI cost more than the MAP they start from
+    assert rows["ensemble"]["train_seconds"] > rows["map"]["train_seconds"]
+    assert rows["swag"]["train_seconds"] > rows["map"]["train_seconds"] < rows["vi"]["train_seconds"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def _train(tiny_base: Path, out: Path, *flags: str) -> Path:
+    assert main(["--base-model", str(tiny_base), "--out", str(out), "--max-length", "32", *SLICE, *flags]) == 0
+    return out
+
+
+def _serve(tiny_base: Path, adapter_dir: Path) -> TestClient:
+    client = TestClient(create_app(Settings(base_model=str(tiny_base), adapter_dir=adapter_dir)))
+    client.__enter__()
+    deadline = time.monotonic() + 60
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health/ready").json()
+        time.sleep(0.05)
+    return client
+
+
+@pytest.mark.slow
+def test_new_posterior_bundles_are_served_and_an_ensemble_serves_the_mean_of_its_members(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    adapters = tmp_path / "adapters"
+    _train(tiny_base, adapters / "ens", "--posterior", "ensemble", "--members", "3")
+    _train(tiny_base, adapters / "swag", "--posterior", "swag", "--posterior-head")
+    _train(tiny_base, adapters / "vi", "--posterior", "vi")
+    _train(tiny_base, adapters / "drop", "--posterior", "mc-dropout", "--adapter-dropout", "0.3")
+    families = {name: load_bundle(adapters / name).manifest.posterior for name in ("ens", "swag", "vi", "drop")}
+    assert {n: p.family for n, p in families.items()} == {
+        "ens": "ensemble", "swag": "lowrank_diag", "vi": "diag", "drop": "dropout"
+    }  # fmt: skip
+    assert families["ens"].covers_head and families["swag"].covers_head and not families["vi"].covers_head
+    assert all(p.predictive == "sample" for p in families.values())
+    texts = ["a gorgeous, witty, seductive movie.", "it is a dull film"]
+    client = _serve(tiny_base, adapters)
+    try:
+        answers = {
+            name: client.post("/v1/predict", json={"adapter": name, "inputs": texts, "seed": 3})
+            for name in ("ens", "swag", "vi", "drop")
+        }
+        glm = client.post("/v1/predict", json={"adapter": "ens", "inputs": texts, "method": "glm"})
+    finally:
+        client.__exit__(None, None, None)
+    for name, answer in answers.items():
+        assert answer.status_code == 200, (name, answer.text)
+        assert all(r["uncertainty"]["mutual_information"] >= 0 for r in answer.json()["results"]), name
+    assert glm.status_code == 400 and "glm" in glm.text.lower()
+    assert answers["ens"].json()["num_samples"] == 3 and answers["drop"].json()["num_samples"] == 3
+    # the ensemble's served predictive (S = M, its default) is the average of its members' softmaxes
+    bundle = load_bundle(adapters / "ens")
+    assert set(bundle.posterior.names) >= {HEAD_WEIGHT, HEAD_BIAS}
+    served = torch.tensor([r["probs"] for r in answers["ens"].json()["results"]])
+    torch.testing.assert_close(served, _member_probs(tiny_base, bundle, texts), atol=1e-5, rtol=1e-4)
+
+
+def _member_probs(tiny_base: Path, bundle, texts: list[str]) -> torch.Tensor:
+    """Each member in single mode (its cores and head in the model's own layers), one text at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModel.from_pretrained(tiny_base).eval()
+    spec = bundle.manifest.adapter
+    inject_lora_xs(base, spec.target_modules, bundle.projections, alpha=spec.alpha)
+    model = LoraXSClassifier(base, num_labels=2).eval()
+    members = bundle.posterior.members
+    num = bundle.posterior.num_members
+    probs = torch.zeros(len(texts), 2)
+    with torch.no_grad():
+        for m in range(num):
+            for name, layer in model.lora_layers.items():
+                layer.core.weight.copy_(members[name][m])
+            model.head.load_state_dict({"weight": members[HEAD_WEIGHT][m], "bias": members[HEAD_BIAS][m]})
+            for i, text in enumerate(texts):
+                batch = tokenizer([text], truncation=True, max_length=32, return_tensors="pt")
+                probs[i] += model(**batch)[0].softmax(-1) / num
+    return probs

@@ -1,0 +1,185 @@
+"""SWAG, VI, ensembles and MC dropout: oracles for their maths and checks of their training phases (tiny
+random BERT with MiniLM's tokenizer)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from adapters import EnsemblePosterior, LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs
+from adapters.layer import LoraXSLinear
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT, target_names
+from adapters.posteriors import drop_columns, flatten
+from tests.service.bundles import save_tiny_base
+from training.data import Example
+from training.encoding import Encoder
+from training.evaluate import predict
+from training.objectives import AdapterDropout, per_row_cores
+from training.swag import SwagMoments, SwagSchedule, fit_swag
+from training.variational import Elbo, MeanFieldCores, ViSchedule, fit_vi
+
+PATTERNS = ("query", "value")
+WORDS = ["good", "bad", "film", "plot", "dull", "witty", "boring", "great", "awful", "fun", "slow", "moving"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny"))
+
+
+def _model(tiny_dir: Path, seed: int = 0) -> LoraXSClassifier:
+    base = AutoModel.from_pretrained(tiny_dir).eval()
+    config = LoraXSConfig(rank=3, alpha=6.0, target_modules=PATTERNS)
+    names = target_names(base, PATTERNS)
+    inject_lora_xs(base, PATTERNS, compute_projections(base, names, config), alpha=config.alpha, seed=seed)
+    torch.manual_seed(seed)
+    model = LoraXSClassifier(base, num_labels=2).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            layer.core.weight.copy_(0.3 * torch.randn(3, 3, generator=g))
+    model.freeze_base()
+    return model
+
+
+def _examples(n: int, seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    return [Example(" ".join(rng.choices(WORDS, k=rng.randint(2, 9))), rng.randint(0, 1)) for n in range(n)]
+
+
+def _encoder(tiny_dir: Path) -> Encoder:
+    return Encoder(AutoTokenizer.from_pretrained(tiny_dir), 32)
+
+
+# ------------------------------------------------------------------------------------------------- SWAG
+
+
+def test_swag_moments_match_a_hand_run_on_a_toy_problem() -> None:
+    """Noisy SGD on a quadratic; moments by hand from the kept snapshots (float64 lists)."""
+    g = torch.Generator().manual_seed(0)
+    curvature, centre = torch.tensor([1.0, 4.0, 0.5], dtype=torch.float64), torch.tensor([1.0, -2.0, 0.5])
+    theta = torch.zeros(3, dtype=torch.float64)
+    moments, snapshots, rank = SwagMoments(rank=4), [], 4
+    for step in range(1, 61):
+        grad = curvature * (theta - centre) + 0.5 * torch.randn(3, generator=g, dtype=torch.float64)
+        theta = theta - 0.1 * grad
+        if step > 20 and step % 4 == 0:  # burn-in, then a snapshot every 4 steps
+            moments.update(theta)
+            snapshots.append(theta.tolist())
+    n = len(snapshots)
+    mean = [sum(s[i] for s in snapshots) / n for i in range(3)]
+    second = [sum(s[i] ** 2 for s in snapshots) / n for i in range(3)]
+    running = [[sum(s[i] for s in snapshots[: k + 1]) / (k + 1) for i in range(3)] for k in range(n)]
+    deviations = [[snapshots[k][i] - running[k][i] for i in range(3)] for k in range(n - rank, n)]
+    torch.testing.assert_close(moments.mean, torch.tensor(mean, dtype=torch.float64))
+    variance = [second[i] - mean[i] ** 2 for i in range(3)]
+    torch.testing.assert_close(moments.variance(), torch.tensor(variance, dtype=torch.float64))
+    posterior = moments.posterior({"w": torch.zeros(3, dtype=torch.float64)}, scale=0.5)
+    torch.testing.assert_close(posterior.deviations, torch.tensor(deviations, dtype=torch.float64))
+    D = torch.tensor(deviations, dtype=torch.float64)
+    expected = 0.5 * (torch.diag(moments.variance()) + D.T @ D / (rank - 1))
+    torch.testing.assert_close(posterior.covariance(), expected)
+
+
+def test_fit_swag_collects_snapshots_and_restores_the_map(tiny_dir: Path) -> None:
+    model = _model(tiny_dir)
+    before = {n: p.detach().clone() for n, p in model.posterior_parameters(include_head=True).items()}
+    schedule = SwagSchedule(epochs=2, lr=0.05, snapshots=6, rank=3, batch_size=8)
+    posterior, info = fit_swag(model, _examples(48), _encoder(tiny_dir), schedule, include_head=True, progress=False)
+    assert info["snapshots"] == 6 and posterior.rank == 3 and posterior.names == list(before)
+    after = model.posterior_parameters(include_head=True)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # the MAP is back in the model
+    assert not torch.allclose(posterior.flat_mean(), flatten(before))  # SWA moved away from it
+    assert bool((posterior.variance > 1e-12).all())
+
+
+# --------------------------------------------------------------------------------------------------- VI
+
+
+def test_vi_kl_equals_the_closed_form_and_the_learned_prior_is_its_optimum(tiny_dir: Path) -> None:
+    model = _model(tiny_dir)
+    q = MeanFieldCores(model, init_std=0.1)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(0.3 * torch.randn(p.shape))
+    delta = 3.0
+    expected = sum(
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, q.stds()[name]), torch.distributions.Normal(0.0, delta**-0.5)
+        ).sum()
+        for name, mean in q.means().items()
+    )
+    torch.testing.assert_close(q.kl(delta), expected)
+    best = q.optimal_prior_precision()
+    with torch.no_grad():
+        assert float(q.kl(best)) < min(float(q.kl(best * 1.05)), float(q.kl(best / 1.05)))
+
+
+def test_elbo_draws_noise_per_example(tiny_dir: Path) -> None:
+    """Two copies of one input in a batch get different cores: the draw is not shared across the batch."""
+    model = _model(tiny_dir)
+    batch = _encoder(tiny_dir)([Example("a dull film", 0)] * 2)
+    q = MeanFieldCores(model, init_std=0.5)
+    with torch.no_grad(), per_row_cores(model, q.sample_rows(2)):
+        logits = model(batch["input_ids"], batch["attention_mask"])
+    assert not torch.allclose(logits[0], logits[1])
+    loss = Elbo(q, num_data=100, prior_precision=None, kl_weight=1.0).loss(model, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in q.parameters())
+
+
+def test_fit_vi_learns_a_posterior_and_restores_the_map(tiny_dir: Path) -> None:
+    model = _model(tiny_dir)
+    cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
+    head = model.head.weight.detach().clone()
+    schedule = ViSchedule(epochs=2, batch_size=8, lr=0.01, std_lr=0.05, init_std=0.01)
+    posterior, info = fit_vi(model, _examples(48), _encoder(tiny_dir), schedule, progress=False)
+    assert posterior.family == "diag" and posterior.names == list(cores)
+    assert all(torch.equal(model.posterior_parameters()[n], cores[n]) for n in cores)
+    assert torch.equal(model.head.weight, head)  # the head is not part of q and stays fixed
+    stds = flatten(posterior.variance).sqrt()
+    assert not torch.allclose(stds, torch.full_like(stds, 0.01))  # σ moved from its initial value
+    assert info["prior_learned"] and info["prior_precision"] > 0
+
+
+# --------------------------------------------------------------------------------------- ensemble, dropout
+
+
+def test_ensemble_predictive_is_the_average_of_its_members(tiny_dir: Path) -> None:
+    members = [_model(tiny_dir, seed) for seed in range(3)]
+    for seed, member in enumerate(members):
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            member.head.weight.copy_(torch.randn(member.head.weight.shape, generator=generator))
+    params = [m.posterior_parameters(include_head=True) for m in members]
+    ensemble = EnsemblePosterior({n: torch.stack([p[n].detach() for p in params]) for n in params[0]})
+    assert {HEAD_WEIGHT, HEAD_BIAS} <= set(ensemble.names)
+    examples, encoder = _examples(10, seed=1), _encoder(tiny_dir)
+    served = predict(members[0], examples, encoder, posterior=ensemble, num_samples=3, progress=False)
+    by_member = torch.stack(
+        [predict(m, examples, encoder, progress=False).logits[0].softmax(-1) for m in members]
+    ).mean(0)
+    torch.testing.assert_close(served.predictive().probs, by_member, atol=1e-5, rtol=1e-4)
+
+
+def test_dropped_core_columns_equal_dropout_on_the_adapter_input(tiny_dir: Path) -> None:
+    """``R diag(m) / (1 − p)`` per row == masking the rank directions of ``A x`` for every token of the row."""
+    layer: LoraXSLinear = next(iter(_model(tiny_dir).lora_layers.values()))
+    x = torch.randn(4, 5, layer.in_features)
+    rate, core = 0.4, layer.core.weight.detach()
+    dropped = drop_columns(core.expand(4, -1, -1), rate, torch.Generator().manual_seed(7))
+    keep = (torch.rand(4, 1, 3, generator=torch.Generator().manual_seed(7)) >= rate).float() / (1 - rate)
+    expected = layer.base(x) + layer.scaling * ((x @ layer.lora_A.T) * keep) @ core.T @ layer.lora_B.T
+    model_like = torch.nn.Module()
+    model_like.lora_layers = {"only": layer}  # per_row_cores only needs the layers
+    with torch.no_grad(), per_row_cores(model_like, {"only": dropped}):
+        got = layer(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    objective = AdapterDropout(rate)
+    with pytest.raises(ValueError, match="rate"):
+        AdapterDropout(1.0)
+    assert objective.rate == rate

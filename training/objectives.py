@@ -1,0 +1,79 @@
+"""Per-batch training losses: plain cross-entropy and MC dropout on the adapter input (the ELBO is in
+:mod:`training.variational`).
+
+The stochastic ones give every example of a batch its own core per layer (a dropout mask or a variational
+sample), through the layers' batched-rows path with differentiable cores: noise is drawn per example,
+never shared across the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adapters import LoraXSClassifier
+from adapters.layer import RowGroup
+from adapters.posteriors import drop_columns
+from training.encoding import model_inputs
+
+
+class Objective(Protocol):
+    def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        """The scalar to minimise on one batch (``labels`` included)."""
+        ...
+
+
+def classifier(model: nn.Module) -> LoraXSClassifier:
+    """The classifier inside an accelerate/DDP wrapper."""
+    return getattr(model, "module", model)
+
+
+def cross_entropy(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    logits = model(**model_inputs(batch))
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+@contextmanager
+def per_row_cores(model: nn.Module, cores: Mapping[str, Tensor]) -> Iterator[None]:
+    """Forwards inside use ``cores[layer] (N, r, r)`` for row ``n`` of the batch (unscaled, like the layers'
+    own cores); gradients flow into ``cores``."""
+    layers = classifier(model).lora_layers
+    for name, layer in layers.items():
+        layer.row_groups = [RowGroup(layer.lora_A, layer.lora_B, layer.scaling * cores[name], None)]
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_groups = None
+
+
+class CrossEntropy:
+    """The MAP objective: mean cross-entropy of the model's own cores."""
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        return cross_entropy(model, batch)
+
+
+class AdapterDropout:
+    """MC dropout on the adapter input: each example drops rank directions of every layer's ``A x`` with
+    probability ``rate`` (the same mask for all its tokens; :mod:`adapters.posteriors.dropout`)."""
+
+    def __init__(self, rate: float) -> None:
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"adapter dropout rate must be in (0, 1), got {rate}")
+        self.rate = rate
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+        if not model.training:
+            return cross_entropy(model, batch)
+        rows = len(batch["labels"])
+        cores = {
+            name: drop_columns(layer.core.weight.expand(rows, -1, -1), self.rate)
+            for name, layer in classifier(model).lora_layers.items()
+        }
+        with per_row_cores(model, cores):
+            return cross_entropy(model, batch)
