@@ -103,10 +103,12 @@ class AdapterVersion:
         return [AbstentionRule(rule.kind, rule.threshold) for rule in self.manifest.calibration.abstention]
 
     def draw(self, num_samples: int, seed: int, method: str) -> dict[str, Tensor]:
-        """``(S, ...)`` samples of every posterior block; the MAP cores (S = 1) for ``map`` and for ``glm``,
-        whose linearisation point they are."""
-        if method in ("map", "glm") or not self.samples_posterior:
+        """``(S, ...)`` samples of every posterior block; the MAP cores (S = 1) for ``map``; the posterior mean
+        for ``glm``, the linearisation point (the MAP for Laplace, the SWA or variational mean otherwise)."""
+        if method == "map" or not self.samples_posterior:
             return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
+        if method == "glm":
+            return {name: value.unsqueeze(0) for name, value in self.bundle.posterior.mean().items()}
         generator = make_generator(seed, self.bundle.posterior.device)
         return self.bundle.posterior.sample(num_samples, generator)
 
