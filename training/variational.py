@@ -163,7 +163,7 @@ def fit_vi(
         for name, core in map_cores.items():
             model.lora_layers[name].core.weight.copy_(core)
     model.head.requires_grad_(True)
-    stds = torch.cat([s.reshape(-1) for s in variational.stds().values()])
+    stds = torch.cat([s.detach().reshape(-1) for s in variational.stds().values()])
     info = {
         "prior_precision": objective.prior_precision,
         "prior_learned": objective.learn_prior,

@@ -4,13 +4,19 @@ server tests are about serving, not accuracy."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+from fastapi.testclient import TestClient
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from adapters.embedded import resolve_model
 from benchmarks.harness import synthetic_bundle
+from service.app import create_app
+from service.settings import Settings
+
+TOKEN = "t"
 
 
 def save_tiny_base(directory: Path, seed: int = 0) -> Path:
@@ -30,3 +36,15 @@ def make_bundle(base_dir: Path, out: Path, *, name: str = "tiny", **options) -> 
     """A rank-4 bundle on query/value of the tiny base with a diagonal posterior (``options``: see
     :func:`synthetic_bundle`)."""
     return synthetic_bundle(base_dir, out, name=name, **options)
+
+
+def running_app(base: Path, adapter_dir: Path, **settings) -> TestClient:
+    """The server app in process (lifespan entered), ready; admin routes take ``TOKEN``."""
+    app = create_app(Settings(base_model=str(base), adapter_dir=adapter_dir, admin_token=TOKEN, **settings))
+    client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+    client.__enter__()
+    deadline = time.monotonic() + 60
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health/ready").json()
+        time.sleep(0.05)
+    return client

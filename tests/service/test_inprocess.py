@@ -16,20 +16,7 @@ from adapters.bundle import load_bundle
 from adapters.posteriors import make_generator
 from service.app import create_app
 from service.settings import Settings, settings_from
-from tests.service.bundles import make_bundle
-
-TOKEN = "t"
-
-
-def running_app(base: Path, adapter_dir: Path, **settings) -> TestClient:
-    app = create_app(Settings(base_model=str(base), adapter_dir=adapter_dir, admin_token=TOKEN, **settings))
-    client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
-    client.__enter__()
-    deadline = time.monotonic() + 60
-    while client.get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/health/ready").json()
-        time.sleep(0.05)
-    return client
+from tests.service.bundles import make_bundle, running_app
 
 
 def test_served_predictive_equals_the_per_sample_loop(tiny_base: Path, tmp_path: Path) -> None:

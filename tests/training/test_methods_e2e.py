@@ -4,19 +4,15 @@ SWAG / ensemble / MC-dropout / VI bundles served by the real server app."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from transformers import AutoModel, AutoTokenizer
 
 from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
 from adapters.model import HEAD_BIAS, HEAD_WEIGHT
-from service.app import create_app
-from service.settings import Settings
-from tests.service.bundles import save_tiny_base
+from tests.service.bundles import running_app, save_tiny_base
 from training.cli import main
 
 SLICE = [
@@ -57,16 +53,6 @@ def _train(tiny_base: Path, out: Path, *flags: str) -> Path:
     return out
 
 
-def _serve(tiny_base: Path, adapter_dir: Path) -> TestClient:
-    client = TestClient(create_app(Settings(base_model=str(tiny_base), adapter_dir=adapter_dir)))
-    client.__enter__()
-    deadline = time.monotonic() + 60
-    while client.get("/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/health/ready").json()
-        time.sleep(0.05)
-    return client
-
-
 @pytest.mark.slow
 def test_new_posterior_bundles_are_served_and_an_ensemble_serves_the_mean_of_its_members(
     tiny_base: Path, tmp_path: Path
@@ -83,7 +69,7 @@ def test_new_posterior_bundles_are_served_and_an_ensemble_serves_the_mean_of_its
     assert families["ens"].covers_head and families["swag"].covers_head and not families["vi"].covers_head
     assert all(p.predictive == "sample" for p in families.values())
     texts = ["a gorgeous, witty, seductive movie.", "it is a dull film"]
-    client = _serve(tiny_base, adapters)
+    client = running_app(tiny_base, adapters)
     try:
         answers = {
             name: client.post("/v1/predict", json={"adapter": name, "inputs": texts, "seed": 3})
