@@ -70,6 +70,7 @@ HELP = {
     "vi_lr": "VI: learning rate of the variational means",
     "vi_std_lr": "VI: learning rate of log σ",
     "vi_init_std": "VI: initial σ of every core entry",
+    "vi_rank": "VI: rank k of a low-rank part of the covariance shared by all cores (0: mean-field)",
     "vi_prior_precision": "VI: precision δ of the N(0, δ⁻¹ I) prior (default: learned, the ELBO's optimum)",
     "vi_kl_weight": "VI: β, the KL weight per example is β/N (1: the ELBO)",
     "members": "ensemble: number of members M (independently seeded MAPs)",

@@ -128,6 +128,7 @@ class TrainConfig:
     vi_lr: float = 1e-3
     vi_std_lr: float = 0.05
     vi_init_std: float = 0.01
+    vi_rank: int = 0  # low-rank part of q's covariance; 0: mean-field
     vi_prior_precision: float | None = None  # None: learned (the ELBO's closed-form optimum)
     vi_kl_weight: float = 1.0
     members: int = 5
@@ -171,6 +172,8 @@ class TrainConfig:
         ):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.vi_rank == 1 or self.vi_rank < 0:
+            raise ConfigError("--vi-rank must be 0 (mean-field) or at least 2")
         if self.swag_rank < 2 or self.swag_snapshots < self.swag_rank:
             raise ConfigError("--swag-rank must be at least 2 and at most --swag-snapshots")
         if not 0 < self.mi_coverage <= 1:
@@ -423,8 +426,8 @@ def fit_posterior(session: Session, method: str) -> Fitted:
     elif method == "vi":
         schedule = ViSchedule(
             epochs=config.vi_epochs, batch_size=config.batch_size, lr=config.vi_lr, std_lr=config.vi_std_lr,
-            init_std=config.vi_init_std, prior_precision=config.vi_prior_precision, kl_weight=config.vi_kl_weight,
-            seed=config.seed,
+            init_std=config.vi_init_std, rank=config.vi_rank, prior_precision=config.vi_prior_precision,
+            kl_weight=config.vi_kl_weight, seed=config.seed,
         )  # fmt: skip
         posterior, info = fit_vi(model, session.train, session.encoder, schedule, config.progress)
         fitted = Fitted(method, posterior, "sample", draws, info)

@@ -1,4 +1,5 @@
-"""Variational inference over the cores (METHODS.md §3.3): a mean-field Gaussian trained with the ELBO.
+"""Variational inference over the cores (METHODS.md §3.3): a Gaussian (mean-field, optionally plus a
+low-rank part) trained with the ELBO.
 
 Starts from the MAP: the means are the cores themselves, the head stays fixed, and ``q`` is fitted by
 minimising the negative ELBO with one reparameterised sample per example (:class:`Elbo`). The prior
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapters import DiagPosterior, LoraXSClassifier
+from adapters import DiagPosterior, LoraXSClassifier, LowRankDiagPosterior, Posterior
+from adapters.posteriors import flatten
+from adapters.posteriors.base import unflatten
 from training.data import Example
 from training.encoding import Encoder, make_loader
 from training.map_training import run_epoch, warmup_linear
@@ -33,21 +36,28 @@ class ViSchedule:
     lr: float = 1e-3  # of the means
     std_lr: float = 0.05  # of log σ (Adam: a step changes σ by about this fraction)
     init_std: float = 0.01
+    rank: int = 0  # of the low-rank part of the covariance; 0: mean-field
     prior_precision: float | None = None  # None: learned, δ = P / Σ(μ² + σ²) (the ELBO's optimum)
     kl_weight: float = 1.0
     seed: int = 0
 
 
-class MeanFieldCores(nn.Module):
-    """``q(R_l) = N(μ_l, diag σ_l²)`` for every core: ``μ`` *is* the layer's core weight, ``σ = exp(log σ)``.
+class GaussianCores(nn.Module):
+    """``q(θ) = N(μ, diag σ² + U Uᵀ)`` over the flat cores θ: mean-field (``rank = 0``) or low-rank plus
+    diagonal. ``μ`` *is* the layers' core weights, ``σ = exp(log σ)`` per entry, ``U (P, k)`` shared by all
+    layers (so the low-rank part correlates layers).
 
     Args:
         model: the classifier whose cores are the means (trained in place).
-        init_std: the initial ``σ`` of every entry.
+        init_std: the initial ``σ`` of every entry (``U`` starts at a tenth of it, random).
+        rank: ``k``, columns of ``U`` (0: mean-field; otherwise at least 2, the bundle's SWAG-form minimum).
+        seed: initialisation of ``U``.
     """
 
-    def __init__(self, model: LoraXSClassifier, init_std: float) -> None:
+    def __init__(self, model: LoraXSClassifier, init_std: float, rank: int = 0, seed: int = 0) -> None:
         super().__init__()
+        if rank == 1 or rank < 0:
+            raise ValueError(f"the low-rank part needs rank 0 (mean-field) or at least 2, got {rank}")
         self.layers = model.lora_layers  # a plain dict: the cores stay the model's parameters
         self.log_std = nn.ParameterDict(
             {
@@ -55,6 +65,15 @@ class MeanFieldCores(nn.Module):
                 for name, layer in self.layers.items()
             }
         )
+        like = next(iter(self.layers.values())).core.weight
+        size = sum(layer.core.weight.numel() for layer in self.layers.values())
+        generator = torch.Generator().manual_seed(seed)
+        factor = 0.1 * init_std * torch.randn(size, rank, generator=generator)
+        self.factor = nn.Parameter(factor.to(like.device, like.dtype)) if rank else None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.factor is None else self.factor.shape[1]
 
     def means(self) -> dict[str, Tensor]:
         return {name: layer.core.weight for name, layer in self.layers.items()}
@@ -64,31 +83,49 @@ class MeanFieldCores(nn.Module):
 
     def sample_rows(self, rows: int) -> dict[str, Tensor]:
         """One reparameterised core per example: layer → ``(rows, r, r)``."""
-        stds = self.stds()
-        return {
-            name: mean + stds[name] * torch.randn(rows, *mean.shape, device=mean.device, dtype=mean.dtype)
-            for name, mean in self.means().items()
-        }
+        stds, means = self.stds(), self.means()
+        low = None
+        if self.factor is not None:
+            z = torch.randn(rows, self.rank, device=self.factor.device, dtype=self.factor.dtype)
+            low = unflatten(z @ self.factor.T, means)
+        samples = {}
+        for name, mean in means.items():
+            noise = torch.randn(rows, *mean.shape, device=mean.device, dtype=mean.dtype)
+            samples[name] = mean + stds[name] * noise + (0 if low is None else low[name])
+        return samples
 
     def kl(self, prior_precision: float) -> Tensor:
-        """``KL(q ‖ N(0, δ⁻¹ I))`` summed over every core entry (closed form)."""
-        total = torch.zeros(())
-        for name, mean in self.means().items():
-            log_scaled_var = math.log(prior_precision) + 2 * self.log_std[_key(name)]  # log δσ²
-            terms = log_scaled_var.exp() + prior_precision * mean.square() - 1 - log_scaled_var
-            total = total.to(terms.device) + 0.5 * terms.sum()
-        return total
+        """``KL(q ‖ N(0, δ⁻¹ I))`` in closed form:
+        ``½ [δ tr Σ + δ ‖μ‖² − P − log det(δ Σ)]``, with ``log det Σ = Σ log σ² + log det(I + Uᵀ D⁻¹ U)``."""
+        log_var = torch.cat([2 * self.log_std[_key(name)].reshape(-1) for name in self.layers])
+        mean = torch.cat([m.reshape(-1) for m in self.means().values()])
+        trace, log_det = log_var.exp().sum(), log_var.sum()
+        if self.factor is not None:
+            scaled = self.factor * (-0.5 * log_var).exp().unsqueeze(1)  # D^{-1/2} U
+            inner = torch.eye(self.rank, device=scaled.device, dtype=scaled.dtype) + scaled.T @ scaled
+            trace, log_det = trace + self.factor.square().sum(), log_det + torch.linalg.slogdet(inner)[1]
+        size = mean.numel()
+        delta = prior_precision
+        return 0.5 * (delta * trace + delta * mean.square().sum() - size - size * math.log(delta) - log_det)
 
     @torch.no_grad()
     def optimal_prior_precision(self) -> float:
-        """``argmax_δ ELBO = P / Σ(μ² + σ²)``."""
+        """``argmax_δ ELBO = P / (‖μ‖² + tr Σ)``."""
         means, stds = self.means(), self.stds()
         second = sum(float((means[n].square() + stds[n].square()).sum()) for n in means)
+        if self.factor is not None:
+            second += float(self.factor.square().sum())
         return sum(m.numel() for m in means.values()) / second
 
-    def posterior(self) -> DiagPosterior:
+    def posterior(self) -> Posterior:
+        """``diag`` (mean-field) or ``lowrank_diag`` with ``D̂ = √(k−1) Uᵀ`` and λ = 1, so that
+        ``D̂ᵀD̂ / (k−1) = U Uᵀ``."""
         means = {name: mean.detach().clone() for name, mean in self.means().items()}
-        return DiagPosterior(means, {name: std.detach().square() for name, std in self.stds().items()})
+        variances = {name: std.detach().square() for name, std in self.stds().items()}
+        if self.factor is None:
+            return DiagPosterior(means, variances)
+        deviations = (self.rank - 1) ** 0.5 * self.factor.detach().T
+        return LowRankDiagPosterior(means, flatten(variances), deviations, scale=1.0)
 
 
 def _key(name: str) -> str:
@@ -103,7 +140,7 @@ class Elbo:
     """
 
     def __init__(
-        self, variational: MeanFieldCores, num_data: int, prior_precision: float | None, kl_weight: float
+        self, variational: GaussianCores, num_data: int, prior_precision: float | None, kl_weight: float
     ) -> None:
         self.variational = variational
         self.num_data = num_data
@@ -125,24 +162,26 @@ def fit_vi(
     encoder: Encoder,
     schedule: ViSchedule,
     progress: bool = True,
-) -> tuple[DiagPosterior, dict[str, Any]]:
+) -> tuple[Posterior, dict[str, Any]]:
     """Fit ``q`` from the MAP in ``model``; the model's cores are restored to the MAP afterwards.
 
     Returns:
-        The mean-field posterior over the cores and a record (prior precision, final KL, mean σ, seconds).
+        The posterior over the cores (``diag`` or ``lowrank_diag``) and a record (prior precision, final
+        KL, mean σ, seconds).
     """
     start = time.perf_counter()
     model.freeze_base()
     model.head.requires_grad_(False)
-    variational = MeanFieldCores(model, schedule.init_std)
+    variational = GaussianCores(model, schedule.init_std, schedule.rank, schedule.seed)
     map_cores = {name: mean.detach().clone() for name, mean in variational.means().items()}
     objective = Elbo(variational, len(train), schedule.prior_precision, schedule.kl_weight)
-    optimizer = torch.optim.Adam(
-        [
-            {"params": list(variational.means().values()), "lr": schedule.lr},
-            {"params": list(variational.parameters()), "lr": schedule.std_lr},
-        ]
-    )
+    groups = [
+        {"params": list(variational.means().values()), "lr": schedule.lr},
+        {"params": list(variational.log_std.parameters()), "lr": schedule.std_lr},
+    ]
+    if variational.factor is not None:  # in the cores' own units, like the means
+        groups.append({"params": [variational.factor], "lr": schedule.lr})
+    optimizer = torch.optim.Adam(groups)
     loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(schedule.epochs * len(loader), 0.0))
     device = next(model.parameters()).device
@@ -168,6 +207,7 @@ def fit_vi(
         "prior_precision": objective.prior_precision,
         "prior_learned": objective.learn_prior,
         "kl_weight": schedule.kl_weight,
+        "rank": schedule.rank,
         "kl": round(kl, 3),
         "negative_elbo_per_example": [round(v, 5) for v in losses],
         "std_mean": float(stds.mean()),

@@ -60,11 +60,11 @@ def test_new_posterior_bundles_are_served_and_an_ensemble_serves_the_mean_of_its
     adapters = tmp_path / "adapters"
     _train(tiny_base, adapters / "ens", "--posterior", "ensemble", "--members", "3")
     _train(tiny_base, adapters / "swag", "--posterior", "swag", "--posterior-head")
-    _train(tiny_base, adapters / "vi", "--posterior", "vi")
+    _train(tiny_base, adapters / "vi", "--posterior", "vi", "--vi-rank", "2")
     _train(tiny_base, adapters / "drop", "--posterior", "mc-dropout", "--adapter-dropout", "0.3")
     families = {name: load_bundle(adapters / name).manifest.posterior for name in ("ens", "swag", "vi", "drop")}
     assert {n: p.family for n, p in families.items()} == {
-        "ens": "ensemble", "swag": "lowrank_diag", "vi": "diag", "drop": "dropout"
+        "ens": "ensemble", "swag": "lowrank_diag", "vi": "lowrank_diag", "drop": "dropout"
     }  # fmt: skip
     assert families["ens"].covers_head and families["swag"].covers_head and not families["vi"].covers_head
     assert all(p.predictive == "sample" for p in families.values())

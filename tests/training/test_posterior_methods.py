@@ -20,7 +20,7 @@ from training.encoding import Encoder
 from training.evaluate import predict
 from training.objectives import AdapterDropout, per_row_cores
 from training.swag import SwagMoments, SwagSchedule, fit_swag
-from training.variational import Elbo, MeanFieldCores, ViSchedule, fit_vi
+from training.variational import Elbo, GaussianCores, ViSchedule, fit_vi
 
 PATTERNS = ("query", "value")
 WORDS = ["good", "bad", "film", "plot", "dull", "witty", "boring", "great", "awful", "fun", "slow", "moving"]
@@ -102,7 +102,7 @@ def test_fit_swag_collects_snapshots_and_restores_the_map(tiny_dir: Path) -> Non
 
 def test_vi_kl_equals_the_closed_form_and_the_learned_prior_is_its_optimum(tiny_dir: Path) -> None:
     model = _model(tiny_dir)
-    q = MeanFieldCores(model, init_std=0.1)
+    q = GaussianCores(model, init_std=0.1)
     with torch.no_grad():
         for p in q.parameters():
             p.add_(0.3 * torch.randn(p.shape))
@@ -119,11 +119,33 @@ def test_vi_kl_equals_the_closed_form_and_the_learned_prior_is_its_optimum(tiny_
         assert float(q.kl(best)) < min(float(q.kl(best * 1.05)), float(q.kl(best / 1.05)))
 
 
+def test_low_rank_kl_and_covariance_equal_torch_distributions(tiny_dir: Path) -> None:
+    model = _model(tiny_dir)
+    q = GaussianCores(model, init_std=0.2, rank=3, seed=1)
+    with torch.no_grad():
+        q.factor.mul_(20.0)
+    mean = flatten(q.means()).detach().double()
+    variance = flatten(q.stds()).detach().double().square()
+    factor = q.factor.detach().double()
+    exact = torch.distributions.LowRankMultivariateNormal(mean, factor, variance)
+    delta = 2.5
+    prior = torch.distributions.MultivariateNormal(torch.zeros_like(mean), torch.eye(len(mean)).double() / delta)
+    expected = torch.distributions.kl_divergence(exact, prior)
+    torch.testing.assert_close(q.kl(delta).double(), expected, rtol=1e-4, atol=1e-4)
+    posterior = q.posterior()  # the bundle's SWAG form carries the same Gaussian
+    torch.testing.assert_close(posterior.covariance().double(), exact.covariance_matrix, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        rows = q.sample_rows(50_000)
+    flat = torch.cat([rows[name].reshape(50_000, -1) for name in q.means()], dim=1).double()
+    scale = float(exact.covariance_matrix.abs().max())  # Monte-Carlo error of an entry ≈ scale · √(2/S) ≈ 0.6%
+    torch.testing.assert_close(torch.cov(flat.T), exact.covariance_matrix, atol=0.03 * scale, rtol=0)
+
+
 def test_elbo_draws_noise_per_example(tiny_dir: Path) -> None:
     """Two copies of one input in a batch get different cores: the draw is not shared across the batch."""
     model = _model(tiny_dir)
     batch = _encoder(tiny_dir)([Example("a dull film", 0)] * 2)
-    q = MeanFieldCores(model, init_std=0.5)
+    q = GaussianCores(model, init_std=0.5)
     with torch.no_grad(), per_row_cores(model, q.sample_rows(2)):
         logits = model(batch["input_ids"], batch["attention_mask"])
     assert not torch.allclose(logits[0], logits[1])
