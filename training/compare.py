@@ -79,6 +79,7 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
             "predictive": fitted.predictive,
             "temperature": temperature,
             "prior_precision": fitted.info.get("prior_precision"),
+            "fit": fitted.info,
         }
         for split in ("test", "shift", "ood"):
             if split in evaluation:
