@@ -46,6 +46,7 @@ class Example:
     text: str
     label: int
     text_pair: str | None = None
+    num_choices: int | None = None  # multiple choice: the item's choices (its prompt is ``text``)
 
 
 @dataclass

