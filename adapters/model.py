@@ -24,6 +24,7 @@ from adapters.layer import LoraXSLinear
 from adapters.projections import Projection, build_projection
 
 POOLINGS = ("mean", "cls", "last")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma")
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 
 
@@ -219,6 +220,13 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
+def default_pooling(config) -> str:
+    """``last`` for decoders (causal LMs), ``mean`` for encoders."""
+    causal = any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or [])
+    decoder = getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES or causal
+    return "last" if decoder else "mean"
+
+
 # ------------------------------------------------------------------------------------------ classifier
 
 
@@ -231,14 +239,24 @@ class LoraXSClassifier(nn.Module):
             each adapter.
         pooling: one of :data:`POOLINGS`.
         dropout: before the head, in training only.
+        train_head: whether :meth:`freeze_base` leaves the head trainable (a multiple-choice head, the LM's
+            answer-letter rows, stays fixed).
     """
 
-    def __init__(self, base: nn.Module, num_labels: int | None, pooling: str = "mean", dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        num_labels: int | None,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        train_head: bool = True,
+    ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
         self.base = base
         self.pooling = pooling
+        self.train_head = train_head
         self.dropout = nn.Dropout(dropout)
         hidden = base.config.hidden_size
         self.head = nn.Linear(hidden, num_labels) if num_labels is not None else None
@@ -367,11 +385,12 @@ class LoraXSClassifier(nn.Module):
         return AdapterWeights(projections, scaling, self.head.weight.detach(), self.head.bias.detach())
 
     def freeze_base(self) -> list[str]:
-        """Make only the cores and this model's head trainable; returns the trainable parameter names."""
+        """Make only the cores and this model's head (unless ``train_head`` is off) trainable; returns the
+        trainable parameter names."""
         for param in self.parameters():
             param.requires_grad_(False)
         trainable = [layer.core.weight for layer in self.lora_layers.values() if layer.core is not None]
-        if self.head is not None:
+        if self.head is not None and self.train_head:
             trainable += list(self.head.parameters())
         for param in trainable:
             param.requires_grad_(True)

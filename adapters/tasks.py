@@ -42,5 +42,6 @@ def letter_token_ids(tokenizer, letters: Sequence[str] = LETTERS) -> list[int]:
 def choice_mask(num_choices: Tensor | Sequence[int], num_letters: int = len(LETTERS)) -> Tensor:
     """Additive logit mask ``(N, num_letters)``: 0 for an item's own letters, ``-inf`` for the rest."""
     counts = torch.as_tensor(num_choices).reshape(-1, 1)
-    positions = torch.arange(num_letters).reshape(1, -1)
-    return torch.zeros(counts.shape[0], num_letters).masked_fill(positions >= counts, float("-inf"))
+    positions = torch.arange(num_letters, device=counts.device).reshape(1, -1)
+    mask = torch.zeros(counts.shape[0], num_letters, device=counts.device)
+    return mask.masked_fill(positions >= counts, float("-inf"))

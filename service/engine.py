@@ -21,6 +21,7 @@ import torch
 from adapters.batching import RowBlock
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
+from adapters.tasks import choice_mask
 from service.errors import NotReadyError, QueueFullError
 from service.host import ModelHost, TextInput
 from service.metrics import Metrics
@@ -212,11 +213,11 @@ class Engine:
         if sampled:
             logits = self.host.forward(batch, [blocks[i] for i in sampled])
             for i, block_logits in zip(sampled, logits, strict=True):
-                preds[i] = predictive(block_logits, jobs[i].adapter.temperature)
+                preds[i] = predictive(_masked(jobs[i], block_logits), jobs[i].adapter.temperature)
         if linearised:
             outputs = self.host.linearise(batch, [blocks[i] for i in linearised])
             for i, (logits, jacobians) in zip(linearised, outputs, strict=True):
-                preds[i] = _glm(jobs[i], logits, jacobians)
+                preds[i] = _glm(jobs[i], _masked(jobs[i], logits), jacobians)
         rows = sum(job.rows for job in jobs)
         results = []
         for i, job in enumerate(jobs):
@@ -227,6 +228,15 @@ class Engine:
         for result in results:
             result.compute_seconds = seconds
         return results
+
+
+def _masked(job: Job, logits: torch.Tensor) -> torch.Tensor:
+    """Multiple choice: the letters an input lacks get ``-inf`` (logits ``(..., n, C)``)."""
+    counts = [item.num_choices for item in job.inputs]
+    if all(count is None for count in counts):
+        return logits
+    mask = choice_mask([count or logits.shape[-1] for count in counts], logits.shape[-1])
+    return logits + mask.to(logits.device, logits.dtype)
 
 
 def _glm(job: Job, logits: torch.Tensor, jacobians: dict[str, torch.Tensor]) -> Predictive:

@@ -18,7 +18,14 @@ from transformers import AutoModel, AutoTokenizer
 
 from adapters.batching import RowBlock
 from adapters.embedded import resolve_model
-from adapters.model import LoraXSClassifier, combine_digests, inject_lora_xs, lora_xs_layers, module_digests
+from adapters.model import (
+    LoraXSClassifier,
+    combine_digests,
+    default_pooling,
+    inject_lora_xs,
+    lora_xs_layers,
+    module_digests,
+)
 
 log = logging.getLogger("caveat.serve")
 
@@ -28,11 +35,16 @@ CPU_TOKEN_BUDGET = 4096  # rows × tokens per forward on a CPU (docs/benchmarks.
 
 @dataclass(frozen=True)
 class TextInput:
-    """One input as the model sees it: a text, an optional second text, and the adapter's max length."""
+    """One input as the model sees it: a text, an optional second text, and the adapter's max length.
+
+    A multiple-choice input is its formatted prompt with ``num_choices`` set; it is truncated from the left,
+    so the ``Answer:`` at its end survives.
+    """
 
     text: str
     text_pair: str | None
     max_length: int
+    num_choices: int | None = None
 
 
 class ModelHost:
@@ -61,8 +73,7 @@ class ModelHost:
         self._digests = module_digests(base)  # float32, before any cast
         inject_lora_xs(base, list(self._digests))
         base.to(device=self.device, dtype=self.dtype).eval()
-        decoder = base.config.is_decoder or "llama" in base.config.model_type
-        self.pooling = "last" if decoder else "mean"
+        self.pooling = default_pooling(base.config)
         self.classifier = LoraXSClassifier(base, num_labels=None, pooling=self.pooling).eval()
         self.hidden_size = base.config.hidden_size
         self.layer_shapes = {
@@ -79,13 +90,15 @@ class ModelHost:
 
     def encode(self, inputs: Sequence[TextInput]) -> dict[str, Tensor]:
         """Tokenise unique inputs, each truncated at its own max length, into one right-padded batch."""
-        groups: dict[tuple[int, bool], list[int]] = {}
+        groups: dict[tuple[int, bool, bool], list[int]] = {}
         for index, item in enumerate(inputs):
-            groups.setdefault((item.max_length, item.text_pair is not None), []).append(index)
+            key = (item.max_length, item.text_pair is not None, item.num_choices is not None)
+            groups.setdefault(key, []).append(index)
         encoded: list[dict[str, Tensor]] = [{}] * len(inputs)
-        for (max_length, paired), indices in groups.items():
+        for (max_length, paired, prompt), indices in groups.items():
             texts = [inputs[i].text for i in indices]
             pairs = [inputs[i].text_pair for i in indices] if paired else None
+            self.tokenizer.truncation_side = "left" if prompt else "right"  # only the worker thread encodes
             batch = self.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True)
             for row, index in enumerate(indices):
                 encoded[index] = {k: batch[k][row] for k in batch}

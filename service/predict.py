@@ -11,15 +11,17 @@ import time
 from dataclasses import dataclass
 
 from adapters.predictive import AbstentionRule
+from adapters.tasks import DEFAULT_TEMPLATE, format_prompt
 from service.engine import Job, JobResult
 from service.errors import InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput
 from service.registry import AdapterVersion
-from service.schemas import AbstainOverride, PredictResult, TextPair, Uncertainty
+from service.schemas import AbstainOverride, MultipleChoice, PredictResult, TextPair, Uncertainty
 from service.settings import Settings
 from service.state import ServiceState
 
 METHODS = ("sample", "glm", "map")
+Input = str | TextPair | MultipleChoice
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Answer:
 async def run_prediction(
     state: ServiceState,
     adapter_ref: str,
-    inputs: list[str | TextPair],
+    inputs: list[Input],
     *,
     num_samples: int | None = None,
     method: str | None = None,
@@ -74,18 +76,31 @@ async def run_prediction(
     return Answer(adapter, method, num_samples, seed, result, time.perf_counter() - start)
 
 
-def _check_inputs(inputs: list[str | TextPair], settings: Settings) -> None:
+def _check_inputs(inputs: list[Input], settings: Settings) -> None:
     if len(inputs) > settings.max_inputs:
         raise PayloadTooLargeError(f"{len(inputs)} inputs; this server takes at most {settings.max_inputs} per request")
     for index, item in enumerate(inputs):
-        texts = [item] if isinstance(item, str) else [item.text, item.text_pair or ""]
+        if isinstance(item, MultipleChoice):
+            texts = [item.question, *item.choices]
+        else:
+            texts = [item] if isinstance(item, str) else [item.text, item.text_pair or ""]
         if any(len(t) > settings.max_text_chars for t in texts):
             raise PayloadTooLargeError(
                 f"input {index} is longer than this server's limit of {settings.max_text_chars} characters"
             )
 
 
-def _text_input(item: str | TextPair, adapter: AdapterVersion) -> TextInput:
+def _text_input(item: Input, adapter: AdapterVersion) -> TextInput:
+    task = adapter.manifest.task
+    if task.type == "multiple-choice":
+        if not isinstance(item, MultipleChoice):
+            raise InvalidRequestError(f"adapter {adapter.name!r} answers multiple choice: send {{question, choices}}")
+        prompt = format_prompt(item.question, item.choices, task.prompt_template or DEFAULT_TEMPLATE)
+        return TextInput(prompt, None, adapter.max_length, num_choices=len(item.choices))
+    if isinstance(item, MultipleChoice):
+        raise InvalidRequestError(
+            f"adapter {adapter.name!r} classifies texts; {{question, choices}} is for multiple choice"
+        )
     text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
     if pair is not None and not adapter.manifest.task.text_pair:
         raise InvalidRequestError(f"adapter {adapter.name!r} takes single texts, not text pairs")

@@ -305,8 +305,6 @@ class AdapterRegistry:
         return self._place(bundle, name or manifest.name, directory)
 
     def _check_task(self, manifest: BundleManifest, directory: Path) -> None:
-        if manifest.task.type != "sequence-classification":
-            raise BundleRejectedError(f"bundle {directory.name!r} is a {manifest.task.type} task; not served yet")
         if manifest.task.pooling != self.host.pooling:
             raise BundleRejectedError(
                 f"bundle {directory.name!r} pools by {manifest.task.pooling!r}; this server's base pools by "

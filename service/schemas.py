@@ -19,6 +19,13 @@ class TextPair(_Strict):
     text_pair: str | None = None
 
 
+class MultipleChoice(_Strict):
+    """A question for a multiple-choice adapter: the answer letters A, B, ... follow the choices' order."""
+
+    question: str
+    choices: list[str] = Field(min_length=2, max_length=5)
+
+
 class AbstainOverride(_Strict):
     """Thresholds that replace the bundle's abstention rules for this request (only those given apply;
     ``{}`` disables abstention)."""
@@ -30,7 +37,11 @@ class AbstainOverride(_Strict):
 
 class PredictRequest(_Strict):
     adapter: str = Field(description="adapter name, or name@version to insist on a version")
-    inputs: list[str | TextPair] = Field(min_length=1, description="texts, or {text, text_pair} objects")
+    inputs: list[str | TextPair | MultipleChoice] = Field(
+        min_length=1,
+        description="texts, {text, text_pair} objects, or {question, choices} for multiple-choice adapters (their "
+        "probs are over the letters A–E, 0 for letters beyond an item's choices)",
+    )
     num_samples: int | None = Field(
         None, ge=1, description="network samples (sample) or logit draws (glm); default: the bundle's"
     )

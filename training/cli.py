@@ -23,16 +23,21 @@ from adapters.errors import CaveatError
 
 HELP = {
     "out": "directory for the bundle (new or empty; an existing bundle needs --overwrite)",
-    "base_model": "Hugging Face id, local path, or the embedded name 'minilm'",
-    "dataset": "embedded name (sst2) or a local .csv/.tsv/.jsonl/.parquet file",
+    "base_model": "Hugging Face id, local path, or an embedded name: 'minilm', 'smollm2' (a causal LM, for "
+    "multiple choice)",
+    "dataset": "embedded name (sst2; arc-easy, multiple choice) or a local .csv/.tsv/.jsonl/.parquet file",
+    "task": "classification or multiple-choice (default: multiple-choice for arc-easy, else classification)",
+    "prompt_template": "multiple choice: the prompt, with {question} and {choices} (rendered 'A. … B. …'); the "
+    "answer letter's logit is read after it",
     "text_column": "text column of local files",
     "text_pair_column": "second text column for sentence-pair tasks",
     "label_column": "label column of local files",
     "validation_file": "separate validation file (default: carved from the training data)",
     "test_file": "separate test file (default: carved from the training data)",
     "validation_size": "examples carved for validation",
-    "shift": "labelled set in the same label space, only for evaluation under shift (embedded: drugreviews)",
-    "ood": "texts only for out-of-distribution detection (embedded: bbcnews)",
+    "shift": "labelled set in the same label space, only for evaluation under shift (embedded: drugreviews; "
+    "openbookqa for multiple choice)",
+    "ood": "texts only for out-of-distribution detection (embedded: bbcnews; openbookqa for multiple choice)",
     "shift_limit": "evaluate on at most this many shift examples (seeded subset)",
     "ood_limit": "evaluate on at most this many OOD texts (seeded subset)",
     "train_limit": "train on at most this many examples (seeded subset; for quick runs)",
@@ -47,7 +52,7 @@ HELP = {
     "head_lr": "learning rate of the classifier head",
     "weight_decay": "AdamW weight decay",
     "batch_size": "examples per batch",
-    "max_length": "tokens per example (longer ones are truncated)",
+    "max_length": "tokens per example (default 64; 256 for multiple choice, whose prompts lose their start)",
     "patience": "stop after this many epochs without validation improvement",
     "select_by": "validation score that picks the checkpoint: nll or accuracy",
     "seed": "seed of data splits, initialisation, shuffling and sampling",

@@ -19,6 +19,8 @@ from typing import Any
 from training.pipeline import (
     POSTERIORS,
     ConfigError,
+    Fitted,
+    Session,
     TrainConfig,
     calibrate,
     evaluate,
@@ -28,7 +30,7 @@ from training.pipeline import (
     train,
 )
 
-METHODS = ("map", "temperature", *POSTERIORS[1:])
+METHODS = ("zero-shot", "map", "temperature", *POSTERIORS[1:])  # zero-shot: the base before any training
 NEEDS_OWN_MAP = ("mc-dropout",)  # trained last, so the shared MAP serves every other method first
 
 COLUMNS = [
@@ -52,44 +54,54 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     session = prepare(config)
+    rows = []
+    if "zero-shot" in methods:  # the cores start at ~0: the base model as it is (with a new head, if any)
+        rows.append(_row(session, "zero-shot", 0.0))
+        session.say(markdown_table(rows))
+        session.forget_outputs()
     train(session, dropout=False)
     if not session.accelerator.is_main_process:
         return []
     map_seconds = session.map_result.seconds
-    rows = []
     ordered = [m for m in methods if m not in NEEDS_OWN_MAP] + [m for m in methods if m in NEEDS_OWN_MAP]
-    for method in ordered:
+    for method in [m for m in ordered if m != "zero-shot"]:
         if method in NEEDS_OWN_MAP:
             reinitialise(session.model, config.seed)
             session.forget_outputs()
             map_seconds = train(session, dropout=True).seconds
-        fitted = fit_posterior(session, "map" if method == "temperature" else method)
-        temperature, _ = calibrate(session, fitted, method == "temperature" or config.temperature_scaling)
-        evaluation, _ = evaluate(session, fitted, temperature)
-        if method == "ensemble":
-            train_seconds = sum(fitted.info["member_training_seconds"])
-        else:
-            train_seconds = map_seconds + fitted.seconds
-        row: dict[str, Any] = {
-            "posterior": method,
-            "train_seconds": round(train_seconds, 1),
-            "fit_seconds": fitted.seconds,
-            "bundle_kb": round(_tensor_kb(session, fitted), 1),
-            "num_samples": fitted.num_samples,
-            "predictive": fitted.predictive,
-            "temperature": temperature,
-            "prior_precision": fitted.info.get("prior_precision"),
-            "fit": fitted.info,
-        }
-        for split in ("test", "shift", "ood"):
-            if split in evaluation:
-                row[split] = evaluation[split]["posterior"]
-        rows.append(row)
+        rows.append(_row(session, method, map_seconds))
         session.say(markdown_table(rows))
     return rows
 
 
-def _tensor_kb(session, fitted) -> float:
+def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
+    """Fit, calibrate and evaluate one method on the session's current model."""
+    config = session.config
+    fitted = fit_posterior(session, "map" if method in ("temperature", "zero-shot") else method)
+    temperature, _ = calibrate(session, fitted, method == "temperature" or config.temperature_scaling)
+    evaluation, _ = evaluate(session, fitted, temperature)
+    if method == "ensemble":
+        train_seconds = sum(fitted.info["member_training_seconds"])
+    else:
+        train_seconds = map_seconds + fitted.seconds
+    row: dict[str, Any] = {
+        "posterior": method,
+        "train_seconds": round(train_seconds, 1),
+        "fit_seconds": fitted.seconds,
+        "bundle_kb": round(_tensor_kb(session, fitted), 1),
+        "num_samples": fitted.num_samples,
+        "predictive": fitted.predictive,
+        "temperature": temperature,
+        "prior_precision": fitted.info.get("prior_precision"),
+        "fit": fitted.info,
+    }
+    for split in ("test", "shift", "ood"):
+        if split in evaluation:
+            row[split] = evaluation[split]["posterior"]
+    return row
+
+
+def _tensor_kb(session: Session, fitted: Fitted) -> float:
     """kB of the bundle's own tensors: cores, head and posterior (the shared projections excluded)."""
     tensors, _ = fitted.posterior.state()
     own = [layer.core.weight for layer in session.model.lora_layers.values()] + list(session.model.head.parameters())

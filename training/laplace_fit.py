@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adapters import KronFactors, KronPosterior, LoraXSClassifier, Posterior
-from training.encoding import model_inputs
+from training.encoding import batch_logits
 from training.exact_ggn import fit_exact
 
 STRUCTURES = {"laplace-diag": "diag", "laplace-kron": "kron", "laplace-full": "full"}
@@ -37,7 +37,7 @@ class DictInputModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         device = next(self.model.parameters()).device  # laplace-torch moves the labels, not a mapping
-        return self.model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
+        return batch_logits(self.model, {k: v.to(device) for k, v in batch.items() if k != "labels"})
 
 
 @dataclass

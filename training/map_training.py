@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from adapters import LoraXSClassifier
 from training.data import Example
-from training.encoding import Encoder, make_loader, model_inputs
+from training.encoding import Encoder, batch_logits, make_loader
 from training.objectives import CrossEntropy, Objective
 
 
@@ -66,10 +66,10 @@ def train_map(
     torch.manual_seed(schedule.seed)
     model.freeze_base()
     cores = [layer.core.weight for layer in model.lora_layers.values()]
-    optimizer = torch.optim.AdamW(
-        [{"params": cores, "lr": schedule.lr}, {"params": list(model.head.parameters()), "lr": schedule.head_lr}],
-        weight_decay=schedule.weight_decay,
-    )
+    groups = [{"params": cores, "lr": schedule.lr}]
+    if model.train_head:
+        groups.append({"params": list(model.head.parameters()), "lr": schedule.head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=schedule.weight_decay)
     loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed)
     sampler = loader.batch_sampler  # keep our own handle: accelerate may wrap it for several processes
     total_steps = schedule.epochs * len(loader)
@@ -151,7 +151,7 @@ def validation_scores(model: LoraXSClassifier, examples: list[Example], encoder:
     device = next(model.parameters()).device
     correct, nll, count = 0, 0.0, 0
     for batch in make_loader(examples, encoder, batch_size, shuffle=False):
-        logits = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).float()
+        logits = batch_logits(model, {k: v.to(device) for k, v in batch.items()}).float()
         labels = batch["labels"].to(device)
         correct += (logits.argmax(-1) == labels).sum().item()
         nll += F.cross_entropy(logits, labels, reduction="sum").item()

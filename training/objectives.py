@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from adapters import LoraXSClassifier
 from adapters.layer import RowGroup
 from adapters.posteriors import drop_columns
-from training.encoding import model_inputs
+from training.encoding import batch_logits
 
 
 class Objective(Protocol):
@@ -33,8 +33,7 @@ def classifier(model: nn.Module) -> LoraXSClassifier:
 
 
 def cross_entropy(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    logits = model(**model_inputs(batch))
-    return F.cross_entropy(logits.float(), batch["labels"])
+    return F.cross_entropy(batch_logits(model, batch).float(), batch["labels"])
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import Tensor
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from adapters import (
     Bundle,
@@ -48,11 +48,21 @@ from adapters.manifest import (
     ProjectionSpecRecord,
     TaskSpec,
 )
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from adapters.model import HEAD_BIAS, HEAD_WEIGHT, default_pooling
 from adapters.projections import spec_needs_data
+from adapters.tasks import DEFAULT_TEMPLATE, letter_token_ids
 from training.calibration import fit_abstention, fit_temperature
-from training.data import Columns, Example, TaskData, fingerprint, load_ood, load_shift, load_task
-from training.encoding import Encoder, make_loader, model_inputs, texts_as_examples
+from training.data import (
+    MULTIPLE_CHOICE_SETS,
+    Columns,
+    Example,
+    TaskData,
+    fingerprint,
+    load_ood,
+    load_shift,
+    load_task,
+)
+from training.encoding import Encoder, make_loader, model_inputs
 from training.evaluate import Linearisation, Outputs, labels_of, linearise, ood_metrics, predict, split_metrics
 from training.laplace_fit import STRUCTURES, fit_laplace
 from training.map_training import MapResult, MapSchedule, train_map
@@ -73,6 +83,8 @@ GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
 GRID_VALIDATION, GRID_SAMPLES = 300, 8
 WSVD_BATCHES = 32
 CORE_INIT_STD = 1e-5
+TASKS = ("classification", "multiple-choice")
+CLASSIFICATION_MAX_LENGTH, MC_MAX_LENGTH = 64, 256
 
 
 class ConfigError(CaveatError, ValueError):
@@ -86,6 +98,8 @@ class TrainConfig:
     out: str = ""
     base_model: str = "minilm"
     dataset: str = "sst2"
+    task: str | None = None  # classification or multiple-choice (default: from the dataset)
+    prompt_template: str | None = None  # multiple choice; default adapters.tasks.DEFAULT_TEMPLATE
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
@@ -108,7 +122,7 @@ class TrainConfig:
     head_lr: float = 5e-3
     weight_decay: float = 0.0
     batch_size: int = 32
-    max_length: int = 64
+    max_length: int | None = None  # default: 64 tokens for classification, 256 for multiple choice
     patience: int = 2
     select_by: str = "nll"
     seed: int = 0
@@ -147,6 +161,15 @@ class TrainConfig:
     progress: bool = True
 
     @property
+    def multiple_choice(self) -> bool:
+        return (self.task or ("multiple-choice" if self.dataset in MULTIPLE_CHOICE_SETS else "")) == "multiple-choice"
+
+    @property
+    def tokens(self) -> int:
+        """The maximum input length in effect."""
+        return self.max_length or (MC_MAX_LENGTH if self.multiple_choice else CLASSIFICATION_MAX_LENGTH)
+
+    @property
     def split_seed(self) -> int:
         """The seed of the data splits and subsets."""
         return self.seed if self.data_seed is None else self.data_seed
@@ -162,6 +185,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --prior {self.prior!r}; choose one of {list(PRIORS)}")
         if self.target_risk is not None and self.target_coverage is not None:
             raise ConfigError("give --target-risk or --target-coverage, not both")
+        if self.task not in (None, *TASKS):
+            raise ConfigError(f"unknown --task {self.task!r}; choose one of {list(TASKS)}")
+        if self.multiple_choice and self.posterior_head:
+            raise ConfigError("--posterior-head: a multiple-choice head is the frozen LM head (answer letters)")
         if self.posterior in ("vi", "mc-dropout") and self.posterior_head:
             raise ConfigError(f"--posterior-head is not available for --posterior {self.posterior} (cores only)")
         if not 0 < self.adapter_dropout < 1:
@@ -204,18 +231,36 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             raise ConfigError(f"--out {out} already holds a bundle; pass --overwrite to replace it")
 
 
-def load_base(name_or_path: str):
+def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, torch.nn.Module, Tensor | None]:
+    """Tokenizer, base model and, for multiple choice, the answer letters' rows of the LM head ``(C, H)``.
+
+    A multiple-choice base is loaded as a causal LM; its decoder is the base and the letters' output
+    embeddings become the (frozen) classifier head. Its prompts are truncated from the left, so the
+    ``Answer:`` they end with is always kept.
+    """
     path = resolve_model(name_or_path)
     if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
         raise ConfigError(f"--base-model {name_or_path}: no such path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModel.from_pretrained(path, dtype=torch.float32)
-    except OSError as exc:
+        if multiple_choice:
+            causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            base = AutoModel.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"--base-model {name_or_path} cannot be loaded: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, base
+    tokenizer.padding_side = "right"  # batched rows and "last" pooling need right padding
+    if not multiple_choice:
+        return tokenizer, base, None
+    tokenizer.truncation_side = "left"
+    try:
+        letters = letter_token_ids(tokenizer)
+    except ValueError as exc:
+        raise ConfigError(f"--base-model {name_or_path}: {exc}") from exc
+    head = causal.get_output_embeddings().weight.detach()[letters].clone()
+    return tokenizer, causal.base_model, head
 
 
 def default_targets(base) -> list[str]:
@@ -262,7 +307,7 @@ class Session:
     validation: list[Example]
     test: list[Example]
     shift: tuple[str, list[Example]] | None
-    ood: tuple[str, list[str]] | None
+    ood: tuple[str, list[Example]] | None
     model: LoraXSClassifier
     encoder: Encoder
     patterns: list[str]
@@ -284,7 +329,7 @@ class Session:
         if self.shift is not None:
             splits["shift"] = self.shift[1]
         if self.ood is not None:
-            splits["ood"] = texts_as_examples(self.ood[1])
+            splits["ood"] = self.ood[1]
         return splits
 
     def map_outputs(self, split: str, examples: list[Example]) -> Outputs:
@@ -345,9 +390,13 @@ def prepare(config: TrainConfig) -> Session:
         test_file=config.test_file,
         validation_size=config.validation_size,
         seed=config.split_seed,
+        prompt_template=config.prompt_template,
     )
-    shift = load_shift(config.shift, task.labels, columns) if config.shift else None
-    ood = load_ood(config.ood, config.text_column) if config.ood else None
+    shift = load_shift(config.shift, task.labels, columns, config.prompt_template) if config.shift else None
+    ood = load_ood(config.ood, config.text_column, config.prompt_template) if config.ood else None
+    if config.multiple_choice != all(e.num_choices is not None for e in task.train):
+        kind = "multiple-choice" if config.multiple_choice else "classification"
+        raise ConfigError(f"--dataset {config.dataset} is not a {kind} task (--task)")
     train = _limit(task.train, config.train_limit, config.split_seed)
     validation = _limit(task.validation, config.eval_limit, config.split_seed)
     test = _limit(task.test, config.eval_limit, config.split_seed)
@@ -358,17 +407,24 @@ def prepare(config: TrainConfig) -> Session:
     )
     stage.done("data")
 
-    tokenizer, base = load_base(config.base_model)
+    tokenizer, base, letter_head = load_base(config.base_model, config.multiple_choice)
     patterns = config.targets or default_targets(base)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)
     lora = LoraXSConfig(config.rank, config.alpha, tuple(patterns), config.projection, config.seed)
-    encoder = Encoder(tokenizer, config.max_length)
+    encoder = Encoder(tokenizer, config.tokens)
     moments, projection_data = _input_moments(base, names, train, encoder, config)
     projections = compute_projections(base, names, lora, moments)
     report = inject_lora_xs(base, patterns, projections, alpha=config.alpha, init_std=CORE_INIT_STD, seed=config.seed)
-    pooling = config.pooling or ("last" if base.config.is_decoder or "llama" in base.config.model_type else "mean")
-    model = LoraXSClassifier(base, num_labels=len(task.labels), pooling=pooling).to(accelerator.device)
+    pooling = config.pooling or default_pooling(base.config)
+    if letter_head is None:
+        model = LoraXSClassifier(base, num_labels=len(task.labels), pooling=pooling)
+    else:  # the LM's own next-token logits of the answer letters: a fixed head, no dropout in front of it
+        model = LoraXSClassifier(base, num_labels=len(task.labels), pooling="last", dropout=0.0, train_head=False)
+        with torch.no_grad():
+            model.head.weight.copy_(letter_head)
+            model.head.bias.zero_()
+    model = model.to(accelerator.device)
     accelerator.print(f"LoRA-XS: {report}, rank {config.rank}, {len(names) * config.rank**2} core parameters")
     stage.done("setup")
     return Session(
@@ -504,14 +560,15 @@ def train_ensemble(session: Session) -> tuple[EnsemblePosterior, dict[str, Any]]
 
 
 def reinitialise(model: LoraXSClassifier, seed: int) -> None:
-    """Fresh cores (``N(0, 1e-5²)``, as at injection) and head, from ``seed``."""
+    """Fresh cores (``N(0, 1e-5²)``, as at injection) and a fresh trainable head, from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.lora_layers.values():
             weight = layer.core.weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * CORE_INIT_STD)
-        torch.manual_seed(seed)
-        model.head.reset_parameters()
+        if model.train_head:  # a multiple-choice head is the LM's, shared by every member
+            torch.manual_seed(seed)
+            model.head.reset_parameters()
 
 
 def _member_from_bundle(session: Session, path: Path) -> tuple[dict[str, Tensor], float]:
@@ -654,10 +711,12 @@ def write_bundle(
         name=config.name or _bundle_name(out),
         version=config.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S"),
         task=TaskSpec(
+            type="multiple-choice" if config.multiple_choice else "sequence-classification",
             labels=session.task.labels,
             pooling=model.pooling,
             text_pair=session.task.text_pair,
-            max_length=config.max_length,
+            max_length=config.tokens,
+            prompt_template=(config.prompt_template or DEFAULT_TEMPLATE) if config.multiple_choice else None,
         ),
         base_model=BaseModelSpec(
             name_or_path=config.base_model,
@@ -769,7 +828,8 @@ def _data_card(session: Session) -> dict[str, Any]:
             "sha256": fingerprint(session.shift[1]),
         }
     if session.ood is not None:
-        card["ood"] = {"dataset": session.ood[0], "size": len(session.ood[1]), "sha256": fingerprint(session.ood[1])}
+        texts = [e.text for e in session.ood[1]]
+        card["ood"] = {"dataset": session.ood[0], "size": len(texts), "sha256": fingerprint(texts)}
     return card
 
 

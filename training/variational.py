@@ -201,7 +201,7 @@ def fit_vi(
         kl = float(variational.kl(objective.prior_precision))
         for name, core in map_cores.items():
             model.lora_layers[name].core.weight.copy_(core)
-    model.head.requires_grad_(True)
+    model.freeze_base()  # back to the usual trainable set
     stds = torch.cat([s.detach().reshape(-1) for s in variational.stds().values()])
     info = {
         "prior_precision": objective.prior_precision,

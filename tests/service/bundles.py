@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModel, AutoTokenizer, BertConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig
 
 from adapters.embedded import resolve_model
 from benchmarks.harness import synthetic_bundle
@@ -28,6 +28,19 @@ def save_tiny_base(directory: Path, seed: int = 0) -> Path:
         intermediate_size=48, max_position_embeddings=128,
     )  # fmt: skip
     AutoModel.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer random LLaMA causal LM (hidden 32) with SmolLM2's tokenizer, as a local model directory."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
