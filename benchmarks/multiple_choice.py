@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from adapters import DiagPosterior, RowBlock, make_generator
+from training.config import TrainConfig
 from training.encoding import Encoder
 from training.map_training import train_map
-from training.pipeline import TrainConfig, map_schedule, prepare
+from training.session import map_schedule, prepare
 
 
 def _batch(encoder: Encoder, examples, device) -> dict:

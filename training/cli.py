@@ -3,7 +3,7 @@
 ``caveat-train compare --posteriors map,laplace-kron,...`` trains once and compares posterior families
 (:mod:`training.compare`).
 
-Every flag is a field of :class:`training.pipeline.TrainConfig`; ``--config FILE`` (YAML or JSON) supplies
+Every flag is a field of :class:`training.config.TrainConfig`; ``--config FILE`` (YAML or JSON) supplies
 defaults that flags override. Problems with the input exit with status 2 and a one-line message.
 """
 
@@ -107,7 +107,7 @@ def _field_type(hint: Any) -> tuple[Any, bool]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.pipeline import TrainConfig
+    from training.config import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="caveat-train",
@@ -154,7 +154,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def parse_config(argv: list[str] | None = None):
     """Flags (and an optional config file) → ``TrainConfig``."""
-    from training.pipeline import TrainConfig
+    from training.config import TrainConfig
 
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)

@@ -16,19 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.pipeline import (
-    POSTERIORS,
-    ConfigError,
-    Fitted,
-    Session,
-    TrainConfig,
-    calibrate,
-    evaluate,
-    fit_posterior,
-    prepare,
-    reinitialise,
-    train,
-)
+from training.config import POSTERIORS, ConfigError, TrainConfig
+from training.methods import fit_posterior, reinitialise
+from training.pipeline import calibrate, evaluate
+from training.session import Fitted, Session, prepare, train
 
 METHODS = ("zero-shot", "map", "temperature", *POSTERIORS[1:])  # zero-shot: the base before any training
 NEEDS_OWN_MAP = ("mc-dropout",)  # trained last, so the shared MAP serves every other method first

@@ -131,7 +131,8 @@ def test_same_seed_same_model_and_another_seed_another(tmp_path) -> None:
     import torch
 
     from tests.service.bundles import save_tiny_base
-    from training.pipeline import TrainConfig, prepare
+    from training.config import TrainConfig
+    from training.session import prepare
 
     base = save_tiny_base(tmp_path / "base")
 
