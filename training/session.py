@@ -188,6 +188,8 @@ class Session:
 
     def sampled_outputs(self, fitted: Fitted, split: str, examples: list[Example]) -> Outputs:
         """The posterior predictive's per-draw logits, the way the bundle's server computes them."""
+        if fitted.predictive == "map":  # the model's own parameters: the cached MAP logits
+            return self.map_outputs(split, examples)
         if fitted.predictive == "glm":
             return self.linearisation(split, examples).outputs(fitted.posterior, fitted.num_samples, self.config.seed)
         return predict(
