@@ -25,7 +25,7 @@ METHODS = ("zero-shot", "map", "temperature", *POSTERIORS[1:])  # zero-shot: the
 NEEDS_OWN_MAP = ("mc-dropout",)  # trained last, so the shared MAP serves every other method first
 
 COLUMNS = [
-    ("test", "accuracy", "SST acc"),
+    ("test", "accuracy", "test acc"),
     ("test", "ece", "ECE"),
     ("test", "nll", "NLL"),
     ("test", "brier", "Brier"),

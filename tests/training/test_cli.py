@@ -102,7 +102,7 @@ def test_compare_refuses_unknown_posteriors_and_formats_its_table(capsys) -> Non
         {"posterior": "laplace-kron", "train_seconds": 63.2, "bundle_kb": 9.5, "test": {"accuracy": 0.91}},
     ]
     table = markdown_table(rows).splitlines()
-    assert table[0] == "| method | SST acc | ECE | train s | bundle kB |"
+    assert table[0] == "| method | test acc | ECE | train s | bundle kB |"
     assert table[2] == "| map | 0.9000 | 0.0500 | 60 | 1 |"
     assert table[3] == "| laplace-kron | 0.9100 | — | 63 | 10 |"
 
