@@ -39,6 +39,16 @@ def letter_token_ids(tokenizer, letters: Sequence[str] = LETTERS) -> list[int]:
     return ids
 
 
+def mask_choices(logits: Tensor, num_choices: Sequence[int | None]) -> Tensor:
+    """``logits (..., N, C)`` with each multiple-choice item's missing letters at ``-inf``; unchanged when no
+    item is multiple choice (every count ``None``)."""
+    if all(count is None for count in num_choices):
+        return logits
+    classes = logits.shape[-1]
+    mask = choice_mask([classes if count is None else count for count in num_choices], classes)
+    return logits + mask.to(logits.device, logits.dtype)
+
+
 def choice_mask(num_choices: Tensor | Sequence[int], num_letters: int = len(LETTERS)) -> Tensor:
     """Additive logit mask ``(N, num_letters)``: 0 for an item's own letters, ``-inf`` for the rest."""
     counts = torch.as_tensor(num_choices).reshape(-1, 1)

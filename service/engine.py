@@ -21,7 +21,7 @@ import torch
 from adapters.batching import RowBlock
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
-from adapters.tasks import choice_mask
+from adapters.tasks import mask_choices
 from service.errors import NotReadyError, QueueFullError
 from service.host import ModelHost, TextInput
 from service.metrics import Metrics
@@ -232,11 +232,7 @@ class Engine:
 
 def _masked(job: Job, logits: torch.Tensor) -> torch.Tensor:
     """Multiple choice: the letters an input lacks get ``-inf`` (logits ``(..., n, C)``)."""
-    counts = [item.num_choices for item in job.inputs]
-    if all(count is None for count in counts):
-        return logits
-    mask = choice_mask([count or logits.shape[-1] for count in counts], logits.shape[-1])
-    return logits + mask.to(logits.device, logits.dtype)
+    return mask_choices(logits, [item.num_choices for item in job.inputs])
 
 
 def _glm(job: Job, logits: torch.Tensor, jacobians: dict[str, torch.Tensor]) -> Predictive:

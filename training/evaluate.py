@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_generator
 from adapters.predictive import glm_logit_draws, predictive
-from adapters.tasks import choice_mask
+from adapters.tasks import mask_choices
 from training.data import Example
 from training.encoding import Encoder, LengthGroupedSampler, model_inputs
 from training.metrics import auroc, classification_metrics, fpr_at_tpr
@@ -67,7 +67,7 @@ def predict(
             )
             (logits,) = model.forward_rows(batch, [block], token_budget=token_budget)
         out[:, torch.tensor(indices)] = logits.float().cpu()
-    return Outputs(out + _choice_masks(examples, out.shape[-1]))
+    return Outputs(mask_choices(out, [e.num_choices for e in examples]))
 
 
 @dataclass
@@ -116,14 +116,7 @@ def linearise(
             if name not in jacobians:
                 jacobians[name] = torch.empty(len(examples), *jac[name].shape[1:])
             jacobians[name][rows] = jac[name].cpu()
-    return Linearisation(logits + _choice_masks(examples, logits.shape[-1]), jacobians)
-
-
-def _choice_masks(examples: list[Example], num_classes: int) -> Tensor:
-    """``(N, C)``: 0, or ``-inf`` for the letters a multiple-choice item lacks (no mask for classification)."""
-    if all(e.num_choices is None for e in examples):
-        return torch.zeros(len(examples), num_classes)
-    return choice_mask([e.num_choices or num_classes for e in examples], num_classes)
+    return Linearisation(mask_choices(logits, [e.num_choices for e in examples]), jacobians)
 
 
 def _token_budget(model: LoraXSClassifier, token_budget: int | None) -> int | None:
