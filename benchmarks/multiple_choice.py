@@ -10,6 +10,8 @@ on the embedded ARC-Easy split, then times, in one run:
 Usage::
 
     python benchmarks/multiple_choice.py --json OUT.json [--base-model smollm2] [--train-limit N] [--threads 2]
+
+It runs on the GPU when one is present (as caveat-train does), else on the CPU.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.sampling importable
+
 from adapters import DiagPosterior, RowBlock, make_generator
+from benchmarks.sampling import median_ms
 from training.config import TrainConfig
 from training.encoding import Encoder
 from training.map_training import train_map
@@ -43,7 +49,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,13 +80,10 @@ def main() -> None:
             one = {name: value[s : s + 1] for name, value in samples.items()}
             model.forward_rows(batch, [RowBlock(adapter, one, rows)])
 
-    timings = {}
-    with torch.inference_mode():
-        for name, run in (("batched", batched), ("loop", loop)):
-            run()  # warm-up
-            start = time.perf_counter()
-            run()
-            timings[name] = time.perf_counter() - start
+    with torch.inference_mode():  # median of --repeats after a warm-up, synchronised on a GPU
+        timings = {
+            name: median_ms(run, args.repeats, device)[0] / 1000 for name, run in (("batched", batched), ("loop", loop))
+        }
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, device {device}",
@@ -90,7 +93,8 @@ def main() -> None:
         "epoch_seconds": round(epoch_seconds, 1),
         "questions": len(questions),
         "samples": args.samples,
-        "prediction_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "repeats": args.repeats,
+        "prediction_seconds": {k: round(v, 4) for k, v in timings.items()},
         "prompt_tokens": int(batch["attention_mask"].sum(dim=1).max()),
     }
     print(json.dumps(result, indent=2))

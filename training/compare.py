@@ -50,12 +50,15 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
         rows.append(_row(session, "zero-shot", 0.0))
         session.say(markdown_table(rows))
         session.forget_outputs()
+    others = [m for m in methods if m != "zero-shot"]
+    if not others:  # nothing needs the MAP
+        return rows
     train(session, dropout=False)
     if not session.accelerator.is_main_process:
         return []
     map_seconds = session.map_result.seconds
-    ordered = [m for m in methods if m not in NEEDS_OWN_MAP] + [m for m in methods if m in NEEDS_OWN_MAP]
-    for method in [m for m in ordered if m != "zero-shot"]:
+    ordered = [m for m in others if m not in NEEDS_OWN_MAP] + [m for m in others if m in NEEDS_OWN_MAP]
+    for method in ordered:
         if method in NEEDS_OWN_MAP:
             reinitialise(session.model, config.seed)
             session.forget_outputs()

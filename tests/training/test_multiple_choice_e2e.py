@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters import inject_lora_xs, load_bundle
 from adapters.tasks import format_prompt, letter_token_ids
 from tests.service.bundles import running_app, save_tiny_llama
+from training import compare as compare_module
 from training.cli import main
 
 
@@ -38,6 +39,18 @@ def test_compare_from_zero_shot_to_laplace(tiny_llama: Path, tmp_path: Path) -> 
     assert rows["zero-shot"]["train_seconds"] == 0 and rows["map"]["train_seconds"] > 0
     assert rows["zero-shot"]["test"]["nll"] != rows["map"]["test"]["nll"]  # training changed the model
     assert all(0 <= row["test"]["accuracy"] <= 1 and "ood" in row for row in rows.values())
+
+
+def test_zero_shot_alone_trains_nothing(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("a zero-shot comparison trained a MAP")
+
+    monkeypatch.setattr(compare_module, "train", no_training)
+    out = tmp_path / "zero-shot.json"
+    argv = ["compare", "--posteriors", "zero-shot", "--json", str(out), "--base-model", str(tiny_llama), *SLICE]
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["posterior"] == "zero-shot" and row["train_seconds"] == 0 and 0 <= row["test"]["accuracy"] <= 1
 
 
 @pytest.mark.slow
