@@ -5,7 +5,8 @@ on the embedded ARC-Easy split, then times, in one run:
 
 * one MAP training epoch over ``--train-limit`` training questions (all by default);
 * one batched posterior prediction: ``--questions`` questions × ``--samples`` core samples of a diagonal
-  posterior in one batched-rows forward, against the same with S sequential forwards (the loop).
+  posterior in one batched-rows forward, against the same with S sequential forwards (the loop); each the
+  median of ``--repeats`` after a warm-up, the GPU synchronised around every repeat.
 
 Usage::
 
