@@ -19,12 +19,13 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def format_prompt(question: str, choices: Sequence[str], template: str = DEFAULT_TEMPLATE) -> str:
-    """The prompt for one item: ``{question}`` and ``{choices}`` (rendered ``A. … B. …``) filled in."""
+def format_prompt(question: str, choices: Sequence[str], template: str | None = None) -> str:
+    """The prompt for one item: ``{question}`` and ``{choices}`` (rendered ``A. … B. …``) filled in
+    ``template`` (:data:`DEFAULT_TEMPLATE` when ``None``)."""
     if not 2 <= len(choices) <= len(LETTERS):
         raise ValueError(f"a multiple-choice item needs 2 to {len(LETTERS)} choices, got {len(choices)}")
     rendered = " ".join(f"{letter}. {choice.strip()}" for letter, choice in zip(LETTERS, choices, strict=False))
-    return template.format(question=question.strip(), choices=rendered)
+    return (template or DEFAULT_TEMPLATE).format(question=question.strip(), choices=rendered)
 
 
 def letter_token_ids(tokenizer, letters: Sequence[str] = LETTERS) -> list[int]:

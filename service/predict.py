@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from adapters.predictive import AbstentionRule
-from adapters.tasks import DEFAULT_TEMPLATE, format_prompt
+from adapters.tasks import format_prompt
 from service.engine import Job, JobResult
 from service.errors import InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput
@@ -95,7 +95,7 @@ def _text_input(item: Input, adapter: AdapterVersion) -> TextInput:
     if task.type == "multiple-choice":
         if not isinstance(item, MultipleChoice):
             raise InvalidRequestError(f"adapter {adapter.name!r} answers multiple choice: send {{question, choices}}")
-        prompt = format_prompt(item.question, item.choices, task.prompt_template or DEFAULT_TEMPLATE)
+        prompt = format_prompt(item.question, item.choices, task.prompt_template)
         return TextInput(prompt, None, adapter.max_length, num_choices=len(item.choices))
     if isinstance(item, MultipleChoice):
         raise InvalidRequestError(

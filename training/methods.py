@@ -45,7 +45,7 @@ def fit_posterior(session: Session, method: str) -> Fitted:
     start = time.perf_counter()
     draws = config.num_samples or DEFAULT_SAMPLES["sample"]
     if method == "map":
-        posterior = MapPosterior({n: p.detach().clone() for n, p in model.posterior_parameters().items()})
+        posterior = MapPosterior(_snapshot(model))
         fitted = Fitted(method, posterior, "map", 1)
     elif method in STRUCTURES:
         fitted = _fit_laplace(session, method)
@@ -70,8 +70,7 @@ def fit_posterior(session: Session, method: str) -> Fitted:
         posterior, info = train_ensemble(session)
         fitted = Fitted(method, posterior, "sample", posterior.num_members, info)  # each member once
     elif method == "mc-dropout":
-        cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
-        posterior = DropoutPosterior(cores, config.adapter_dropout)
+        posterior = DropoutPosterior(_snapshot(model), config.adapter_dropout)
         fitted = Fitted(method, posterior, "sample", draws, {"rate": config.adapter_dropout})
     else:
         raise ConfigError(f"unknown --posterior {method!r}; choose one of {list(POSTERIORS)}")
@@ -79,6 +78,11 @@ def fit_posterior(session: Session, method: str) -> Fitted:
     if method != "map":
         session.say(f"posterior {method}: {fitted.posterior} in {fitted.seconds:.0f} s")
     return fitted
+
+
+def _snapshot(model: LoraXSClassifier, include_head: bool = False) -> dict[str, Tensor]:
+    """A copy of the values a posterior covers (the cores, and the head with ``include_head``)."""
+    return {n: p.detach().clone() for n, p in model.posterior_parameters(include_head=include_head).items()}
 
 
 def _fit_laplace(session: Session, method: str) -> Fitted:
@@ -109,7 +113,7 @@ def train_ensemble(session: Session) -> tuple[EnsemblePosterior, dict[str, Any]]
     with seeds ``seed+1, seed+2, ...`` (same data, new initialisation and shuffling). Every member brings its
     own head, so the ensemble covers the head. The model is left holding the first member."""
     config, model = session.config, session.model
-    first = {n: p.detach().clone() for n, p in model.posterior_parameters(include_head=True).items()}
+    first = _snapshot(model, include_head=True)
     members, seconds = [first], [session.map_result.seconds if session.map_result else 0.0]
     for path in config.member_bundles or []:
         member, member_seconds = _member_from_bundle(session, Path(path))
@@ -124,7 +128,7 @@ def train_ensemble(session: Session) -> tuple[EnsemblePosterior, dict[str, Any]]
             model, session.train, session.validation, session.encoder, map_schedule(config, seed),
             session.accelerator, progress=config.progress,
         )  # fmt: skip
-        members.append({n: p.detach().clone() for n, p in model.posterior_parameters(include_head=True).items()})
+        members.append(_snapshot(model, include_head=True))
         seconds.append(result.seconds)
     with torch.no_grad():
         for name, param in model.posterior_parameters(include_head=True).items():

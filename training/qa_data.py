@@ -69,7 +69,6 @@ def _arrow_rows(folder: str) -> list[dict]:
 
 def as_examples(items: Sequence[ChoiceItem], template: str | None = None) -> list[Example]:
     """Prompts as examples: ``text`` the formatted prompt, ``label`` the answer's letter index."""
-    template = template or DEFAULT_TEMPLATE
     return [
         Example(format_prompt(item.question, item.choices, template), item.answer, num_choices=len(item.choices))
         for item in items
