@@ -32,15 +32,14 @@ def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
     assert set(rows) == set(methods)
     for method, row in rows.items():
         assert 0 <= row["test"]["accuracy"] <= 1 and row["test"]["nll"] > 0, method
-        assert row["bundle_kb"] > 0 and row["train_seconds"] > 0, method
+        # a time is reported, but timings are never asserted: a tiny slice may train in under 0.1 s
+        assert row["bundle_kb"] > 0 and row["train_seconds"] >= 0, method
         if method not in ("map", "temperature"):
             assert "mutual_information" in row["ood"], method
     assert rows["map"]["temperature"] == 1.0 and rows["temperature"]["temperature"] != 1.0
     assert rows["ensemble"]["num_samples"] == 2 and rows["swag"]["predictive"] == "sample"
     assert rows["laplace-kron"]["predictive"] == "glm"
-    # one more member costs one more MAP training; SWAG and VI cost more than the MAP they start from
-    assert rows["ensemble"]["train_seconds"] > rows["map"]["train_seconds"]
-    assert rows["swag"]["train_seconds"] > rows["map"]["train_seconds"] < rows["vi"]["train_seconds"]
+    assert len(rows["ensemble"]["fit"]["member_training_seconds"]) == 2  # one MAP training per member
 
 
 @pytest.fixture(scope="module")
