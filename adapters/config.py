@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from adapters.defaults import CORE_INIT_STD
 from adapters.projections import parse_spec
 
 # Module-name patterns that suit common architectures (METHODS.md §1). Targets are always chosen by
@@ -36,7 +37,7 @@ class LoraXSConfig:
     target_modules: tuple[str, ...] = field(default=("query", "value"))
     projection: str = "svd"
     seed: int = 0
-    init_std: float = 1e-5
+    init_std: float = CORE_INIT_STD
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from adapters.defaults import ensure_pad_token
 from adapters.errors import CaveatError
 
 EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
@@ -73,8 +74,7 @@ def converted_gguf(name: str) -> Path:
     model.hf_quantizer = None  # the weights are dequantised; save them as a plain checkpoint
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     staging = target.parent / f".{name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(staging)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.defaults import CORE_INIT_STD
 from adapters.projections import Projection
 
 
@@ -54,7 +55,7 @@ class LoraXSLinear(nn.Module):
         base: nn.Linear,
         projection: Projection | None = None,
         alpha: float = 16.0,
-        init_std: float = 1e-5,
+        init_std: float = CORE_INIT_STD,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan, pack_blocks
 from adapters.config import LoraXSConfig
+from adapters.defaults import CORE_INIT_STD
 from adapters.errors import TargetNotFoundError
 from adapters.layer import LoraXSLinear
 from adapters.projections import Projection, build_projection
@@ -92,7 +93,7 @@ def inject_lora_xs(
     projections: Mapping[str, Projection] | None = None,
     *,
     alpha: float = 16.0,
-    init_std: float = 1e-5,
+    init_std: float = CORE_INIT_STD,
     seed: int = 0,
 ) -> InjectionReport:
     """Wrap the selected ``nn.Linear`` modules of ``model`` in :class:`LoraXSLinear`, in place.

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from adapters.errors import ProjectionSpecError
 
-FAMILIES = ("svd", "wsvd", "dct", "random")
+PROJECTION_FAMILIES = ("svd", "wsvd", "dct", "random")
 EIGEN_FLOOR = 1e-10
 
 
@@ -163,9 +163,9 @@ def parse_spec(spec: str) -> list[SpecPart]:
     parts = []
     for token in spec.strip().lower().split("_"):
         match = _PART.match(token)
-        if not match or match["family"] not in FAMILIES:
+        if not match or match["family"] not in PROJECTION_FAMILIES:
             raise ProjectionSpecError(
-                f"bad projection spec {spec!r}: part {token!r} is not one of {FAMILIES}, optionally with a "
+                f"bad projection spec {spec!r}: part {token!r} is not one of {PROJECTION_FAMILIES}, optionally with a "
                 "fraction such as 'dct-1/2'"
             )
         fraction = Fraction(int(match["num"]), int(match["den"])) if match["num"] else None

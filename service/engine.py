@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.batching import RowBlock
+from adapters.defaults import PredictiveMode
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
 from adapters.tasks import mask_choices
@@ -46,7 +47,7 @@ class Job:
     @property
     def rows(self) -> int:
         """Rows of the network forward: the GLM runs each input once (its draws are in logit space)."""
-        return len(self.inputs) * (1 if self.method == "glm" else self.num_samples)
+        return len(self.inputs) * (1 if self.method == PredictiveMode.GLM else self.num_samples)
 
 
 @dataclass
@@ -207,8 +208,8 @@ class Engine:
             samples = job.adapter.draw(job.num_samples, job.seed, job.method)
             blocks.append(RowBlock(job.adapter.weights, samples, torch.tensor(indices, device=device)))
         batch = self.host.encode(list(unique))
-        sampled = [i for i, job in enumerate(jobs) if job.method != "glm"]
-        linearised = [i for i, job in enumerate(jobs) if job.method == "glm"]
+        sampled = [i for i, job in enumerate(jobs) if job.method != PredictiveMode.GLM]
+        linearised = [i for i, job in enumerate(jobs) if job.method == PredictiveMode.GLM]
         preds: dict[int, Predictive] = {}
         if sampled:
             logits = self.host.forward(batch, [blocks[i] for i in sampled])

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
 from adapters.batching import RowBlock
+from adapters.defaults import prepare_tokenizer, resolve_token_budget
 from adapters.embedded import resolve_model
 from adapters.model import (
     LoraXSClassifier,
@@ -30,7 +31,6 @@ from adapters.model import (
 log = logging.getLogger("caveat.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_TOKEN_BUDGET = 4096  # rows × tokens per forward on a CPU (docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,7 @@ class ModelHost:
         self.dtype = DTYPES[dtype]
         path = resolve_model(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"  # "last" pooling reads the last non-padding token
+        prepare_tokenizer(self.tokenizer)
         base = AutoModel.from_pretrained(path, dtype=torch.float32)
         self._digests = module_digests(base)  # float32, before any cast
         inject_lora_xs(base, list(self._digests))
@@ -79,7 +77,7 @@ class ModelHost:
         self.layer_shapes = {
             n: (layer.base.out_features, layer.base.in_features) for n, layer in lora_xs_layers(base).items()
         }
-        self.token_budget = token_budget if token_budget else (CPU_TOKEN_BUDGET if self.device.type == "cpu" else None)
+        self.token_budget = resolve_token_budget(self.device, token_budget)
         self.load_seconds = time.perf_counter() - start
 
     def fingerprint(self, modules: Sequence[str]) -> str | None:

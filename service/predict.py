@@ -10,6 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from adapters.defaults import PredictiveMode
 from adapters.predictive import AbstentionRule
 from adapters.tasks import format_prompt
 from service.engine import Job, JobResult
@@ -20,7 +21,6 @@ from service.schemas import AbstainOverride, MultipleChoice, PredictResult, Text
 from service.settings import Settings
 from service.state import ServiceState
 
-METHODS = ("sample", "glm", "map")
 Input = str | TextPair | MultipleChoice
 
 
@@ -48,22 +48,22 @@ async def run_prediction(
     start = time.perf_counter()
     registry, engine = state.require_ready()
     settings = state.settings
-    if method not in (None, *METHODS):
-        raise InvalidRequestError(f"method must be one of {list(METHODS)}, not {method!r}")
+    if method not in (None, *PredictiveMode):
+        raise InvalidRequestError(f"method must be one of {[m.value for m in PredictiveMode]}, not {method!r}")
     if num_samples is not None and num_samples < 1:
         raise InvalidRequestError("num_samples must be at least 1")
     _check_inputs(inputs, settings)
     adapter = await registry.acquire(adapter_ref)
     texts = [_text_input(item, adapter) for item in inputs]
     method = adapter.default_method if method is None else method
-    if method == "glm" and not adapter.has_glm:
+    if method == PredictiveMode.GLM and not adapter.has_glm:
         family = adapter.manifest.posterior.family
         raise InvalidRequestError(f"adapter {adapter.name!r} has a {family} posterior, which has no GLM predictive")
-    if method == "map" or not adapter.samples_posterior:
-        method, num_samples = "map", 1
+    if method == PredictiveMode.MAP or not adapter.samples_posterior:
+        method, num_samples = PredictiveMode.MAP, 1
     elif num_samples is None:
         num_samples = adapter.default_num_samples(method)
-    limit = settings.max_glm_samples if method == "glm" else settings.max_samples
+    limit = settings.max_glm_samples if method == PredictiveMode.GLM else settings.max_samples
     if num_samples > limit:
         raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from adapters.batching import AdapterWeights
 from adapters.bundle import Bundle, load_bundle, parse_manifest
+from adapters.defaults import DEFAULT_DRAWS, PosteriorFamily, PredictiveMode
 from adapters.errors import BundleError
 from adapters.manifest import MANIFEST_FILE, BundleManifest
 from adapters.posteriors.base import make_generator
@@ -81,19 +82,17 @@ class AdapterVersion:
     @property
     def default_method(self) -> str:
         """The predictive the bundle was evaluated and calibrated with."""
-        return "map" if not self.samples_posterior else self.manifest.posterior.predictive
+        return PredictiveMode.MAP if not self.samples_posterior else self.manifest.posterior.predictive
 
     def default_num_samples(self, method: str) -> int:
-        """The bundle's draws for its own predictive; 256 logit draws for the GLM, 16 network samples else."""
-        if method == "map":
-            return 1
+        """The bundle's draws for its own predictive, else the shared default (``adapters.defaults``)."""
         if method == self.manifest.posterior.predictive:
             return self.manifest.posterior.default_num_samples
-        return 256 if method == "glm" else 16
+        return DEFAULT_DRAWS[PredictiveMode(method)]
 
     @property
     def samples_posterior(self) -> bool:
-        return self.manifest.posterior.family != "map"
+        return self.manifest.posterior.family != PosteriorFamily.MAP
 
     @property
     def has_glm(self) -> bool:
@@ -105,9 +104,9 @@ class AdapterVersion:
     def draw(self, num_samples: int, seed: int, method: str) -> dict[str, Tensor]:
         """``(S, ...)`` samples of every posterior block; the MAP cores (S = 1) for ``map``; the posterior mean
         for ``glm``, the linearisation point (the MAP for Laplace, the SWA or variational mean otherwise)."""
-        if method == "map" or not self.samples_posterior:
+        if method == PredictiveMode.MAP or not self.samples_posterior:
             return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
-        if method == "glm":
+        if method == PredictiveMode.GLM:
             return {name: value.unsqueeze(0) for name, value in self.bundle.posterior.mean().items()}
         generator = make_generator(seed, self.bundle.posterior.device)
         return self.bundle.posterior.sample(num_samples, generator)

@@ -12,13 +12,11 @@ SAMPLED_METHODS = ("swag", "vi", "ensemble", "mc-dropout")  # predictive by netw
 POSTERIORS = ("map", *STRUCTURES, *SAMPLED_METHODS)
 PRIORS = ("marglik", "grid")
 PREDICTIVES = ("glm", "sample")
-DEFAULT_SAMPLES = {"sample": 16, "glm": 256}  # GLM draws are in logit space (no network passes): cheap
 # Validation grid for δ, in decades above the marglik value (for a sampled predictive the marglik prior is too
 # weak, never too strong); the best coarse point is then refined by half decades on each side.
 GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
 GRID_VALIDATION, GRID_SAMPLES = 300, 8
 WSVD_BATCHES = 32
-CORE_INIT_STD = 1e-5
 TASKS = ("classification", "multiple-choice")
 CLASSIFICATION_MAX_LENGTH, MC_MAX_LENGTH = 64, 256
 

@@ -14,13 +14,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_generator
+from adapters.defaults import resolve_token_budget
 from adapters.predictive import glm_logit_draws, predictive
 from adapters.tasks import mask_choices
 from training.data import Example
 from training.encoding import Encoder, LengthGroupedSampler, model_inputs
 from training.metrics import auroc, classification_metrics, fpr_at_tpr
-
-CPU_TOKEN_BUDGET = 4096  # tokens per batched-rows forward on a CPU (benchmarks/sampling.py)
 
 
 @dataclass
@@ -52,7 +51,7 @@ def predict(
     ``token_budget`` caps rows × padded length per forward (default: 4,096 on a CPU, where larger forwards
     fall out of cache — docs/benchmarks.md — and no cap on a GPU).
     """
-    token_budget = _token_budget(model, token_budget)
+    token_budget = resolve_token_budget(_device(model), token_budget)
     adapter = model.own_adapter() if posterior is not None else None
     generator = make_generator(seed, posterior.device) if posterior is not None else None
     num_out = 1 if posterior is None else num_samples
@@ -102,7 +101,7 @@ def linearise(
     progress: bool = True,
 ) -> Linearisation:
     """MAP logits and per-example Jacobians of every example (the batched-rows linearisation)."""
-    token_budget = _token_budget(model, token_budget)
+    token_budget = resolve_token_budget(_device(model), token_budget)
     adapter = model.own_adapter()
     point = {n: p.detach()[None] for n, p in model.posterior_parameters(include_head=include_head).items()}
     logits = torch.empty(len(examples), model.head.out_features)
@@ -119,10 +118,8 @@ def linearise(
     return Linearisation(mask_choices(logits, [e.num_choices for e in examples]), jacobians)
 
 
-def _token_budget(model: LoraXSClassifier, token_budget: int | None) -> int | None:
-    """The given budget, or the CPU default on a CPU (none on a GPU)."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return CPU_TOKEN_BUDGET if token_budget is None and on_cpu else token_budget
+def _device(model: LoraXSClassifier) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _batches(

@@ -18,11 +18,10 @@ from adapters import (
     Posterior,
     load_bundle,
 )
+from adapters.defaults import CORE_INIT_STD, DEFAULT_DRAWS, PredictiveMode
 from adapters.errors import CaveatError
 from adapters.model import HEAD_BIAS, HEAD_WEIGHT
 from training.config import (
-    CORE_INIT_STD,
-    DEFAULT_SAMPLES,
     GRID_DECADES,
     GRID_SAMPLES,
     GRID_VALIDATION,
@@ -43,7 +42,7 @@ def fit_posterior(session: Session, method: str) -> Fitted:
     """The posterior of ``method`` around (or from) the trained MAP in the session's model."""
     config, model = session.config, session.model
     start = time.perf_counter()
-    draws = config.num_samples or DEFAULT_SAMPLES["sample"]
+    draws = config.num_samples or DEFAULT_DRAWS[PredictiveMode.SAMPLE]
     if method == "map":
         posterior = MapPosterior(_snapshot(model))
         fitted = Fitted(method, posterior, "map", 1)
@@ -100,7 +99,11 @@ def _fit_laplace(session: Session, method: str) -> Fitted:
         progress=config.progress,
     )
     fitted = Fitted(
-        method, fit.posterior, config.predictive, config.num_samples or DEFAULT_SAMPLES[config.predictive], fit.info
+        method,
+        fit.posterior,
+        config.predictive,
+        config.num_samples or DEFAULT_DRAWS[PredictiveMode(config.predictive)],
+        fit.info,
     )
     if config.prior == "grid":
         fitted.posterior, fitted.info = _grid_prior(session, fit, fitted)

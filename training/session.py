@@ -25,11 +25,12 @@ from adapters import (
     target_names,
 )
 from adapters.config import DEFAULT_TARGETS
+from adapters.defaults import CORE_INIT_STD, prepare_tokenizer
 from adapters.embedded import resolve_model
 from adapters.model import default_pooling
 from adapters.projections import spec_needs_data
 from adapters.tasks import letter_token_ids
-from training.config import CORE_INIT_STD, WSVD_BATCHES, ConfigError, TrainConfig
+from training.config import WSVD_BATCHES, ConfigError, TrainConfig
 from training.data import (
     Columns,
     Example,
@@ -83,9 +84,7 @@ def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, to
             base = AutoModel.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--base-model {name_or_path} cannot be loaded: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # batched rows and "last" pooling need right padding
+    prepare_tokenizer(tokenizer)
     if not multiple_choice:
         return tokenizer, base, None
     tokenizer.truncation_side = "left"

@@ -19,10 +19,7 @@ from adapters.posteriors.gaussian import DiagPosterior, FullPosterior, LowRankDi
 from adapters.posteriors.kron import KronFactors, KronPosterior
 from adapters.posteriors.point import EnsemblePosterior, MapPosterior
 
-FAMILIES = tuple(Posterior.registry)
-
 __all__ = [
-    "FAMILIES",
     "DiagPosterior",
     "DropoutPosterior",
     "EnsemblePosterior",

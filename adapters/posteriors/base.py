@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from adapters.defaults import PosteriorFamily
+
 TensorDict = dict[str, Tensor]
 KEY_SEP = "::"  # tensor keys in posterior.safetensors: "<block name>::<field>"
 
@@ -26,7 +28,7 @@ class Posterior(ABC):
         mean: block name → mean tensor. Sampling happens on the device these tensors live on.
     """
 
-    family: ClassVar[str]
+    family: ClassVar[PosteriorFamily]
     gaussian: ClassVar[bool] = True  # a Gaussian (or point mass) has a GLM predictive; samples-only families not
     registry: ClassVar[dict[str, type[Posterior]]] = {}
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import Posterior, TensorDict
 
 
@@ -35,7 +36,7 @@ class DropoutPosterior(Posterior):
         rate: dropout probability ``p`` in ``[0, 1)``.
     """
 
-    family = "dropout"
+    family = PosteriorFamily.DROPOUT
     gaussian: ClassVar[bool] = False
 
     def __init__(self, mean: Mapping[str, Tensor], rate: float) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, check_vector, flatten
 
 
@@ -19,7 +20,7 @@ class DiagPosterior(Posterior):
         variance: block name → σ², same shapes as ``mean``.
     """
 
-    family = "diag"
+    family = PosteriorFamily.DIAG
 
     def __init__(self, mean: Mapping[str, Tensor], variance: Mapping[str, Tensor]) -> None:
         super().__init__(mean)
@@ -57,7 +58,7 @@ class FullPosterior(Posterior):
         scale_tril: Cholesky factor of the covariance of θ.
     """
 
-    family = "full"
+    family = PosteriorFamily.FULL
 
     def __init__(self, mean: Mapping[str, Tensor], scale_tril: Tensor) -> None:
         super().__init__(mean)
@@ -95,7 +96,7 @@ class LowRankDiagPosterior(Posterior):
         scale: λ (0.5 in the original SWAG).
     """
 
-    family = "lowrank_diag"
+    family = PosteriorFamily.LOWRANK_DIAG
 
     def __init__(self, mean: Mapping[str, Tensor], variance: Tensor, deviations: Tensor, scale: float = 0.5) -> None:
         super().__init__(mean)

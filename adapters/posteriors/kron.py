@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, inv_sqrt_clamped
 
 FACTOR_FIELDS = (("eigvecs_out", "eigvals_out"), ("eigvecs_in", "eigvals_in"))
@@ -53,7 +54,7 @@ class KronPosterior(Posterior):
         prior_precision: δ, one value or one per block (in ``mean`` order).
     """
 
-    family = "kron"
+    family = PosteriorFamily.KRON
 
     def __init__(
         self,

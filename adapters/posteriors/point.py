@@ -8,13 +8,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, flatten
 
 
 class MapPosterior(Posterior):
     """A point mass at the MAP: every sample is the mean, the covariance is zero."""
 
-    family = "map"
+    family = PosteriorFamily.MAP
 
     @property
     def default_num_samples(self) -> int:
@@ -48,7 +49,7 @@ class EnsemblePosterior(Posterior):
         members: block name → ``(M, *shape)``.
     """
 
-    family = "ensemble"
+    family = PosteriorFamily.ENSEMBLE
     gaussian: ClassVar[bool] = False
 
     def __init__(self, members: Mapping[str, Tensor]) -> None:

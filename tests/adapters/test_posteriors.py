@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters.defaults import PosteriorFamily
 from adapters.posteriors import (
-    FAMILIES,
     DiagPosterior,
     DropoutPosterior,
     EnsemblePosterior,
@@ -74,10 +74,14 @@ def _build(family: str) -> Posterior:
 
 
 def test_every_family_is_covered() -> None:
-    assert set(FAMILIES) == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble", "dropout"}
+    assert (
+        set(Posterior.registry)
+        == set(PosteriorFamily)
+        == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble", "dropout"}
+    )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(PosteriorFamily))
 def test_sample_moments_match_analytic(family: str) -> None:
     posterior = _build(family)
     num_samples = NUM_SAMPLES if family != "ensemble" else 5 * 40_000  # a multiple of M: members weigh equally
@@ -118,7 +122,7 @@ def test_ensemble_with_s_equal_m_returns_each_member_once() -> None:
     assert sorted(map(tuple, samples.tolist())) == sorted(map(tuple, members.tolist()))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", list(PosteriorFamily))
 def test_state_round_trip_and_reproducible_sampling(family: str) -> None:
     posterior = _build(family)
     tensors, params = posterior.state()

@@ -1,0 +1,61 @@
+"""Policy shared by training and serving, in one place: option names, default draws, token budgets, the core
+initialisation and how a tokenizer is prepared for batched rows."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+class PredictiveMode(StrEnum):
+    """How a prediction is computed from a bundle."""
+
+    SAMPLE = "sample"  # posterior samples of the cores through the network
+    GLM = "glm"  # the linearised network: Gaussian logits, drawn in logit space (Laplace and other Gaussians)
+    MAP = "map"  # the trained cores alone
+
+
+class PosteriorFamily(StrEnum):
+    """The posterior families a bundle can hold (``adapters.posteriors``; ``family`` in ``bundle.json``)."""
+
+    MAP = "map"
+    DIAG = "diag"
+    FULL = "full"
+    KRON = "kron"
+    LOWRANK_DIAG = "lowrank_diag"
+    ENSEMBLE = "ensemble"
+    DROPOUT = "dropout"
+
+
+# Draws per prediction when none are asked for: GLM draws are in logit space (no network passes), so many
+# are cheap; network samples each cost a forward of the adapted layers.
+DEFAULT_DRAWS: dict[PredictiveMode, int] = {PredictiveMode.SAMPLE: 16, PredictiveMode.GLM: 256, PredictiveMode.MAP: 1}
+
+# Rows × padded tokens per batched-rows forward on a CPU: larger forwards fall out of cache
+# (docs/benchmarks.md). A GPU gets no cap.
+CPU_TOKEN_BUDGET = 4096
+
+# Standard deviation of a fresh core's entries: a near-zero start, so the adapted model begins as the base.
+CORE_INIT_STD = 1e-5
+
+
+def resolve_token_budget(device: torch.device, requested: int | None = None) -> int | None:
+    """``requested`` if given, else the CPU budget on a CPU and no cap elsewhere."""
+    if requested:
+        return requested
+    return CPU_TOKEN_BUDGET if device.type == "cpu" else None
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Decoders often ship without a padding token: pad with end-of-sequence (always masked out)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """A padding token and right padding: batched rows and ``last`` pooling read the last non-padding token."""
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
