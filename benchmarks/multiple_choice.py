@@ -33,7 +33,7 @@ from benchmarks.sampling import median_ms
 from training.config import TrainConfig
 from training.encoding import Encoder
 from training.map_training import train_map
-from training.session import map_schedule, prepare
+from training.session import prepare
 
 
 def _batch(encoder: Encoder, examples, device) -> dict:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = TrainConfig(
+    config = TrainConfig.from_flat(
         base_model=args.base_model, dataset="arc-easy", validation_size=300, train_limit=args.train_limit,
         eval_limit=args.questions, rank=args.rank, batch_size=args.batch_size, epochs=1, progress=True,
     )  # fmt: skip
@@ -62,7 +62,7 @@ def main() -> None:
     model, device = session.model, next(session.model.parameters()).device
 
     start = time.perf_counter()
-    train_map(model, session.train, session.validation[:8], session.encoder, map_schedule(config), progress=True)
+    train_map(model, session.train, session.validation[:8], session.encoder, config.optimisation, progress=True)
     epoch_seconds = time.perf_counter() - start
 
     questions = session.test[: args.questions]

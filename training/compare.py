@@ -11,18 +11,18 @@ method is calibrated and evaluated on the same splits (test, shift, OOD); one ma
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-from training.config import POSTERIORS, ConfigError, TrainConfig
-from training.methods import fit_posterior, reinitialise
+from training.config import ConfigError, PosteriorMethod, TrainConfig
+from training.methods import Fitted, fit, get_method
 from training.pipeline import calibrate, evaluate
-from training.session import Fitted, Session, prepare, train
+from training.session import Session, fit_map, prepare, reinitialise
 
-METHODS = ("zero-shot", "map", "temperature", *POSTERIORS[1:])  # zero-shot: the base before any training
-NEEDS_OWN_MAP = ("mc-dropout",)  # trained last, so the shared MAP serves every other method first
+# Rows beyond the posterior methods: the base before any training, and the MAP with temperature scaling.
+ZERO_SHOT, TEMPERATURE = "zero-shot", "temperature"
+COMPARED = (ZERO_SHOT, PosteriorMethod.MAP, TEMPERATURE, *[m for m in PosteriorMethod if m != PosteriorMethod.MAP])
 
 COLUMNS = [
     ("test", "accuracy", "test acc"),
@@ -41,53 +41,51 @@ COLUMNS = [
 
 def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     """One row per method: its predictive's metrics (MAP metrics for ``map``), training time and size."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in COMPARED]
     if unknown:
-        raise ConfigError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        raise ConfigError(f"unknown methods {unknown}; choose from {[str(m) for m in COMPARED]}")
     session = prepare(config)
     rows = []
-    if "zero-shot" in methods:  # the cores start at ~0: the base model as it is (with a new head, if any)
-        rows.append(_row(session, "zero-shot", 0.0))
-        session.say(markdown_table(rows))
+    if ZERO_SHOT in methods:  # the cores start at ~0: the base model as it is (with a new head, if any)
+        rows.append(_row(session, ZERO_SHOT, 0.0))
+        session.log(markdown_table(rows))
         session.forget_outputs()
-    others = [m for m in methods if m != "zero-shot"]
+    others = [m for m in methods if m != ZERO_SHOT]
     if not others:  # nothing needs the MAP
         return rows
-    train(session, dropout=False)
+    fit_map(session)
     if not session.accelerator.is_main_process:
         return []
     map_seconds = session.map_result.seconds
-    ordered = [m for m in others if m not in NEEDS_OWN_MAP] + [m for m in others if m in NEEDS_OWN_MAP]
-    for method in ordered:
-        if method in NEEDS_OWN_MAP:
+    # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
+    own_map = [m for m in others if m != TEMPERATURE and get_method(m).map_objective(config) is not None]
+    for method in [m for m in others if m not in own_map] + own_map:
+        if method in own_map:
             reinitialise(session.model, config.seed)
             session.forget_outputs()
-            map_seconds = train(session, dropout=True).seconds
+            map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
         rows.append(_row(session, method, map_seconds))
-        session.say(markdown_table(rows))
+        session.log(markdown_table(rows))
     return rows
 
 
 def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
     """Fit, calibrate and evaluate one method on the session's current model."""
     config = session.config
-    fitted = fit_posterior(session, "map" if method in ("temperature", "zero-shot") else method)
-    temperature, _ = calibrate(session, fitted, method == "temperature" or config.temperature_scaling)
+    fitted = fit(session, PosteriorMethod.MAP if method in (TEMPERATURE, ZERO_SHOT) else method)
+    temperature, _ = calibrate(session, fitted, method == TEMPERATURE or config.calibration.temperature_scaling)
     evaluation, _ = evaluate(session, fitted, temperature)
-    if method == "ensemble":
-        train_seconds = sum(fitted.info["member_training_seconds"])
-    else:
-        train_seconds = map_seconds + fitted.seconds
+    train_seconds = map_seconds + fitted.seconds if fitted.train_seconds is None else fitted.train_seconds
     row: dict[str, Any] = {
-        "posterior": method,
+        "posterior": str(method),
         "train_seconds": round(train_seconds, 1),
         "fit_seconds": fitted.seconds,
         "bundle_kb": round(_tensor_kb(session, fitted), 1),
         "num_samples": fitted.num_samples,
-        "predictive": fitted.predictive,
+        "predictive": str(fitted.mode),
         "temperature": temperature,
-        "prior_precision": fitted.info.get("prior_precision"),
-        "fit": fitted.info,
+        "prior_precision": fitted.diagnostics.get("prior_precision"),
+        "fit": fitted.diagnostics,
     }
     for split in ("test", "shift", "ood"):
         if split in evaluation:
@@ -114,16 +112,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    from training.cli import parse_config
-
-    parser = argparse.ArgumentParser(prog="caveat-train compare", add_help=False)
-    parser.add_argument("--posteriors", default=",".join(METHODS), help=f"comma-separated, from {list(METHODS)}")
-    parser.add_argument("--json", type=Path)
-    own, rest = parser.parse_known_args(argv)
-    config = parse_config(rest)
-    rows = compare(config, [p.strip() for p in own.posteriors.split(",") if p.strip()])
+def run(config: TrainConfig, methods: list[str], json_path: Path | None = None) -> list[dict[str, Any]]:
+    """``caveat-train compare``: the rows, printed as one table and written as JSON when asked."""
+    rows = compare(config, methods)
     print(markdown_table(rows))
-    if own.json:
-        own.json.parent.mkdir(parents=True, exist_ok=True)
-        own.json.write_text(json.dumps({"config": vars(config), "rows": rows}, indent=2, default=str) + "\n")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"config": config.flat(), "rows": rows}, indent=2, default=str) + "\n")
+    return rows

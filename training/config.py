@@ -1,107 +1,334 @@
-"""What ``caveat-train`` does: :class:`TrainConfig` (every CLI flag is one of its fields) and its limits."""
+"""What ``caveat-train`` does: :class:`TrainConfig`, a tree of sections whose fields carry their own help.
+
+Every leaf field is one command-line flag (:func:`flags` lists them; ``training.cli`` builds the parser from
+it). A flag's name is the field's, with its section's ``flag_prefix`` (``posterior.swag.epochs`` →
+``--swag-epochs``) unless the field names its own (``posterior.method`` → ``--posterior``). The same flat
+names are the keys of a ``--config`` file and of the JSON records (:meth:`TrainConfig.flat`).
+
+This module imports nothing from ``training``: the data and methods packages read it, not the reverse.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
 
+from adapters.defaults import PredictiveMode
 from adapters.errors import CaveatError
-from training.data import MULTIPLE_CHOICE_SETS
-from training.laplace_fit import STRUCTURES
-
-SAMPLED_METHODS = ("swag", "vi", "ensemble", "mc-dropout")  # predictive by network samples only
-POSTERIORS = ("map", *STRUCTURES, *SAMPLED_METHODS)
-PRIORS = ("marglik", "grid")
-PREDICTIVES = ("glm", "sample")
-# Validation grid for δ, in decades above the marglik value (for a sampled predictive the marglik prior is too
-# weak, never too strong); the best coarse point is then refined by half decades on each side.
-GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
-GRID_VALIDATION, GRID_SAMPLES = 300, 8
-WSVD_BATCHES = 32
-TASKS = ("classification", "multiple-choice")
-CLASSIFICATION_MAX_LENGTH, MC_MAX_LENGTH = 64, 256
 
 
 class ConfigError(CaveatError, ValueError):
     """The training configuration is inconsistent or points at something unusable."""
 
 
+class PosteriorMethod(StrEnum):
+    """``--posterior``: how the posterior over the cores is obtained (one module each in ``training.methods``)."""
+
+    MAP = "map"
+    LAPLACE_DIAG = "laplace-diag"
+    LAPLACE_KRON = "laplace-kron"
+    LAPLACE_FULL = "laplace-full"
+    SWAG = "swag"
+    VI = "vi"
+    ENSEMBLE = "ensemble"
+    MC_DROPOUT = "mc-dropout"
+
+
+class Task(StrEnum):
+    CLASSIFICATION = "classification"
+    MULTIPLE_CHOICE = "multiple-choice"
+
+
+class Prior(StrEnum):
+    MARGLIK = "marglik"  # the Laplace marginal likelihood
+    GRID = "grid"  # validation NLL of the predictive, around the marglik value
+
+
+class PriorStructure(StrEnum):
+    SCALAR = "scalar"
+    LAYERWISE = "layerwise"
+
+
+class SelectBy(StrEnum):
+    NLL = "nll"
+    ACCURACY = "accuracy"
+
+
+class MixedPrecision(StrEnum):
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class AbstainOn(StrEnum):
+    MAX_PROB = "max_prob"
+    ENTROPY = "entropy"
+    MUTUAL_INFORMATION = "mutual_information"
+
+
+MULTIPLE_CHOICE_SETS = ("arc-easy", "openbookqa")  # embedded sets that are multiple choice (training.data)
+CLASSIFICATION_MAX_LENGTH, MC_MAX_LENGTH = 64, 256
+WSVD_BATCHES = 32  # batches of training inputs for the W-SVD input moments
+
+
+def option(
+    default: Any, help: str, *, flag: str | None = None, at_least: float | None = None, choices: tuple = ()
+) -> Any:
+    """A config field with its help; ``flag`` overrides the generated name, ``at_least`` bounds it below and
+    ``choices`` narrows an enum's members."""
+    metadata = {"help": help, "flag": flag, "at_least": at_least, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def section(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+@dataclass
+class DataConfig:
+    """Which data, how it is split and how long its inputs are."""
+
+    dataset: str = option(
+        "sst2", "embedded name (sst2; arc-easy, multiple choice) or a local .csv/.tsv/.jsonl/.parquet file"
+    )
+    task: Task | None = option(
+        None, "classification or multiple-choice (default: multiple-choice for arc-easy, else classification)"
+    )
+    prompt_template: str | None = option(
+        None,
+        "multiple choice: the prompt, with {question} and {choices} (rendered 'A. … B. …'); the answer letter's "
+        "logit is read after it",
+    )
+    text_column: str = option("text", "text column of local files")
+    text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
+    label_column: str = option("label", "label column of local files")
+    validation_file: str | None = option(None, "separate validation file (default: carved from the training data)")
+    test_file: str | None = option(None, "separate test file (default: carved from the training data)")
+    validation_size: int = option(1000, "examples carved for validation", at_least=1)
+    shift: str | None = option(
+        None,
+        "labelled set in the same label space, only for evaluation under shift (embedded: drugreviews; openbookqa "
+        "for multiple choice)",
+    )
+    ood: str | None = option(
+        None, "texts only for out-of-distribution detection (embedded: bbcnews; openbookqa for multiple choice)"
+    )
+    shift_limit: int | None = option(500, "evaluate on at most this many shift examples (seeded subset)")
+    ood_limit: int | None = option(500, "evaluate on at most this many OOD texts (seeded subset)")
+    train_limit: int | None = option(None, "train on at most this many examples (seeded subset; for quick runs)")
+    eval_limit: int | None = option(
+        None, "validate and test on at most this many examples (seeded subset; for quick runs)"
+    )
+    max_length: int | None = option(
+        None,
+        "tokens per example (default 64; 256 for multiple choice, whose prompts lose their start)",
+        at_least=1,
+    )
+
+
+@dataclass
+class AdapterConfig:
+    """The frozen base and the LoRA-XS adapter on it."""
+
+    base_model: str = option(
+        "minilm",
+        "Hugging Face id, local path, or an embedded name: 'minilm', 'smollm2' (a causal LM, for multiple choice)",
+    )
+    projection: str = option("svd", "projection family: svd, wsvd, dct, random, or a hybrid such as dct-1/2_svd")
+    rank: int = option(16, "LoRA-XS rank r (the core is r×r)", at_least=1)
+    alpha: float = option(32.0, "scaling numerator (the update is scaled by alpha/rank)")
+    targets: list[str] | None = option(
+        None, "comma-separated module-name patterns (default per architecture; 're:<regex>' allowed)"
+    )
+    pooling: str | None = option(None, "mean, cls or last (default: mean for encoders, last for decoders)")
+
+
+@dataclass
+class OptimisationConfig:
+    """MAP training of the cores and the head."""
+
+    epochs: int = option(3, "maximum MAP epochs", at_least=1)
+    lr: float = option(5e-3, "learning rate of the cores")
+    head_lr: float = option(5e-3, "learning rate of the classifier head")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    batch_size: int = option(32, "examples per batch", at_least=1)
+    patience: int = option(2, "stop after this many epochs without validation improvement")
+    select_by: SelectBy = option(SelectBy.NLL, "validation score that picks the checkpoint")
+    mixed_precision: MixedPrecision = option(MixedPrecision.NO, "autocast precision (GPU)")
+
+
+@dataclass
+class LaplaceConfig:
+    """Laplace (``laplace-diag``, ``laplace-kron``, ``laplace-full``)."""
+
+    prior: Prior = option(
+        Prior.MARGLIK, "prior precision: marglik (Laplace marginal likelihood) or grid (validation NLL around it)"
+    )
+    prior_structure: PriorStructure = option(PriorStructure.SCALAR, "scalar or layerwise prior precision")
+    limit: int | None = option(1500, "fit the curvature on at most this many training examples", flag="laplace-limit")
+
+
+@dataclass
+class SwagConfig:
+    """SWAG: training continues from the MAP at a constant learning rate, collecting snapshots."""
+
+    flag_prefix: ClassVar[str] = "swag-"
+    epochs: int = option(
+        1, "SWAG: epochs at a constant learning rate after the MAP (the MAP training is the burn-in)", at_least=1
+    )
+    lr: float = option(1e-3, "SWAG: the constant learning rate")
+    snapshots: int = option(20, "SWAG: snapshots of the cores, spread evenly over the SWAG epochs", at_least=1)
+    rank: int = option(10, "SWAG: K, the deviations kept for the low-rank part of the covariance")
+    scale: float = option(0.5, "SWAG: λ, the covariance scale when sampling")
+
+
+@dataclass
+class ViConfig:
+    """Variational inference: a Gaussian over the cores trained with the ELBO from the MAP."""
+
+    flag_prefix: ClassVar[str] = "vi-"
+    epochs: int = option(1, "VI: epochs of ELBO training after the MAP", at_least=1)
+    lr: float = option(1e-3, "VI: learning rate of the variational means")
+    std_lr: float = option(0.05, "VI: learning rate of log σ")
+    init_std: float = option(0.01, "VI: initial σ of every core entry")
+    rank: int = option(0, "VI: rank k of a low-rank part of the covariance shared by all cores (0: mean-field)")
+    prior_precision: float | None = option(
+        None, "VI: precision δ of the N(0, δ⁻¹ I) prior (default: learned, the ELBO's optimum)"
+    )
+    kl_weight: float = option(1.0, "VI: β, the KL weight per example is β/N (1: the ELBO)")
+
+
+@dataclass
+class EnsembleConfig:
+    """Deep ensembles: independently seeded MAPs."""
+
+    members: int = option(5, "ensemble: number of members M (independently seeded MAPs)", at_least=1)
+    member_bundles: list[str] | None = option(
+        None, "ensemble: comma-separated bundles of already trained members (same data and base)"
+    )
+
+
+@dataclass
+class DropoutConfig:
+    """MC dropout on the adapter input (also during MAP training)."""
+
+    rate: float = option(
+        0.1,
+        "mc-dropout: probability of dropping a rank direction of each layer's adapter input",
+        flag="adapter-dropout",
+    )
+
+
+@dataclass
+class PosteriorConfig:
+    """Which posterior, how its predictive is computed, and one section per method."""
+
+    method: PosteriorMethod = option(
+        PosteriorMethod.LAPLACE_KRON,
+        "map, laplace-diag, laplace-kron, laplace-full, swag, vi (mean-field variational), ensemble or mc-dropout "
+        "(dropout on the adapter input, also during MAP training)",
+        flag="posterior",
+    )
+    predictive: PredictiveMode = option(
+        PredictiveMode.GLM,
+        "glm (linearised network: one forward and C backward passes per input; the published Laplace predictive, "
+        "default) or sample (posterior samples through the network)",
+        choices=(PredictiveMode.GLM, PredictiveMode.SAMPLE),
+    )
+    head: bool = option(
+        False,
+        "include the classifier head in the posterior (Laplace, SWAG; an ensemble always does)",
+        flag="posterior-head",
+    )
+    num_samples: int | None = option(
+        None,
+        "posterior draws for evaluation and the bundle's default (16 network samples; 256 GLM logit draws; an "
+        "ensemble always uses each member once)",
+        at_least=1,
+    )
+    laplace: LaplaceConfig = section(LaplaceConfig)
+    swag: SwagConfig = section(SwagConfig)
+    vi: ViConfig = section(ViConfig)
+    ensemble: EnsembleConfig = section(EnsembleConfig)
+    mc_dropout: DropoutConfig = section(DropoutConfig)
+
+
+@dataclass
+class CalibrationConfig:
+    """Temperature and abstention thresholds, fitted on validation."""
+
+    temperature_scaling: bool = option(False, "fit a temperature on the validation split")
+    target_risk: float | None = option(
+        None, "fit abstention thresholds for this selective risk on validation (default 0.05)"
+    )
+    target_coverage: float | None = option(None, "fit abstention thresholds for this coverage instead")
+    abstain_on: list[AbstainOn] = option(
+        [AbstainOn.MAX_PROB, AbstainOn.MUTUAL_INFORMATION],
+        "comma-separated rules: max_prob, entropy, mutual_information",
+    )
+    mi_coverage: float = option(0.95, "the mutual-information rule answers this fraction of validation inputs")
+
+
+@dataclass
+class BundleConfig:
+    """Where the bundle goes and what it is called."""
+
+    out: str = option("", "directory for the bundle (new or empty; an existing bundle needs --overwrite)")
+    name: str | None = option(None, "bundle name (default: the output directory's name)")
+    version: str | None = option(None, "bundle version (default: a UTC timestamp)")
+    overwrite: bool = option(False, "replace an existing bundle in --out")
+
+
 @dataclass
 class TrainConfig:
-    """Everything ``caveat-train`` does; the CLI flags map one-to-one onto these fields."""
+    """Everything ``caveat-train`` does."""
 
-    out: str = ""
-    base_model: str = "minilm"
-    dataset: str = "sst2"
-    task: str | None = None  # classification or multiple-choice (default: from the dataset)
-    prompt_template: str | None = None  # multiple choice; default adapters.tasks.DEFAULT_TEMPLATE
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    validation_file: str | None = None
-    test_file: str | None = None
-    validation_size: int = 1000
-    shift: str | None = None
-    ood: str | None = None
-    shift_limit: int | None = 500
-    ood_limit: int | None = 500
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    projection: str = "svd"
-    rank: int = 16
-    alpha: float = 32.0
-    targets: list[str] | None = None
-    pooling: str | None = None
-    epochs: int = 3
-    lr: float = 5e-3
-    head_lr: float = 5e-3
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    max_length: int | None = None  # default: 64 tokens for classification, 256 for multiple choice
-    patience: int = 2
-    select_by: str = "nll"
-    seed: int = 0
-    data_seed: int | None = None  # default: --seed; fix it to vary only initialisation and shuffling
-    posterior: str = "laplace-kron"
-    predictive: str = "glm"
-    prior: str = "marglik"
-    posterior_head: bool = False
-    prior_structure: str = "scalar"
-    laplace_limit: int | None = 1500
-    swag_epochs: int = 1
-    swag_lr: float = 1e-3
-    swag_snapshots: int = 20
-    swag_rank: int = 10
-    swag_scale: float = 0.5
-    vi_epochs: int = 1
-    vi_lr: float = 1e-3
-    vi_std_lr: float = 0.05
-    vi_init_std: float = 0.01
-    vi_rank: int = 0  # low-rank part of q's covariance; 0: mean-field
-    vi_prior_precision: float | None = None  # None: learned (the ELBO's closed-form optimum)
-    vi_kl_weight: float = 1.0
-    members: int = 5
-    member_bundles: list[str] | None = None
-    adapter_dropout: float = 0.1
-    num_samples: int | None = None  # default: 16 network samples, or 256 logit draws for the GLM
-    temperature_scaling: bool = False
-    target_risk: float | None = None
-    target_coverage: float | None = None
-    abstain_on: list[str] = field(default_factory=lambda: ["max_prob", "mutual_information"])
-    mi_coverage: float = 0.95
-    mixed_precision: str = "no"
-    name: str | None = None
-    version: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+    seed: int = option(0, "seed of data splits, initialisation, shuffling and sampling")
+    data_seed: int | None = option(
+        None,
+        "seed of the data splits and subsets only (default: --seed); fixing it while varying --seed changes only "
+        "initialisation, shuffling and sampling",
+    )
+    progress: bool = option(True, "show progress bars")
+    data: DataConfig = section(DataConfig)
+    adapter: AdapterConfig = section(AdapterConfig)
+    optimisation: OptimisationConfig = section(OptimisationConfig)
+    posterior: PosteriorConfig = section(PosteriorConfig)
+    calibration: CalibrationConfig = section(CalibrationConfig)
+    bundle: BundleConfig = section(BundleConfig)
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> TrainConfig:
+        """A config from flag-named values (``rank=4, swag_epochs=2``); the rest keep their defaults."""
+        config = cls()
+        leaves = {flag.key: flag for flag in flags()}
+        unknown = sorted(set(values) - set(leaves))
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown}")
+        for key, value in values.items():
+            leaves[key].set(config, value)
+        return config
+
+    def flat(self) -> dict[str, Any]:
+        """Flag-named values (what ``--config`` files and JSON records hold)."""
+        return {flag.key: flag.get(self) for flag in flags()}
 
     @property
     def multiple_choice(self) -> bool:
-        return (self.task or ("multiple-choice" if self.dataset in MULTIPLE_CHOICE_SETS else "")) == "multiple-choice"
+        task = self.data.task or (Task.MULTIPLE_CHOICE if self.data.dataset in MULTIPLE_CHOICE_SETS else None)
+        return task == Task.MULTIPLE_CHOICE
 
     @property
-    def tokens(self) -> int:
-        """The maximum input length in effect."""
-        return self.max_length or (MC_MAX_LENGTH if self.multiple_choice else CLASSIFICATION_MAX_LENGTH)
+    def max_tokens(self) -> int:
+        """The maximum input length in effect (``--max-length`` or the task's default)."""
+        return self.data.max_length or (MC_MAX_LENGTH if self.multiple_choice else CLASSIFICATION_MAX_LENGTH)
 
     @property
     def split_seed(self) -> int:
@@ -109,33 +336,108 @@ class TrainConfig:
         return self.seed if self.data_seed is None else self.data_seed
 
     def validate(self, needs_out: bool = True) -> None:
-        if needs_out and not self.out:
+        """Coerce option names to their enums and check what one field cannot check alone."""
+        for flag in flags():
+            flag.check(flag.get(self))
+            flag.set(self, flag.coerce(flag.get(self)))
+        posterior, calibration = self.posterior, self.calibration
+        if needs_out and not self.bundle.out:
             raise ConfigError("--out is required: the directory the bundle is written to")
-        if self.posterior not in POSTERIORS:
-            raise ConfigError(f"unknown --posterior {self.posterior!r}; choose one of {list(POSTERIORS)}")
-        if self.predictive not in PREDICTIVES:
-            raise ConfigError(f"unknown --predictive {self.predictive!r}; choose one of {list(PREDICTIVES)}")
-        if self.prior not in PRIORS:
-            raise ConfigError(f"unknown --prior {self.prior!r}; choose one of {list(PRIORS)}")
-        if self.target_risk is not None and self.target_coverage is not None:
+        if calibration.target_risk is not None and calibration.target_coverage is not None:
             raise ConfigError("give --target-risk or --target-coverage, not both")
-        if self.task not in (None, *TASKS):
-            raise ConfigError(f"unknown --task {self.task!r}; choose one of {list(TASKS)}")
-        if self.multiple_choice and self.posterior_head:
+        if self.multiple_choice and posterior.head:
             raise ConfigError("--posterior-head: a multiple-choice head is the frozen LM head (answer letters)")
-        if self.posterior in ("vi", "mc-dropout") and self.posterior_head:
-            raise ConfigError(f"--posterior-head is not available for --posterior {self.posterior} (cores only)")
-        if not 0 < self.adapter_dropout < 1:
+        if posterior.method in (PosteriorMethod.VI, PosteriorMethod.MC_DROPOUT) and posterior.head:
+            raise ConfigError(f"--posterior-head is not available for --posterior {posterior.method} (cores only)")
+        if not 0 < posterior.mc_dropout.rate < 1:
             raise ConfigError("--adapter-dropout must be in (0, 1)")
-        for name in (
-            "rank", "epochs", "batch_size", "max_length", "num_samples", "validation_size", "swag_epochs",
-            "swag_snapshots", "vi_epochs", "members",
-        ):  # fmt: skip
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.vi_rank == 1 or self.vi_rank < 0:
+        if posterior.vi.rank == 1 or posterior.vi.rank < 0:
             raise ConfigError("--vi-rank must be 0 (mean-field) or at least 2")
-        if self.swag_rank < 2 or self.swag_snapshots < self.swag_rank:
+        if posterior.swag.rank < 2 or posterior.swag.snapshots < posterior.swag.rank:
             raise ConfigError("--swag-rank must be at least 2 and at most --swag-snapshots")
-        if not 0 < self.mi_coverage <= 1:
+        if not 0 < calibration.mi_coverage <= 1:
             raise ConfigError("--mi-coverage must be in (0, 1]")
+
+
+# ------------------------------------------------------------------------------------------ the flags
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One leaf of the tree: its flag name, path of attributes, type and help."""
+
+    name: str  # without the dashes: "swag-epochs"
+    path: tuple[str, ...]  # ("posterior", "swag", "epochs")
+    kind: type  # the scalar type (a list's item type)
+    is_list: bool
+    optional: bool
+    help: str
+    at_least: float | None
+    default: Any
+    narrowed: tuple = ()  # the enum members allowed, when not all are
+
+    @property
+    def key(self) -> str:
+        """The flat key: the flag name with underscores (``swag_epochs``)."""
+        return self.name.replace("-", "_")
+
+    @property
+    def choices(self) -> list[str] | None:
+        if not (isinstance(self.kind, type) and issubclass(self.kind, StrEnum)):
+            return None
+        return [c.value for c in (self.narrowed or self.kind)]
+
+    def get(self, config: TrainConfig) -> Any:
+        value: Any = config
+        for name in self.path:
+            value = getattr(value, name)
+        return value
+
+    def set(self, config: TrainConfig, value: Any) -> None:
+        owner: Any = config
+        for name in self.path[:-1]:
+            owner = getattr(owner, name)
+        setattr(owner, self.path[-1], value)
+
+    def check(self, value: Any) -> None:
+        """A clear error for a value outside the choices or below the bound."""
+        values = value if self.is_list and value is not None else [value]
+        if self.choices is not None:
+            bad = [v for v in values if v is not None and v not in self.choices]
+            if bad:
+                raise ConfigError(f"unknown --{self.name} {bad[0]!r}; choose one of {self.choices}")
+        if self.at_least is not None and value is not None and value < self.at_least:
+            raise ConfigError(f"--{self.name} must be at least {self.at_least:g}")
+
+    def coerce(self, value: Any) -> Any:
+        if self.choices is None or value is None:
+            return value
+        return [self.kind(v) for v in value] if self.is_list else self.kind(value)
+
+
+def flags(cls: type = TrainConfig, path: tuple[str, ...] = (), prefix: str = "") -> Iterator[Flag]:
+    """Every leaf field of the tree under ``cls``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from flags(hint, (*path, f.name), getattr(hint, "flag_prefix", ""))
+            continue
+        kind, is_list, optional = _scalar_type(hint)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = f.metadata["flag"] or prefix + f.name.replace("_", "-")
+        meta = f.metadata
+        yield Flag(
+            name, (*path, f.name), kind, is_list, optional, meta["help"], meta["at_least"], default, meta["choices"]
+        )
+
+
+def _scalar_type(hint: Any) -> tuple[type, bool, bool]:
+    """(scalar type, is a list, is optional) of a field's annotation."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint, optional = args[0], True
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional

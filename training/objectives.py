@@ -1,5 +1,5 @@
 """Per-batch training losses: plain cross-entropy and MC dropout on the adapter input (the ELBO is in
-:mod:`training.variational`).
+:mod:`training.methods.vi`).
 
 The stochastic ones give every example of a batch its own core per layer (a dropout mask or a variational
 sample), through the layers' batched-rows path with differentiable cores: noise is drawn per example,

@@ -14,6 +14,7 @@ from adapters import (
     Bundle,
     save_bundle,
 )
+from adapters.defaults import PosteriorFamily, PredictiveMode
 from adapters.manifest import (
     MANIFEST_FILE,
     AbstentionSpec,
@@ -29,11 +30,14 @@ from adapters.manifest import (
 from adapters.model import HEAD_WEIGHT
 from adapters.tasks import DEFAULT_TEMPLATE
 from training.calibration import fit_abstention, fit_temperature
-from training.config import ConfigError, TrainConfig
-from training.evaluate import labels_of, ood_metrics, split_metrics
-from training.methods import fit_posterior
+from training.config import AbstainOn, ConfigError, TrainConfig
+from training.data import Example
+from training.inference import Outputs, labels_of, ood_metrics, predict, split_metrics
+from training.methods import Fitted, fit, get_method
 from training.report import render_report, write_reliability_png
-from training.session import Fitted, Session, data_card, prepare, train
+from training.session import Session, data_card, fit_map, prepare
+
+DEFAULT_TARGET_RISK = 0.05  # abstention thresholds answer at this selective risk unless told otherwise
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -51,18 +55,18 @@ def calibrate(
     session: Session, fitted: Fitted, temperature_scaling: bool | None = None
 ) -> tuple[float, list[AbstentionSpec]]:
     """Temperature (``--temperature-scaling``, or as asked) and abstention thresholds, fitted on validation."""
-    config = session.config
+    config = session.config.calibration
     scale = config.temperature_scaling if temperature_scaling is None else temperature_scaling
-    outputs = session.sampled_outputs(fitted, "validation", session.validation)
+    outputs = posterior_outputs(session, fitted, "validation", session.validation)
     labels = labels_of(session.validation)
     temperature = fit_temperature(outputs.logits, labels) if scale else 1.0
-    pred = outputs.predictive(temperature)
+    pred = outputs.distribution(temperature)
     target_risk = config.target_risk
     if target_risk is None and config.target_coverage is None:
-        target_risk = 0.05
+        target_risk = DEFAULT_TARGET_RISK
     rules = []
     for kind in config.abstain_on:
-        if kind == "mutual_information":  # an epistemic alarm: answer the usual in-distribution range
+        if kind == AbstainOn.MUTUAL_INFORMATION:  # an epistemic alarm: answer the usual in-distribution range
             rules.append(fit_abstention(pred, labels, kind, target_coverage=config.mi_coverage))
         else:
             rules.append(
@@ -71,20 +75,34 @@ def calibrate(
     return temperature, rules
 
 
+def posterior_outputs(session: Session, fitted: Fitted, split: str, examples: list[Example]) -> Outputs:
+    """The posterior predictive's per-draw logits, the way the bundle's server computes them."""
+    config = session.config
+    if fitted.mode == PredictiveMode.MAP:  # the model's own parameters: the cached MAP logits
+        return session.map_outputs(split, examples)
+    if fitted.mode == PredictiveMode.GLM:
+        return session.linearisation(split, examples).outputs(fitted.posterior, fitted.num_samples, config.seed)
+    return predict(
+        session.model, examples, session.encoder, posterior=fitted.posterior, num_samples=fitted.num_samples,
+        seed=config.seed, batch_size=config.optimisation.batch_size, desc=f"{split} (posterior)",
+        progress=config.progress,
+    )  # fmt: skip
+
+
 def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[dict[str, Any], dict]:
     """MAP and posterior metrics on test, shift and OOD; the reliability-diagram panels."""
-    with_mi = fitted.predictive != "map"
+    with_mi = fitted.mode != PredictiveMode.MAP
     evaluation: dict[str, Any] = {
         "method": fitted.method,
         "num_samples": fitted.num_samples,
-        "predictive": fitted.predictive,
+        "predictive": fitted.mode,
         "temperature": temperature,
     }
     preds, panels = {}, {}
     for split, examples in session.splits().items():
         preds[split] = {
-            "MAP": session.map_outputs(split, examples).predictive(),
-            "posterior": session.sampled_outputs(fitted, split, examples).predictive(temperature),
+            "MAP": session.map_outputs(split, examples).distribution(),
+            "posterior": posterior_outputs(session, fitted, split, examples).distribution(temperature),
         }
         if split == "ood":
             continue
@@ -119,50 +137,52 @@ def write_bundle(
     config, model, base = session.config, session.model, session.model.base
     posterior = fitted.posterior
     temperature, rules = calibration
+    adapter = config.adapter
     manifest = BundleManifest(
-        name=config.name or _bundle_name(out),
-        version=config.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S"),
+        name=config.bundle.name or _bundle_name(out),
+        version=config.bundle.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S"),
         task=TaskSpec(
             type="multiple-choice" if config.multiple_choice else "sequence-classification",
             labels=session.task.labels,
             pooling=model.pooling,
             text_pair=session.task.text_pair,
-            max_length=config.tokens,
-            prompt_template=(config.prompt_template or DEFAULT_TEMPLATE) if config.multiple_choice else None,
+            max_length=config.max_tokens,
+            prompt_template=(config.data.prompt_template or DEFAULT_TEMPLATE) if config.multiple_choice else None,
         ),
         base_model=BaseModelSpec(
-            name_or_path=config.base_model,
+            name_or_path=adapter.base_model,
             fingerprint=session.fingerprint,
             dtype="float32",
             architecture=base.config.model_type,
             hidden_size=base.config.hidden_size,
         ),
         adapter=AdapterSpec(
-            rank=config.rank,
-            alpha=config.alpha,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
             target_modules=session.patterns,
             modules=session.names,
-            projection=ProjectionSpecRecord(spec=config.projection, seed=config.seed, data=session.projection_data),
+            projection=ProjectionSpecRecord(spec=adapter.projection, seed=config.seed, data=session.projection_data),
         ),
         head=HeadSpec(in_features=base.config.hidden_size, num_labels=len(session.task.labels)),
         posterior=PosteriorSpec(
             family=posterior.family,
-            prior_precision=fitted.info.get("prior_precision"),
+            prior_precision=fitted.diagnostics.get("prior_precision"),
             default_num_samples=fitted.num_samples,
-            covers_head=HEAD_WEIGHT in posterior.names and posterior.family != "map",
-            predictive="glm" if fitted.predictive == "glm" else "sample",
+            covers_head=HEAD_WEIGHT in posterior.names and posterior.family != PosteriorFamily.MAP,
+            predictive=PredictiveMode.GLM if fitted.mode == PredictiveMode.GLM else PredictiveMode.SAMPLE,
         ),
         calibration=CalibrationSpec(temperature=temperature, abstention=rules),
         eval=evaluation | {"data": data_card(session)},
     )
     map_result = session.map_result
     record = {
-        "config": asdict(config),
+        "config": config.flat(),
         "map": asdict(map_result) if map_result else None,
-        "posterior": {"method": fitted.method, "seconds": fitted.seconds, **fitted.info},
+        "posterior": {"method": fitted.method, "seconds": fitted.seconds, **fitted.diagnostics},
         "stage_seconds": session.stage.seconds,
         "summary": (
-            f"{map_result.best_epoch} of {len(map_result.history)} epochs kept (validation {config.select_by}); "
+            f"{map_result.best_epoch} of {len(map_result.history)} epochs kept "
+            f"(validation {config.optimisation.select_by}); "
             f"{sum(session.stage.seconds.values()):.0f} s in all ({_stage_list(session.stage.seconds)})."
         ),
     }
@@ -176,7 +196,7 @@ def write_bundle(
     (staging / "report.md").write_text(render_report(manifest_dict, record))
     (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     _replace_directory(staging, out)
-    session.say(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
+    session.log(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
     return out
 
 
@@ -192,13 +212,13 @@ def _replace_directory(new: Path, target: Path) -> None:
 def run(config: TrainConfig) -> Path:
     """Train, fit the posterior, calibrate, evaluate and write a bundle; returns its directory."""
     config.validate()
-    out = Path(config.out)
-    prepare_output(out, config.overwrite)
+    out = Path(config.bundle.out)
+    prepare_output(out, config.bundle.overwrite)
     session = prepare(config)
-    train(session)
+    fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
         return out
-    fitted = fit_posterior(session, config.posterior)
+    fitted = fit(session, config.posterior.method)
     session.stage.done("posterior")
     calibration = calibrate(session, fitted)
     session.stage.done("calibration")

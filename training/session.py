@@ -1,5 +1,5 @@
-"""The shared state of a training run (:class:`Session`): data, base model with LoRA-XS, the MAP; and the
-posterior a method produced (:class:`Fitted`)."""
+"""The shared state of a training run (:class:`Session`): data, the base model with LoRA-XS, the MAP, and
+cached MAP outputs and linearisations. Posterior methods (``training.methods``) start from it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from adapters import (
     InputMoments,
     LoraXSClassifier,
     LoraXSConfig,
-    Posterior,
     base_fingerprint,
     compute_projections,
     inject_lora_xs,
@@ -41,9 +40,9 @@ from training.data import (
     load_task,
 )
 from training.encoding import Encoder, make_loader, model_inputs
-from training.evaluate import Linearisation, Outputs, linearise, predict
-from training.map_training import MapResult, MapSchedule, train_map
-from training.objectives import AdapterDropout
+from training.inference import Linearisation, Outputs, linearise, predict
+from training.map_training import MapResult, train_map
+from training.objectives import Objective
 
 
 @dataclass
@@ -104,26 +103,6 @@ def default_targets(base) -> list[str]:
 
 
 @dataclass
-class Fitted:
-    """A posterior and how its predictive is computed.
-
-    Attributes:
-        method: the ``--posterior`` value that produced it.
-        predictive: ``glm`` (linearised, Laplace only), ``sample`` (network samples) or ``map``.
-        num_samples: draws of the predictive (logit draws for ``glm``).
-        info: what the fit records in the bundle (prior precision, schedule, diagnostics).
-        seconds: wall time of the fit, training beyond the MAP included.
-    """
-
-    method: str
-    posterior: Posterior
-    predictive: str
-    num_samples: int
-    info: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-@dataclass
 class Session:
     """Everything the stages share: data, the model being trained, and cached MAP outputs."""
 
@@ -146,7 +125,8 @@ class Session:
     _map_outputs: dict[str, Outputs] = field(default_factory=dict)
     _linearisations: dict[str, Linearisation] = field(default_factory=dict)
 
-    def say(self, message: str) -> None:
+    def log(self, message: str) -> None:
+        """Print once (on the main process under ``accelerate launch``)."""
         self.accelerator.print(message)
 
     def splits(self) -> dict[str, list[Example]]:
@@ -165,7 +145,7 @@ class Session:
                 self.model,
                 examples,
                 self.encoder,
-                batch_size=self.config.batch_size,
+                batch_size=self.config.optimisation.batch_size,
                 desc=f"{split} (MAP)",
                 progress=self.config.progress,
             )
@@ -180,28 +160,11 @@ class Session:
         """A split linearised at the MAP (computed once: it serves every prior precision and family)."""
         if split not in self._linearisations:
             self._linearisations[split] = linearise(
-                self.model, examples, self.encoder, include_head=self.config.posterior_head,
-                batch_size=self.config.batch_size, desc=f"{split} (Jacobians)", progress=self.config.progress,
+                self.model, examples, self.encoder, include_head=self.config.posterior.head,
+                batch_size=self.config.optimisation.batch_size, desc=f"{split} (Jacobians)",
+                progress=self.config.progress,
             )  # fmt: skip
         return self._linearisations[split]
-
-    def sampled_outputs(self, fitted: Fitted, split: str, examples: list[Example]) -> Outputs:
-        """The posterior predictive's per-draw logits, the way the bundle's server computes them."""
-        if fitted.predictive == "map":  # the model's own parameters: the cached MAP logits
-            return self.map_outputs(split, examples)
-        if fitted.predictive == "glm":
-            return self.linearisation(split, examples).outputs(fitted.posterior, fitted.num_samples, self.config.seed)
-        return predict(
-            self.model,
-            examples,
-            self.encoder,
-            posterior=fitted.posterior,
-            num_samples=fitted.num_samples,
-            seed=self.config.seed,
-            batch_size=self.config.batch_size,
-            desc=f"{split} (posterior)",
-            progress=self.config.progress,
-        )
 
 
 def prepare(config: TrainConfig) -> Session:
@@ -209,42 +172,43 @@ def prepare(config: TrainConfig) -> Session:
     config.validate(needs_out=False)
     torch.manual_seed(config.seed)  # the head's initialisation draws from the global generator
     stage = Stage()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    columns = Columns(config.text_column, config.label_column, config.text_pair_column)
+    accelerator = Accelerator(mixed_precision=config.optimisation.mixed_precision)
+    data, adapter, seed = config.data, config.adapter, config.split_seed
+    columns = Columns(data.text_column, data.label_column, data.text_pair_column)
     task = load_task(
-        config.dataset,
+        data.dataset,
         columns=columns,
-        validation_file=config.validation_file,
-        test_file=config.test_file,
-        validation_size=config.validation_size,
-        seed=config.split_seed,
-        prompt_template=config.prompt_template,
+        validation_file=data.validation_file,
+        test_file=data.test_file,
+        validation_size=data.validation_size,
+        seed=seed,
+        prompt_template=data.prompt_template,
     )
-    shift = load_shift(config.shift, task.labels, columns, config.prompt_template) if config.shift else None
-    ood = load_ood(config.ood, config.text_column, config.prompt_template) if config.ood else None
+    shift = load_shift(data.shift, task.labels, columns, data.prompt_template) if data.shift else None
+    ood = load_ood(data.ood, data.text_column, data.prompt_template) if data.ood else None
     if config.multiple_choice != all(e.num_choices is not None for e in task.train):
         kind = "multiple-choice" if config.multiple_choice else "classification"
-        raise ConfigError(f"--dataset {config.dataset} is not a {kind} task (--task)")
-    train = subset(task.train, config.train_limit, config.split_seed)
-    validation = subset(task.validation, config.eval_limit, config.split_seed)
-    test = subset(task.test, config.eval_limit, config.split_seed)
-    shift = (shift[0], subset(shift[1], config.shift_limit, config.split_seed)) if shift else None
-    ood = (ood[0], subset(ood[1], config.ood_limit, config.split_seed)) if ood else None
+        raise ConfigError(f"--dataset {data.dataset} is not a {kind} task (--task)")
+    train = subset(task.train, data.train_limit, seed)
+    validation = subset(task.validation, data.eval_limit, seed)
+    test = subset(task.test, data.eval_limit, seed)
+    shift = (shift[0], subset(shift[1], data.shift_limit, seed)) if shift else None
+    ood = (ood[0], subset(ood[1], data.ood_limit, seed)) if ood else None
     accelerator.print(
         f"data: {task.name} train {len(train)}, validation {len(validation)}, test {len(test)}, labels {task.labels}"
     )
     stage.done("data")
 
-    tokenizer, base, letter_head = load_base(config.base_model, config.multiple_choice)
-    patterns = config.targets or default_targets(base)
+    tokenizer, base, letter_head = load_base(adapter.base_model, config.multiple_choice)
+    patterns = adapter.targets or default_targets(base)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)
-    lora = LoraXSConfig(config.rank, config.alpha, tuple(patterns), config.projection, config.seed)
-    encoder = Encoder(tokenizer, config.tokens)
+    lora = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)
+    encoder = Encoder(tokenizer, config.max_tokens)
     moments, projection_data = _input_moments(base, names, train, encoder, config)
     projections = compute_projections(base, names, lora, moments)
-    report = inject_lora_xs(base, patterns, projections, alpha=config.alpha, init_std=CORE_INIT_STD, seed=config.seed)
-    pooling = config.pooling or default_pooling(base.config)
+    report = inject_lora_xs(base, patterns, projections, alpha=adapter.alpha, init_std=CORE_INIT_STD, seed=config.seed)
+    pooling = adapter.pooling or default_pooling(base.config)
     if letter_head is None:
         model = LoraXSClassifier(base, num_labels=len(task.labels), pooling=pooling)
     else:  # the LM's own next-token logits of the answer letters: a fixed head, no dropout in front of it
@@ -253,7 +217,7 @@ def prepare(config: TrainConfig) -> Session:
             model.head.weight.copy_(letter_head)
             model.head.bias.zero_()
     model = model.to(accelerator.device)
-    accelerator.print(f"LoRA-XS: {report}, rank {config.rank}, {len(names) * config.rank**2} core parameters")
+    accelerator.print(f"LoRA-XS: {report}, rank {adapter.rank}, {len(names) * adapter.rank**2} core parameters")
     stage.done("setup")
     return Session(
         config, task, train, validation, test, shift, ood, model, encoder, list(patterns), names,
@@ -261,45 +225,48 @@ def prepare(config: TrainConfig) -> Session:
     )  # fmt: skip
 
 
-def map_schedule(config: TrainConfig, seed: int | None = None) -> MapSchedule:
-    return MapSchedule(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        head_lr=config.head_lr,
-        weight_decay=config.weight_decay,
-        patience=config.patience,
-        select_by=config.select_by,
-        mixed_precision=config.mixed_precision,
-        seed=config.seed if seed is None else seed,
-    )
-
-
-def train(session: Session, dropout: bool | None = None) -> MapResult:
-    """MAP training (with MC dropout on the adapter input for ``--posterior mc-dropout``)."""
+def fit_map(
+    session: Session, *, objective: Objective | None = None, seed: int | None = None, record: bool = True
+) -> MapResult:
+    """MAP training of the session's model (from its current cores, with ``seed`` or ``--seed``); ``record``
+    keeps the result as the session's MAP and closes the ``map_training`` stage."""
     config = session.config
-    dropout = config.posterior == "mc-dropout" if dropout is None else dropout
-    session.map_result = train_map(
-        session.model, session.train, session.validation, session.encoder, map_schedule(config),
-        session.accelerator, progress=config.progress,
-        objective=AdapterDropout(config.adapter_dropout) if dropout else None,
+    result = train_map(
+        session.model, session.train, session.validation, session.encoder, config.optimisation,
+        seed=config.seed if seed is None else seed, accelerator=session.accelerator, progress=config.progress,
+        objective=objective,
     )  # fmt: skip
-    session.stage.done("map_training")
-    return session.map_result
+    if record:
+        session.map_result = result
+        session.stage.done("map_training")
+    return result
+
+
+def reinitialise(model: LoraXSClassifier, seed: int) -> None:
+    """Fresh cores (``N(0, CORE_INIT_STD²)``, as at injection) and a fresh trainable head, from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lora_layers.values():
+            weight = layer.core.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * CORE_INIT_STD)
+        if model.train_head:  # a multiple-choice head is the LM's, shared by every member
+            torch.manual_seed(seed)
+            model.head.reset_parameters()
 
 
 def _input_moments(base, names, train: list[Example], encoder: Encoder, config: TrainConfig):
     """W-SVD needs each layer's input second moment under the pretrained model (padding excluded)."""
-    if not spec_needs_data(config.projection):
+    if not spec_needs_data(config.adapter.projection):
         return None, None
-    examples = subset(train, WSVD_BATCHES * config.batch_size, config.seed)
+    batch_size = config.optimisation.batch_size
+    examples = subset(train, WSVD_BATCHES * batch_size, config.seed)
     with InputMoments(base, names) as moments, torch.no_grad():
-        for batch in make_loader(examples, encoder, config.batch_size, shuffle=False):
+        for batch in make_loader(examples, encoder, batch_size, shuffle=False):
             moments.set_mask(batch["attention_mask"])
             base(**model_inputs(batch))
         result = moments.moments()
         tokens = max(moments.num_tokens.values())
-    return result, {"dataset": config.dataset, "examples": len(examples), "tokens": tokens}
+    return result, {"dataset": config.data.dataset, "examples": len(examples), "tokens": tokens}
 
 
 def data_card(session: Session) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def test_config_file_supplies_defaults_and_flags_override(tmp_path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("rank: 4\ntargets: query,key\nposterior: laplace-diag\nout: somewhere\n")
     parsed = parse_config(["--config", str(config), "--rank", "6"])
-    assert parsed.rank == 6 and parsed.targets == ["query", "key"] and parsed.posterior == "laplace-diag"
+    assert parsed.adapter.rank == 6 and parsed.adapter.targets == ["query", "key"]
+    assert parsed.posterior.method == "laplace-diag" and parsed.bundle.out == "somewhere"
     (tmp_path / "bad.json").write_text(json.dumps({"rnak": 3}))
     with pytest.raises(Exception, match="unknown keys"):
         parse_config(["--config", str(tmp_path / "bad.json")])
@@ -137,7 +138,7 @@ def test_same_seed_same_model_and_another_seed_another(tmp_path) -> None:
     base = save_tiny_base(tmp_path / "base")
 
     def setup(seed: int, global_state: int):
-        config = TrainConfig(base_model=str(base), train_limit=40, eval_limit=20, validation_size=40, rank=2,
+        config = TrainConfig.from_flat(base_model=str(base), train_limit=40, eval_limit=20, validation_size=40, rank=2,
                              targets=["query"], seed=seed, progress=False)  # fmt: skip
         torch.manual_seed(global_state)  # whatever the global generator held before must not matter
         return prepare(config).model.posterior_parameters(include_head=True)

@@ -22,7 +22,8 @@ from adapters import (
 from adapters.manifest import AdapterSpec, BaseModelSpec, BundleManifest, HeadSpec, PosteriorSpec, TaskSpec
 from tests.conftest import random_batch, tiny_bert
 from training.exact_ggn import exact_ggn, log_marginal_likelihood
-from training.laplace_fit import _only_trainable, fit_laplace, laplace_torch
+from training.laplace_fit import fit_laplace, laplace_torch
+from training.scopes import trainable
 
 PATTERNS = ("query", "value")
 
@@ -55,7 +56,7 @@ def _model_and_loader(seed: int = 0):
 
 def _laplace_torch(model, loader, structure: str, marglik_steps: int = 20, include_head: bool = False):
     """laplace-torch's own fit of the same model (the oracle), with the same trainable parameters."""
-    with _only_trainable(model, model.posterior_parameters(include_head=include_head).values()):
+    with trainable(model, model.posterior_parameters(include_head=include_head).values()):
         model.base.set_attn_implementation("eager")  # curvlinops' full GGN uses forward-mode AD
         la = laplace_torch(model, structure)
         la.fit(loader)
@@ -91,7 +92,7 @@ def test_exact_ggn_and_evidence_equal_laplace_torch(structure, include_head) -> 
     """Our exact GGN is laplace-torch's; our evidence is its evidence; our δ is at least as good."""
     model, _, loader, _ = _model_and_loader()
     params = model.posterior_parameters(include_head=include_head)
-    with _only_trainable(model, params.values()):
+    with trainable(model, params.values()):
         ggn, loss, count = exact_ggn(model, loader, params, diagonal=structure == "diag")
     la = _laplace_torch(model, loader, structure, marglik_steps=100, include_head=include_head)
     assert count == 48 and loss == pytest.approx(float(la.loss), rel=1e-5)
@@ -185,12 +186,15 @@ def test_subset_curvature_scaled_to_n_equals_fitting_on_n(structure) -> None:
 
 @pytest.mark.parametrize("structure", ["diag", "kron", "full"])
 def test_posterior_at_another_prior_precision(structure) -> None:
-    """``fit.at(δ)`` rebuilds the posterior from the same curvature: at the tuned δ it is the fitted one."""
+    """``fit.with_prior(δ)`` rebuilds the posterior from the same curvature: at the tuned δ it is the fitted one."""
     model, _, loader, _ = _model_and_loader(seed=4)
     fit = fit_laplace(model, loader, structure, marglik_steps=20, progress=False)
     delta = fit.info["prior_precision"]
-    torch.testing.assert_close(fit.at(delta).covariance(), fit.posterior.covariance(), atol=1e-6, rtol=1e-5)
-    wider, narrower = fit.at(delta / 10).covariance().diagonal(), fit.at(delta * 10).covariance().diagonal()
+    torch.testing.assert_close(fit.with_prior(delta).covariance(), fit.posterior.covariance(), atol=1e-6, rtol=1e-5)
+    wider, narrower = (
+        fit.with_prior(delta / 10).covariance().diagonal(),
+        fit.with_prior(delta * 10).covariance().diagonal(),
+    )
     assert torch.all(wider > fit.posterior.covariance().diagonal()) and torch.all(narrower < wider)
 
 

@@ -46,7 +46,7 @@ def test_zero_shot_alone_trains_nothing(tiny_llama: Path, tmp_path: Path, monkey
     def no_training(*args, **kwargs):
         raise AssertionError("a zero-shot comparison trained a MAP")
 
-    monkeypatch.setattr(compare_module, "train", no_training)
+    monkeypatch.setattr(compare_module, "fit_map", no_training)
     out = tmp_path / "zero-shot.json"
     argv = ["compare", "--posteriors", "zero-shot", "--json", str(out), "--base-model", str(tiny_llama), *SLICE]
     assert main(argv) == 0

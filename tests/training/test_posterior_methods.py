@@ -15,12 +15,13 @@ from adapters.layer import LoraXSLinear
 from adapters.model import HEAD_BIAS, HEAD_WEIGHT, target_names
 from adapters.posteriors import drop_columns, flatten
 from tests.service.bundles import save_tiny_base
+from training.config import SwagConfig, ViConfig
 from training.data import Example
 from training.encoding import Encoder
-from training.evaluate import predict
+from training.inference import predict
+from training.methods.swag import SwagMoments, fit_swag
+from training.methods.vi import Elbo, GaussianCores, fit_vi
 from training.objectives import AdapterDropout, per_row_cores
-from training.swag import SwagMoments, SwagSchedule, fit_swag
-from training.variational import Elbo, GaussianCores, ViSchedule, fit_vi
 
 PATTERNS = ("query", "value")
 WORDS = ["good", "bad", "film", "plot", "dull", "witty", "boring", "great", "awful", "fun", "slow", "moving"]
@@ -88,8 +89,10 @@ def test_swag_moments_match_a_hand_run_on_a_toy_problem() -> None:
 def test_fit_swag_collects_snapshots_and_restores_the_map(tiny_dir: Path) -> None:
     model = _model(tiny_dir)
     before = {n: p.detach().clone() for n, p in model.posterior_parameters(include_head=True).items()}
-    schedule = SwagSchedule(epochs=2, lr=0.05, snapshots=6, rank=3, batch_size=8)
-    posterior, info = fit_swag(model, _examples(48), _encoder(tiny_dir), schedule, include_head=True, progress=False)
+    settings = SwagConfig(epochs=2, lr=0.05, snapshots=6, rank=3)
+    posterior, info = fit_swag(
+        model, _examples(48), _encoder(tiny_dir), settings, batch_size=8, include_head=True, progress=False
+    )
     assert info["snapshots"] == 6 and posterior.rank == 3 and posterior.names == list(before)
     after = model.posterior_parameters(include_head=True)
     assert all(torch.equal(after[n], before[n]) for n in before)  # the MAP is back in the model
@@ -158,8 +161,8 @@ def test_fit_vi_learns_a_posterior_and_restores_the_map(tiny_dir: Path) -> None:
     model = _model(tiny_dir)
     cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
     head = model.head.weight.detach().clone()
-    schedule = ViSchedule(epochs=2, batch_size=8, lr=0.01, std_lr=0.05, init_std=0.01)
-    posterior, info = fit_vi(model, _examples(48), _encoder(tiny_dir), schedule, progress=False)
+    settings = ViConfig(epochs=2, lr=0.01, std_lr=0.05, init_std=0.01)
+    posterior, info = fit_vi(model, _examples(48), _encoder(tiny_dir), settings, batch_size=8, progress=False)
     assert posterior.family == "diag" and posterior.names == list(cores)
     assert all(torch.equal(model.posterior_parameters()[n], cores[n]) for n in cores)
     assert torch.equal(model.head.weight, head)  # the head is not part of q and stays fixed
@@ -185,7 +188,7 @@ def test_ensemble_predictive_is_the_average_of_its_members(tiny_dir: Path) -> No
     by_member = torch.stack(
         [predict(m, examples, encoder, progress=False).logits[0].softmax(-1) for m in members]
     ).mean(0)
-    torch.testing.assert_close(served.predictive().probs, by_member, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(served.distribution().probs, by_member, atol=1e-5, rtol=1e-4)
 
 
 def test_dropped_core_columns_equal_dropout_on_the_adapter_input(tiny_dir: Path) -> None:

@@ -28,7 +28,8 @@ class Outputs:
 
     logits: Tensor
 
-    def predictive(self, temperature: float = 1.0) -> Predictive:
+    def distribution(self, temperature: float = 1.0) -> Predictive:
+        """The predictive distribution of the draws (temperature-scaled logits)."""
         return predictive(self.logits, temperature)
 
 

@@ -1,4 +1,4 @@
-"""SWAG over the cores (B-LoRA-XS, METHODS.md §3.2).
+"""``--posterior swag``: SWAG over the cores (B-LoRA-XS; docs/methods.md, SWAG).
 
 From the MAP, training continues at a constant learning rate; every few steps a snapshot of θ updates the
 running first and second moments and the list of the last K deviations ``θ_i − θ̄_i`` (θ̄_i the running mean
@@ -7,34 +7,24 @@ after snapshot i, as in Maddox et al.). The posterior is ``N(θ̄, λ (diag σ²
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adapters import LoraXSClassifier, LowRankDiagPosterior
+from adapters.defaults import PredictiveMode
 from adapters.posteriors import flatten
 from adapters.posteriors.base import unflatten
+from training.config import PosteriorMethod, SwagConfig
 from training.data import Example
 from training.encoding import Encoder, make_loader
 from training.map_training import run_epoch
+from training.methods.base import Fitted, Method, draws, register
 from training.objectives import CrossEntropy
-
-
-@dataclass
-class SwagSchedule:
-    """The SWAG phase after the MAP (the MAP training is the burn-in)."""
-
-    epochs: int = 1
-    lr: float = 1e-3  # constant
-    snapshots: int = 20  # spread evenly over the phase
-    rank: int = 10  # K, the deviations kept
-    scale: float = 0.5  # λ
-    batch_size: int = 32
-    seed: int = 0
+from training.scopes import Timer, restored, trainable
+from training.session import Session
 
 
 class SwagMoments:
@@ -75,54 +65,64 @@ def fit_swag(
     model: LoraXSClassifier,
     train: list[Example],
     encoder: Encoder,
-    schedule: SwagSchedule,
+    settings: SwagConfig,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
     include_head: bool = False,
     progress: bool = True,
 ) -> tuple[LowRankDiagPosterior, dict[str, Any]]:
     """Collect SWAG moments of the posterior parameters (the cores, and the head when asked) from the MAP in
     ``model``; the model is restored to the MAP afterwards. Parameters outside the posterior stay fixed."""
-    start = time.perf_counter()
     params = model.posterior_parameters(include_head)
-    map_state = {name: p.detach().clone() for name, p in params.items()}
-    model.freeze_base()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for param in params.values():
-        param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.lr, weight_decay=0.0)
-    loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed + 1)
-    every = max(1, schedule.epochs * len(loader) // schedule.snapshots)
-    moments, steps = SwagMoments(schedule.rank), 0
+    with Timer() as timer, restored(params) as map_state, trainable(model, params.values()):
+        optimizer = torch.optim.AdamW(list(params.values()), lr=settings.lr, weight_decay=0.0)
+        loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed + 1)
+        every = max(1, settings.epochs * len(loader) // settings.snapshots)
+        moments, steps = SwagMoments(settings.rank), 0
 
-    def on_step() -> None:
-        nonlocal steps
-        steps += 1
-        if steps % every == 0:
-            moments.update(flatten({n: p.detach() for n, p in params.items()}))
+        def on_step() -> None:
+            nonlocal steps
+            steps += 1
+            if steps % every == 0:
+                moments.update(flatten({n: p.detach() for n, p in params.items()}))
 
-    device = next(model.parameters()).device
-    model.train()
-    torch.manual_seed(schedule.seed)
-    for epoch in range(1, schedule.epochs + 1):
-        loader.batch_sampler.set_epoch(epoch)
-        run_epoch(
-            model, loader, optimizer, None, CrossEntropy(), device=device,
-            desc=f"SWAG epoch {epoch}/{schedule.epochs}", progress=progress, on_step=on_step,
-        )  # fmt: skip
-    model.eval()
-    posterior = moments.posterior(map_state, schedule.scale)
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(map_state[name])
-    model.freeze_base()
+        device = next(model.parameters()).device
+        model.train()
+        torch.manual_seed(seed)
+        for epoch in range(1, settings.epochs + 1):
+            loader.batch_sampler.set_epoch(epoch)
+            run_epoch(
+                model, loader, optimizer, None, CrossEntropy(), device=device,
+                desc=f"SWAG epoch {epoch}/{settings.epochs}", progress=progress, on_step=on_step,
+            )  # fmt: skip
+        model.eval()
+    posterior = moments.posterior(map_state, settings.scale)
     info = {
         "snapshots": moments.count,
         "every_steps": every,
         "rank": posterior.rank,
-        "scale": schedule.scale,
-        "lr": schedule.lr,
+        "scale": settings.scale,
+        "lr": settings.lr,
         "variance_mean": float(moments.variance().mean()),
         "drift_from_map": float((moments.mean - flatten(map_state).double()).norm()),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": timer.seconds,
     }
     return posterior, info
+
+
+class Swag(Method):
+    name = PosteriorMethod.SWAG
+
+    def fit(self, session: Session) -> Fitted:
+        config = session.config
+        posterior, info = fit_swag(
+            session.model, session.train, session.encoder, config.posterior.swag,
+            batch_size=config.optimisation.batch_size, seed=config.seed, include_head=config.posterior.head,
+            progress=config.progress,
+        )  # fmt: skip
+        mode = PredictiveMode.SAMPLE
+        return Fitted(self.name, posterior, mode, draws(config, mode), info)
+
+
+register(Swag())

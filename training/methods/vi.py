@@ -1,5 +1,5 @@
-"""Variational inference over the cores (METHODS.md §3.3): a Gaussian (mean-field, optionally plus a
-low-rank part) trained with the ELBO.
+"""``--posterior vi``: variational inference over the cores (docs/methods.md, VI): a Gaussian (mean-field,
+optionally plus a low-rank part) trained with the ELBO.
 
 Starts from the MAP: the means are the cores themselves, the head stays fixed, and ``q`` is fitted by
 minimising the negative ELBO with one reparameterised sample per example (:class:`Elbo`). The prior
@@ -10,36 +10,24 @@ every step).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from adapters import DiagPosterior, LoraXSClassifier, LowRankDiagPosterior, Posterior
+from adapters.defaults import PredictiveMode
 from adapters.posteriors import flatten
 from adapters.posteriors.base import unflatten
+from training.config import PosteriorMethod, ViConfig
 from training.data import Example
 from training.encoding import Encoder, make_loader
 from training.map_training import run_epoch, warmup_linear
+from training.methods.base import Fitted, Method, draws, register
 from training.objectives import cross_entropy, per_row_cores
-
-
-@dataclass
-class ViSchedule:
-    """ELBO training settings."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3  # of the means
-    std_lr: float = 0.05  # of log σ (Adam: a step changes σ by about this fraction)
-    init_std: float = 0.01
-    rank: int = 0  # of the low-rank part of the covariance; 0: mean-field
-    prior_precision: float | None = None  # None: learned, δ = P / Σ(μ² + σ²) (the ELBO's optimum)
-    kl_weight: float = 1.0
-    seed: int = 0
+from training.scopes import Timer, restored, trainable
+from training.session import Session
 
 
 class GaussianCores(nn.Module):
@@ -160,7 +148,10 @@ def fit_vi(
     model: LoraXSClassifier,
     train: list[Example],
     encoder: Encoder,
-    schedule: ViSchedule,
+    settings: ViConfig,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
     progress: bool = True,
 ) -> tuple[Posterior, dict[str, Any]]:
     """Fit ``q`` from the MAP in ``model``; the model's cores are restored to the MAP afterwards.
@@ -169,49 +160,60 @@ def fit_vi(
         The posterior over the cores (``diag`` or ``lowrank_diag``) and a record (prior precision, final
         KL, mean σ, seconds).
     """
-    start = time.perf_counter()
-    model.freeze_base()
-    model.head.requires_grad_(False)
-    variational = GaussianCores(model, schedule.init_std, schedule.rank, schedule.seed)
-    map_cores = {name: mean.detach().clone() for name, mean in variational.means().items()}
-    objective = Elbo(variational, len(train), schedule.prior_precision, schedule.kl_weight)
-    groups = [
-        {"params": list(variational.means().values()), "lr": schedule.lr},
-        {"params": list(variational.log_std.parameters()), "lr": schedule.std_lr},
-    ]
-    if variational.factor is not None:  # in the cores' own units, like the means
-        groups.append({"params": [variational.factor], "lr": schedule.lr})
-    optimizer = torch.optim.Adam(groups)
-    loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=schedule.seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(schedule.epochs * len(loader), 0.0))
-    device = next(model.parameters()).device
-    model.train()
-    torch.manual_seed(schedule.seed)
-    losses = []
-    for epoch in range(1, schedule.epochs + 1):
-        loader.batch_sampler.set_epoch(epoch)
-        loss = run_epoch(
-            model, loader, optimizer, scheduler, objective, device=device,
-            desc=f"VI epoch {epoch}/{schedule.epochs}", progress=progress,
-        )  # fmt: skip
-        losses.append(loss)
-    model.eval()
-    posterior = variational.posterior()
-    with torch.no_grad():
-        kl = float(variational.kl(objective.prior_precision))
-        for name, core in map_cores.items():
-            model.lora_layers[name].core.weight.copy_(core)
-    model.freeze_base()  # back to the usual trainable set
+    cores = model.posterior_parameters()
+    with Timer() as timer, restored(cores), trainable(model, cores.values()):
+        variational = GaussianCores(model, settings.init_std, settings.rank, seed)
+        objective = Elbo(variational, len(train), settings.prior_precision, settings.kl_weight)
+        groups = [
+            {"params": list(variational.means().values()), "lr": settings.lr},
+            {"params": list(variational.log_std.parameters()), "lr": settings.std_lr},
+        ]
+        if variational.factor is not None:  # in the cores' own units, like the means
+            groups.append({"params": [variational.factor], "lr": settings.lr})
+        optimizer = torch.optim.Adam(groups)
+        loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(settings.epochs * len(loader), 0.0))
+        device = next(model.parameters()).device
+        model.train()
+        torch.manual_seed(seed)
+        losses = []
+        for epoch in range(1, settings.epochs + 1):
+            loader.batch_sampler.set_epoch(epoch)
+            loss = run_epoch(
+                model, loader, optimizer, scheduler, objective, device=device,
+                desc=f"VI epoch {epoch}/{settings.epochs}", progress=progress,
+            )  # fmt: skip
+            losses.append(loss)
+        model.eval()
+        posterior = variational.posterior()
+        with torch.no_grad():
+            kl = float(variational.kl(objective.prior_precision))
     stds = torch.cat([s.detach().reshape(-1) for s in variational.stds().values()])
     info = {
         "prior_precision": objective.prior_precision,
         "prior_learned": objective.learn_prior,
-        "kl_weight": schedule.kl_weight,
-        "rank": schedule.rank,
+        "kl_weight": settings.kl_weight,
+        "rank": settings.rank,
         "kl": round(kl, 3),
         "negative_elbo_per_example": [round(v, 5) for v in losses],
         "std_mean": float(stds.mean()),
         "std_max": float(stds.max()),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": timer.seconds,
     }
     return posterior, info
+
+
+class Vi(Method):
+    name = PosteriorMethod.VI
+
+    def fit(self, session: Session) -> Fitted:
+        config = session.config
+        posterior, info = fit_vi(
+            session.model, session.train, session.encoder, config.posterior.vi,
+            batch_size=config.optimisation.batch_size, seed=config.seed, progress=config.progress,
+        )  # fmt: skip
+        mode = PredictiveMode.SAMPLE
+        return Fitted(self.name, posterior, mode, draws(config, mode), info)
+
+
+register(Vi())
