@@ -11,6 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from adapters.defaults import ensure_pad_token
 from adapters.errors import CaveatError
 
@@ -64,9 +67,6 @@ def converted_gguf(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     distribution, package, filename = EMBEDDED_GGUF[name]
     source = package_dir(distribution, package)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)

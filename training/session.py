@@ -3,7 +3,6 @@ cached MAP outputs and linearisations. Posterior methods (``training.methods``) 
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from training.data import (
     load_ood,
     load_shift,
     load_task,
+    subset,
 )
 from training.encoding import Encoder, make_loader, model_inputs
 from training.inference import Linearisation, Outputs, linearise, predict
@@ -56,13 +56,6 @@ class Stage:
         now = time.perf_counter()
         self.seconds[name] = round(now - self._start, 1)
         self._start = now
-
-
-def subset(examples: list, limit: int | None, seed: int) -> list:
-    if limit is None or len(examples) <= limit:
-        return examples
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in chosen]
 
 
 def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, torch.nn.Module, Tensor | None]:

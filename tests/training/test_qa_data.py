@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from adapters.embedded import resolve_model
 from adapters.tasks import LETTERS, choice_mask, format_prompt, letter_token_ids
-from training.qa_data import arc_easy_train, arc_easy_validation, as_examples, openbookqa_validation
+from training.data.multiple_choice import arc_easy_train, arc_easy_validation, as_examples, openbookqa_validation
 
 
 def test_arc_easy_and_openbookqa_load_with_answers_mapped_through_their_own_keys() -> None:

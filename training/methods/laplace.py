@@ -12,12 +12,13 @@ from typing import Any
 from adapters import Posterior
 from adapters.defaults import PredictiveMode
 from training.config import ConfigError, PosteriorMethod, Prior
+from training.data import subset
 from training.encoding import make_loader
 from training.inference import labels_of, predict
 from training.laplace_fit import LaplaceFit, fit_laplace
 from training.methods.base import Fitted, Method, draws, register
 from training.metrics import nll
-from training.session import Session, subset
+from training.session import Session
 
 # Validation grid for δ, in decades above the marglik value (for a sampled predictive the marglik prior is too
 # weak, never too strong); the best coarse point is then refined by half decades on each side.

