@@ -29,19 +29,19 @@ from adapters.errors import (
     ShapeMismatchError,
     TargetNotFoundError,
 )
-from adapters.layer import LoraXSLinear, RowGroup
-from adapters.manifest import CAVEAT_VERSION
-from adapters.model import (
+from adapters.fingerprint import base_fingerprint
+from adapters.injection import (
     InjectionReport,
-    LoraXSClassifier,
-    base_fingerprint,
     compute_projections,
     find_targets,
     inject_lora_xs,
     lora_xs_layers,
-    pool,
     target_names,
 )
+from adapters.layer import LoraXSLinear, RowGroup
+from adapters.manifest import CAVEAT_VERSION
+from adapters.model import LoraXSClassifier
+from adapters.pooling import pool
 from adapters.posteriors import (
     DiagPosterior,
     DropoutPosterior,

@@ -198,9 +198,28 @@ def _localise(parts: list[tuple[int, RowBlock]], width: int) -> Chunk:
 @contextmanager
 def apply_row_plan(layers: Mapping[str, LoraXSLinear], plan: RowPlan) -> Iterator[None]:
     """Put the layers in batched-rows mode for the forwards inside the block (not re-entrant)."""
+    with _row_groups(layers, plan.layer_groups):
+        yield
+
+
+@contextmanager
+def per_row_cores(layers: Mapping[str, LoraXSLinear], cores: Mapping[str, Tensor]) -> Iterator[None]:
+    """Forwards inside use ``cores[layer] (N, r, r)`` for row ``n`` of the batch, with each layer's own
+    projections and scaling (unscaled cores, like the layers' own); gradients flow into ``cores``. Training
+    draws per-example noise this way (MC dropout masks, variational samples)."""
+    groups = {
+        name: [RowGroup(layer.lora_A, layer.lora_B, layer.scaling * cores[name], None)]
+        for name, layer in layers.items()
+    }
+    with _row_groups(layers, groups):
+        yield
+
+
+@contextmanager
+def _row_groups(layers: Mapping[str, LoraXSLinear], groups: Mapping[str, list[RowGroup]]) -> Iterator[None]:
     try:
         for name, layer in layers.items():
-            layer.row_groups = plan.layer_groups.get(name, [])
+            layer.row_groups = groups.get(name, [])
         yield
     finally:
         for layer in layers.values():

@@ -41,6 +41,7 @@ from adapters.errors import (
     SchemaVersionError,
     ShapeMismatchError,
 )
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import (
     ADAPTER_FILE,
     MANIFEST_FILE,
@@ -50,7 +51,7 @@ from adapters.manifest import (
     TENSOR_FILES,
     BundleManifest,
 )
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT, LoraXSClassifier
+from adapters.model import LoraXSClassifier
 from adapters.posteriors import Posterior
 from adapters.posteriors.base import KEY_SEP
 from adapters.projections import Projection
@@ -175,7 +176,7 @@ def load_bundle(
 
     Args:
         directory: the bundle directory.
-        base_fingerprint: when given, the running base model's fingerprint (``adapters.model.base_fingerprint``
+        base_fingerprint: when given, the running base model's fingerprint (``adapters.fingerprint.base_fingerprint``
             over the bundle's modules); a different one raises :class:`FingerprintMismatchError`.
         layer_shapes: when given, module name → ``(d_out, d_in)`` of the running base's linear layers.
         hidden_size: when given, the running base's feature size (the head's input).

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from adapters.defaults import CORE_INIT_STD
 from adapters.projections import parse_spec
 
-# Module-name patterns that suit common architectures (METHODS.md §1). Targets are always chosen by
+# Module-name patterns that suit common architectures (docs/methods.md, LoRA-XS). Targets are always chosen by
 # pattern; this table only supplies defaults.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "value"),
@@ -26,7 +25,7 @@ class LoraXSConfig:
     Attributes:
         rank: r, the side of the trainable ``r×r`` core.
         alpha: the update is scaled by ``alpha / rank``.
-        target_modules: module-name patterns (see :func:`adapters.model.find_targets`).
+        target_modules: module-name patterns (see :func:`adapters.injection.find_targets`).
         projection: projection spec (``svd``, ``wsvd``, ``dct``, ``random`` or a hybrid like ``dct-1/2_svd``).
         seed: seeds the core initialisation and the ``random`` projection family.
         init_std: standard deviation of the core's initial entries (near-zero start).
@@ -50,12 +49,3 @@ class LoraXSConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraXSConfig:
-        return cls(**data)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapters.eval_card import EvalCard
 from adapters.predictive import AbstentionRule
 
 
@@ -50,7 +51,7 @@ class BaseModelSpec(_Strict):
     """The frozen base model the adapter belongs to."""
 
     name_or_path: str
-    revision: str | None = None
+    revision: None = Field(default=None, exclude=True, description="unused; accepted so older bundles load")
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     dtype: str = "float32"
     architecture: str | None = None
@@ -78,7 +79,7 @@ class AdapterSpec(_Strict):
 
 
 class HeadSpec(_Strict):
-    trained: bool = True
+    trained: bool = Field(default=True, description="trained with the adapter; false for a frozen LM head")
     in_features: int = Field(gt=0)
     num_labels: int = Field(ge=2)
 
@@ -120,7 +121,7 @@ class BundleManifest(_Strict):
     head: HeadSpec
     posterior: PosteriorSpec
     calibration: CalibrationSpec = CalibrationSpec()
-    eval: dict[str, Any] = Field(default_factory=dict)
+    eval: EvalCard = Field(default_factory=EvalCard)
     files: dict[str, str] = Field(default_factory=dict, description="tensor file name → sha256")
 
     @field_validator("files")

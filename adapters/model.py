@@ -1,234 +1,25 @@
-"""Injection of LoRA-XS layers into any ``PreTrainedModel`` and the classifier model wrapper.
+"""The classifier: a base transformer with LoRA-XS layers, pooled features and a linear head.
 
-Layers wrap ``nn.Linear`` modules in place (``setattr`` on the parent), so the base model's own code runs
-unchanged. :class:`LoraXSClassifier` puts a pooled linear head on the base model's hidden states: in
-single mode it is the training model; in batched-rows mode (:meth:`LoraXSClassifier.forward_rows`) one
-forward serves many adapters and posterior samples, each block of rows with its own head.
+In single mode it is the training model; in batched-rows mode (:meth:`LoraXSClassifier.forward_rows`) one
+forward serves many adapters and posterior samples, each block of rows with its own cores and head.
+Injection is :mod:`adapters.injection`, fingerprints :mod:`adapters.fingerprint`, pooling
+:mod:`adapters.pooling` and the GLM Jacobians :mod:`adapters.linearisation`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan, pack_blocks
-from adapters.config import LoraXSConfig
-from adapters.defaults import CORE_INIT_STD
-from adapters.errors import TargetNotFoundError
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT, head_logits
+from adapters.injection import lora_xs_layers
 from adapters.layer import LoraXSLinear
-from adapters.projections import Projection, build_projection
-
-POOLINGS = ("mean", "cls", "last")
-DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma")
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
-
-
-# ------------------------------------------------------------------------------------------- targeting
-
-
-def _pattern_matches(pattern: str, name: str) -> bool:
-    """``re:<regex>`` matches the full name; a plain pattern matches the name or a dotted suffix of it."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
-def find_targets(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[str]]:
-    """Map each pattern to the names of the ``nn.Linear`` modules (or wrapped layers) it selects.
-
-    Raises:
-        TargetNotFoundError: a pattern matches nothing, or matches a module that is not ``nn.Linear``.
-    """
-    modules = dict(model.named_modules())
-    wrapped = {name for name, m in modules.items() if isinstance(m, LoraXSLinear)}
-    linears, others = [], []
-    for name, module in modules.items():
-        inside_wrapper = name.rpartition(".")[0] in wrapped  # a wrapped layer's own base/core
-        if name in wrapped or (isinstance(module, nn.Linear) and not inside_wrapper):
-            linears.append(name)
-        else:
-            others.append(name)
-    matches = {p: [n for n in linears if _pattern_matches(p, n)] for p in patterns}
-    empty = [p for p, names in matches.items() if not names]
-    if empty:
-        wrong_type = {p: [n for n in others if _pattern_matches(p, n)][:3] for p in empty}
-        hints = "; ".join(
-            f"{p!r} matches non-linear modules {found}" if found else f"{p!r} matches nothing"
-            for p, found in wrong_type.items()
-        )
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise TargetNotFoundError(
-            f"target patterns select no nn.Linear: {hints}. Linear module names end in: {suffixes}"
-        )
-    return matches
-
-
-def target_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of the modules the patterns select, each once, in model order."""
-    selected = {n for names in find_targets(model, patterns).values() for n in names}
-    return [name for name, _ in model.named_modules() if name in selected]
-
-
-@dataclass
-class InjectionReport:
-    """What :func:`inject_lora_xs` wrapped: the module names, and which pattern selected which modules."""
-
-    wrapped: list[str]
-    matches: dict[str, list[str]] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        per_pattern = ", ".join(f"{p}: {len(n)}" for p, n in self.matches.items())
-        return f"wrapped {len(self.wrapped)} linear layers ({per_pattern})"
-
-
-def inject_lora_xs(
-    model: nn.Module,
-    target_modules: Sequence[str],
-    projections: Mapping[str, Projection] | None = None,
-    *,
-    alpha: float = 16.0,
-    init_std: float = CORE_INIT_STD,
-    seed: int = 0,
-) -> InjectionReport:
-    """Wrap the selected ``nn.Linear`` modules of ``model`` in :class:`LoraXSLinear`, in place.
-
-    Args:
-        model: any ``nn.Module`` (typically a ``PreTrainedModel``); names below are relative to it.
-        target_modules: patterns, see :func:`find_targets`.
-        projections: module name → its :class:`Projection` for single mode (training); ``None`` makes host
-            layers that only serve batched rows.
-        alpha, init_std, seed: single-mode scaling and core initialisation (a seeded generator).
-    """
-    matches = find_targets(model, target_modules)
-    names = target_names(model, target_modules)
-    missing = [n for n in names if projections is not None and n not in projections]
-    if missing:
-        raise TargetNotFoundError(f"no projection given for targeted modules {missing[:5]}")
-    generator = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
-    for name in names:
-        if isinstance(modules[name], LoraXSLinear):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        layer = LoraXSLinear(
-            modules[name],
-            projections[name] if projections is not None else None,
-            alpha=alpha,
-            init_std=init_std,
-            generator=generator,
-        )
-        setattr(modules[parent_name] if parent_name else model, child, layer)
-    return InjectionReport(wrapped=names, matches=matches)
-
-
-def lora_xs_layers(model: nn.Module) -> dict[str, LoraXSLinear]:
-    """Name → wrapped layer, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraXSLinear)}
-
-
-def compute_projections(
-    model: nn.Module,
-    module_names: Iterable[str],
-    config: LoraXSConfig,
-    input_moments: Mapping[str, Tensor] | None = None,
-) -> dict[str, Projection]:
-    """Projection of every named linear layer from its pretrained weight (METHODS.md §2)."""
-    modules = dict(model.named_modules())
-    projections = {}
-    for index, name in enumerate(module_names):
-        linear = modules[name]
-        linear = linear.base if isinstance(linear, LoraXSLinear) else linear
-        projections[name] = build_projection(
-            linear.weight,
-            config.rank,
-            config.projection,
-            seed=config.seed + 1000 * index,
-            input_moment=None if input_moments is None else input_moments.get(name),
-        )
-    return projections
-
-
-def module_digests(model: nn.Module, module_names: Iterable[str] | None = None) -> dict[str, str]:
-    """sha256 of each named linear layer's weight and bias (float32 bytes, with shapes); all linear layers
-    when ``module_names`` is ``None``.
-
-    A server computes these once, before casting the base to a lower precision, and can then fingerprint
-    any adapter's module set without keeping float32 weights around.
-    """
-    modules = dict(model.named_modules())
-    if module_names is None:
-        module_names = [n for n, m in modules.items() if _is_adaptable_linear(n, m, modules)]
-    digests = {}
-    for name in module_names:
-        linear = modules[name]
-        linear = linear.base if isinstance(linear, LoraXSLinear) else linear
-        digest = hashlib.sha256()
-        for tensor in (linear.weight, linear.bias):
-            if tensor is not None:
-                digest.update(str(tuple(tensor.shape)).encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        digests[name] = digest.hexdigest()
-    return digests
-
-
-def _is_adaptable_linear(name: str, module: nn.Module, modules: Mapping[str, nn.Module]) -> bool:
-    """A wrapped layer, or a plain linear layer that is not the inside of a wrapped one."""
-    if isinstance(module, LoraXSLinear):
-        return True
-    return isinstance(module, nn.Linear) and not isinstance(modules.get(name.rpartition(".")[0]), LoraXSLinear)
-
-
-def combine_digests(digests: Mapping[str, str], module_names: Iterable[str]) -> str:
-    """The fingerprint of a module set from per-module digests (order-independent)."""
-    lines = "".join(f"{name}:{digests[name]}\n" for name in sorted(module_names))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def base_fingerprint(model: nn.Module, module_names: Iterable[str]) -> str:
-    """sha256 over the frozen tensors an adapter touches: the named layers' weights and biases.
-
-    Computed on float32 copies, so fingerprint the model before casting it to a lower precision.
-    """
-    names = list(module_names)
-    return combine_digests(module_digests(model, names), names)
-
-
-# --------------------------------------------------------------------------------------------- pooling
-
-
-def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
-    """Sequence features ``(N, H)`` from hidden states ``(N, T, H)``.
-
-    ``mean`` averages non-padding tokens (encoders such as MiniLM), ``cls`` takes the first token, ``last``
-    the last non-padding token (decoders; right padding assumed).
-    """
-    if pooling == "cls":
-        return hidden[:, 0]
-    if attention_mask is None:
-        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-    if pooling == "mean":
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    if pooling == "last":
-        last = attention_mask.long().sum(dim=1).clamp_min(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
-
-
-def default_pooling(config) -> str:
-    """``last`` for decoders (causal LMs), ``mean`` for encoders."""
-    causal = any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or [])
-    decoder = getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES or causal
-    return "last" if decoder else "mean"
-
-
-# ------------------------------------------------------------------------------------------ classifier
+from adapters.linearisation import row_jacobians
+from adapters.pooling import POOLINGS, pool
+from adapters.projections import Projection
 
 
 class LoraXSClassifier(nn.Module):
@@ -309,9 +100,8 @@ class LoraXSClassifier(nn.Module):
     ) -> list[tuple[Tensor, dict[str, Tensor]]]:
         """The GLM linearisation of every block: logits and their Jacobians w.r.t. each core and the head.
 
-        Each block holds one sample (``S = 1``), the point the network is linearised at (the MAP cores).
-        Every row gets its own copy of each core, so one backward pass per class gives every input's own
-        Jacobian (rows do not interact).
+        Each block holds one sample (``S = 1``), the point the network is linearised at (the MAP cores); the
+        maths is :func:`adapters.linearisation.row_jacobians`.
 
         Args:
             batch, token_budget: as for :meth:`forward_rows`.
@@ -326,48 +116,10 @@ class LoraXSClassifier(nn.Module):
         outputs: list[tuple[Tensor, dict[str, Tensor]]] = [None] * len(blocks)  # type: ignore[list-item]
         for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
-            results = self._jacobian_plan(rows, [part for _, part in chunk.parts])
+            results = row_jacobians(self.features, self.lora_layers, rows, [part for _, part in chunk.parts])
             for (index, _), result in zip(chunk.parts, results, strict=True):
                 outputs[index] = result
         return outputs
-
-    def _jacobian_plan(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[tuple[Tensor, dict]]:
-        plan = RowPlan.build(blocks, self.lora_layers.keys())
-        leaves = [(name, group) for name, groups in plan.layer_groups.items() for group in groups]
-        for _, group in leaves:
-            group.cores = group.cores.detach().requires_grad_(True)
-        rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
-        with torch.enable_grad(), apply_row_plan(self.lora_layers, plan):
-            features = self.features(rows_batch)
-            logits = [head_logits(features[r], b)[0] for r, b in zip(plan.block_rows, blocks, strict=True)]
-        num_rows, num_classes = plan.row_inputs.shape[0], max(out.shape[-1] for out in logits)
-        per_class = []  # per class: layer → (N_rows, r, r) gradient w.r.t. each row's (scaled) core
-        for c in range(num_classes):
-            target = sum(out[:, c].sum() for out in logits if out.shape[-1] > c)
-            grads = torch.autograd.grad(
-                target, [g.cores for _, g in leaves], retain_graph=c < num_classes - 1, allow_unused=True
-            )
-            per_layer: dict[str, Tensor] = {}
-            for (name, group), grad in zip(leaves, grads, strict=True):
-                if name not in per_layer:
-                    per_layer[name] = torch.zeros(num_rows, *group.cores.shape[1:], device=group.cores.device)
-                full = per_layer[name]
-                if grad is not None:
-                    full[slice(None) if group.rows is None else group.rows] = grad.float()
-            per_class.append(per_layer)
-        results = []
-        for rows, block, out in zip(plan.block_rows, blocks, logits, strict=True):
-            C = out.shape[-1]
-            jacobians = {
-                name: block.adapter.scaling * torch.stack([per_class[c][name][rows] for c in range(C)], dim=1)
-                for name in block.adapter.projections
-            }  # the rows hold scaling · R, so ∂f/∂R = scaling · ∂f/∂(row core)
-            phi = features[rows].detach().float()
-            eye = torch.eye(C, device=phi.device)
-            jacobians[HEAD_WEIGHT] = torch.einsum("ij,nh->nijh", eye, phi)
-            jacobians[HEAD_BIAS] = eye.expand(phi.shape[0], C, C)
-            results.append((out.detach().float(), jacobians))
-        return results
 
     def _forward_plan(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
         plan = RowPlan.build(blocks, self.lora_layers.keys())
@@ -415,16 +167,3 @@ def _input_lengths(batch: Mapping[str, Tensor]) -> list[int]:
     if not torch.equal(mask.cumprod(dim=1).sum(dim=1), mask.sum(dim=1)):
         raise ValueError("batched rows need right-padded inputs (padding_side='right')")
     return mask.sum(dim=1).tolist()
-
-
-def head_logits(features: Tensor, block: RowBlock) -> Tensor:
-    """Logits ``(S, n, C)`` of one block from its rows' features ``(S·n, H)`` (sample-major)."""
-    S, n = block.num_samples, block.num_inputs
-    features = features.reshape(S, n, -1).to(block.adapter.head_weight.dtype)  # e.g. a float32 head on a bf16 base
-    weight = block.samples.get(HEAD_WEIGHT)
-    bias = block.samples.get(HEAD_BIAS)
-    if weight is None and bias is None:
-        return F.linear(features, block.adapter.head_weight, block.adapter.head_bias)
-    weight = block.adapter.head_weight.expand(S, -1, -1) if weight is None else weight
-    bias = block.adapter.head_bias.expand(S, -1) if bias is None else bias
-    return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))

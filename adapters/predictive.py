@@ -3,7 +3,8 @@
 From per-sample logits ``(S, N, C)``: ``p_s = softmax(f_s / T)``; the predictive averages probabilities,
 never logits (averaging logits collapses the posterior to the MAP); total uncertainty ``H[p̄]``; aleatoric
 part ``E_s H[p_s]``; epistemic part (mutual information) ``H[p̄] − E_s H[p_s] ≥ 0``; and the Monte-Carlo
-standard error of the top probability ``std_s(p_s[c*]) / √S`` (METHODS.md §4). All in nats.
+standard error of the top probability ``std_s(p_s[c*]) / √S`` (docs/methods.md, predictive
+distributions). All in nats.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Projection families: how the frozen LoRA-XS factors ``A`` and ``B`` are built from a weight ``W0``.
 
 Every family writes ``W0 ≈ B A`` with ``B (d_out×r)`` and ``A (r×d_in)``; the small core of the factorisation
-is absorbed into ``A``, so at ``R = I`` the adapter would reproduce the rank-r reconstruction (METHODS.md §2).
-All maths runs in float64 and is deterministic given the weight and an explicit seed: the global RNG is
-never touched.
+is absorbed into ``A``, so at ``R = I`` the adapter would reproduce the rank-r reconstruction (docs/methods.md,
+projection families). All maths runs in float64 and is deterministic given the weight and an explicit seed:
+the global RNG is never touched.
 
 Specs: a family name (``svd``, ``wsvd``, ``dct``, ``random``) or a hybrid such as ``dct-1/2_svd``, which gives
 ``floor(r·1/2)`` directions to ``dct`` and the rest to ``svd``. Hybrid parts are fitted in the order written,

@@ -1,4 +1,5 @@
-"""Multiple choice with a causal LM as a C-way classifier (METHODS.md §4), shared by training and serving.
+"""Multiple choice with a causal LM as a C-way classifier (docs/methods.md, predictive distributions),
+shared by training and serving.
 
 A question and its choices become one prompt; the logits of the answer-letter tokens at the prompt's last
 position are the classifier's logits. Letters are A, B, C, ... in the order of the item's own choices (an

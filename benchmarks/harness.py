@@ -25,6 +25,8 @@ from transformers import AutoModel
 
 from adapters import LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs, target_names
 from adapters.bundle import Bundle, save_bundle
+from adapters.fingerprint import base_fingerprint
+from adapters.injection import lora_xs_layers
 from adapters.manifest import (
     AbstentionSpec,
     AdapterSpec,
@@ -35,7 +37,6 @@ from adapters.manifest import (
     PosteriorSpec,
     TaskSpec,
 )
-from adapters.model import base_fingerprint, lora_xs_layers
 from adapters.posteriors import DiagPosterior, KronFactors, KronPosterior, Posterior
 
 

@@ -19,14 +19,10 @@ from transformers import AutoModel, AutoTokenizer
 from adapters.batching import RowBlock
 from adapters.defaults import prepare_tokenizer, resolve_token_budget
 from adapters.embedded import resolve_model
-from adapters.model import (
-    LoraXSClassifier,
-    combine_digests,
-    default_pooling,
-    inject_lora_xs,
-    lora_xs_layers,
-    module_digests,
-)
+from adapters.fingerprint import combine_digests, module_digests
+from adapters.injection import inject_lora_xs, lora_xs_layers
+from adapters.model import LoraXSClassifier
+from adapters.pooling import default_pooling
 
 log = logging.getLogger("caveat.serve")
 

@@ -40,32 +40,44 @@ class PosteriorMethod(StrEnum):
 
 
 class Task(StrEnum):
-    CLASSIFICATION = "classification"
-    MULTIPLE_CHOICE = "multiple-choice"
+    """``--task``: what the head predicts."""
+
+    CLASSIFICATION = "classification"  # a pooled linear head over the labels
+    MULTIPLE_CHOICE = "multiple-choice"  # a causal LM's answer-letter logits
 
 
 class Prior(StrEnum):
+    """``--prior``: how Laplace chooses the prior precision δ."""
+
     MARGLIK = "marglik"  # the Laplace marginal likelihood
     GRID = "grid"  # validation NLL of the predictive, around the marglik value
 
 
 class PriorStructure(StrEnum):
-    SCALAR = "scalar"
-    LAYERWISE = "layerwise"
+    """``--prior-structure``: one δ, or one per layer (marglik only)."""
+
+    SCALAR = "scalar"  # one δ for every core
+    LAYERWISE = "layerwise"  # one δ per adapted layer
 
 
 class SelectBy(StrEnum):
-    NLL = "nll"
-    ACCURACY = "accuracy"
+    """``--select-by``: the validation score that keeps the best epoch."""
+
+    NLL = "nll"  # the lowest validation NLL (calibration-aware)
+    ACCURACY = "accuracy"  # the highest validation accuracy
 
 
 class MixedPrecision(StrEnum):
+    """``--mixed-precision``: accelerate's autocast (GPU)."""
+
     NO = "no"
     FP16 = "fp16"
     BF16 = "bf16"
 
 
 class AbstainOn(StrEnum):
+    """``--abstain-on``: the abstention rules fitted on validation."""
+
     MAX_PROB = "max_prob"
     ENTROPY = "entropy"
     MUTUAL_INFORMATION = "mutual_information"

@@ -6,7 +6,7 @@ per-example Jacobians, which fall back to slow loops over PyTorch's CPU attentio
 ``Σ_n J_nᵀ Λ_n J_n`` with ``Λ_n = diag(p_n) − p_n p_nᵀ`` (cross-entropy Hessian in logit space) and ``J_n``
 the ``C×P`` Jacobian of the logits. For a linear layer the per-example Jacobian row of class c is
 ``Σ_t g_t a_tᵀ`` from its inputs ``a`` and the output gradients ``g`` of that logit — the same quantities
-KFAC uses (METHODS.md §4) — so C backward passes per batch give ``J`` exactly. Writing
+KFAC uses (docs/methods.md, Laplace) — so C backward passes per batch give ``J`` exactly. Writing
 ``Λ = Σ_c p_c (e_c − p)(e_c − p)ᵀ``, rows ``U_nc = √p_c (J_nc − Σ_c' p_c' J_nc')`` give ``GGN = Uᵀ U``.
 
 The prior precision δ maximises the Laplace marginal likelihood

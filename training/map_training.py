@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,36 @@ def run_epoch(
         running, seen = running + loss.item() * count, seen + count
         bar.set_postfix(loss=f"{running / seen:.4f}")
     return running / max(seen, 1)
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    objective: Objective,
+    *,
+    epochs: int,
+    seed: int,
+    name: str,
+    progress: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """``epochs`` passes of a phase after the MAP (SWAG, VI): the model in train mode, the global generator
+    seeded (dropout), the length-grouped sampler told each epoch; returns each epoch's mean loss."""
+    device = next(model.parameters()).device
+    model.train()
+    torch.manual_seed(seed)
+    losses = []
+    for epoch in range(1, epochs + 1):
+        loader.batch_sampler.set_epoch(epoch)
+        desc = f"{name} epoch {epoch}/{epochs}"
+        loss = run_epoch(
+            model, loader, optimizer, scheduler, objective, device=device, desc=desc, progress=progress, on_step=on_step
+        )
+        losses.append(loss)
+    model.eval()
+    return losses
 
 
 @torch.no_grad()

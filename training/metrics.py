@@ -1,4 +1,4 @@
-"""Evaluation metrics with the project's fixed definitions (METHODS.md §5).
+"""Evaluation metrics with the project's fixed definitions (docs/methods.md, metrics).
 
 All functions take predictive probabilities ``probs (N, C)`` and integer labels ``(N,)``.
 ECE uses 15 equal-width bins on [0, 1] with bins ``(lo, hi]`` (the first includes 0), reported as a fraction.

@@ -8,15 +8,15 @@ never shared across the batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters import LoraXSClassifier
-from adapters.layer import RowGroup
+from adapters.batching import per_row_cores
 from adapters.posteriors import drop_columns
 from training.encoding import batch_logits
 
@@ -36,18 +36,9 @@ def cross_entropy(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return F.cross_entropy(batch_logits(model, batch).float(), batch["labels"])
 
 
-@contextmanager
-def per_row_cores(model: nn.Module, cores: Mapping[str, Tensor]) -> Iterator[None]:
-    """Forwards inside use ``cores[layer] (N, r, r)`` for row ``n`` of the batch (unscaled, like the layers'
-    own cores); gradients flow into ``cores``."""
-    layers = classifier(model).lora_layers
-    for name, layer in layers.items():
-        layer.row_groups = [RowGroup(layer.lora_A, layer.lora_B, layer.scaling * cores[name], None)]
-    try:
-        yield
-    finally:
-        for layer in layers.values():
-            layer.row_groups = None
+def row_cores(model: nn.Module, cores: Mapping[str, Tensor]) -> AbstractContextManager[None]:
+    """:func:`adapters.batching.per_row_cores` on the classifier inside an accelerate/DDP wrapper."""
+    return per_row_cores(classifier(model).lora_layers, cores)
 
 
 class CrossEntropy:
@@ -74,5 +65,5 @@ class AdapterDropout:
             name: drop_columns(layer.core.weight.expand(rows, -1, -1), self.rate)
             for name, layer in classifier(model).lora_layers.items()
         }
-        with per_row_cores(model, cores):
+        with row_cores(model, cores):
             return cross_entropy(model, batch)

@@ -8,13 +8,14 @@ import shutil
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from adapters import (
     Bundle,
     save_bundle,
 )
 from adapters.defaults import PosteriorFamily, PredictiveMode
+from adapters.eval_card import EvalCard, OodEval, SplitEval, TrainingRecord
+from adapters.heads import HEAD_WEIGHT
 from adapters.manifest import (
     MANIFEST_FILE,
     AbstentionSpec,
@@ -27,7 +28,6 @@ from adapters.manifest import (
     ProjectionSpecRecord,
     TaskSpec,
 )
-from adapters.model import HEAD_WEIGHT
 from adapters.tasks import DEFAULT_TEMPLATE
 from training.calibration import fit_abstention, fit_temperature
 from training.config import AbstainOn, ConfigError, TrainConfig
@@ -89,15 +89,12 @@ def posterior_outputs(session: Session, fitted: Fitted, split: str, examples: li
     )  # fmt: skip
 
 
-def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[dict[str, Any], dict]:
+def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[EvalCard, dict]:
     """MAP and posterior metrics on test, shift and OOD; the reliability-diagram panels."""
     with_mi = fitted.mode != PredictiveMode.MAP
-    evaluation: dict[str, Any] = {
-        "method": fitted.method,
-        "num_samples": fitted.num_samples,
-        "predictive": fitted.mode,
-        "temperature": temperature,
-    }
+    card = EvalCard(
+        method=fitted.method, num_samples=fitted.num_samples, predictive=fitted.mode, temperature=temperature
+    )
     preds, panels = {}, {}
     for split, examples in session.splits().items():
         preds[split] = {
@@ -107,23 +104,25 @@ def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[dict
         if split == "ood":
             continue
         labels = labels_of(examples)
-        evaluation[split] = {
-            "size": len(examples),
-            "map": split_metrics(preds[split]["MAP"], labels),
-            "posterior": split_metrics(preds[split]["posterior"], labels),
-        }
+        metrics = SplitEval(
+            size=len(examples),
+            map=split_metrics(preds[split]["MAP"], labels),
+            posterior=split_metrics(preds[split]["posterior"], labels),
+        )
+        if split == "test":
+            card.test = metrics
+        else:
+            card.shift = metrics.model_copy(update={"dataset": session.shift[0]})
         title = "test" if split == "test" else f"shift: {session.shift[0]}"
         panels[title] = {method: (pred.probs, labels) for method, pred in preds[split].items()}
-    if session.shift is not None:
-        evaluation["shift"]["dataset"] = session.shift[0]
     if session.ood is not None:
-        evaluation["ood"] = {
-            "dataset": session.ood[0],
-            "size": len(session.ood[1]),
-            "map": ood_metrics(preds["test"]["MAP"], preds["ood"]["MAP"], with_mi=False),
-            "posterior": ood_metrics(preds["test"]["posterior"], preds["ood"]["posterior"], with_mi=with_mi),
-        }
-    return evaluation, panels
+        card.ood = OodEval(
+            dataset=session.ood[0],
+            size=len(session.ood[1]),
+            map=ood_metrics(preds["test"]["MAP"], preds["ood"]["MAP"], with_mi=False),
+            posterior=ood_metrics(preds["test"]["posterior"], preds["ood"]["posterior"], with_mi=with_mi),
+        )
+    return card, panels
 
 
 def write_bundle(
@@ -131,7 +130,7 @@ def write_bundle(
     out: Path,
     fitted: Fitted,
     calibration: tuple[float, list[AbstentionSpec]],
-    evaluation: dict[str, Any],
+    evaluation: EvalCard,
     panels: dict,
 ) -> Path:
     config, model, base = session.config, session.model, session.model.base
@@ -163,7 +162,9 @@ def write_bundle(
             modules=session.names,
             projection=ProjectionSpecRecord(spec=adapter.projection, seed=config.seed, data=session.projection_data),
         ),
-        head=HeadSpec(in_features=base.config.hidden_size, num_labels=len(session.task.labels)),
+        head=HeadSpec(
+            trained=model.train_head, in_features=base.config.hidden_size, num_labels=len(session.task.labels)
+        ),
         posterior=PosteriorSpec(
             family=posterior.family,
             prior_precision=fitted.diagnostics.get("prior_precision"),
@@ -172,32 +173,33 @@ def write_bundle(
             predictive=PredictiveMode.GLM if fitted.mode == PredictiveMode.GLM else PredictiveMode.SAMPLE,
         ),
         calibration=CalibrationSpec(temperature=temperature, abstention=rules),
-        eval=evaluation | {"data": data_card(session)},
+        eval=evaluation.model_copy(update={"data": data_card(session), "training": _training_record(session, fitted)}),
     )
-    map_result = session.map_result
-    record = {
-        "config": config.flat(),
-        "map": asdict(map_result) if map_result else None,
-        "posterior": {"method": fitted.method, "seconds": fitted.seconds, **fitted.diagnostics},
-        "stage_seconds": session.stage.seconds,
-        "summary": (
-            f"{map_result.best_epoch} of {len(map_result.history)} epochs kept "
-            f"(validation {config.optimisation.select_by}); "
-            f"{sum(session.stage.seconds.values()):.0f} s in all ({_stage_list(session.stage.seconds)})."
-        ),
-    }
-    manifest.eval["training"] = {k: v for k, v in record.items() if k != "config"}
     bundle = Bundle.from_classifier(model, posterior, manifest)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # the old bundle survives a failed write
     shutil.rmtree(staging, ignore_errors=True)
     save_bundle(bundle, staging)
     write_reliability_png(staging / "reliability.png", panels)
-    manifest_dict = json.loads((staging / MANIFEST_FILE).read_text())
-    (staging / "report.md").write_text(render_report(manifest_dict, record))
+    (staging / "report.md").write_text(render_report(manifest))
+    record = {"config": config.flat(), **manifest.eval.training.model_dump(mode="json")}
     (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     _replace_directory(staging, out)
     session.log(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
     return out
+
+
+def _training_record(session: Session, fitted: Fitted) -> TrainingRecord:
+    map_result, seconds = session.map_result, session.stage.seconds
+    return TrainingRecord(
+        map=asdict(map_result) if map_result else None,
+        posterior={"method": fitted.method, "seconds": fitted.seconds, **fitted.diagnostics},
+        stage_seconds=seconds,
+        summary=(
+            f"{map_result.best_epoch} of {len(map_result.history)} epochs kept "
+            f"(validation {session.config.optimisation.select_by}); "
+            f"{sum(seconds.values()):.0f} s in all ({_stage_list(seconds)})."
+        ),
+    )
 
 
 def _replace_directory(new: Path, target: Path) -> None:

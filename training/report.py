@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from adapters.manifest import AbstentionSpec, BundleManifest
 from training.metrics import calibration_bins
 
 METRIC_ROWS = [
@@ -53,46 +53,46 @@ def _table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) ->
     return header + "\n".join(lines) + "\n"
 
 
-def _describe_rule(rule: dict[str, Any]) -> str:
-    target = rule.get("target") or {}
+def _describe_rule(rule: AbstentionSpec) -> str:
+    target = rule.target or {}
     goal = ", ".join(f"{k} {v:.3g}" for k, v in target.items() if not k.startswith("validation_"))
     fitted = (
         f"validation coverage {target.get('validation_coverage', 0):.3f}, risk {target.get('validation_risk', 0):.3f}"
     )
-    return f"{rule['kind']} threshold {rule['threshold']:.4g} (target {goal or 'none'}; {fitted})"
+    return f"{rule.kind} threshold {rule.threshold:.4g} (target {goal or 'none'}; {fitted})"
 
 
-def render_report(manifest: dict[str, Any], training: dict[str, Any]) -> str:
-    """Markdown report of a bundle from its manifest (eval card included) and the training record."""
-    ev = manifest["eval"]
-    posterior = manifest["posterior"]
+def render_report(manifest: BundleManifest) -> str:
+    """Markdown report of a bundle from its manifest (eval card and training record included)."""
+    ev, posterior, adapter = manifest.eval, manifest.posterior, manifest.adapter
+    summary = ev.training.summary if ev.training else ""
     parts = [
-        f"# {manifest['name']} {manifest['version']}\n",
-        f"Base `{manifest['base_model']['name_or_path']}`, LoRA-XS r={manifest['adapter']['rank']} "
-        f"(alpha {manifest['adapter']['alpha']}, projection `{manifest['adapter']['projection']['spec']}`) on "
-        f"{len(manifest['adapter']['modules'])} layers (`{', '.join(manifest['adapter']['target_modules'])}`); "
-        f"posterior `{posterior['family']}` (prior precision {posterior.get('prior_precision')}), "
-        f"{posterior['default_num_samples']} samples by default. Labels: {', '.join(manifest['task']['labels'])}.\n",
-        f"Training: {training.get('summary', '')}\n",
-        "## Test split\n",
-        _table({"MAP": ev["test"]["map"], "posterior": ev["test"]["posterior"]}, METRIC_ROWS),
+        f"# {manifest.name} {manifest.version}\n",
+        f"Base `{manifest.base_model.name_or_path}`, LoRA-XS r={adapter.rank} "
+        f"(alpha {adapter.alpha}, projection `{adapter.projection.spec}`) on "
+        f"{len(adapter.modules)} layers (`{', '.join(adapter.target_modules)}`); "
+        f"posterior `{posterior.family}` (prior precision {posterior.prior_precision}), "
+        f"{posterior.default_num_samples} samples by default. Labels: {', '.join(manifest.task.labels)}.\n",
+        f"Training: {summary}\n",
     ]
-    if "shift" in ev:
+    if ev.test is not None:
+        parts += ["## Test split\n", _table({"MAP": ev.test.map, "posterior": ev.test.posterior}, METRIC_ROWS)]
+    if ev.shift is not None:
         parts += [
-            f"## Domain shift: {ev['shift']['dataset']} ({ev['shift']['size']} examples)\n",
-            _table({"MAP": ev["shift"]["map"], "posterior": ev["shift"]["posterior"]}, METRIC_ROWS),
+            f"## Domain shift: {ev.shift.dataset} ({ev.shift.size} examples)\n",
+            _table({"MAP": ev.shift.map, "posterior": ev.shift.posterior}, METRIC_ROWS),
         ]
-    if "ood" in ev:
+    if ev.ood is not None:
         rows = [("max_prob", "AUROC, 1 − max prob"), ("entropy", "AUROC, entropy"), ("mutual_information", "AUROC, MI")]
         parts += [
-            f"## Out-of-distribution detection: {ev['ood']['dataset']} ({ev['ood']['size']} texts) vs the test split\n",
-            _table({"MAP": ev["ood"]["map"], "posterior": ev["ood"]["posterior"]}, rows),
+            f"## Out-of-distribution detection: {ev.ood.dataset} ({ev.ood.size} texts) vs the test split\n",
+            _table({"MAP": ev.ood.map, "posterior": ev.ood.posterior}, rows),
         ]
-    calibration = manifest["calibration"]
-    rules = "; ".join(_describe_rule(r) for r in calibration["abstention"])
+    calibration = manifest.calibration
+    rules = "; ".join(_describe_rule(r) for r in calibration.abstention)
     parts += [
         "## Calibration (fitted on the validation split)\n",
-        f"Temperature {calibration['temperature']:.4f}. Abstention: {rules or 'none'}.\n",
+        f"Temperature {calibration.temperature:.4f}. Abstention: {rules or 'none'}.\n",
         "![reliability](reliability.png)\n",
     ]
     return "\n".join(parts)

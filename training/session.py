@@ -25,7 +25,8 @@ from adapters import (
 from adapters.config import DEFAULT_TARGETS
 from adapters.defaults import CORE_INIT_STD, prepare_tokenizer
 from adapters.embedded import resolve_model
-from adapters.model import default_pooling
+from adapters.eval_card import DataCard
+from adapters.pooling import default_pooling
 from adapters.projections import spec_needs_data
 from adapters.tasks import letter_token_ids
 from training.config import WSVD_BATCHES, ConfigError, TrainConfig
@@ -262,25 +263,26 @@ def _input_moments(base, names, train: list[Example], encoder: Encoder, config: 
     return result, {"dataset": config.data.dataset, "examples": len(examples), "tokens": tokens}
 
 
-def data_card(session: Session) -> dict[str, Any]:
+def data_card(session: Session) -> DataCard:
+    """Sizes and fingerprints of the session's splits, and where they came from."""
     task = session.task
-    card = {
-        "task": task.name,
-        "provenance": task.provenance,
-        "sizes": {"train": len(session.train), "validation": len(session.validation), "test": len(session.test)},
-        "sha256": {
+    card = DataCard(
+        task=task.name,
+        provenance=task.provenance,
+        sizes={"train": len(session.train), "validation": len(session.validation), "test": len(session.test)},
+        sha256={
             "train": fingerprint(session.train),
             "validation": fingerprint(session.validation),
             "test": fingerprint(session.test),
         },
-    }
+    )
     if session.shift is not None:
-        card["shift"] = {
+        card.shift = {
             "dataset": session.shift[0],
             "size": len(session.shift[1]),
             "sha256": fingerprint(session.shift[1]),
         }
     if session.ood is not None:
         texts = [e.text for e in session.ood[1]]
-        card["ood"] = {"dataset": session.ood[0], "size": len(texts), "sha256": fingerprint(texts)}
+        card.ood = {"dataset": session.ood[0], "size": len(texts), "sha256": fingerprint(texts)}
     return card

@@ -90,10 +90,6 @@ class Posterior(ABC):
     # ----------------------------------------------------------------------------------------- shared
 
     @property
-    def default_num_samples(self) -> int:
-        return 16
-
-    @property
     def names(self) -> list[str]:
         return list(self._mean)
 

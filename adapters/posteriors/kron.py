@@ -3,7 +3,8 @@
 For a weight block ``W (out×in)`` with curvature factors ``F_G = Q_G Λ_G Q_Gᵀ`` (output gradients) and
 ``F_A = Q_A Λ_A Q_Aᵀ`` (inputs), the posterior precision of ``vec(W)`` (row-major) is
 ``(Q_G ⊗ Q_A) diag(N λ_g ⊗ λ_a + δ) (Q_G ⊗ Q_A)ᵀ``. A sample costs two small matmuls:
-``W = Ŵ + Q_G (E ⊙ D^{-1/2}) Q_Aᵀ`` with ``E`` standard normal and ``D = N λ_g λ_aᵀ + δ`` (METHODS.md §3.1).
+``W = Ŵ + Q_G (E ⊙ D^{-1/2}) Q_Aᵀ`` with ``E`` standard normal and ``D = N λ_g λ_aᵀ + δ`` (docs/methods.md,
+Laplace).
 A 1-D block (a bias) has a single factor: ``b = b̂ + Q (e ⊙ D^{-1/2})`` with ``D = N λ + δ``.
 """
 

@@ -17,10 +17,6 @@ class MapPosterior(Posterior):
 
     family = PosteriorFamily.MAP
 
-    @property
-    def default_num_samples(self) -> int:
-        return 1
-
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
         return {name: t.expand(num_samples, *t.shape) for name, t in self._mean.items()}
 
@@ -62,10 +58,6 @@ class EnsemblePosterior(Posterior):
     @property
     def num_members(self) -> int:
         return next(iter(self.members.values())).shape[0]
-
-    @property
-    def default_num_samples(self) -> int:
-        return self.num_members
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
         order = torch.randperm(self.num_members, generator=generator, device=self.device)

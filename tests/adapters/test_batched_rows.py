@@ -19,7 +19,7 @@ from adapters import (
     predictive,
 )
 from adapters.batching import pack_blocks
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from tests.conftest import random_batch, tiny_bert, tiny_llama
 
 TOL = 1e-5

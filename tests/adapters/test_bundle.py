@@ -257,3 +257,13 @@ def test_non_safetensors_payload_is_refused_without_unpickling(saved, tmp_path: 
     with pytest.raises(NotSafetensorsError, match=ADAPTER_FILE):
         load_bundle(path)
     assert not payload.marker.exists()
+
+
+def test_bundles_written_with_the_unused_revision_field_still_load(saved) -> None:
+    """``base_model.revision`` was always null; new manifests leave it out, older ones keep loading."""
+    _, path, _, _ = saved
+    raw = json.loads((path / "bundle.json").read_text())
+    assert "revision" not in raw["base_model"]
+    raw["base_model"]["revision"] = None  # as every bundle written before carries it
+    (path / "bundle.json").write_text(json.dumps(raw))
+    assert load_bundle(path).manifest.base_model.revision is None

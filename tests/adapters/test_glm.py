@@ -8,7 +8,8 @@ import torch
 
 from adapters import LoraXSClassifier, LoraXSConfig, RowBlock, compute_projections, inject_lora_xs, target_names
 from adapters.batching import AdapterWeights
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT, lora_xs_layers
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
+from adapters.injection import lora_xs_layers
 from adapters.posteriors import (
     DiagPosterior,
     FullPosterior,

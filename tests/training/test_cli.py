@@ -80,10 +80,17 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     ev = manifest.eval
     for split in ("test", "shift"):
         for method in ("map", "posterior"):
-            assert set(ev[split][method]) >= {"accuracy", "ece", "nll", "brier", "aurc", "risk_at_80_coverage"}
-    assert set(ev["ood"]["posterior"]) >= {"max_prob", "entropy", "mutual_information"}
-    assert ev["shift"]["dataset"] == "drugreviews" and ev["ood"]["dataset"] == "bbcnews"
-    assert ev["training"]["posterior"]["curvature_examples"] == 64 and ev["training"]["posterior"]["n_data"] == 200
+            assert set(getattr(getattr(ev, split), method)) >= {
+                "accuracy",
+                "ece",
+                "nll",
+                "brier",
+                "aurc",
+                "risk_at_80_coverage",
+            }
+    assert set(ev.ood.posterior) >= {"max_prob", "entropy", "mutual_information"}
+    assert ev.shift.dataset == "drugreviews" and ev.ood.dataset == "bbcnews"
+    assert ev.training.posterior["curvature_examples"] == 64 and ev.training.posterior["n_data"] == 200
     assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "mutual_information"}
     assert (out / "report.md").read_text().startswith("# bundle ")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -117,7 +124,7 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
         "--posterior", "laplace-diag", "--prior", "grid", "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 0
-    laplace = load_bundle(out).manifest.eval["training"]["posterior"]
+    laplace = load_bundle(out).manifest.eval.training.posterior
     assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 7
     best = min(laplace["grid_validation_nll"], key=laplace["grid_validation_nll"].get)
     assert float(best) == pytest.approx(laplace["prior_precision"], rel=1e-5)

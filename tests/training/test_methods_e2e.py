@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from tests.service.bundles import running_app, save_tiny_base
 from training.cli import main
 

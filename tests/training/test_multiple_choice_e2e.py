@@ -62,9 +62,9 @@ def test_multiple_choice_bundle_trains_and_serves_the_lms_letter_logits(tiny_lla
     task = bundle.manifest.task
     assert task.type == "multiple-choice" and task.labels == ["A", "B", "C", "D", "E"] and task.pooling == "last"
     assert bundle.manifest.adapter.target_modules == ["q_proj", "v_proj"]
-    assert not bundle.manifest.posterior.covers_head
+    assert not bundle.manifest.posterior.covers_head and not bundle.manifest.head.trained  # the LM head is frozen
     ev = bundle.manifest.eval
-    assert ev["shift"]["dataset"] == "openbookqa" and set(ev["ood"]["posterior"]) >= {"entropy", "mutual_information"}
+    assert ev.shift.dataset == "openbookqa" and set(ev.ood.posterior) >= {"entropy", "mutual_information"}
     lm = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     letters = letter_token_ids(AutoTokenizer.from_pretrained(tiny_llama))
     torch.testing.assert_close(bundle.head_weight, lm.get_output_embeddings().weight[letters])  # the LM's own rows

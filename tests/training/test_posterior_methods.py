@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from adapters import EnsemblePosterior, LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
+from adapters.injection import target_names
 from adapters.layer import LoraXSLinear
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT, target_names
 from adapters.posteriors import drop_columns, flatten
 from tests.service.bundles import save_tiny_base
 from training.config import SwagConfig, ViConfig
@@ -21,7 +22,7 @@ from training.encoding import Encoder
 from training.inference import predict
 from training.methods.swag import SwagMoments, fit_swag
 from training.methods.vi import Elbo, GaussianCores, fit_vi
-from training.objectives import AdapterDropout, per_row_cores
+from training.objectives import AdapterDropout, row_cores
 
 PATTERNS = ("query", "value")
 WORDS = ["good", "bad", "film", "plot", "dull", "witty", "boring", "great", "awful", "fun", "slow", "moving"]
@@ -149,7 +150,7 @@ def test_elbo_draws_noise_per_example(tiny_dir: Path) -> None:
     model = _model(tiny_dir)
     batch = _encoder(tiny_dir)([Example("a dull film", 0)] * 2)
     q = GaussianCores(model, init_std=0.5)
-    with torch.no_grad(), per_row_cores(model, q.sample_rows(2)):
+    with torch.no_grad(), row_cores(model, q.sample_rows(2)):
         logits = model(batch["input_ids"], batch["attention_mask"])
     assert not torch.allclose(logits[0], logits[1])
     loss = Elbo(q, num_data=100, prior_precision=None, kl_weight=1.0).loss(model, batch)
@@ -200,8 +201,8 @@ def test_dropped_core_columns_equal_dropout_on_the_adapter_input(tiny_dir: Path)
     keep = (torch.rand(4, 1, 3, generator=torch.Generator().manual_seed(7)) >= rate).float() / (1 - rate)
     expected = layer.base(x) + layer.scaling * ((x @ layer.lora_A.T) * keep) @ core.T @ layer.lora_B.T
     model_like = torch.nn.Module()
-    model_like.lora_layers = {"only": layer}  # per_row_cores only needs the layers
-    with torch.no_grad(), per_row_cores(model_like, {"only": dropped}):
+    model_like.lora_layers = {"only": layer}  # row_cores only needs the layers
+    with torch.no_grad(), row_cores(model_like, {"only": dropped}):
         got = layer(x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     objective = AdapterDropout(rate)

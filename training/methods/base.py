@@ -86,3 +86,8 @@ def fit(session: Session, name: str) -> Fitted:
 def draws(config: TrainConfig, mode: PredictiveMode) -> int:
     """``--num-samples``, or the shared default of the predictive."""
     return config.posterior.num_samples or DEFAULT_DRAWS[mode]
+
+
+def sampled(name: PosteriorMethod, config: TrainConfig, posterior: Posterior, diagnostics: dict[str, Any]) -> Fitted:
+    """A posterior evaluated with network samples (``--num-samples`` of them, 16 by default)."""
+    return Fitted(name, posterior, PredictiveMode.SAMPLE, draws(config, PredictiveMode.SAMPLE), diagnostics)

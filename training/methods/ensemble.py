@@ -15,7 +15,7 @@ from torch import Tensor
 from adapters import EnsemblePosterior, load_bundle
 from adapters.defaults import PredictiveMode
 from adapters.errors import CaveatError
-from adapters.model import HEAD_BIAS, HEAD_WEIGHT
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from training.config import ConfigError, PosteriorMethod
 from training.methods.base import Fitted, Method, register
 from training.scopes import restored, snapshot
@@ -62,17 +62,17 @@ def _member_from_bundle(session: Session, path: Path) -> tuple[dict[str, Tensor]
     except (CaveatError, OSError) as exc:
         raise ConfigError(f"--member-bundles {path}: {exc}") from exc
     manifest, rank = bundle.manifest, session.config.adapter.rank
-    card = manifest.eval.get("data", {})
     if manifest.base_model.fingerprint != session.fingerprint or manifest.adapter.modules != session.names:
         raise ConfigError(f"--member-bundles {path}: adapts another base model or other modules")
-    if card.get("sha256", {}) != data_card(session)["sha256"]:
+    if manifest.eval.data is None or manifest.eval.data.sha256 != data_card(session).sha256:
         raise ConfigError(f"--member-bundles {path}: trained on other data splits (give it the same --data-seed)")
     if manifest.adapter.rank != rank:
         raise ConfigError(f"--member-bundles {path}: rank {manifest.adapter.rank}, not {rank}")
     device = next(session.model.parameters()).device
     member = {name: core.to(device) for name, core in bundle.cores.items()}
     member[HEAD_WEIGHT], member[HEAD_BIAS] = bundle.head_weight.to(device), bundle.head_bias.to(device)
-    seconds = manifest.eval.get("training", {}).get("stage_seconds", {}).get("map_training", 0.0)
+    training = manifest.eval.training
+    seconds = training.stage_seconds.get("map_training", 0.0) if training else 0.0
     return member, float(seconds)
 
 

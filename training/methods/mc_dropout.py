@@ -5,9 +5,8 @@ is the trained cores plus the rate: each draw is a fresh mask."""
 from __future__ import annotations
 
 from adapters import DropoutPosterior
-from adapters.defaults import PredictiveMode
 from training.config import PosteriorMethod, TrainConfig
-from training.methods.base import Fitted, Method, draws, register
+from training.methods.base import Fitted, Method, register, sampled
 from training.objectives import AdapterDropout, Objective
 from training.scopes import snapshot
 from training.session import Session
@@ -19,8 +18,7 @@ class McDropout(Method):
     def fit(self, session: Session) -> Fitted:
         rate = session.config.posterior.mc_dropout.rate
         posterior = DropoutPosterior(snapshot(session.model.posterior_parameters()), rate)
-        mode = PredictiveMode.SAMPLE
-        return Fitted(self.name, posterior, mode, draws(session.config, mode), {"rate": rate})
+        return sampled(self.name, session.config, posterior, {"rate": rate})
 
     def map_objective(self, config: TrainConfig) -> Objective:
         return AdapterDropout(config.posterior.mc_dropout.rate)

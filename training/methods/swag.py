@@ -14,17 +14,29 @@ import torch
 from torch import Tensor
 
 from adapters import LoraXSClassifier, LowRankDiagPosterior
-from adapters.defaults import PredictiveMode
 from adapters.posteriors import flatten
 from adapters.posteriors.base import unflatten
 from training.config import PosteriorMethod, SwagConfig
 from training.data import Example
 from training.encoding import Encoder, make_loader
-from training.map_training import run_epoch
-from training.methods.base import Fitted, Method, draws, register
+from training.map_training import run_epochs
+from training.methods.base import Fitted, Method, register, sampled
 from training.objectives import CrossEntropy
 from training.scopes import Timer, restored, trainable
 from training.session import Session
+
+
+class Swag(Method):
+    name = PosteriorMethod.SWAG
+
+    def fit(self, session: Session) -> Fitted:
+        config = session.config
+        posterior, info = fit_swag(
+            session.model, session.train, session.encoder, config.posterior.swag,
+            batch_size=config.optimisation.batch_size, seed=config.seed, include_head=config.posterior.head,
+            progress=config.progress,
+        )  # fmt: skip
+        return sampled(self.name, config, posterior, info)
 
 
 class SwagMoments:
@@ -87,16 +99,10 @@ def fit_swag(
             if steps % every == 0:
                 moments.update(flatten({n: p.detach() for n, p in params.items()}))
 
-        device = next(model.parameters()).device
-        model.train()
-        torch.manual_seed(seed)
-        for epoch in range(1, settings.epochs + 1):
-            loader.batch_sampler.set_epoch(epoch)
-            run_epoch(
-                model, loader, optimizer, None, CrossEntropy(), device=device,
-                desc=f"SWAG epoch {epoch}/{settings.epochs}", progress=progress, on_step=on_step,
-            )  # fmt: skip
-        model.eval()
+        run_epochs(
+            model, loader, optimizer, None, CrossEntropy(), epochs=settings.epochs, seed=seed, name="SWAG",
+            progress=progress, on_step=on_step,
+        )  # fmt: skip
     posterior = moments.posterior(map_state, settings.scale)
     info = {
         "snapshots": moments.count,
@@ -109,20 +115,6 @@ def fit_swag(
         "seconds": timer.seconds,
     }
     return posterior, info
-
-
-class Swag(Method):
-    name = PosteriorMethod.SWAG
-
-    def fit(self, session: Session) -> Fitted:
-        config = session.config
-        posterior, info = fit_swag(
-            session.model, session.train, session.encoder, config.posterior.swag,
-            batch_size=config.optimisation.batch_size, seed=config.seed, include_head=config.posterior.head,
-            progress=config.progress,
-        )  # fmt: skip
-        mode = PredictiveMode.SAMPLE
-        return Fitted(self.name, posterior, mode, draws(config, mode), info)
 
 
 register(Swag())

@@ -17,17 +17,28 @@ import torch
 from torch import Tensor, nn
 
 from adapters import DiagPosterior, LoraXSClassifier, LowRankDiagPosterior, Posterior
-from adapters.defaults import PredictiveMode
 from adapters.posteriors import flatten
 from adapters.posteriors.base import unflatten
 from training.config import PosteriorMethod, ViConfig
 from training.data import Example
 from training.encoding import Encoder, make_loader
-from training.map_training import run_epoch, warmup_linear
-from training.methods.base import Fitted, Method, draws, register
-from training.objectives import cross_entropy, per_row_cores
+from training.map_training import run_epochs, warmup_linear
+from training.methods.base import Fitted, Method, register, sampled
+from training.objectives import cross_entropy, row_cores
 from training.scopes import Timer, restored, trainable
 from training.session import Session
+
+
+class Vi(Method):
+    name = PosteriorMethod.VI
+
+    def fit(self, session: Session) -> Fitted:
+        config = session.config
+        posterior, info = fit_vi(
+            session.model, session.train, session.encoder, config.posterior.vi,
+            batch_size=config.optimisation.batch_size, seed=config.seed, progress=config.progress,
+        )  # fmt: skip
+        return sampled(self.name, config, posterior, info)
 
 
 class GaussianCores(nn.Module):
@@ -139,7 +150,7 @@ class Elbo:
     def loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         if self.learn_prior:
             self.prior_precision = self.variational.optimal_prior_precision()
-        with per_row_cores(model, self.variational.sample_rows(len(batch["labels"]))):
+        with row_cores(model, self.variational.sample_rows(len(batch["labels"]))):
             nll = cross_entropy(model, batch)
         return nll + self.kl_weight * self.variational.kl(self.prior_precision) / self.num_data
 
@@ -173,18 +184,10 @@ def fit_vi(
         optimizer = torch.optim.Adam(groups)
         loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(settings.epochs * len(loader), 0.0))
-        device = next(model.parameters()).device
-        model.train()
-        torch.manual_seed(seed)
-        losses = []
-        for epoch in range(1, settings.epochs + 1):
-            loader.batch_sampler.set_epoch(epoch)
-            loss = run_epoch(
-                model, loader, optimizer, scheduler, objective, device=device,
-                desc=f"VI epoch {epoch}/{settings.epochs}", progress=progress,
-            )  # fmt: skip
-            losses.append(loss)
-        model.eval()
+        losses = run_epochs(
+            model, loader, optimizer, scheduler, objective, epochs=settings.epochs, seed=seed, name="VI",
+            progress=progress,
+        )  # fmt: skip
         posterior = variational.posterior()
         with torch.no_grad():
             kl = float(variational.kl(objective.prior_precision))
@@ -201,19 +204,6 @@ def fit_vi(
         "seconds": timer.seconds,
     }
     return posterior, info
-
-
-class Vi(Method):
-    name = PosteriorMethod.VI
-
-    def fit(self, session: Session) -> Fitted:
-        config = session.config
-        posterior, info = fit_vi(
-            session.model, session.train, session.encoder, config.posterior.vi,
-            batch_size=config.optimisation.batch_size, seed=config.seed, progress=config.progress,
-        )  # fmt: skip
-        mode = PredictiveMode.SAMPLE
-        return Fitted(self.name, posterior, mode, draws(config, mode), info)
 
 
 register(Vi())

@@ -1,0 +1,72 @@
+"""The GLM linearisation of row blocks: logits and their exact per-input Jacobians w.r.t. each core and the
+head (docs/methods.md, GLM predictive).
+
+Every row gets its own copy of each core, so one backward pass per class gives every input's own Jacobian
+(rows do not interact). Heads are linear, so their Jacobians are closed-form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from adapters.batching import RowBlock, RowPlan, apply_row_plan
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT, head_logits
+from adapters.layer import LoraXSLinear
+
+Features = Callable[[Mapping[str, Tensor]], Tensor]  # tokenised rows → pooled features (N, H)
+
+
+def row_jacobians(
+    features: Features,
+    layers: Mapping[str, LoraXSLinear],
+    batch: Mapping[str, Tensor],
+    blocks: Sequence[RowBlock],
+) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    """Per block (each with ``S = 1``): logits ``(n, C)`` and block name → Jacobian ``(n, C, *shape)`` for
+    every core of its adapter, ``head.weight`` ``(n, C, C, H)`` and ``head.bias`` ``(n, C, C)`` (float32).
+
+    Args:
+        features: the model's pooled features of tokenised rows.
+        layers: the model's LoRA-XS layers by name.
+        batch: tokenised unique inputs of this forward ``(N_inputs, T)``.
+        blocks: row blocks with one sample, the point the network is linearised at.
+    """
+    plan = RowPlan.build(blocks, layers.keys())
+    leaves = [(name, group) for name, groups in plan.layer_groups.items() for group in groups]
+    for _, group in leaves:
+        group.cores = group.cores.detach().requires_grad_(True)
+    rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
+    with torch.enable_grad(), apply_row_plan(layers, plan):
+        pooled = features(rows_batch)
+        logits = [head_logits(pooled[r], b)[0] for r, b in zip(plan.block_rows, blocks, strict=True)]
+    num_rows, num_classes = plan.row_inputs.shape[0], max(out.shape[-1] for out in logits)
+    per_class = []  # per class: layer → (N_rows, r, r) gradient w.r.t. each row's (scaled) core
+    for c in range(num_classes):
+        target = sum(out[:, c].sum() for out in logits if out.shape[-1] > c)
+        grads = torch.autograd.grad(
+            target, [g.cores for _, g in leaves], retain_graph=c < num_classes - 1, allow_unused=True
+        )
+        per_layer: dict[str, Tensor] = {}
+        for (name, group), grad in zip(leaves, grads, strict=True):
+            if name not in per_layer:
+                per_layer[name] = torch.zeros(num_rows, *group.cores.shape[1:], device=group.cores.device)
+            full = per_layer[name]
+            if grad is not None:
+                full[slice(None) if group.rows is None else group.rows] = grad.float()
+        per_class.append(per_layer)
+    results = []
+    for rows, block, out in zip(plan.block_rows, blocks, logits, strict=True):
+        C = out.shape[-1]
+        jacobians = {
+            name: block.adapter.scaling * torch.stack([per_class[c][name][rows] for c in range(C)], dim=1)
+            for name in block.adapter.projections
+        }  # the rows hold scaling · R, so ∂f/∂R = scaling · ∂f/∂(row core)
+        phi = pooled[rows].detach().float()
+        eye = torch.eye(C, device=phi.device)
+        jacobians[HEAD_WEIGHT] = torch.einsum("ij,nh->nijh", eye, phi)
+        jacobians[HEAD_BIAS] = eye.expand(phi.shape[0], C, C)
+        results.append((out.detach().float(), jacobians))
+    return results

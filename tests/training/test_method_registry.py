@@ -1,0 +1,45 @@
+"""Every --posterior name has exactly one registered method, and the scopes every method uses do what
+they promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from training.config import PosteriorMethod, TrainConfig
+from training.methods import REGISTRY, get_method
+from training.objectives import AdapterDropout
+from training.scopes import restored, trainable
+
+
+def test_every_posterior_name_has_its_method() -> None:
+    assert set(REGISTRY) == set(PosteriorMethod)
+    assert all(method.name == name for name, method in REGISTRY.items())
+
+
+def test_only_mc_dropout_trains_its_map_with_another_loss() -> None:
+    config = TrainConfig()
+    own = {name for name, method in REGISTRY.items() if method.map_objective(config) is not None}
+    assert own == {PosteriorMethod.MC_DROPOUT}
+    assert isinstance(get_method("mc-dropout").map_objective(config), AdapterDropout)
+
+
+def test_an_unknown_method_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="unknown --posterior 'laplace-huge'"):
+        get_method("laplace-huge")
+
+
+def test_trainable_and_restored_undo_what_happened_inside_even_on_error() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    first, second = model[0].weight, model[1].weight
+    model[1].bias.requires_grad_(False)
+    before = first.detach().clone()
+    with pytest.raises(RuntimeError), trainable(model, [first]), restored({"w": first}) as saved:
+        assert first.requires_grad and not second.requires_grad and not model[1].bias.requires_grad
+        with torch.no_grad():
+            first.add_(1.0)
+        assert torch.equal(saved["w"], before)
+        raise RuntimeError("a fit failed half way")
+    assert torch.equal(first, before)
+    assert second.requires_grad and not model[1].bias.requires_grad  # the flags as they were
