@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adapters.options import add_flag, scalar_type
 
 ENV_PREFIX = "CAVEAT_"
 
@@ -98,17 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"environment variable {ENV_PREFIX}<FLAG> (upper case, underscores).",
     )
     for name, info in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=True)
-        help_text = f"{info.description} (default: {default})"
-        if _annotation_is(info.annotation, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, default=None, help=help_text)
+        kind = bool if scalar_type(info.annotation)[0] is bool else str  # pydantic converts the strings
+        add_flag(parser, name.replace("_", "-"), kind, default=None, help=f"{info.description} (default: {default})")
     return parser
-
-
-def _annotation_is(annotation: Any, kind: type) -> bool:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(a is kind for a in typing.get_args(annotation))
-    return annotation is kind

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from adapters.errors import CaveatError
+from adapters.options import add_flag, comma_list
 from training import compare, pipeline
 from training.config import ConfigError, Flag, TrainConfig, flags
 
@@ -42,7 +43,7 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
     if is_compare:
         parser.add_argument(
             "--posteriors",
-            type=_comma_list,
+            type=comma_list,
             default=list(compare.COMPARED),
             help=f"comma-separated methods to compare, from {list(compare.COMPARED)}",
         )
@@ -59,15 +60,12 @@ def build_parser(command: str = "train") -> argparse.ArgumentParser:
 
 def _add(group: Any, flag: Flag) -> None:
     help = flag.help + (f" (choices: {', '.join(flag.choices)})" if flag.choices and flag.is_list else "")
-    common: dict[str, Any] = {"dest": flag.key, "default": _plain(flag.default), "help": help}
-    if flag.kind is bool:
-        group.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, **common)
-    elif flag.is_list:
-        group.add_argument(f"--{flag.name}", type=_comma_list, **common)
-    elif flag.choices:
-        group.add_argument(f"--{flag.name}", type=str, metavar="{" + ",".join(flag.choices) + "}", **common)
-    else:
-        group.add_argument(f"--{flag.name}", type=flag.kind, **common)
+    enum = flag.choices is not None
+    add_flag(
+        group, flag.name, str if enum else flag.kind, is_list=flag.is_list, dest=flag.key,
+        default=_plain(flag.default), help=help,
+        metavar="{" + ",".join(flag.choices) + "}" if enum and not flag.is_list else None,
+    )  # fmt: skip
 
 
 def _plain(value: Any) -> Any:
@@ -75,10 +73,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [str(v) for v in value]
     return str(value) if isinstance(value, str) else value
-
-
-def _comma_list(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -107,7 +101,7 @@ def parse(argv: list[str] | None, parser: argparse.ArgumentParser) -> tuple[Trai
             raise ConfigError(f"--config {first.config}: unknown keys {unknown}")
         for key, value in defaults.items():
             if isinstance(value, str) and leaves[key].is_list:
-                defaults[key] = _comma_list(value)
+                defaults[key] = comma_list(value)
         parser.set_defaults(**defaults)
     args = vars(parser.parse_args(argv))
     args.pop("config")

@@ -88,8 +88,9 @@ def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
         "fit": fitted.diagnostics,
     }
     for split in ("test", "shift", "ood"):
-        if split in evaluation:
-            row[split] = evaluation[split]["posterior"]
+        metrics = getattr(evaluation, split)
+        if metrics is not None:
+            row[split] = metrics.posterior
     return row
 
 

@@ -11,7 +11,6 @@ This module imports nothing from ``training``: the data and methods packages rea
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, ClassVar
 
 from adapters.defaults import PredictiveMode
 from adapters.errors import CaveatError
+from adapters.options import scalar_type
 
 
 class ConfigError(CaveatError, ValueError):
@@ -435,21 +435,10 @@ def flags(cls: type = TrainConfig, path: tuple[str, ...] = (), prefix: str = "")
         if dataclasses.is_dataclass(hint):
             yield from flags(hint, (*path, f.name), getattr(hint, "flag_prefix", ""))
             continue
-        kind, is_list, optional = _scalar_type(hint)
+        kind, is_list, optional = scalar_type(hint)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         name = f.metadata["flag"] or prefix + f.name.replace("_", "-")
         meta = f.metadata
         yield Flag(
             name, (*path, f.name), kind, is_list, optional, meta["help"], meta["at_least"], default, meta["choices"]
         )
-
-
-def _scalar_type(hint: Any) -> tuple[type, bool, bool]:
-    """(scalar type, is a list, is optional) of a field's annotation."""
-    optional = False
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint, optional = args[0], True
-    if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0], True, optional
-    return hint, False, optional
