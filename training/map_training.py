@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from training.config import OptimisationConfig, SelectBy
 from training.data import Example
 from training.encoding import Encoder, batch_logits, make_loader
 from training.objectives import CrossEntropy, Objective
+from training.scopes import Timer
 
 WARMUP_FRACTION = 0.06  # of the steps, a linear warm-up of the learning rate
 
@@ -51,49 +51,48 @@ def train_map(
 
     ``objective`` is the per-batch loss (cross-entropy by default; :class:`AdapterDropout` for MC dropout).
     """
-    schedule = settings
     objective = objective or CrossEntropy()
-    accelerator = accelerator or Accelerator(mixed_precision=schedule.mixed_precision)
+    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
     torch.manual_seed(seed)
     model.freeze_base()
     cores = [layer.core.weight for layer in model.lora_layers.values()]
-    groups = [{"params": cores, "lr": schedule.lr}]
+    groups = [{"params": cores, "lr": settings.lr}]
     if model.train_head:
-        groups.append({"params": list(model.head.parameters()), "lr": schedule.head_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=schedule.weight_decay)
-    loader = make_loader(train, encoder, schedule.batch_size, shuffle=True, seed=seed)
+        groups.append({"params": list(model.head.parameters()), "lr": settings.head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    loader = make_loader(train, encoder, settings.batch_size, shuffle=True, seed=seed)
     sampler = loader.batch_sampler  # keep our own handle: accelerate may wrap it for several processes
-    total_steps = schedule.epochs * len(loader)
+    total_steps = settings.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, WARMUP_FRACTION))
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     result, best_score, best_state, stale = MapResult(best_epoch=0), -math.inf, None, 0
-    start = time.perf_counter()
-    for epoch in range(1, schedule.epochs + 1):
-        sampler.set_epoch(epoch)
-        prepared.train()
-        train_loss = run_epoch(
-            prepared, loader, optimizer, scheduler, objective, backward=accelerator.backward,
-            desc=f"epoch {epoch}/{schedule.epochs}", progress=progress and accelerator.is_main_process,
-        )  # fmt: skip
-        scores = validation_scores(accelerator.unwrap_model(prepared), validation, encoder, schedule.batch_size * 2)
-        scores.update(epoch=epoch, train_loss=train_loss)
-        result.history.append(scores)
-        score = -scores["nll"] if schedule.select_by == SelectBy.NLL else scores["accuracy"]
-        accelerator.print(
-            f"epoch {epoch}: train loss {scores['train_loss']:.4f}, validation accuracy {scores['accuracy']:.4f}, "
-            f"NLL {scores['nll']:.4f}"
-        )
-        if score > best_score:
-            best_score, best_state, stale, result.best_epoch = score, _trainable_state(model), 0, epoch
-        else:
-            stale += 1
-            if stale >= schedule.patience:
-                accelerator.print(f"early stop: no validation improvement for {stale} epochs")
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    result.seconds = time.perf_counter() - start
+    with Timer() as timer:
+        for epoch in range(1, settings.epochs + 1):
+            sampler.set_epoch(epoch)
+            prepared.train()
+            train_loss = run_epoch(
+                prepared, loader, optimizer, scheduler, objective, backward=accelerator.backward,
+                desc=f"epoch {epoch}/{settings.epochs}", progress=progress and accelerator.is_main_process,
+            )  # fmt: skip
+            scores = validation_scores(accelerator.unwrap_model(prepared), validation, encoder, settings.batch_size * 2)
+            scores.update(epoch=epoch, train_loss=train_loss)
+            result.history.append(scores)
+            score = -scores["nll"] if settings.select_by == SelectBy.NLL else scores["accuracy"]
+            accelerator.print(
+                f"epoch {epoch}: train loss {scores['train_loss']:.4f}, validation accuracy {scores['accuracy']:.4f}, "
+                f"NLL {scores['nll']:.4f}"
+            )
+            if score > best_score:
+                best_score, best_state, stale, result.best_epoch = score, _trainable_state(model), 0, epoch
+            else:
+                stale += 1
+                if stale >= settings.patience:
+                    accelerator.print(f"early stop: no validation improvement for {stale} epochs")
+                    break
+        if best_state is not None:
+            model.load_state_dict(best_state, strict=False)
+    result.seconds = timer.elapsed
     model.eval()
     return result
 
