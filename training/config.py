@@ -302,6 +302,12 @@ class BundleConfig:
 class TrainConfig:
     """Everything ``caveat-train`` does."""
 
+    data: DataConfig = section(DataConfig)
+    adapter: AdapterConfig = section(AdapterConfig)
+    optimisation: OptimisationConfig = section(OptimisationConfig)
+    posterior: PosteriorConfig = section(PosteriorConfig)
+    calibration: CalibrationConfig = section(CalibrationConfig)
+    bundle: BundleConfig = section(BundleConfig)
     seed: int = option(0, "seed of data splits, initialisation, shuffling and sampling")
     data_seed: int | None = option(
         None,
@@ -309,12 +315,6 @@ class TrainConfig:
         "initialisation, shuffling and sampling",
     )
     progress: bool = option(True, "show progress bars")
-    data: DataConfig = section(DataConfig)
-    adapter: AdapterConfig = section(AdapterConfig)
-    optimisation: OptimisationConfig = section(OptimisationConfig)
-    posterior: PosteriorConfig = section(PosteriorConfig)
-    calibration: CalibrationConfig = section(CalibrationConfig)
-    bundle: BundleConfig = section(BundleConfig)
 
     @classmethod
     def from_flat(cls, **values: Any) -> TrainConfig:
