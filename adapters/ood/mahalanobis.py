@@ -1,0 +1,150 @@
+"""Mahalanobis scores: distance to the nearest class under a tied, shrunk Gaussian (Lee et al. 2018; the
+class-conditional density of DDU, Mukhoti et al. 2021), and its relative form (Ren et al. 2021), which
+subtracts the distance under one background Gaussian fitted on all training features so that directions
+every input varies along (length, register) count less than those that separate the classes' data from
+the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import torch
+from torch import Tensor
+
+from adapters.errors import OodFitError, OodStateError
+from adapters.ood.base import (
+    DEFAULT_BUDGET_BYTES,
+    FeatureNorm,
+    OodMethod,
+    OodScore,
+    TensorDict,
+    checked_training_features,
+    no_extra,
+    prepare_features,
+)
+from adapters.ood.gaussian import TiedGaussian, fit_tied_gaussian
+
+
+def budget_rank(dim: int, num_means: int, num_gaussians: int, budget_bytes: int, element_size: int = 4) -> int:
+    """The largest covariance rank whose tensors fit ``budget_bytes``: ``D`` (dense) when it fits.
+
+    Each Gaussian stores ``D·r`` eigenvector and ``r + 1`` eigenvalue/residual numbers; ``num_means`` means
+    of ``D`` numbers are stored in all.
+    """
+    free = budget_bytes // element_size - dim * num_means - num_gaussians
+    rank = free // (num_gaussians * (dim + 1))
+    if rank < 1:
+        raise OodFitError(f"a {budget_bytes}-byte budget cannot hold a Gaussian score of {dim}-wide features")
+    return min(rank, dim)
+
+
+class MahalanobisScore(OodScore):
+    """``min_c (x - μ_c)ᵀ Σ⁻¹ (x - μ_c)`` with a tied, shrunk ``Σ`` (:mod:`adapters.ood.gaussian`)."""
+
+    method = OodMethod.MAHALANOBIS
+
+    def __init__(self, gaussian: TiedGaussian, shrinkage: float, norm: FeatureNorm, reference=None) -> None:
+        super().__init__(norm, reference)
+        self.gaussian = gaussian
+        self.shrinkage = shrinkage
+
+    @classmethod
+    def fit(
+        cls,
+        features: Tensor,
+        labels: Tensor | None = None,
+        *,
+        norm: FeatureNorm = FeatureNorm.L2,
+        shrinkage: float | None = None,
+        rank: int | None = None,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        dtype: torch.dtype = torch.float32,
+    ) -> Self:
+        """Fit on ``(N, D)`` features and ``(N,)`` labels.
+
+        Args:
+            shrinkage: ``α`` in ``[0, 1]``; ``None``: the Ledoit–Wolf estimate.
+            rank: covariance eigenpairs kept; ``None``: dense when it fits ``budget_bytes``, else the largest
+                rank that does (low rank + isotropic residual).
+            dtype: of the stored tensors.
+        """
+        features, labels = checked_training_features(features, labels)
+        x = prepare_features(features, FeatureNorm(norm))
+        classes = int(labels.max()) + 1
+        rank = budget_rank(x.shape[1], classes, 1, budget_bytes) if rank is None else rank
+        gaussian, alpha = fit_tied_gaussian(x, labels, shrinkage, rank, dtype)
+        return cls(gaussian, alpha, norm)
+
+    def _score(self, features: Tensor) -> Tensor:
+        return self.gaussian.squared_distances(features).min(dim=1).values
+
+    @property
+    def dim(self) -> int:
+        return self.gaussian.dim
+
+    @property
+    def _anchor(self) -> Tensor:
+        return self.gaussian.means
+
+    def _state_tensors(self) -> TensorDict:
+        return self.gaussian.state("class")
+
+    def _state_params(self) -> dict[str, Any]:
+        return {"shrinkage": self.shrinkage, "rank": self.gaussian.rank, "classes": self.gaussian.means.shape[0]}
+
+    @classmethod
+    def _from_state(cls, tensors: TensorDict, params: dict[str, Any], norm: FeatureNorm) -> Self:
+        gaussian = TiedGaussian.from_state(tensors, "class")
+        no_extra(tensors, set(gaussian.state("class")))
+        return cls(gaussian, float(params.get("shrinkage", 0.0)), norm)
+
+
+class RelativeMahalanobisScore(MahalanobisScore):
+    """``min_c MD_c(x) - MD_0(x)``: :class:`MahalanobisScore` minus the squared distance under one background
+    Gaussian fitted on all training features (same shrinkage rule, same rank)."""
+
+    method = OodMethod.RELATIVE_MAHALANOBIS
+
+    def __init__(
+        self, gaussian: TiedGaussian, background: TiedGaussian, shrinkage: float, norm: FeatureNorm, reference=None
+    ) -> None:
+        super().__init__(gaussian, shrinkage, norm, reference)
+        self.background = background
+
+    @classmethod
+    def fit(
+        cls,
+        features: Tensor,
+        labels: Tensor | None = None,
+        *,
+        norm: FeatureNorm = FeatureNorm.L2,
+        shrinkage: float | None = None,
+        rank: int | None = None,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        dtype: torch.dtype = torch.float32,
+    ) -> Self:
+        """As :meth:`MahalanobisScore.fit`; the budget holds both Gaussians."""
+        features, labels = checked_training_features(features, labels)
+        x = prepare_features(features, FeatureNorm(norm))
+        classes = int(labels.max()) + 1
+        rank = budget_rank(x.shape[1], classes + 1, 2, budget_bytes) if rank is None else rank
+        gaussian, alpha = fit_tied_gaussian(x, labels, shrinkage, rank, dtype)
+        background, _ = fit_tied_gaussian(x, torch.zeros_like(labels), shrinkage, rank, dtype)
+        return cls(gaussian, background, alpha, norm)
+
+    def _score(self, features: Tensor) -> Tensor:
+        return super()._score(features) - self.background.squared_distances(features)[:, 0]
+
+    def _state_tensors(self) -> TensorDict:
+        return {**self.gaussian.state("class"), **self.background.state("background")}
+
+    @classmethod
+    def _from_state(cls, tensors: TensorDict, params: dict[str, Any], norm: FeatureNorm) -> Self:
+        gaussian = TiedGaussian.from_state(tensors, "class")
+        background = TiedGaussian.from_state(tensors, "background")
+        if background.means.shape != (1, gaussian.dim):
+            shape = tuple(background.means.shape)
+            raise OodStateError(f"OOD tensor 'background.means' has shape {shape}, expected (1, {gaussian.dim})")
+        no_extra(tensors, set(gaussian.state("class")) | set(background.state("background")))
+        return cls(gaussian, background, float(params.get("shrinkage", 0.0)), norm)
