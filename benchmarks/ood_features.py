@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
 from adapters.embedded import resolve_model
+from adapters.errors import OodFitError
 from adapters.model import pool
 from adapters.ood import FeatureNorm, OodMethod, fit_ood_score
 from training.data import bbc_news, drug_reviews, sst2_task
@@ -124,7 +127,7 @@ def cached_features(args: argparse.Namespace, split_texts: dict[str, list[str]],
 
 @dataclass(frozen=True)
 class Variant:
-    features: str  # last | mid | concat (frozen base: last layer, middle layer, both)
+    features: str  # the frozen base's mean-pooled layer(s): layer6 (last), layer3, layer3+6 (concatenated)
     norm: FeatureNorm
     method: OodMethod
     shrinkage: float | None = None  # None: Ledoit–Wolf
@@ -139,14 +142,10 @@ class Variant:
 
 
 def select(layers: Tensor, which: str, norm: FeatureNorm) -> Tensor:
-    """``(n, L + 1, H)`` → the variant's features ``(n, D)``; ``concat`` normalises each layer first under l2."""
-    middle = layers.shape[1] // 2
-    if which == "last":
-        return layers[:, -1]
-    if which == "mid":
-        return layers[:, middle]
-    parts = [layers[:, middle], layers[:, -1]]
-    if norm is FeatureNorm.L2:
+    """``(n, L + 1, H)`` → the variant's features ``(n, D)``: ``layerI`` (0 = embeddings) or ``layerI+J``, the
+    concatenation, each layer normalised first under l2 so that neither dominates."""
+    parts = [layers[:, int(i)] for i in which.removeprefix("layer").split("+")]
+    if len(parts) > 1 and norm is FeatureNorm.L2:
         parts = [torch.nn.functional.normalize(p, dim=-1) for p in parts]
     return torch.cat(parts, dim=1)
 
@@ -154,26 +153,41 @@ def select(layers: Tensor, which: str, norm: FeatureNorm) -> Tensor:
 def variants() -> list[Variant]:
     grid = [
         Variant(features, norm, method)
-        for features in ("last", "mid", "concat")
+        for features in ("layer6", "layer3", "layer3+6")
         for norm in FeatureNorm
         for method in OodMethod
     ]
-    last = FeatureNorm.L2
-    grid += [Variant("last", last, OodMethod.MAHALANOBIS, shrinkage=s) for s in (0.0, 0.1, 0.5)]
-    grid += [Variant("last", last, OodMethod.MAHALANOBIS, rank=r) for r in (16, 64)]
-    grid += [Variant("last", last, OodMethod.KNN, k=k) for k in (1, 50)]
+    l2, mahalanobis = FeatureNorm.L2, OodMethod.MAHALANOBIS
+    grid += [Variant(f"layer{i}", l2, mahalanobis) for i in (1, 2, 4, 5)]
+    for features in ("layer6", "layer3"):
+        grid += [Variant(features, l2, mahalanobis, shrinkage=s) for s in (0.0, 0.1, 0.5)]
+        grid += [Variant(features, l2, mahalanobis, rank=r) for r in (16, 64)]
+        grid += [Variant(features, l2, OodMethod.KNN, k=k) for k in (1, 50)]
+    grid += [Variant("layer3+6", l2, mahalanobis, shrinkage=0.5)]
+    grid += [Variant("layer3+6", l2, mahalanobis, rank=r) for r in (16, 64, 256)]
     return grid
+
+
+def per_input_us(score, features: Tensor, repeats: int = 5) -> float:
+    """Median time to score ``features`` in one call, per input (after one warm-up call)."""
+    score.score(features)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        score.score(features)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / len(features) * 1e6
 
 
 def evaluate(variant: Variant, features: dict[str, Tensor], labels: Tensor) -> dict:
     x = {split: select(layers, variant.features, variant.norm) for split, layers in features.items()}
     start = time.perf_counter()
-    score = fit_ood_score(variant.method, x["train"], labels, **variant.options).calibrate(x["validation"])
+    try:
+        score = fit_ood_score(variant.method, x["train"], labels, **variant.options).calibrate(x["validation"])
+    except OodFitError as exc:  # e.g. no shrinkage on features that span fewer than D directions
+        return {**asdict(variant), "dim": x["train"].shape[1], "refused": str(exc)}
     fit_s = time.perf_counter() - start
-    evaluated = torch.cat([x["test"], x["shift"], x["ood"]])
-    start = time.perf_counter()
-    score.score(evaluated)
-    score_us = (time.perf_counter() - start) / len(evaluated) * 1e6
+    score_us = per_input_us(score, torch.cat([x["test"], x["shift"], x["ood"]]))
     scores = {split: score.score(x[split]) for split in ("validation", "test", "shift", "ood")}
     tau = score.threshold()
     flagged = {split: (score.pvalue(s) < tau).double().mean().item() for split, s in scores.items()}
@@ -197,7 +211,8 @@ def evaluate(variant: Variant, features: dict[str, Tensor], labels: Tensor) -> d
 def describe(row: dict) -> str:
     method = row["method"] if row["method"] != OodMethod.KNN else f"knn k={row['k']}"
     if row["method"] != OodMethod.KNN:
-        method += f" α={row['shrinkage']:.3f}" + (f" r={row['rank']}" if row["rank"] != row["dim"] else "")
+        alpha = "LW" if row["shrinkage"] is None else f"{row['shrinkage']:.3f}"
+        method += f" α={alpha}" + (f" r={row['rank']}" if row["rank"] not in (None, row["dim"]) else "")
     return f"{row['max_length']} | {row['features']} | {row['norm']} | {method}"
 
 
@@ -208,12 +223,22 @@ def table(rows: Sequence[dict]) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        if "refused" in row:
+            lines.append(f"| {describe(row)} | refused: {row['refused']} |||||||||")
+            continue
         lines.append(
             f"| {describe(row)} | {row['auroc_ood']:.3f} | {row['auroc_shift']:.3f} | {row['test_answered']:.3f} | "
             f"{row['ood_flagged']:.3f} | {row['shift_flagged']:.3f} | {row['validation_flagged']:.3f} | "
             f"{row['fit_s']:.2f} | {row['state_kb']:.0f} | {row['score_us_per_input']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
 
 
 def main() -> None:
@@ -233,7 +258,14 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         sizes = {split: len(items) for split, items in split_texts.items()}
-        machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads}
+        machine = {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "note": "2-core CPU shared with other work: times are upper bounds",
+        }
         payload = {"command": vars(args) | {"cache": str(args.cache), "json": str(args.json)}, "sizes": sizes}
         args.json.write_text(json.dumps({**payload, "machine": machine, "rows": rows}, indent=1) + "\n")
 

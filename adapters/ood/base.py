@@ -22,7 +22,8 @@ from adapters.errors import OodFitError, OodStateError
 from adapters.ood.pvalues import DEFAULT_FRACTION, ood_pvalue, pvalue_threshold, sorted_reference
 
 TensorDict = dict[str, Tensor]
-DEFAULT_BUDGET_BYTES = 2_000_000  # a fitted score's tensors (without the validation reference)
+DEFAULT_BUDGET_BYTES = 2_000_000  # everything a fitted score stores, its validation reference included
+REFERENCE_RESERVE_BYTES = 16_000  # of the budget, kept for the reference: 2,000 float64 validation scores
 REFERENCE_KEY = "reference"
 
 

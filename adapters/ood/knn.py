@@ -14,6 +14,7 @@ from torch import Tensor
 from adapters.errors import OodFitError, OodStateError
 from adapters.ood.base import (
     DEFAULT_BUDGET_BYTES,
+    REFERENCE_RESERVE_BYTES,
     FeatureNorm,
     OodMethod,
     OodScore,
@@ -56,12 +57,14 @@ class KnnScore(OodScore):
 
         Args:
             k: which neighbour's distance is the score.
-            bank_size: features kept; ``None``: as many as fit ``budget_bytes`` (all when they fit).
+            bank_size: features kept; ``None``: as many as fit ``budget_bytes`` beside the validation reference's
+                reserve (all when they fit).
         """
         features, _ = checked_training_features(features, labels)
         num_examples, dim = features.shape
         element_size = torch.empty((), dtype=dtype).element_size()
-        bank_size = min(num_examples, budget_bytes // (element_size * dim)) if bank_size is None else bank_size
+        room = max(budget_bytes - REFERENCE_RESERVE_BYTES, 0) // (element_size * dim)
+        bank_size = min(num_examples, room) if bank_size is None else bank_size
         if not 1 <= k <= bank_size <= num_examples:
             raise OodFitError(
                 f"too few training examples for the {k}-nearest-neighbour score: need 1 ≤ k ≤ bank size ≤ "

@@ -15,6 +15,7 @@ from torch import Tensor
 from adapters.errors import OodFitError, OodStateError
 from adapters.ood.base import (
     DEFAULT_BUDGET_BYTES,
+    REFERENCE_RESERVE_BYTES,
     FeatureNorm,
     OodMethod,
     OodScore,
@@ -27,12 +28,13 @@ from adapters.ood.gaussian import TiedGaussian, fit_tied_gaussian
 
 
 def budget_rank(dim: int, num_means: int, num_gaussians: int, budget_bytes: int, element_size: int = 4) -> int:
-    """The largest covariance rank whose tensors fit ``budget_bytes``: ``D`` (dense) when it fits.
+    """The largest covariance rank whose tensors fit ``budget_bytes`` beside the validation reference's
+    reserve: ``D`` (dense) when it fits.
 
     Each Gaussian stores ``D·r`` eigenvector and ``r + 1`` eigenvalue/residual numbers; ``num_means`` means
     of ``D`` numbers are stored in all.
     """
-    free = budget_bytes // element_size - dim * num_means - num_gaussians
+    free = (budget_bytes - REFERENCE_RESERVE_BYTES) // element_size - dim * num_means - num_gaussians
     rank = free // (num_gaussians * (dim + 1))
     if rank < 1:
         raise OodFitError(f"a {budget_bytes}-byte budget cannot hold a Gaussian score of {dim}-wide features")

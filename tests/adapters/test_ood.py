@@ -149,7 +149,7 @@ def test_rank_is_chosen_to_fit_the_budget():
     budget = 100_000  # a dense 256-wide covariance (262 kB) does not fit
     assert budget_rank(256, 2, 1, budget) < 256
     for method in (OodMethod.MAHALANOBIS, OodMethod.RELATIVE_MAHALANOBIS):
-        score = fit_ood_score(method, x.float(), labels, shrinkage=0.1, budget_bytes=budget)
+        score = fit_ood_score(method, x.float(), labels, shrinkage=0.1, budget_bytes=budget).calibrate(x[:2000])
         assert score.gaussian.rank < 256
         assert score.nbytes <= budget
     dense = fit_ood_score("mahalanobis", x.float(), labels, shrinkage=0.1)  # the default 2 MB budget
@@ -157,8 +157,8 @@ def test_rank_is_chosen_to_fit_the_budget():
 
 
 def test_minilm_width_fits_the_budget_densely():
-    x, labels = clusters(n=800, dim=384, classes=2)
-    score = fit_ood_score("relative-mahalanobis", x.float(), labels, shrinkage=0.1).calibrate(x.float()[:500])
+    x, labels = clusters(n=3000, dim=384, classes=2)
+    score = fit_ood_score("relative-mahalanobis", x.float(), labels, shrinkage=0.1).calibrate(x.float()[:2000])
     assert score.gaussian.rank == 384 and score.background.rank == 384
     assert score.nbytes <= 2_000_000
 
@@ -179,10 +179,10 @@ def test_knn_equals_sklearn_nearest_neighbors(k):
 
 def test_knn_bank_is_a_seeded_subset_within_the_budget():
     x, labels = clusters(n=2000, dim=100)
-    score = fit_ood_score("knn", x.float(), labels, budget_bytes=200_000)
-    assert score.bank.shape == (500, 100)
-    assert score.nbytes <= 200_000
-    again = fit_ood_score("knn", x.float(), labels, budget_bytes=200_000)
+    score = fit_ood_score("knn", x.float(), labels, budget_bytes=216_000).calibrate(x.float()[:2000])
+    assert score.bank.shape == (500, 100)  # 200 kB, and 16 kB for 2,000 validation scores
+    assert score.nbytes <= 216_000
+    again = fit_ood_score("knn", x.float(), labels, budget_bytes=216_000)
     assert torch.equal(score.bank, again.bank)
 
 
