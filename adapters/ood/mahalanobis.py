@@ -46,7 +46,9 @@ class MahalanobisScore(OodScore):
 
     method = OodMethod.MAHALANOBIS
 
-    def __init__(self, gaussian: TiedGaussian, shrinkage: float, norm: FeatureNorm, reference=None) -> None:
+    def __init__(
+        self, gaussian: TiedGaussian, shrinkage: float, norm: FeatureNorm, reference: Tensor | None = None
+    ) -> None:
         super().__init__(norm, reference)
         self.gaussian = gaussian
         self.shrinkage = shrinkage
@@ -109,7 +111,12 @@ class RelativeMahalanobisScore(MahalanobisScore):
     method = OodMethod.RELATIVE_MAHALANOBIS
 
     def __init__(
-        self, gaussian: TiedGaussian, background: TiedGaussian, shrinkage: float, norm: FeatureNorm, reference=None
+        self,
+        gaussian: TiedGaussian,
+        background: TiedGaussian,
+        shrinkage: float,
+        norm: FeatureNorm,
+        reference: Tensor | None = None,
     ) -> None:
         super().__init__(gaussian, shrinkage, norm, reference)
         self.background = background

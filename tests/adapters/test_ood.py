@@ -14,6 +14,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from adapters.errors import OodFitError, OodStateError
 from adapters.ood import (
+    DEFAULT_BUDGET_BYTES,
     FeatureNorm,
     KnnScore,
     MahalanobisScore,
@@ -148,6 +149,8 @@ def test_rank_is_chosen_to_fit_the_budget():
     x, labels = spiked(n=600, dim=256, spikes=8)
     budget = 100_000  # a dense 256-wide covariance (262 kB) does not fit
     assert budget_rank(256, 2, 1, budget) < 256
+    assert 100 < budget_rank(4096, 2, 1, DEFAULT_BUDGET_BYTES) < 128  # a 4,096-wide model: low rank
+    assert budget_rank(384, 2, 2, DEFAULT_BUDGET_BYTES) == 384  # MiniLM: dense, even for two Gaussians
     for method in (OodMethod.MAHALANOBIS, OodMethod.RELATIVE_MAHALANOBIS):
         score = fit_ood_score(method, x.float(), labels, shrinkage=0.1, budget_bytes=budget).calibrate(x[:2000])
         assert score.gaussian.rank < 256
