@@ -7,7 +7,7 @@ the rest.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor
@@ -45,13 +45,22 @@ class MahalanobisScore(OodScore):
     """``min_c (x - μ_c)ᵀ Σ⁻¹ (x - μ_c)`` with a tied, shrunk ``Σ`` (:mod:`adapters.ood.gaussian`)."""
 
     method = OodMethod.MAHALANOBIS
+    relative: ClassVar[bool] = False  # subtract a background Gaussian's distance (RelativeMahalanobisScore)
 
     def __init__(
-        self, gaussian: TiedGaussian, shrinkage: float, norm: FeatureNorm, reference: Tensor | None = None
+        self,
+        gaussian: TiedGaussian,
+        shrinkage: float,
+        norm: FeatureNorm,
+        reference: Tensor | None = None,
+        background: TiedGaussian | None = None,
     ) -> None:
         super().__init__(norm, reference)
+        if self.relative != (background is not None):
+            raise ValueError(f"{type(self).__name__} {'needs' if self.relative else 'takes no'} background Gaussian")
         self.gaussian = gaussian
         self.shrinkage = shrinkage
+        self.background = background
 
     @classmethod
     def fit(
@@ -68,20 +77,28 @@ class MahalanobisScore(OodScore):
         """Fit on ``(N, D)`` features and ``(N,)`` labels.
 
         Args:
-            shrinkage: ``α`` in ``[0, 1]``; ``None``: the Ledoit–Wolf estimate.
+            shrinkage: ``α`` in ``[0, 1]``; ``None``: the Ledoit–Wolf estimate (fitted separately for the
+                background Gaussian of the relative form).
             rank: covariance eigenpairs kept; ``None``: dense when it fits ``budget_bytes``, else the largest
-                rank that does (low rank + isotropic residual).
+                rank that does (low rank + isotropic residual). The budget holds every Gaussian.
             dtype: of the stored tensors.
         """
         features, labels = checked_training_features(features, labels)
         x = prepare_features(features, FeatureNorm(norm))
-        classes = int(labels.max()) + 1
-        rank = budget_rank(x.shape[1], classes, 1, budget_bytes) if rank is None else rank
+        gaussians = 1 + int(cls.relative)
+        if rank is None:
+            rank = budget_rank(x.shape[1], int(labels.max()) + gaussians, gaussians, budget_bytes)
         gaussian, alpha = fit_tied_gaussian(x, labels, shrinkage, rank, dtype)
-        return cls(gaussian, alpha, norm)
+        background = None
+        if cls.relative:  # one Gaussian around all training features
+            background, _ = fit_tied_gaussian(x, torch.zeros_like(labels), shrinkage, rank, dtype)
+        return cls(gaussian, alpha, norm, background=background)
 
     def _score(self, features: Tensor) -> Tensor:
-        return self.gaussian.squared_distances(features).min(dim=1).values
+        score = self.gaussian.squared_distances(features).min(dim=1).values
+        if self.background is None:
+            return score
+        return score - self.background.squared_distances(features)[:, 0]
 
     @property
     def dim(self) -> int:
@@ -92,7 +109,8 @@ class MahalanobisScore(OodScore):
         return self.gaussian.means
 
     def _state_tensors(self) -> TensorDict:
-        return self.gaussian.state("class")
+        tensors = self.gaussian.state("class")
+        return tensors if self.background is None else {**tensors, **self.background.state("background")}
 
     def _state_params(self) -> dict[str, Any]:
         return {"shrinkage": self.shrinkage, "rank": self.gaussian.rank, "classes": self.gaussian.means.shape[0]}
@@ -100,8 +118,16 @@ class MahalanobisScore(OodScore):
     @classmethod
     def _from_state(cls, tensors: TensorDict, params: dict[str, Any], norm: FeatureNorm) -> Self:
         gaussian = TiedGaussian.from_state(tensors, "class")
-        no_extra(tensors, set(gaussian.state("class")))
-        return cls(gaussian, float(params.get("shrinkage", 0.0)), norm)
+        expected = set(gaussian.state("class"))
+        background = None
+        if cls.relative:
+            background = TiedGaussian.from_state(tensors, "background")
+            if background.means.shape != (1, gaussian.dim):
+                shape = tuple(background.means.shape)
+                raise OodStateError(f"OOD tensor 'background.means' has shape {shape}, expected (1, {gaussian.dim})")
+            expected |= set(background.state("background"))
+        no_extra(tensors, expected)
+        return cls(gaussian, float(params.get("shrinkage", 0.0)), norm, background=background)
 
 
 class RelativeMahalanobisScore(MahalanobisScore):
@@ -109,51 +135,4 @@ class RelativeMahalanobisScore(MahalanobisScore):
     Gaussian fitted on all training features (same shrinkage rule, same rank)."""
 
     method = OodMethod.RELATIVE_MAHALANOBIS
-
-    def __init__(
-        self,
-        gaussian: TiedGaussian,
-        background: TiedGaussian,
-        shrinkage: float,
-        norm: FeatureNorm,
-        reference: Tensor | None = None,
-    ) -> None:
-        super().__init__(gaussian, shrinkage, norm, reference)
-        self.background = background
-
-    @classmethod
-    def fit(
-        cls,
-        features: Tensor,
-        labels: Tensor | None = None,
-        *,
-        norm: FeatureNorm = FeatureNorm.L2,
-        shrinkage: float | None = None,
-        rank: int | None = None,
-        budget_bytes: int = DEFAULT_BUDGET_BYTES,
-        dtype: torch.dtype = torch.float32,
-    ) -> Self:
-        """As :meth:`MahalanobisScore.fit`; the budget holds both Gaussians."""
-        features, labels = checked_training_features(features, labels)
-        x = prepare_features(features, FeatureNorm(norm))
-        classes = int(labels.max()) + 1
-        rank = budget_rank(x.shape[1], classes + 1, 2, budget_bytes) if rank is None else rank
-        gaussian, alpha = fit_tied_gaussian(x, labels, shrinkage, rank, dtype)
-        background, _ = fit_tied_gaussian(x, torch.zeros_like(labels), shrinkage, rank, dtype)
-        return cls(gaussian, background, alpha, norm)
-
-    def _score(self, features: Tensor) -> Tensor:
-        return super()._score(features) - self.background.squared_distances(features)[:, 0]
-
-    def _state_tensors(self) -> TensorDict:
-        return {**self.gaussian.state("class"), **self.background.state("background")}
-
-    @classmethod
-    def _from_state(cls, tensors: TensorDict, params: dict[str, Any], norm: FeatureNorm) -> Self:
-        gaussian = TiedGaussian.from_state(tensors, "class")
-        background = TiedGaussian.from_state(tensors, "background")
-        if background.means.shape != (1, gaussian.dim):
-            shape = tuple(background.means.shape)
-            raise OodStateError(f"OOD tensor 'background.means' has shape {shape}, expected (1, {gaussian.dim})")
-        no_extra(tensors, set(gaussian.state("class")) | set(background.state("background")))
-        return cls(gaussian, background, float(params.get("shrinkage", 0.0)), norm)
+    relative = True

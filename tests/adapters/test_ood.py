@@ -244,36 +244,37 @@ def test_damaged_state_is_refused(what):
 
 
 @pytest.mark.parametrize(
-    "damage",
+    ("method", "options", "damage"),
     [
-        lambda t, p: t.__setitem__("class.residual_variance", -t["class.residual_variance"]),
-        lambda t, p: t.pop("class.residual_variance"),
-        lambda t, p: t.__setitem__("background.means", t["background.means"].repeat(2, 1)),
+        (
+            "relative-mahalanobis",
+            {"rank": 5},
+            lambda t, p: t.__setitem__("class.residual_variance", -1 * t["class.residual_variance"]),
+        ),
+        ("relative-mahalanobis", {"rank": 5}, lambda t, p: t.pop("class.residual_variance")),
+        (
+            "relative-mahalanobis",
+            {"rank": 5},
+            lambda t, p: t.__setitem__("background.means", t["background.means"].repeat(2, 1)),
+        ),
+        ("knn", {"k": 3}, lambda t, p: t.__setitem__("bank", 3 * t["bank"])),
+        ("knn", {"k": 3}, lambda t, p: p.__setitem__("k", 10_000)),
+        ("knn", {"k": 3}, lambda t, p: p.__setitem__("k", "3")),
+        ("knn", {"k": 3}, lambda t, p: t.__setitem__("bank", t["bank"][0])),
     ],
-    ids=["negative residual variance", "missing residual variance", "two background means"],
-)
-def test_damaged_low_rank_relative_state_is_refused(damage):
-    x, labels = clusters()
-    tensors, params = fit_ood_score("relative-mahalanobis", x.float(), labels, rank=5).state()
-    tensors = dict(tensors)
-    damage(tensors, params)
-    with pytest.raises(OodStateError):
-        OodScore.from_state(tensors, params)
-
-
-@pytest.mark.parametrize(
-    "damage",
-    [
-        lambda t, p: t.__setitem__("bank", 3 * t["bank"]),
-        lambda t, p: p.__setitem__("k", 10_000),
-        lambda t, p: p.__setitem__("k", "3"),
-        lambda t, p: t.__setitem__("bank", t["bank"][0]),
+    ids=[
+        "negative residual variance",
+        "missing residual variance",
+        "two background means",
+        "bank not unit length",
+        "k larger than the bank",
+        "k not an integer",
+        "bank not a matrix",
     ],
-    ids=["bank not unit length", "k larger than the bank", "k not an integer", "bank not a matrix"],
 )
-def test_damaged_knn_state_is_refused(damage):
+def test_damaged_low_rank_relative_and_knn_states_are_refused(method, options, damage):
     x, labels = clusters()
-    tensors, params = fit_ood_score("knn", x.float(), labels, k=3).state()
+    tensors, params = fit_ood_score(method, x.float(), labels, **options).state()
     tensors = dict(tensors)
     damage(tensors, params)
     with pytest.raises(OodStateError):
