@@ -53,3 +53,15 @@ class ShapeMismatchError(BundleError):
 
 class FingerprintMismatchError(BundleError):
     """The bundle was trained on another base model than the one it is being loaded onto."""
+
+
+class OodError(CaveatError, ValueError):
+    """An out-of-distribution score cannot be fitted or rebuilt. Subclasses name the problem."""
+
+
+class OodFitError(OodError):
+    """The training features cannot support the chosen score (too few examples, a class missing, ...)."""
+
+
+class OodStateError(OodError):
+    """A stored score is damaged: a tensor missing or of the wrong shape, not finite, a variance not positive."""
