@@ -34,9 +34,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from adapters.embedded import resolve_model
 from adapters.errors import OodFitError
-from adapters.model import pool
 from adapters.ood import FeatureNorm, OodMethod, fit_ood_score
-from training.data import bbc_news, drug_reviews, sst2_task
+from adapters.pooling import pool
+from training.data.embedded import bbc_news, drug_reviews, sst2_task
 from training.metrics import auroc
 
 
