@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.predictive import AbstentionRule
 
@@ -32,7 +32,8 @@ TENSOR_FILES = (PROJECTIONS_FILE, ADAPTER_FILE, POSTERIOR_FILE)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are JSON extensions Python accepts; no number of a manifest may be one
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TaskSpec(_Strict):
@@ -83,10 +84,13 @@ class HeadSpec(_Strict):
     num_labels: int = Field(ge=2)
 
 
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
 class PosteriorSpec(_Strict):
     family: str
     params: dict[str, Any] = Field(default_factory=dict)
-    prior_precision: float | list[float] | None = None
+    prior_precision: PositiveFloat | list[PositiveFloat] | None = None
     default_num_samples: int = Field(default=16, gt=0)
     covers_head: bool = False
     predictive: Literal["sample", "glm"] = Field(
@@ -98,6 +102,15 @@ class AbstentionSpec(_Strict):
     kind: Literal["max_prob", "entropy", "mutual_information"]
     threshold: float
     target: dict[str, float] | None = Field(default=None, description="e.g. {'risk': 0.05} it was fitted for")
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> AbstentionSpec:
+        """max_prob and normalised entropy live in [0, 1]; mutual information (nats) is non-negative."""
+        upper = None if self.kind == "mutual_information" else 1.0
+        if self.threshold < 0 or (upper is not None and self.threshold > upper):
+            bounds = "≥ 0" if upper is None else "in [0, 1]"
+            raise ValueError(f"a {self.kind} threshold must be {bounds}, got {self.threshold}")
+        return self
 
     def rule(self) -> AbstentionRule:
         return AbstentionRule(self.kind, self.threshold)

@@ -24,7 +24,10 @@ def require_admin(request: Request, state: State) -> None:
         raise AdminDisabledError("the admin API is disabled: start the server with CAVEAT_ADMIN_TOKEN set")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.admin_token.encode()):
-        raise UnauthorizedError("admin routes need the header 'Authorization: Bearer <admin token>'")
+        raise UnauthorizedError(
+            "admin routes need the header 'Authorization: Bearer <admin token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="caveat-admin"'},
+        )
 
 
 Admin = Depends(require_admin)

@@ -54,6 +54,12 @@ class QueueFullError(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class NonFiniteOutputError(ServiceError):
+    """The adapter produced probabilities that are not finite: the answer is withheld (a damaged adapter)."""
+
+    status = 500
+
+
 class NotReadyError(ServiceError):
     status = 503
 

@@ -31,6 +31,7 @@ log = logging.getLogger("caveat.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_TOKEN_BUDGET = 4096  # rows × tokens per forward on a CPU (docs/benchmarks.md)
+STEP_TOKENS = {"cpu": 2048, "cuda": 262_144}  # rows × tokens between scheduling decisions (service.engine)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ class ModelHost:
         }
         self.token_budget = token_budget if token_budget else (CPU_TOKEN_BUDGET if self.device.type == "cpu" else None)
         self.load_seconds = time.perf_counter() - start
+
+    @property
+    def default_step_tokens(self) -> int:
+        return STEP_TOKENS.get(self.device.type, STEP_TOKENS["cuda"])
 
     def fingerprint(self, modules: Sequence[str]) -> str | None:
         """The base fingerprint over ``modules`` (as bundles record it); ``None`` if a module is unknown."""

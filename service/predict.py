@@ -67,7 +67,14 @@ async def run_prediction(
     if num_samples > limit:
         raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed
-    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain))
+    deadline = time.perf_counter() + settings.request_timeout_s
+    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), deadline=deadline)
+    if job.cost > settings.max_request_tokens:
+        raise PayloadTooLargeError(
+            f"this request's estimated cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
+            f"tokens); this server's limit is {settings.max_request_tokens}: send fewer inputs or samples, or shorter "
+            "texts"
+        )
     try:
         result = await asyncio.wait_for(asyncio.shield(engine.submit(job)), settings.request_timeout_s)
     except TimeoutError:

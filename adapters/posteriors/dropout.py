@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from adapters.posteriors.base import Posterior, TensorDict
+from adapters.posteriors.base import Posterior, TensorDict, require
 
 
 def drop_columns(cores: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
@@ -37,11 +37,11 @@ class DropoutPosterior(Posterior):
 
     family = "dropout"
     gaussian: ClassVar[bool] = False
+    mean_is_map = True  # the dropout-trained values are the served cores
 
     def __init__(self, mean: Mapping[str, Tensor], rate: float) -> None:
         super().__init__(mean)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        require(0.0 <= rate < 1.0, f"dropout rate must be in [0, 1), got {rate}")
         self.rate = float(rate)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:

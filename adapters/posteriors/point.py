@@ -15,6 +15,7 @@ class MapPosterior(Posterior):
     """A point mass at the MAP: every sample is the mean, the covariance is zero."""
 
     family = "map"
+    mean_is_map = True
 
     @property
     def default_num_samples(self) -> int:

@@ -228,7 +228,7 @@ def test_full_queue_answers_429_and_sigterm_drains(tiny_base, tmp_path) -> None:
         tiny_base, adapter_dir, tmp_path / "server.log", "--queue-size", "1", "--no-batching", "--drain-s", "1.5"
     )
     try:
-        heavy = {"adapter": "alpha", "inputs": [f"{REVIEW} {i}" for i in range(64)], "num_samples": 128}
+        heavy = {"adapter": "alpha", "inputs": [f"{REVIEW} {i}" for i in range(64)], "num_samples": 64}
         with server.client() as client, ThreadPoolExecutor(12) as pool:
             statuses = list(pool.map(lambda _: client.post("/v1/predict", json=heavy), range(12)))
         codes = [r.status_code for r in statuses]
@@ -244,8 +244,7 @@ def test_full_queue_answers_429_and_sigterm_drains(tiny_base, tmp_path) -> None:
             draining = client.get("/health/ready")
             assert draining.status_code == 503 and "draining" in draining.json()["reason"]
             assert in_flight.result().status_code == 200  # admitted before SIGTERM: answered
-        # uvicorn re-raises the captured SIGTERM once shut down gracefully, so -15 is a clean exit too
-        assert server.process.wait(timeout=30) in (0, -15)
+        assert server.process.wait(timeout=30) == 0  # a drained SIGTERM is a clean exit, not death by signal
         assert "Traceback" not in server.log.read_text()
     finally:
         server.stop()
