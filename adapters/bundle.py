@@ -236,9 +236,7 @@ def _read(directory: Path, name: str, root: Path | None = None) -> bytes:
     return path.read_bytes()
 
 
-def _read_tensor_file(
-    directory: Path, name: str, checksums: Mapping[str, str], root: Path | None
-) -> dict[str, Tensor]:
+def _read_tensor_file(directory: Path, name: str, checksums: Mapping[str, str], root: Path | None) -> dict[str, Tensor]:
     if name not in checksums:
         raise ManifestError(directory, f"{MANIFEST_FILE} records no checksum for {name}")
     data = _read(directory, name, root)

@@ -337,7 +337,9 @@ class AdapterRegistry:
                 root=self.adapter_dir,
             )
         except BundleError as exc:
-            raise BundleRejectedError(f"bundle {directory.name!r} refused ({type(exc).__name__}): {exc.reason}") from exc
+            raise BundleRejectedError(
+                f"bundle {directory.name!r} refused ({type(exc).__name__}): {exc.reason}"
+            ) from exc
         except OSError as exc:
             raise BundleRejectedError(f"bundle {directory.name!r} cannot be read: {_reason(exc)}") from exc
         return self._place(bundle, name or manifest.name, directory)

@@ -49,7 +49,6 @@ class _Request(BaseModel):
         return reject_surrogates(data)
 
 
-
 # ---------------------------------------------------------------------------------------------- predict
 
 

@@ -36,12 +36,15 @@ class Settings(BaseModel):
         None, ge=1, description="rows × tokens per forward (default 4096 on CPU, where big forwards leave cache)"
     )
     step_tokens: int | None = Field(
-        None, ge=1, description="rows × tokens the engine runs between scheduling decisions (default: 2048 on "
+        None,
+        ge=1,
+        description="rows × tokens the engine runs between scheduling decisions (default: 2048 on "
         "CPU, 262144 on GPU); big requests run in pieces, small ones are served between them",
     )
     max_request_tokens: int = Field(
-        262_144, ge=1, description="estimated rows × tokens one request may ask for (inputs × samples × tokens); "
-        "beyond: 413",
+        262_144,
+        ge=1,
+        description="estimated rows × tokens one request may ask for (inputs × samples × tokens); beyond: 413",
     )
     queue_tokens: int = Field(
         1_048_576, ge=1, description="estimated rows × tokens of all admitted requests together; beyond: 429"

@@ -91,6 +91,7 @@ class Posterior(ABC):
 
     def _check_values(self) -> None:
         """Family-specific ranges (variances, eigenvalues, precisions); raise :class:`PosteriorValueError`."""
+        return None  # families with no range beyond finiteness (map, ensemble, full)
 
     # ----------------------------------------------------------------------------------------- shared
 
