@@ -143,6 +143,9 @@ def _state_limits(schema: dict[str, Any], settings: Settings) -> None:
         f". Limits: {settings.max_inputs} inputs, {settings.max_text_chars} characters per text, and an estimated "
         f"cost (inputs × samples × tokens) of {settings.max_request_tokens} rows × tokens (413 beyond)"
     )
+    for branch in request["num_samples"]["anyOf"]:
+        if branch.get("type") == "integer":
+            branch["maximum"] = max(settings.max_samples, settings.max_glm_samples)
     request["num_samples"]["description"] += (
         f" (at most {settings.max_samples} network samples, {settings.max_glm_samples} GLM logit draws; 413 beyond)"
     )

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 SEED_LIMIT = 2**63  # torch generators take seeds below 2^63
 
 
+# a text needs one character outside JSON Schema's (ECMAScript's) whitespace: the same rule in both places
+NOT_BLANK = "[^\\t\\n\\v\\f\\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+
+
 def check_text(value: str) -> str:
     """A text worth classifying: not empty or whitespace only."""
-    if not value.strip():
+    if re.search(NOT_BLANK, value) is None:
         raise ValueError("a text must not be empty or whitespace only")
     return value
 
@@ -34,7 +39,14 @@ def reject_surrogates(value: Any) -> Any:
     return value
 
 
-Text = Annotated[str, AfterValidator(check_text)]
+def integral(value: Any) -> Any:
+    """JSON Schema counts 7.0 as an integer; strings such as "7" stay refused (strict types on the wire)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Text = Annotated[
+    str, AfterValidator(check_text), WithJsonSchema({"type": "string", "minLength": 1, "pattern": NOT_BLANK})
+]
 
 
 class _Request(BaseModel):
@@ -89,6 +101,7 @@ class PredictRequest(_Request):
         "logits, sampled in logit space); map: the MAP alone. Default: the predictive the bundle was calibrated with",
     )
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="same seed, same samples (default: random)")
+    _integral = field_validator("num_samples", "seed", mode="before")(integral)
     return_samples: bool = Field(False, description="include each sample's probabilities")
     abstain: AbstainOverride | None = None
 
