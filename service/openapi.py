@@ -16,6 +16,7 @@ from service.schemas import V2InferRequest
 from service.settings import Settings
 
 BEARER = "adminToken"
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 ERROR_TEXT = {
     400: "Bad request: the body is well-formed but cannot be served as asked",
     401: "Missing or wrong admin token",
@@ -70,10 +71,10 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
 def allowed_methods(app: FastAPI, request: Request) -> list[str]:
     """Every method some route takes at this path (the ``Allow`` header of OPTIONS and 405 answers)."""
     methods = {"OPTIONS"}
-    for route in app.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    for method in METHODS:  # asked route by route: included routers nest theirs
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.routes):
+            methods.add(method)
     return sorted(methods)
 
 

@@ -283,7 +283,7 @@ class AdapterRegistry:
                 if directory in rivals:
                     self._on_load(None, False)
                     raise ConflictError(rivals[directory])
-                entry = await self.add(directory)
+                entry = await self.add(directory.name)  # relative: messages name no server path
                 log.info("loaded adapter %s version %s from %s", entry.name, entry.manifest.version, directory)
             except ServiceError as exc:
                 log.error("skipped %s: %s", directory, exc.message)

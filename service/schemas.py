@@ -221,7 +221,7 @@ class V2Tensor(_Request):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="absent when the binary tensor data extension carries it")
 
 
 class V2InferRequest(_Request):

@@ -181,7 +181,7 @@ def _bytes_input(body: V2InferRequest, name: str, required: bool) -> list[str] |
         return None
     if tensor.datatype != "BYTES":
         raise InvalidRequestError(f"input {name!r} must have datatype BYTES, not {tensor.datatype}")
-    data = list(chain.from_iterable(d if isinstance(d, list) else [d] for d in tensor.data))
+    data = list(chain.from_iterable(d if isinstance(d, list) else [d] for d in tensor.data or []))
     if not data or not all(isinstance(d, str) for d in data):
         raise InvalidRequestError(f"input {name!r} must hold one or more strings")
     if tensor.shape not in ([len(data)], [len(data), 1]):
