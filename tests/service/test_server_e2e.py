@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -248,3 +250,40 @@ def test_full_queue_answers_429_and_sigterm_drains(tiny_base, tmp_path) -> None:
         assert "Traceback" not in server.log.read_text()
     finally:
         server.stop()
+
+
+def test_keep_alive_survives_errors_and_hostile_inputs(server: Server) -> None:
+    """Over one HTTP/1.1 connection: a lone surrogate, a huge seed, a NUL in an admin path, then a good
+    request. Before, the first gave a 500 and the server dropped the connection without ``Connection: close``,
+    so the next request failed with a reset."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.admin_token}"}
+    bad = [
+        ("/v1/predict", '{"adapter": "alpha", "inputs": ["\\ud800"]}', 422),
+        (
+            "/v2/models/alpha/infer",
+            '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
+            422,
+        ),
+        (
+            "/v2/models/alpha/infer",
+            '{"parameters": {"seed": 18446744073709551616}, "inputs": [{"name": "text", '
+            '"datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+            400,
+        ),
+        ("/v1/adapters", '{"path": "bad\\u0000path"}', 400),
+        ("/v1/adapters", json.dumps({"path": "y" * 5000}), 400),
+    ]
+    try:
+        for path, body, status in bad:
+            connection.request("POST", path, body=body, headers=headers)
+            response = connection.getresponse()
+            assert response.status == status, (path, response.read())
+            response.read()
+        connection.request("POST", "/v1/predict", body=json.dumps({"adapter": "alpha", "inputs": [REVIEW]}),
+                           headers=headers)  # fmt: skip
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+    assert "Traceback" not in server.log.read_text()
