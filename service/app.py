@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.manifest import CAVEAT_VERSION
+from service.deps import DISCONNECTED
 from service.errors import ServiceError, error_body
 from service.openapi import allowed_methods, document
 from service.routes import adapters, health, oip, predict
@@ -95,7 +97,9 @@ def _endpoint(path: str) -> str | None:
 
 
 class BodyLimit:
-    """413 for a body over ``max_bytes`` (declared or actually sent), before any route parses it."""
+    """413 for a body over ``max_bytes`` (declared or actually sent), before any route parses it. Once the body
+    is read, the client's going away sets the event at ``scope[DISCONNECTED]`` (a waiting request then
+    abandons its job)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -130,7 +134,17 @@ class BodyLimit:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        gone = scope[DISCONNECTED] = asyncio.Event()
+
+        async def watch() -> None:
+            if (await receive())["type"] == "http.disconnect":
+                gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
         message = f"request body larger than this server's limit of {self.max_bytes} bytes"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,6 +17,15 @@ def get_state(request: Request) -> ServiceState:
 
 
 State = Annotated[ServiceState, Depends(get_state)]
+
+
+DISCONNECTED = "caveat.disconnected"  # scope key of the event set when the client goes away (service.app)
+
+
+def client_gone(request: Request) -> Callable[[], bool]:
+    """Whether the client of ``request`` has gone away (closed its connection after sending its body)."""
+    event = request.scope.get(DISCONNECTED)
+    return event.is_set if event is not None else lambda: False
 
 
 def require_admin(request: Request, state: State) -> None:

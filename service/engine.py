@@ -268,6 +268,8 @@ class Engine:
     def _drop(self, job: Job) -> None:
         """Stop working for a job nobody waits for (the request timed out or was abandoned)."""
         self._jobs.remove(job)
+        timed_out = time.perf_counter() > job.deadline
+        self.metrics.dropped.labels("timeout" if timed_out else "abandoned").inc()
         if not job.future.done():
             job.future.set_exception(PredictionTimeoutError("no answer before the request's deadline"))
         log.warning("dropped a request nobody waits for any more (%d of %d pieces run)", job.progress.next,

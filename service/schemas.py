@@ -214,23 +214,45 @@ class Info(BaseModel):
 # ------------------------------------------------------------------------------- Open Inference Protocol
 
 
-class V2Tensor(_Request):
-    model_config = ConfigDict(extra="allow")
-
+class V2Tensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any] | None = Field(None, description="absent when the binary tensor data extension carries it")
+    data: list[Any]
+
+
+class V2InputTensor(_Request):
+    """An input Caveat takes: BYTES ``text`` (and ``text_pair``), shape ``[N]`` or ``[N, 1]``."""
+
+    model_config = ConfigDict(extra="allow")  # the protocol lets clients add fields
+
+    name: Literal["text", "text_pair"]
+    shape: list[int]
+    datatype: Literal["BYTES"]
+    parameters: dict[str, Any] | None = None
+    data: list[Text | list[Text]] = Field(
+        min_length=1, description="row-major (with the binary tensor data extension, the raw bytes fill it)"
+    )
+
+
+V2_OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label")
+
+
+class V2RequestedOutput(_Request):
+    model_config = ConfigDict(extra="allow")
+
+    name: Literal[V2_OUTPUTS]  # type: ignore[valid-type]
+    parameters: dict[str, Any] | None = None
 
 
 class V2InferRequest(_Request):
-    model_config = ConfigDict(extra="allow")  # the protocol lets clients add fields
+    model_config = ConfigDict(extra="allow")
 
     id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[V2Tensor] = Field(min_length=1)
-    outputs: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = Field(None, description="num_samples, seed (integers), method (string)")
+    inputs: list[V2InputTensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = Field(None, description="default: all of them")
 
 
 class V2InferResponse(BaseModel):

@@ -12,6 +12,7 @@ tensor bytes follow it (a BYTES element is a 4-byte little-endian length and its
 
 from __future__ import annotations
 
+import json
 from itertools import chain
 from typing import Any
 
@@ -21,11 +22,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from adapters.manifest import CAVEAT_VERSION
-from service.deps import State
+from service.deps import State, client_gone
 from service.errors import InvalidRequestError
 from service.predict import run_prediction
 from service.schemas import (
     SEED_LIMIT,
+    V2_OUTPUTS,
     TextPair,
     V2InferRequest,
     V2InferResponse,
@@ -36,7 +38,6 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label")
 
 
 @router.get("")
@@ -88,10 +89,7 @@ async def model_ready(model: str, state: State):
 async def infer(model: str, request: Request, state: State) -> V2InferResponse:
     request.state.adapter = model
     body = _parse(await request.body(), request.headers.get("inference-header-content-length"))
-    wanted = [o.get("name") for o in body.outputs] if body.outputs else list(OUTPUTS)
-    unknown = [w for w in wanted if w not in OUTPUTS]
-    if unknown:
-        raise InvalidRequestError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
+    wanted = [o.name for o in body.outputs] if body.outputs else list(V2_OUTPUTS)  # names checked by the schema
     texts = _bytes_input(body, "text", required=True)
     pairs = _bytes_input(body, "text_pair", required=False)
     if pairs is not None and len(pairs) != len(texts):
@@ -105,7 +103,7 @@ async def infer(model: str, request: Request, state: State) -> V2InferResponse:
         raise InvalidRequestError("parameter 'method' must be a string")
     answer = await run_prediction(
         state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
-        method=method,
+        method=method, disconnected=client_gone(request),
     )  # fmt: skip
     pred, result = answer.result.pred, answer.result
     n, classes = pred.probs.shape
@@ -131,31 +129,39 @@ async def infer(model: str, request: Request, state: State) -> V2InferResponse:
 
 def _parse(raw: bytes, header_length: str | None) -> V2InferRequest:
     """The request from a JSON body, or from a JSON header and the binary tensor data after it."""
-    if header_length is None:
-        header, binary = raw, b""
-    else:
+    try:
+        if header_length is None:
+            return V2InferRequest.model_validate_json(raw)
         if not header_length.isdigit() or int(header_length) > len(raw):
             raise InvalidRequestError(
                 f"Inference-Header-Content-Length {header_length[:20]!r} is not a length within the body "
                 f"({len(raw)} bytes)"
             )
-        header, binary = raw[: int(header_length)], raw[int(header_length) :]
-    try:
-        body = V2InferRequest.model_validate_json(header)
+        try:
+            header = json.loads(raw[: int(header_length)])
+        except ValueError as exc:
+            raise InvalidRequestError(f"the JSON header is not valid JSON ({exc})") from None
+        _attach_binary(header, raw[int(header_length) :])
+        return V2InferRequest.model_validate(header)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+
+
+def _attach_binary(header: Any, binary: bytes) -> None:
+    """Put each input's binary data (``parameters.binary_data_size`` bytes, in input order) in its ``data``."""
     offset = 0
-    for tensor in body.inputs:
-        size = (tensor.parameters or {}).get("binary_data_size")
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else []:
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is None:
             continue
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise InvalidRequestError(f"input {tensor.name!r}: binary_data_size does not fit the binary data sent")
-        tensor.data = _bytes_elements(binary[offset : offset + size], tensor.name)
+            raise InvalidRequestError("an input's binary_data_size does not fit the binary data sent")
+        tensor["data"] = _bytes_elements(binary[offset : offset + size], str(tensor.get("name")))
         offset += size
     if offset != len(binary):
         raise InvalidRequestError(f"{len(binary) - offset} bytes of binary data belong to no input")
-    return body
 
 
 def _bytes_elements(data: bytes, name: str) -> list[str]:
@@ -179,8 +185,6 @@ def _bytes_input(body: V2InferRequest, name: str, required: bool) -> list[str] |
         if required:
             raise InvalidRequestError(f"the request needs a BYTES input named {name!r}")
         return None
-    if tensor.datatype != "BYTES":
-        raise InvalidRequestError(f"input {name!r} must have datatype BYTES, not {tensor.datatype}")
     data = list(chain.from_iterable(d if isinstance(d, list) else [d] for d in tensor.data or []))
     if not data or not all(isinstance(d, str) for d in data):
         raise InvalidRequestError(f"input {name!r} must hold one or more strings")

@@ -25,7 +25,7 @@ answered: Counter[tuple[str, int]] = Counter()
 @pytest.fixture(scope="module")
 def app(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     adapters = tmp_path_factory.mktemp("fuzz") / "adapters"
-    make_bundle(tiny_base, adapters / ADAPTER, name=ADAPTER, max_length=16)
+    make_bundle(tiny_base, adapters / ADAPTER, name=ADAPTER, max_length=16, num_samples=2)
     client = running_app(tiny_base, adapters, max_inputs=4, max_samples=4, max_glm_samples=8, max_text_chars=64)
     yield client.app
     client.__exit__(None, None, None)
@@ -54,7 +54,7 @@ def test_every_operation_answers_as_documented_and_never_5xx(app) -> None:
     for operation in operations:
         _fuzz(operation)
     for label in ("POST /v1/predict", "POST /v2/models/{model}/infer"):  # predictions did run, not only refusals
-        assert answered[label, 200] > 0, answered
+        assert answered[label, 200] > 0, [(k, v) for k, v in answered.items() if k[0] == label]
 
 
 def _fuzz(operation) -> None:
@@ -82,3 +82,9 @@ def _aim_at_the_adapter(case, count: int) -> None:
             case.path_parameters[key] = ADAPTER
     if isinstance(case.body, dict) and "adapter" in case.body:
         case.body["adapter"] = ADAPTER
+    inputs = case.body.get("inputs") if isinstance(case.body, dict) else None
+    texts = [t for t in inputs or [] if isinstance(t, dict) and t.get("name") == "text"][:1]
+    if texts and isinstance(texts[0].get("data"), list):  # V2: one text input within the limits, fitting shape
+        texts[0]["data"] = [d for d in texts[0]["data"] if isinstance(d, str)][:2] or ["a text"]
+        texts[0]["shape"] = [len(texts[0]["data"])]
+        case.body["inputs"] = texts

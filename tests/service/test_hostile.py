@@ -236,7 +236,7 @@ def test_loose_inputs_are_refused_with_clear_messages(client) -> None:
 def test_v2_unknown_outputs_are_refused_before_the_model_runs(client) -> None:
     forwards = metric(client, "caveat_batch_rows_count")
     response = infer(client, [text_tensor(["x"])], outputs=[{"name": "nonsense"}])
-    assert response.status_code == 400 and "nonsense" in response.json()["error"]
+    assert response.status_code == 422 and "probs" in response.json()["error"]
     assert metric(client, "caveat_batch_rows_count") == forwards
 
 

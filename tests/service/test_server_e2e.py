@@ -287,3 +287,27 @@ def test_keep_alive_survives_errors_and_hostile_inputs(server: Server) -> None:
     finally:
         connection.close()
     assert "Traceback" not in server.log.read_text()
+
+
+def test_an_abandoned_request_stops_using_the_worker(tiny_base, tmp_path) -> None:
+    """A client that gives up (closes its connection) before the answer: its job is dropped at the next step,
+    long before its timeout, and the server goes on answering."""
+    adapter_dir = tmp_path / "adapters"
+    make_bundle(tiny_base, adapter_dir / "alpha", name="alpha")
+    server = start_server(
+        tiny_base, adapter_dir, tmp_path / "server.log", "--step-tokens", "256", "--max-request-tokens", "10000000",
+        "--queue-tokens", "20000000", "--request-timeout-s", "300",
+    )  # fmt: skip
+    try:
+        heavy = {"adapter": "alpha", "inputs": [f"{REVIEW} {i}" for i in range(64)], "num_samples": 128}
+        with httpx.Client(base_url=server.url, timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/predict", json=heavy)
+        deadline = time.monotonic() + 30
+        with server.client() as client:
+            while 'caveat_requests_dropped_total{reason="abandoned"} 1.0' not in client.get("/metrics").text:
+                assert time.monotonic() < deadline, "the abandoned job was never dropped"
+                time.sleep(0.1)
+            assert predict(client, "alpha", [REVIEW]).status_code == 200
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
