@@ -15,7 +15,8 @@ Scenarios, each a fresh server:
 * ``one-step``: as ``admitted`` but ``--step-tokens`` so large that the big request is one step (how the
   engine behaved before it was cut into pieces).
 
-Reported per scenario: the small requests' p50, p99 and max latency and status counts, the big request's
+Reported per scenario: the small requests' p50, p99 and max latency (over all of them, refused or timed out
+ones included) and status counts, the big request's
 status and seconds, and the server's peak resident memory. Usage::
 
     python benchmarks/overload.py --json OUT.json [--scenarios default admitted one-step] [--threads 2]
@@ -91,7 +92,7 @@ async def run_scenario(server: ServerProcess, args: argparse.Namespace, texts: l
             i += 1
             await asyncio.sleep(1.0 / args.rate)
         await asyncio.gather(*tasks)
-    ok = sorted(s for s, status in small if status == 200)
+    ok = sorted(s for s, _ in small)  # every small request, answered or not (a 504 counts its 30 s)
     statuses: dict[str, int] = {}
     for _, status in small:
         statuses[str(status)] = statuses.get(str(status), 0) + 1

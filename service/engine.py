@@ -7,9 +7,10 @@ job is refused at once (429) when the admitted jobs or their cost would exceed t
 
 The engine works in *steps* of at most ``step_tokens`` rows × tokens. A job's work is cut into pieces (sample
 slices, and input slices within one sample when one sample alone is too big); each step takes every waiting
-job that fits whole (small requests first, in arrival order) and at least one piece of the oldest unfinished
-job, so a big request progresses without holding the worker for longer than a step. Between steps a job
-whose client gave up (timed out, or the request was abandoned) is dropped: it stops consuming the worker.
+job that fits whole (small requests first, in arrival order), then pieces of the oldest unfinished job while
+the step has room (a step with nothing else runs one piece at least). So a big request progresses whenever
+small ones leave room, and never holds the worker for longer than a step. Between steps a job whose client
+gave up (timed out, or the request was abandoned) is dropped: it stops consuming the worker.
 """
 
 from __future__ import annotations
@@ -256,10 +257,10 @@ class Engine:
                 whole.add(id(job))
                 budget, rows = budget - cost, rows + job_rows
         big = next((job for job in jobs if id(job) not in whole and job.progress.remaining), None)
-        for index, piece in enumerate(big.progress.remaining if big is not None else []):
+        for piece in big.progress.remaining if big is not None else []:
             piece_cost = piece.rows * big.cost // max(big.rows, 1)
-            if index and (piece_cost > budget or rows + piece.rows > self.config.max_batch_rows):
-                break  # the oldest big job always gets one piece, more while the step has room
+            if pieces and (piece_cost > budget or rows + piece.rows > self.config.max_batch_rows):
+                break  # a step of small requests takes the big one's pieces only while it has room
             pieces.append(piece)
             budget, rows = budget - piece_cost, rows + piece.rows
         self.metrics.queue_depth.set(self.pending)

@@ -101,9 +101,10 @@ class PredictRequest(_Request):
         "logits, sampled in logit space); map: the MAP alone. Default: the predictive the bundle was calibrated with",
     )
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="same seed, same samples (default: random)")
-    _integral = field_validator("num_samples", "seed", mode="before")(integral)
     return_samples: bool = Field(False, description="include each sample's probabilities")
     abstain: AbstainOverride | None = None
+
+    _integral = field_validator("num_samples", "seed", mode="before")(integral)
 
 
 class Uncertainty(BaseModel):

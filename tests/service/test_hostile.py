@@ -273,6 +273,7 @@ def test_openapi_documents_security_errors_and_limits(client) -> None:
     assert document["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
     load = document["paths"]["/v1/adapters"]["post"]
     assert load["security"] == [{"adminToken": []}]
+    assert "Not persisted" in document["paths"]["/v1/adapters/{name}"]["put"]["description"]  # a restart reloads
     predict_op = document["paths"]["/v1/predict"]["post"]
     for status in ("400", "404", "413", "422", "429", "503", "504"):
         schema = predict_op["responses"][status]["content"]["application/json"]["schema"]
