@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--after", type=float, default=5.0, help="seconds before the big request is sent")
     parser.add_argument("--threads", type=int, default=2, help="server torch threads")
     parser.add_argument("--timeout", type=float, default=30.0, help="the server's request timeout")
+    parser.add_argument("--step-tokens", type=int, help="the server's step (default: its own) but for one-step")
     return parser.parse_args()
 
 
@@ -104,6 +106,7 @@ async def run_scenario(server: ServerProcess, args: argparse.Namespace, texts: l
         "small_max_s": round(ok[-1], 3) if ok else None,
         "big": big,
         "server_peak_rss_mb": peak_rss_mb(server),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # above 2 on two cores: something else was running
     }
 
 
@@ -127,8 +130,10 @@ def main() -> None:
             family="kron", variance=1e-3, num_samples=args.small_samples, max_length=128,
         )  # fmt: skip
         for name in args.scenarios:
-            flags = ["--torch-threads", str(args.threads), "--request-timeout-s", str(args.timeout),
-                     *SCENARIOS[name]]  # fmt: skip
+            flags = ["--torch-threads", str(args.threads), "--request-timeout-s", str(args.timeout)]
+            if args.step_tokens and name != "one-step":
+                flags += ["--step-tokens", str(args.step_tokens)]
+            flags += SCENARIOS[name]
             server = ServerProcess.start("minilm", root / "adapters", root / f"{name}.log", *flags)
             try:
                 result = asyncio.run(run_scenario(server, args, texts))

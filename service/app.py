@@ -175,9 +175,9 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 
 def _problem(error: dict) -> str:
-    if error.get("type") == "json_invalid":  # loc is ("body", <character offset>)
-        where = error["loc"][-1] if error.get("loc") else "?"
-        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')} at character {where})"
+    if error.get("type") == "json_invalid":  # loc is ("body", <character offset>) when the parser knows it
+        where = next((f" at character {p}" for p in error.get("loc", ()) if isinstance(p, int)), "")
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')}{where})"
     return f"{'.'.join(str(p) for p in error['loc'] if p != 'body') or 'body'}: {error['msg']}"
 
 

@@ -105,7 +105,7 @@ class BatchingConfig:
     """How the engine batches and admits.
 
     Attributes:
-        step_tokens: rows × tokens of one step (at least one piece of a job runs per step).
+        step_tokens: rows × tokens of one step (a step with nothing else runs one piece of a job at least).
         queue_tokens: estimated rows × tokens of all admitted jobs together; beyond, 429.
     """
 
@@ -113,8 +113,8 @@ class BatchingConfig:
     max_batch_rows: int = 512
     max_wait_ms: float = 2.0
     queue_size: int = 256
-    step_tokens: int = 2048
-    queue_tokens: int = 1 << 21
+    step_tokens: int = 1024
+    queue_tokens: int = 1 << 20
 
 
 @dataclass(eq=False)

@@ -31,7 +31,7 @@ log = logging.getLogger("caveat.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_TOKEN_BUDGET = 4096  # rows × tokens per forward on a CPU (docs/benchmarks.md)
-STEP_TOKENS = {"cpu": 2048, "cuda": 262_144}  # rows × tokens between scheduling decisions (service.engine)
+STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between scheduling decisions (service.engine)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ class Settings(BaseModel):
     step_tokens: int | None = Field(
         None,
         ge=1,
-        description="rows × tokens the engine runs between scheduling decisions (default: 2048 on "
+        description="rows × tokens the engine runs between scheduling decisions (default: 1024 on "
         "CPU, 262144 on GPU); big requests run in pieces, small ones are served between them",
     )
     max_request_tokens: int = Field(

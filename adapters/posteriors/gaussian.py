@@ -25,7 +25,7 @@ class DiagPosterior(Posterior):
         super().__init__(mean)
         if set(variance) != set(mean) or any(variance[n].shape != t.shape for n, t in mean.items()):
             raise ValueError("variance blocks must match the mean blocks in names and shapes")
-        require(all(bool((v >= 0).all()) for v in variance.values()), "variances must be non-negative")
+        require(not any(bool((v < 0).any()) for v in variance.values()), "variances must be non-negative")
         self.variance: TensorDict = {name: variance[name].detach() for name in mean}
         self._std = flatten(self.variance).sqrt()
 

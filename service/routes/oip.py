@@ -144,7 +144,7 @@ def _parse(raw: bytes, header_length: str | None) -> V2InferRequest:
         _attach_binary(header, raw[int(header_length) :])
         return V2InferRequest.model_validate(header)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 def _attach_binary(header: Any, binary: bytes) -> None:

@@ -67,7 +67,9 @@ def test_unloadable_entries_are_reported_and_the_rest_load(tiny_base: Path, tmp_
         assert any(p.startswith("link-out:") and "outside the adapter directory" in p for p in problems)
         assert sum("all named 'twin'" in p for p in problems) == 2  # neither twin wins by listing order
         assert load_failures(app) == 3
-        assert str(tmp_path) not in json.dumps(info)  # no server paths for unauthenticated clients
+        for path in (tmp_path, tiny_base):  # no server paths for unauthenticated clients
+            assert str(path) not in json.dumps(info)
+        assert info["base_model"] == tiny_base.name
     finally:
         app.__exit__(None, None, None)
 
@@ -231,6 +233,14 @@ def test_loose_inputs_are_refused_with_clear_messages(client) -> None:
     assert nan.status_code == 422 and "finite" in nan.json()["error"]["message"]
     broken = client.post("/v1/predict", content=b'{"adapter": ', headers={"Content-Type": "application/json"})
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["error"]["message"]
+
+
+def test_deeply_nested_json_is_a_client_error(client) -> None:
+    deep = "[" * 200_000 + "]" * 200_000  # under the body limit, beyond any JSON parser's recursion limit
+    for path in ("/v1/predict", "/v2/models/alpha/infer", "/v1/adapters"):
+        response = client.post(path, content=deep, headers={"Content-Type": "application/json"})
+        assert response.status_code in (400, 422), (path, response.text)
+    assert "recursion limit" in client.post("/v2/models/alpha/infer", content=deep).json()["error"]
 
 
 def test_v2_unknown_outputs_are_refused_before_the_model_runs(client) -> None:
