@@ -6,6 +6,7 @@ hold the numbers. See docs/design.md §2 for the directory layout.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
@@ -98,6 +99,15 @@ class PosteriorSpec(_Strict):
     )
 
 
+# Each score's range, widened just enough for the trainer's "abstain on everything" (a max_prob threshold
+# just above 1, an entropy or mutual-information threshold of -1); finite always (a NaN disables the rule).
+THRESHOLD_RANGES = {
+    "max_prob": (0.0, math.nextafter(1.0, 2.0)),
+    "entropy": (-1.0, 1.0),
+    "mutual_information": (-1.0, math.inf),
+}
+
+
 class AbstentionSpec(_Strict):
     kind: Literal["max_prob", "entropy", "mutual_information"]
     threshold: float
@@ -105,11 +115,9 @@ class AbstentionSpec(_Strict):
 
     @model_validator(mode="after")
     def _threshold_in_range(self) -> AbstentionSpec:
-        """max_prob and normalised entropy live in [0, 1]; mutual information (nats) is non-negative."""
-        upper = None if self.kind == "mutual_information" else 1.0
-        if self.threshold < 0 or (upper is not None and self.threshold > upper):
-            bounds = "≥ 0" if upper is None else "in [0, 1]"
-            raise ValueError(f"a {self.kind} threshold must be {bounds}, got {self.threshold}")
+        low, high = THRESHOLD_RANGES[self.kind]
+        if not low <= self.threshold <= high:
+            raise ValueError(f"a {self.kind} threshold must be in [{low}, {high}], got {self.threshold}")
         return self
 
     def rule(self) -> AbstentionRule:

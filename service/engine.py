@@ -2,7 +2,7 @@
 run as batched-rows forwards in a worker thread while the event loop stays free.
 
 A request is a :class:`Job`: ``n`` inputs of one adapter version under ``S`` samples. Its estimated cost is
-rows × tokens (:func:`estimated_tokens`, an upper bound taken before tokenising). Admission is by cost: a
+rows × tokens (its inputs counted by the tokenizer, capped at the adapter's max length). Admission is by cost: a
 job is refused at once (429) when the admitted jobs or their cost would exceed the queue's bounds.
 
 The engine works in *steps* of at most ``step_tokens`` rows × tokens. A job's work is cut into pieces (sample
@@ -36,22 +36,13 @@ from service.registry import AdapterVersion
 
 log = logging.getLogger("caveat.serve")
 
-SPECIAL_TOKENS = 4  # [CLS]/[SEP] (twice for a pair) or BOS/EOS: what a tokenizer adds beyond the text's own
-
-
-def estimated_tokens(item: TextInput) -> int:
-    """An upper bound of the tokens of one input: no tokenizer makes more tokens than UTF-8 bytes (plus its
-    special tokens), and truncation stops at the adapter's max length."""
-    size = len(item.text.encode()) + len(item.text_pair.encode()) if item.text_pair else len(item.text.encode())
-    return min(item.max_length, size + SPECIAL_TOKENS)
-
 
 @dataclass(eq=False)
 class Job:
     """One admitted prediction request, pinned to the adapter version it was admitted with.
 
     Attributes:
-        tokens: estimated tokens of the longest input (every row of a forward pays for its width).
+        tokens: tokens of the longest input after truncation (every row of a forward pays for its width).
         deadline: ``time.perf_counter()`` value after which nobody waits for the answer.
     """
 
@@ -61,14 +52,13 @@ class Job:
     method: str
     seed: int
     rules: list[AbstentionRule]
+    tokens: int
     deadline: float = float("inf")
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     admitted: float = field(default_factory=time.perf_counter)
-    tokens: int = field(init=False)
     progress: _Progress = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tokens = max(estimated_tokens(item) for item in self.inputs)
         self.progress = _Progress(self)
 
     @property

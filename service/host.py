@@ -70,6 +70,8 @@ class ModelHost:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # "last" pooling reads the last non-padding token
+        self._counter = AutoTokenizer.from_pretrained(path)  # counts tokens at admission, beside the worker's
+        self._counter.model_max_length = 1 << 30  # counts are capped per adapter, not warned about
         base = AutoModel.from_pretrained(path, dtype=torch.float32)
         self._digests = module_digests(base)  # float32, before any cast
         inject_lora_xs(base, list(self._digests))
@@ -92,6 +94,14 @@ class ModelHost:
         if any(m not in self._digests for m in modules):
             return None
         return combine_digests(self._digests, modules)
+
+    def token_counts(self, inputs: Sequence[TextInput]) -> list[int]:
+        """Tokens of each input after truncation at its max length (thread-safe: never truncates or pads, so
+        the counting tokenizer's settings never change)."""
+        texts = [item.text for item in inputs]
+        pairs = [item.text_pair or "" for item in inputs]
+        counted = self._counter(texts, pairs if any(item.text_pair for item in inputs) else None)["input_ids"]
+        return [min(len(ids), item.max_length) for ids, item in zip(counted, inputs, strict=True)]
 
     def encode(self, inputs: Sequence[TextInput]) -> dict[str, Tensor]:
         """Tokenise unique inputs, each truncated at its own max length, into one right-padded batch."""

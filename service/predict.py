@@ -72,7 +72,8 @@ async def run_prediction(
         raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed
     deadline = time.perf_counter() + settings.request_timeout_s
-    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), deadline=deadline)
+    tokens = max(await asyncio.to_thread(registry.host.token_counts, texts))
+    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), tokens, deadline=deadline)
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
             f"this request's estimated cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
