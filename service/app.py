@@ -60,13 +60,15 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def _observe(request: Request, call_next):
-    """Request id (the client's X-Request-ID or a new one), and request count and latency per endpoint."""
+    """Request id (the client's X-Request-ID when it is a plain token, else a new one); OPTIONS and the Allow
+    header of 405s; unexpected errors answered in the error shape; request count and latency per endpoint."""
     given = request.headers.get("x-request-id", "")
     request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request.state.adapter = ""
     start = time.perf_counter()
-    if request.method == "OPTIONS":
-        response = Response(status_code=204, headers={"Allow": ", ".join(allowed_methods(request.app, request))})
+    allowed = allowed_methods(request.app, request) if request.method == "OPTIONS" else []
+    if len(allowed) > 1:  # a path some route serves: its methods (an unknown path goes on to 404)
+        response = Response(status_code=204, headers={"Allow": ", ".join(allowed)})
     else:
         try:
             response = await call_next(request)

@@ -76,7 +76,7 @@ async def run_prediction(
     job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), tokens, deadline=deadline)
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
-            f"this request's estimated cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
+            f"this request's cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
             f"tokens); this server's limit is {settings.max_request_tokens}: send fewer inputs or samples, or shorter "
             "texts"
         )
@@ -85,13 +85,12 @@ async def run_prediction(
 
 
 async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: Callable[[], bool] | None) -> JobResult:
-    """The job's result; 504 after ``timeout_s``. Either way, and when the client goes away, the job's future is
-    cancelled, so the engine drops it before its next step."""
+    """The job's result; 504 at its deadline (``timeout_s`` after admission). Then, and when the client goes
+    away, the job's future is cancelled, so the engine drops it before its next step."""
     waiting = asyncio.ensure_future(engine.submit(job))
-    deadline = time.perf_counter() + timeout_s
     try:
         while not waiting.done():
-            remaining = deadline - time.perf_counter()
+            remaining = job.deadline - time.perf_counter()
             if remaining <= 0:
                 raise PredictionTimeoutError(f"no answer within {timeout_s:g} s")
             await asyncio.wait({waiting}, timeout=min(remaining, POLL_S))
