@@ -67,3 +67,15 @@ class UnsafePathError(BundleError):
 
 class PosteriorValueError(CaveatError, ValueError):
     """A posterior family's tensors or parameters hold impossible values (see ``Posterior.validate``)."""
+
+
+class OodError(CaveatError, ValueError):
+    """An out-of-distribution score cannot be fitted or rebuilt. Subclasses name the problem."""
+
+
+class OodFitError(OodError):
+    """The training features cannot support the chosen score (too few examples, a class missing, ...)."""
+
+
+class OodStateError(OodError):
+    """A stored score is damaged: a tensor missing or of the wrong shape, not finite, a variance not positive."""
