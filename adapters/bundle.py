@@ -35,11 +35,14 @@ from adapters.batching import AdapterWeights
 from adapters.errors import (
     ChecksumMismatchError,
     FingerprintMismatchError,
+    InvalidValueError,
     ManifestError,
     MissingFileError,
     NotSafetensorsError,
+    PosteriorValueError,
     SchemaVersionError,
     ShapeMismatchError,
+    UnsafePathError,
 )
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import (
@@ -171,8 +174,9 @@ def load_bundle(
     base_fingerprint: str | None = None,
     layer_shapes: Mapping[str, tuple[int, int]] | None = None,
     hidden_size: int | None = None,
+    root: Path | None = None,
 ) -> Bundle:
-    """Load and validate a bundle (tensors on CPU).
+    """Load and validate a bundle (tensors on CPU): shapes, checksums, and that every number is possible.
 
     Args:
         directory: the bundle directory.
@@ -180,13 +184,15 @@ def load_bundle(
             over the bundle's modules); a different one raises :class:`FingerprintMismatchError`.
         layer_shapes: when given, module name → ``(d_out, d_in)`` of the running base's linear layers.
         hidden_size: when given, the running base's feature size (the head's input).
+        root: when given, a directory every file read must resolve inside (a link out of it is refused).
 
     Raises:
         MissingFileError, ManifestError, SchemaVersionError, ChecksumMismatchError, NotSafetensorsError,
-        ShapeMismatchError, FingerprintMismatchError: each names the problem and the bundle.
+        ShapeMismatchError, FingerprintMismatchError, InvalidValueError, UnsafePathError: each names the
+        problem and the bundle.
     """
     directory = Path(directory)
-    manifest_bytes = _read(directory, MANIFEST_FILE)
+    manifest_bytes = _read(directory, MANIFEST_FILE, root)
     manifest = parse_manifest(manifest_bytes, directory)
     if base_fingerprint is not None and manifest.base_model.fingerprint != base_fingerprint:
         raise FingerprintMismatchError(
@@ -195,7 +201,7 @@ def load_bundle(
             f"(fingerprint {manifest.base_model.fingerprint[:12]}…), not on the running base "
             f"(fingerprint {base_fingerprint[:12]}…)",
         )
-    tensors = {name: _read_tensor_file(directory, name, manifest.files) for name in TENSOR_FILES}
+    tensors = {name: _read_tensor_file(directory, name, manifest.files, root) for name in TENSOR_FILES}
     bundle = _assemble(manifest, tensors, directory)
     bundle.path, bundle.sha256 = directory, hashlib.sha256(manifest_bytes).hexdigest()
     _check_against_base(bundle, layer_shapes, hidden_size)
@@ -222,17 +228,19 @@ def parse_manifest(data: bytes, directory: Path) -> BundleManifest:
         raise ManifestError(directory, f"{MANIFEST_FILE} does not match the schema: {problems}") from exc
 
 
-def _read(directory: Path, name: str) -> bytes:
+def _read(directory: Path, name: str, root: Path | None = None) -> bytes:
     path = directory / name
     if not path.is_file():
         raise MissingFileError(directory, f"missing file {name}")
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafePathError(directory, f"{name} links outside the directory bundles are loaded from")
     return path.read_bytes()
 
 
-def _read_tensor_file(directory: Path, name: str, checksums: Mapping[str, str]) -> dict[str, Tensor]:
+def _read_tensor_file(directory: Path, name: str, checksums: Mapping[str, str], root: Path | None) -> dict[str, Tensor]:
     if name not in checksums:
         raise ManifestError(directory, f"{MANIFEST_FILE} records no checksum for {name}")
-    data = _read(directory, name)
+    data = _read(directory, name, root)
     digest = hashlib.sha256(data).hexdigest()
     if digest != checksums[name]:
         raise ChecksumMismatchError(
@@ -278,25 +286,50 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
             directory, f"head has {head.num_labels} outputs for {len(manifest.task.labels)} labels"
         )
     posterior = _load_posterior(manifest, tensors[POSTERIOR_FILE], directory)
-    expected = {**{m: c.shape for m, c in cores.items()}, HEAD_WEIGHT: head_weight.shape, HEAD_BIAS: head_bias.shape}
+    values = {**cores, HEAD_WEIGHT: head_weight, HEAD_BIAS: head_bias}
     for block, shape in posterior.shapes.items():
-        if block not in expected or expected[block] != shape:
+        if block not in values or values[block].shape != shape:
             raise ShapeMismatchError(directory, f"posterior block {block!r} {tuple(shape)} matches no adapter tensor")
+    _check_values(built, values, posterior, directory)
     return Bundle(manifest, built, cores, head_weight, head_bias, posterior)
+
+
+def _check_values(
+    projections: Mapping[str, Projection], values: Mapping[str, Tensor], posterior: Posterior, directory: Path
+) -> None:
+    """Every tensor finite, the posterior's values in range, and its mean equal to the MAP where it is one."""
+    named = {**values, **{f"{m}{KEY_SEP}{k}": t for m, p in projections.items() for k, t in (("A", p.A), ("B", p.B))}}
+    for key, tensor in named.items():
+        if not tensor.is_floating_point():
+            raise InvalidValueError(directory, f"{key} has dtype {tensor.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidValueError(directory, f"{key} holds NaN or infinite values")
+    try:
+        posterior.validate()
+    except PosteriorValueError as exc:
+        raise InvalidValueError(directory, str(exc)) from exc
+    if posterior.mean_is_map:
+        differ = [b for b, mean in posterior.mean().items() if not torch.equal(mean.to(values[b].dtype), values[b])]
+        if differ:
+            raise InvalidValueError(
+                directory, f"the {posterior.family} posterior's mean must equal the MAP tensors; {differ[:3]} differ"
+            )
 
 
 def _load_posterior(manifest: BundleManifest, tensors: dict[str, Tensor], directory: Path) -> Posterior:
     spec = manifest.posterior
     expected = [*manifest.adapter.modules, *((HEAD_WEIGHT, HEAD_BIAS) if spec.covers_head else ())]
     names = spec.params.get("names", expected)
-    if sorted(names) != sorted(expected):
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(expected):
         raise ShapeMismatchError(directory, f"posterior blocks {names} are not the adapter's blocks {expected}")
     params = {**spec.params, "family": spec.family, "names": names}
     try:
         return Posterior.from_state(tensors, params)
+    except PosteriorValueError as exc:
+        raise InvalidValueError(directory, str(exc)) from exc
     except KeyError as exc:
         raise ShapeMismatchError(directory, f"{POSTERIOR_FILE} lacks tensor or parameter {exc}") from exc
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. a parameter of the wrong JSON type
         raise ShapeMismatchError(directory, f"{POSTERIOR_FILE} is inconsistent: {exc}") from exc
 
 

@@ -24,6 +24,7 @@ class BundleError(CaveatError):
 
     def __init__(self, path: object, message: str) -> None:
         self.path = str(path)
+        self.reason = message  # without the path: what a server may tell its clients
         super().__init__(f"{message} (bundle: {self.path})")
 
 
@@ -53,6 +54,19 @@ class ShapeMismatchError(BundleError):
 
 class FingerprintMismatchError(BundleError):
     """The bundle was trained on another base model than the one it is being loaded onto."""
+
+
+class InvalidValueError(BundleError):
+    """A tensor or number is impossible: not finite, a negative variance, eigenvalue or precision, a threshold
+    out of its range, or a posterior mean that differs from the MAP where the family says they are one."""
+
+
+class UnsafePathError(BundleError):
+    """A bundle file or directory is a link, or resolves, outside the directory it must stay inside."""
+
+
+class PosteriorValueError(CaveatError, ValueError):
+    """A posterior family's tensors or parameters hold impossible values (see ``Posterior.validate``)."""
 
 
 class OodError(CaveatError, ValueError):

@@ -6,11 +6,12 @@ hold the numbers. See docs/design.md §2 for the directory layout.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.eval_card import EvalCard
 from adapters.predictive import AbstentionRule
@@ -33,7 +34,8 @@ TENSOR_FILES = (PROJECTIONS_FILE, ADAPTER_FILE, POSTERIOR_FILE)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are JSON extensions Python accepts; no number of a manifest may be one
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TaskSpec(_Strict):
@@ -84,10 +86,13 @@ class HeadSpec(_Strict):
     num_labels: int = Field(ge=2)
 
 
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
 class PosteriorSpec(_Strict):
     family: str
     params: dict[str, Any] = Field(default_factory=dict)
-    prior_precision: float | list[float] | None = None
+    prior_precision: PositiveFloat | list[PositiveFloat] | None = None
     default_num_samples: int = Field(default=16, gt=0)
     covers_head: bool = False
     predictive: Literal["sample", "glm"] = Field(
@@ -95,10 +100,26 @@ class PosteriorSpec(_Strict):
     )
 
 
+# Each score's range, widened just enough for the trainer's "abstain on everything" (a max_prob threshold
+# just above 1, an entropy or mutual-information threshold of -1); finite always (a NaN disables the rule).
+THRESHOLD_RANGES = {
+    "max_prob": (0.0, math.nextafter(1.0, 2.0)),
+    "entropy": (-1.0, 1.0),
+    "mutual_information": (-1.0, math.inf),
+}
+
+
 class AbstentionSpec(_Strict):
     kind: Literal["max_prob", "entropy", "mutual_information"]
     threshold: float
     target: dict[str, float] | None = Field(default=None, description="e.g. {'risk': 0.05} it was fitted for")
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> AbstentionSpec:
+        low, high = THRESHOLD_RANGES[self.kind]
+        if not low <= self.threshold <= high:
+            raise ValueError(f"a {self.kind} threshold must be in [{low}, {high}], got {self.threshold}")
+        return self
 
     def rule(self) -> AbstentionRule:
         return AbstentionRule(self.kind, self.threshold)

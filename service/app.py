@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.manifest import CAVEAT_VERSION
+from service.deps import DISCONNECTED
 from service.errors import ServiceError, error_body
+from service.openapi import allowed_methods, document
 from service.routes import adapters, health, oip, predict
 from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger("caveat.serve")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's X-Request-ID is echoed only if it looks like one
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -47,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.middleware("http")(_observe)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.openapi = lambda: document(app, settings)  # type: ignore[method-assign]
     return app
 
 
@@ -54,11 +60,22 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 async def _observe(request: Request, call_next):
-    """Request id (the client's X-Request-ID or a new one), and request count and latency per endpoint."""
-    request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    """Request id (the client's X-Request-ID when it is a plain token, else a new one); OPTIONS and the Allow
+    header of 405s; unexpected errors answered in the error shape; request count and latency per endpoint."""
+    given = request.headers.get("x-request-id", "")
+    request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request.state.adapter = ""
     start = time.perf_counter()
-    response = await call_next(request)
+    allowed = allowed_methods(request.app, request) if request.method == "OPTIONS" else []
+    if len(allowed) > 1:  # a path some route serves: its methods (an unknown path goes on to 404)
+        response = Response(status_code=204, headers={"Allow": ", ".join(allowed)})
+    else:
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # answered here, so the connection stays usable (uvicorn drops it otherwise)
+            response = await _unexpected_error(request, exc)
+    if response.status_code == 405:
+        response.headers["Allow"] = ", ".join(allowed_methods(request.app, request))
     response.headers["X-Request-ID"] = request.state.request_id
     endpoint = _endpoint(request.url.path)
     if endpoint is not None:
@@ -82,7 +99,9 @@ def _endpoint(path: str) -> str | None:
 
 
 class BodyLimit:
-    """413 for a body over ``max_bytes`` (declared or actually sent), before any route parses it."""
+    """413 for a body over ``max_bytes`` (declared or actually sent), before any route parses it. Once the body
+    is read, the client's going away sets the event at ``scope[DISCONNECTED]`` (a waiting request then
+    abandons its job)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -117,7 +136,17 @@ class BodyLimit:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        gone = scope[DISCONNECTED] = asyncio.Event()
+
+        async def watch() -> None:
+            if (await receive())["type"] == "http.disconnect":
+                gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
         message = f"request body larger than this server's limit of {self.max_bytes} bytes"
@@ -144,10 +173,14 @@ async def _service_error(request: Request, exc: ServiceError):
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-    )
-    return _respond(request, 422, "ValidationError", problems)
+    return _respond(request, 422, "ValidationError", "; ".join(_problem(e) for e in exc.errors()[:5]))
+
+
+def _problem(error: dict) -> str:
+    if error.get("type") == "json_invalid":  # loc is ("body", <character offset>) when the parser knows it
+        where = next((f" at character {p}" for p in error.get("loc", ()) if isinstance(p, int)), "")
+        return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')}{where})"
+    return f"{'.'.join(str(p) for p in error['loc'] if p != 'body') or 'body'}: {error['msg']}"
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -23,6 +24,14 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.drain_s = drain_s
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn re-raises a captured signal after a graceful shutdown (exit 143 for SIGTERM); a drained
+        SIGTERM is the orderly end of this process, so it exits 0."""
+        with super().capture_signals():
+            yield
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.state.draining or self.drain_s <= 0 or sig == signal.SIGINT:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -18,13 +19,25 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
+DISCONNECTED = "caveat.disconnected"  # scope key of the event set when the client goes away (service.app)
+
+
+def client_gone(request: Request) -> Callable[[], bool]:
+    """Whether the client of ``request`` has gone away (closed its connection after sending its body)."""
+    event = request.scope.get(DISCONNECTED)
+    return event.is_set if event is not None else lambda: False
+
+
 def require_admin(request: Request, state: State) -> None:
     """Admin routes need ``Authorization: Bearer <token>``; with no token configured they are disabled."""
     if state.admin_token is None:
         raise AdminDisabledError("the admin API is disabled: start the server with CAVEAT_ADMIN_TOKEN set")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.admin_token.encode()):
-        raise UnauthorizedError("admin routes need the header 'Authorization: Bearer <admin token>'")
+        raise UnauthorizedError(
+            "admin routes need the header 'Authorization: Bearer <admin token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="caveat-admin"'},
+        )
 
 
 Admin = Depends(require_admin)

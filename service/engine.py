@@ -1,10 +1,16 @@
-"""Dynamic micro-batching: concurrent requests, for any adapters, with all their posterior samples, run as
-one batched-rows forward in a worker thread while the event loop stays free.
+"""Cost-bounded dynamic micro-batching: concurrent requests, for any adapters, with all their posterior samples,
+run as batched-rows forwards in a worker thread while the event loop stays free.
 
-A request is a :class:`Job`: ``n`` inputs of one adapter version under ``S`` samples, i.e. one
-:class:`~adapters.batching.RowBlock`. The engine takes every job waiting (up to ``max_batch_rows`` rows,
-waiting at most ``max_wait_ms`` for more once one arrived), tokenises the unique inputs once, runs one
-forward and resolves each job's future. The queue is bounded: a full queue is refused at once (429).
+A request is a :class:`Job`: ``n`` inputs of one adapter version under ``S`` samples. Its estimated cost is
+rows × tokens (its inputs counted by the tokenizer, capped at the adapter's max length). Admission is by cost: a
+job is refused at once (429) when the admitted jobs or their cost would exceed the queue's bounds.
+
+The engine works in *steps* of at most ``step_tokens`` rows × tokens. A job's work is cut into pieces (sample
+slices, and input slices within one sample when one sample alone is too big); each step takes every waiting
+job that fits whole (small requests first, in arrival order), then pieces of the oldest unfinished job while
+the step has room (a step with nothing else runs one piece at least). So a big request progresses whenever
+small ones leave room, and never holds the worker for longer than a step. Between steps a job whose client
+gave up (timed out, or the request was abandoned) is dropped: it stops consuming the worker.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from adapters.batching import RowBlock
 from adapters.defaults import PredictiveMode
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
 from adapters.tasks import mask_choices
-from service.errors import NotReadyError, QueueFullError
+from service.errors import NonFiniteOutputError, NotReadyError, PredictionTimeoutError, QueueFullError
 from service.host import ModelHost, TextInput
 from service.metrics import Metrics
 from service.registry import AdapterVersion
@@ -33,7 +40,12 @@ log = logging.getLogger("caveat.serve")
 
 @dataclass(eq=False)
 class Job:
-    """One admitted prediction request, pinned to the adapter version it was admitted with."""
+    """One admitted prediction request, pinned to the adapter version it was admitted with.
+
+    Attributes:
+        tokens: tokens of the longest input after truncation (every row of a forward pays for its width).
+        deadline: ``time.perf_counter()`` value after which nobody waits for the answer.
+    """
 
     adapter: AdapterVersion
     inputs: list[TextInput]
@@ -41,13 +53,29 @@ class Job:
     method: str
     seed: int
     rules: list[AbstentionRule]
+    tokens: int
+    deadline: float = float("inf")
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     admitted: float = field(default_factory=time.perf_counter)
+    progress: _Progress = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.progress = _Progress(self)
 
     @property
     def rows(self) -> int:
         """Rows of the network forward: the GLM runs each input once (its draws are in logit space)."""
         return len(self.inputs) * (1 if self.method == PredictiveMode.GLM else self.num_samples)
+
+    @property
+    def cost(self) -> int:
+        """Estimated rows × tokens; the GLM's Jacobian pays one backward pass per class on top of its forward."""
+        passes = 1 + len(self.adapter.labels) if self.method == PredictiveMode.GLM else 1
+        return self.rows * self.tokens * passes
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done() or time.perf_counter() > self.deadline
 
 
 @dataclass
@@ -65,21 +93,81 @@ class JobResult:
 
 @dataclass(frozen=True)
 class BatchingConfig:
+    """How the engine batches and admits.
+
+    Attributes:
+        step_tokens: rows × tokens of one step (a step with nothing else runs one piece of a job at least).
+        queue_tokens: estimated rows × tokens of all admitted jobs together; beyond, 429.
+    """
+
     enabled: bool = True
     max_batch_rows: int = 512
     max_wait_ms: float = 2.0
     queue_size: int = 256
+    step_tokens: int = 1024
+    queue_tokens: int = 1 << 20
+
+
+@dataclass(eq=False)
+class _Piece:
+    """Samples ``samples`` × inputs ``inputs`` of one job."""
+
+    job: Job
+    samples: slice
+    inputs: slice
+
+    @property
+    def rows(self) -> int:
+        return (self.samples.stop - self.samples.start) * (self.inputs.stop - self.inputs.start)
+
+
+class _Progress:
+    """Which pieces of a job are done, and what they produced (on the CPU, in the worker thread)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.next = 0  # index of the first piece not yet run
+        self.pieces: list[_Piece] = []
+        self.samples: dict[str, Tensor] | None = None
+        self.logits: list[Tensor] = []
+        self.jacobians: list[dict[str, Tensor]] = []
+        self.started: float | None = None
+        self.compute_seconds = 0.0
+        self.batch_requests = 0
+        self.batch_rows = 0
+
+    def plan(self, step_tokens: int) -> None:
+        """Cut the job into pieces of at most ``step_tokens`` (one row at least): whole-input sample slices, or
+        input slices of one sample when one sample over all inputs is too big."""
+        job = self.job
+        n, S = len(job.inputs), 1 if job.method == PredictiveMode.GLM else job.num_samples
+        rows = max(1, step_tokens * job.rows // max(job.cost, 1))
+        if rows >= n:
+            per = rows // n
+            self.pieces = [_Piece(job, slice(s, min(s + per, S)), slice(0, n)) for s in range(0, S, per)]
+        else:
+            self.pieces = [
+                _Piece(job, slice(s, s + 1), slice(i, min(i + rows, n))) for s in range(S) for i in range(0, n, rows)
+            ]
+
+    @property
+    def remaining(self) -> list[_Piece]:
+        return self.pieces[self.next :]
+
+    def remaining_cost(self) -> int:
+        job = self.job
+        return sum(p.rows for p in self.remaining) * job.cost // max(job.rows, 1)
 
 
 class Engine:
-    """Collects jobs into batches and runs them on the host model, one batch at a time."""
+    """Collects jobs into steps and runs them on the host model, one step at a time."""
 
     def __init__(self, host: ModelHost, config: BatchingConfig, metrics: Metrics) -> None:
         self.host = host
         self.config = config
         self.metrics = metrics
-        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=config.queue_size)
-        self._held: Job | None = None  # taken from the queue but left for the next batch (row limit)
+        self._jobs: list[Job] = []  # admitted and unfinished, in arrival order
+        self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caveat-model")
         self._task: asyncio.Task | None = None
         self._busy = False
@@ -87,7 +175,11 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + (self._held is not None)
+        return len(self._jobs)
+
+    @property
+    def admitted_cost(self) -> int:
+        return sum(job.progress.remaining_cost() if job.progress.pieces else job.cost for job in self._jobs)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name="caveat-engine")
@@ -96,12 +188,18 @@ class Engine:
         """Admit a job (or refuse it at once) and wait for its result."""
         if self._closing:
             raise NotReadyError("the server is shutting down")
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if len(self._jobs) >= self.config.queue_size:
             raise QueueFullError(
                 f"the prediction queue is full ({self.config.queue_size} requests waiting); retry shortly"
-            ) from None
+            )
+        if self._jobs and self.admitted_cost + job.cost > self.config.queue_tokens:
+            raise QueueFullError(
+                f"the requests admitted already hold the model for their estimated cost ({self.admitted_cost} of "
+                f"{self.config.queue_tokens} rows × tokens); retry shortly"
+            )
+        job.progress.plan(self.config.step_tokens)
+        self._jobs.append(job)
+        self._arrived.set()
         self.metrics.queue_depth.set(self.pending)
         return await job.future
 
@@ -120,115 +218,182 @@ class Engine:
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect()
+            pieces = await self._collect()
+            if not pieces:
+                continue
             self._busy = True
-            self.metrics.queue_depth.set(self.pending)
             started = time.perf_counter()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._run_isolated, jobs)
+                outcomes = await loop.run_in_executor(self._executor, self._run_isolated, pieces)
             finally:
                 self._busy = False
-            self._finish(jobs, outcomes, started)
+            self._finish(pieces, outcomes, started)
 
-    async def _collect(self) -> list[Job]:
-        """The next batch: every waiting job up to the row limit, waiting ``max_wait_ms`` for company.
-        Jobs whose client has already given up (timed out) are dropped unrun."""
-        first = self._held if self._held is not None else await self._queue.get()
-        self._held = None
-        while first.future.done():
-            first = await self._queue.get()
-        jobs, rows = [first], first.rows
-        if not self.config.enabled:
-            return jobs
-        deadline = time.perf_counter() + self.config.max_wait_ms / 1000
-        while rows < self.config.max_batch_rows:
-            try:
-                job = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if job.future.done():
-                continue
-            if rows + job.rows > self.config.max_batch_rows:
-                self._held = job
-                break
-            jobs.append(job)
-            rows += job.rows
-        return jobs
+    async def _collect(self) -> list[_Piece]:
+        """The next step: waiting jobs that fit whole first, then pieces of the oldest unfinished job."""
+        while not self._jobs:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self.config.enabled and self.config.max_wait_ms > 0 and len(self._jobs) == 1:
+            await asyncio.sleep(self.config.max_wait_ms / 1000)  # a moment for company
+        for job in [j for j in self._jobs if j.abandoned]:
+            self._drop(job)
+        jobs = self._jobs if self.config.enabled else self._jobs[:1]
+        budget, rows, pieces, whole = self.config.step_tokens, 0, [], set()
+        for job in jobs:  # small jobs whole, in arrival order
+            cost, remaining = job.progress.remaining_cost(), job.progress.remaining
+            job_rows = sum(p.rows for p in remaining)
+            if remaining and cost <= budget and rows + job_rows <= self.config.max_batch_rows:
+                pieces += remaining
+                whole.add(id(job))
+                budget, rows = budget - cost, rows + job_rows
+        big = next((job for job in jobs if id(job) not in whole and job.progress.remaining), None)
+        for piece in big.progress.remaining if big is not None else []:
+            piece_cost = piece.rows * big.cost // max(big.rows, 1)
+            if pieces and (piece_cost > budget or rows + piece.rows > self.config.max_batch_rows):
+                break  # a step of small requests takes the big one's pieces only while it has room
+            pieces.append(piece)
+            budget, rows = budget - piece_cost, rows + piece.rows
+        self.metrics.queue_depth.set(self.pending)
+        return pieces
 
-    def _finish(self, jobs: list[Job], outcomes: list[JobResult | BaseException], started: float) -> None:
-        rows = sum(job.rows for job in jobs)
+    def _drop(self, job: Job) -> None:
+        """Stop working for a job nobody waits for (the request timed out or was abandoned)."""
+        self._jobs.remove(job)
+        timed_out = time.perf_counter() > job.deadline
+        self.metrics.dropped.labels("timeout" if timed_out else "abandoned").inc()
+        if not job.future.done():
+            job.future.set_exception(PredictionTimeoutError("no answer before the request's deadline"))
+        log.warning("dropped a request nobody waits for any more (%d of %d pieces run)", job.progress.next,
+                    len(job.progress.pieces))  # fmt: skip
+
+    def _finish(self, pieces: list[_Piece], outcomes: dict[int, JobResult | BaseException | None], started: float):
+        jobs = list(dict.fromkeys(p.job for p in pieces))
+        rows = sum(p.rows for p in pieces)
         self.metrics.batch_rows.observe(rows)
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            self.metrics.queue_wait.observe(started - job.admitted)
-            if job.future.done():  # the client gave up (timeout): nothing to deliver
+        for job in jobs:
+            outcome = outcomes.get(id(job))
+            if outcome is None:  # more pieces to come
+                continue
+            self._jobs.remove(job)
+            if job.future.done():  # the client gave up: nothing to deliver
                 continue
             if isinstance(outcome, BaseException):
+                if isinstance(outcome, NonFiniteOutputError):
+                    self.metrics.prediction_failures.labels("non_finite").inc()
                 job.future.set_exception(outcome)
                 continue
-            outcome.queue_seconds = started - job.admitted
+            self.metrics.queue_wait.observe(outcome.queue_seconds)
             job.future.set_result(outcome)
             self.metrics.samples.observe(job.num_samples)
             self.metrics.observe_predictions(job.adapter.name, outcome.pred, outcome.reasons)
+        self.metrics.queue_depth.set(self.pending)
 
     # ------------------------------------------------------------------------------ the worker thread
 
-    def _run_isolated(self, jobs: list[Job]) -> list[JobResult | BaseException]:
-        """Run the batch; if it fails, run each job alone so one bad job cannot fail the others."""
+    def _run_isolated(self, pieces: list[_Piece]) -> dict[int, JobResult | BaseException | None]:
+        """Run the step; if it fails, run each job's pieces alone so one bad job cannot fail the others.
+        Returns, per job (by id), its result when its last piece ran, its error, or ``None``."""
         try:
-            return list(self._run(jobs))
+            return self._run(pieces)
         except Exception as exc:
+            jobs = list(dict.fromkeys(p.job for p in pieces))
             if len(jobs) == 1:
                 log.exception("prediction failed")
-                return [exc]
-        outcomes: list[JobResult | BaseException] = []
+                return {id(jobs[0]): exc}
+        outcomes: dict[int, JobResult | BaseException | None] = {}
         for job in jobs:
             try:
-                outcomes.extend(self._run([job]))
+                outcomes.update(self._run([p for p in pieces if p.job is job]))
             except Exception as exc:
                 log.exception("prediction failed")
-                outcomes.append(exc)
+                outcomes[id(job)] = exc
         return outcomes
 
-    def _run(self, jobs: list[Job]) -> list[JobResult]:
-        """Sampled and MAP jobs in one batched-rows forward, GLM jobs in one batched linearisation."""
+    def _run(self, pieces: list[_Piece]) -> dict[int, JobResult | BaseException | None]:
+        """Sampled and MAP pieces in one batched-rows forward, GLM pieces in one batched linearisation."""
         start = time.perf_counter()
         device = self.host.device
         unique: dict[TextInput, int] = {}
         blocks = []
-        for job in jobs:
-            indices = [unique.setdefault(item, len(unique)) for item in job.inputs]
-            samples = job.adapter.draw(job.num_samples, job.seed, job.method)
+        for piece in pieces:
+            job, progress = piece.job, piece.job.progress
+            if progress.samples is None:
+                progress.started = start
+                progress.samples = job.adapter.draw(job.num_samples, job.seed, job.method)
+            indices = [unique.setdefault(item, len(unique)) for item in job.inputs[piece.inputs]]
+            samples = {k: v[piece.samples] for k, v in progress.samples.items()}
             blocks.append(RowBlock(job.adapter.weights, samples, torch.tensor(indices, device=device)))
         batch = self.host.encode(list(unique))
-        sampled = [i for i, job in enumerate(jobs) if job.method != PredictiveMode.GLM]
-        linearised = [i for i, job in enumerate(jobs) if job.method == PredictiveMode.GLM]
-        preds: dict[int, Predictive] = {}
+        sampled = [i for i, piece in enumerate(pieces) if piece.job.method != PredictiveMode.GLM]
+        linearised = [i for i, piece in enumerate(pieces) if piece.job.method == PredictiveMode.GLM]
+        logits: dict[int, Tensor] = {}
+        jacobians: dict[int, dict[str, Tensor]] = {}
         if sampled:
-            logits = self.host.forward(batch, [blocks[i] for i in sampled])
-            for i, block_logits in zip(sampled, logits, strict=True):
-                preds[i] = predictive(_masked(jobs[i], block_logits), jobs[i].adapter.temperature)
+            for i, out in zip(sampled, self.host.forward(batch, [blocks[i] for i in sampled]), strict=True):
+                logits[i] = out.float().cpu()
         if linearised:
             outputs = self.host.linearise(batch, [blocks[i] for i in linearised])
-            for i, (logits, jacobians) in zip(linearised, outputs, strict=True):
-                preds[i] = _glm(jobs[i], _masked(jobs[i], logits), jacobians)
-        rows = sum(job.rows for job in jobs)
-        results = []
-        for i, job in enumerate(jobs):
-            pred = _to_cpu(preds[i])
-            flags, reasons = abstain(pred, job.rules)
-            results.append(JobResult(pred, flags.tolist(), reasons, 0.0, 0.0, len(jobs), rows))
+            for i, (out, jacobian) in zip(linearised, outputs, strict=True):
+                logits[i], jacobians[i] = out.cpu(), {k: v.cpu() for k, v in jacobian.items()}
+        for i, piece in enumerate(pieces):  # only now, so that a failed step leaves no partial output behind
+            piece.job.progress.logits.append(logits[i])
+            if i in jacobians:
+                piece.job.progress.jacobians.append(jacobians[i])
         seconds = time.perf_counter() - start
-        for result in results:
-            result.compute_seconds = seconds
-        return results
+        jobs = list(dict.fromkeys(p.job for p in pieces))
+        rows = sum(p.rows for p in pieces)
+        outcomes: dict[int, JobResult | BaseException | None] = {}
+        for job in jobs:
+            progress = job.progress
+            progress.next += sum(p.job is job for p in pieces)
+            progress.compute_seconds += seconds
+            progress.batch_requests = max(progress.batch_requests, len(jobs))
+            progress.batch_rows = max(progress.batch_rows, rows)
+            try:
+                outcomes[id(job)] = _result(job) if not progress.remaining else None
+            except Exception as exc:  # this job's answer alone fails
+                outcomes[id(job)] = exc
+        return outcomes
+
+
+def _result(job: Job) -> JobResult:
+    """The predictive of a job whose pieces have all run; non-finite probabilities are an error, never an
+    answer."""
+    progress = job.progress
+    logits = _assemble(job, progress.logits)
+    if job.method == PredictiveMode.GLM:
+        jacobians = {k: torch.cat([j[k] for j in progress.jacobians]) for k in progress.jacobians[0]}
+        pred = _glm(job, _masked(job, logits), jacobians)
+    else:
+        pred = predictive(_masked(job, logits), job.adapter.temperature)
+    pred = _to_cpu(pred)
+    if not bool(torch.isfinite(pred.probs).all()):
+        log.error("adapter %s version %s gave non-finite probabilities", job.adapter.name, job.adapter.version)
+        raise NonFiniteOutputError(
+            f"adapter {job.adapter.name!r} (version {job.adapter.version}) produced non-finite probabilities; "
+            "the answer is withheld"
+        )
+    flags, reasons = abstain(pred, job.rules)
+    queue_seconds = (progress.started or job.admitted) - job.admitted
+    return JobResult(
+        pred, flags.tolist(), reasons, queue_seconds, progress.compute_seconds, progress.batch_requests,
+        progress.batch_rows,
+    )  # fmt: skip
+
+
+def _assemble(job: Job, parts: list[Tensor]) -> Tensor:
+    """The pieces' logits (``(s, i, C)`` each, or ``(i, C)`` for the GLM) back into ``(S, n, C)`` / ``(n, C)``."""
+    if job.method == PredictiveMode.GLM:
+        return torch.cat(parts)
+    pieces = job.progress.pieces
+    S, n, C = job.num_samples, len(job.inputs), parts[0].shape[-1]
+    logits = torch.empty(S, n, C)
+    for piece, part in zip(pieces, parts, strict=True):
+        logits[piece.samples, piece.inputs] = part
+    return logits
 
 
 def _masked(job: Job, logits: torch.Tensor) -> torch.Tensor:
@@ -238,9 +403,11 @@ def _masked(job: Job, logits: torch.Tensor) -> torch.Tensor:
 
 def _glm(job: Job, logits: torch.Tensor, jacobians: dict[str, torch.Tensor]) -> Predictive:
     posterior = job.adapter.bundle.posterior
-    covariance = posterior.jacobian_covariance({k: v.to(posterior.dtype) for k, v in jacobians.items()})
+    covariance = posterior.jacobian_covariance(
+        {k: v.to(device=posterior.device, dtype=posterior.dtype) for k, v in jacobians.items()}
+    )
     generator = make_generator(job.seed, covariance.device)
-    return glm_predictive(logits, covariance, job.num_samples, generator, job.adapter.temperature)
+    return glm_predictive(logits.to(covariance.device), covariance, job.num_samples, generator, job.adapter.temperature)
 
 
 def _to_cpu(pred: Predictive) -> Predictive:

@@ -54,6 +54,18 @@ class QueueFullError(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class ClientGoneError(ServiceError):
+    """The client closed its connection while its request waited: nobody reads this answer (nginx's 499)."""
+
+    status = 499
+
+
+class NonFiniteOutputError(ServiceError):
+    """The adapter produced probabilities that are not finite: the answer is withheld (a damaged adapter)."""
+
+    status = 500
+
+
 class NotReadyError(ServiceError):
     status = 503
 

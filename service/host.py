@@ -27,6 +27,7 @@ from adapters.pooling import default_pooling
 log = logging.getLogger("caveat.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between scheduling decisions (service.engine)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class ModelHost:
         path = resolve_model(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         prepare_tokenizer(self.tokenizer)
+        self._counter = AutoTokenizer.from_pretrained(path)  # counts tokens at admission, beside the worker's
+        self._counter.model_max_length = 1 << 30  # counts are capped per adapter, not warned about
         base = AutoModel.from_pretrained(path, dtype=torch.float32)
         self._digests = module_digests(base)  # float32, before any cast
         inject_lora_xs(base, list(self._digests))
@@ -76,11 +79,23 @@ class ModelHost:
         self.token_budget = resolve_token_budget(self.device, token_budget)
         self.load_seconds = time.perf_counter() - start
 
+    @property
+    def default_step_tokens(self) -> int:
+        return STEP_TOKENS.get(self.device.type, STEP_TOKENS["cuda"])
+
     def fingerprint(self, modules: Sequence[str]) -> str | None:
         """The base fingerprint over ``modules`` (as bundles record it); ``None`` if a module is unknown."""
         if any(m not in self._digests for m in modules):
             return None
         return combine_digests(self._digests, modules)
+
+    def token_counts(self, inputs: Sequence[TextInput]) -> list[int]:
+        """Tokens of each input after truncation at its max length (thread-safe: never truncates or pads, so
+        the counting tokenizer's settings never change)."""
+        texts = [item.text for item in inputs]
+        pairs = [item.text_pair or "" for item in inputs]
+        counted = self._counter(texts, pairs if any(item.text_pair for item in inputs) else None)["input_ids"]
+        return [min(len(ids), item.max_length) for ids, item in zip(counted, inputs, strict=True)]
 
     def encode(self, inputs: Sequence[TextInput]) -> dict[str, Tensor]:
         """Tokenise unique inputs, each truncated at its own max length, into one right-padded batch."""

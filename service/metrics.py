@@ -54,6 +54,13 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.load_failures = Counter("caveat_adapter_load_failures_total", "Bundles refused", registry=r)
+        self.prediction_failures = Counter(
+            "caveat_prediction_failures_total", "Requests whose answer was withheld, by reason", ["reason"], registry=r
+        )
+        self.dropped = Counter(
+            "caveat_requests_dropped_total", "Admitted requests whose remaining work was dropped, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.predictions = Counter("caveat_predictions_total", "Inputs answered", ["adapter"], registry=r)
         self.abstentions = Counter(
             "caveat_abstentions_total", "Inputs flagged to abstain, by first rule that fired", ["adapter", "rule"],

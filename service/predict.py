@@ -8,19 +8,21 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters.defaults import PredictiveMode
 from adapters.predictive import AbstentionRule
 from adapters.tasks import format_prompt
-from service.engine import Job, JobResult
-from service.errors import InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
+from service.engine import Engine, Job, JobResult
+from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput
 from service.registry import AdapterVersion
 from service.schemas import AbstainOverride, MultipleChoice, PredictResult, TextPair, Uncertainty
 from service.settings import Settings
 from service.state import ServiceState
 
+POLL_S = 0.25  # how often a waiting request checks that its client is still connected
 Input = str | TextPair | MultipleChoice
 
 
@@ -43,8 +45,10 @@ async def run_prediction(
     method: str | None = None,
     seed: int | None = None,
     abstain: AbstainOverride | None = None,
+    disconnected: Callable[[], bool] | None = None,
 ) -> Answer:
-    """Check limits, pin the adapter version, run the job through the engine (with the request timeout)."""
+    """Check limits, pin the adapter version, run the job through the engine (with the request timeout; a
+    client that ``disconnected`` abandons its job)."""
     start = time.perf_counter()
     registry, engine = state.require_ready()
     settings = state.settings
@@ -67,13 +71,35 @@ async def run_prediction(
     if num_samples > limit:
         raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed
-    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain))
-    try:
-        result = await asyncio.wait_for(asyncio.shield(engine.submit(job)), settings.request_timeout_s)
-    except TimeoutError:
-        job.future.cancel()
-        raise PredictionTimeoutError(f"no answer within {settings.request_timeout_s:g} s") from None
+    deadline = time.perf_counter() + settings.request_timeout_s
+    tokens = max(await asyncio.to_thread(registry.host.token_counts, texts))
+    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), tokens, deadline=deadline)
+    if job.cost > settings.max_request_tokens:
+        raise PayloadTooLargeError(
+            f"this request's cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
+            f"tokens); this server's limit is {settings.max_request_tokens}: send fewer inputs or samples, or shorter "
+            "texts"
+        )
+    result = await _answer(engine, job, settings.request_timeout_s, disconnected)
     return Answer(adapter, method, num_samples, seed, result, time.perf_counter() - start)
+
+
+async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: Callable[[], bool] | None) -> JobResult:
+    """The job's result; 504 at its deadline (``timeout_s`` after admission). Then, and when the client goes
+    away, the job's future is cancelled, so the engine drops it before its next step."""
+    waiting = asyncio.ensure_future(engine.submit(job))
+    try:
+        while not waiting.done():
+            remaining = job.deadline - time.perf_counter()
+            if remaining <= 0:
+                raise PredictionTimeoutError(f"no answer within {timeout_s:g} s")
+            await asyncio.wait({waiting}, timeout=min(remaining, POLL_S))
+            if not waiting.done() and disconnected is not None and disconnected():
+                raise ClientGoneError("the client closed the connection before the answer")
+        return waiting.result()
+    finally:
+        if not waiting.done():
+            job.future.cancel()
 
 
 def _check_inputs(inputs: list[Input], settings: Settings) -> None:

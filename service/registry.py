@@ -11,6 +11,7 @@ least-recently-used unpinned adapters, which reload from disk on their next requ
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
@@ -29,7 +30,13 @@ from adapters.manifest import MANIFEST_FILE, BundleManifest
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule
 from adapters.projections import Projection
-from service.errors import AdapterNotFoundError, BundleRejectedError, ConflictError, InvalidRequestError
+from service.errors import (
+    AdapterNotFoundError,
+    BundleRejectedError,
+    ConflictError,
+    InvalidRequestError,
+    ServiceError,
+)
 from service.host import ModelHost
 
 log = logging.getLogger("caveat.serve")
@@ -132,7 +139,9 @@ class AdapterEntry:
 class AdapterRegistry:
     """Loads, replaces, removes and evicts adapters for one :class:`ModelHost`.
 
-    Changes are serialised by one lock; lookups of resident adapters take no lock.
+    Changes are serialised by one lock; lookups of resident adapters take no lock. ``on_load`` hears of every
+    load attempt: its seconds (``None`` when refused before reading, e.g. a path outside the directory) and
+    whether it succeeded.
     """
 
     def __init__(
@@ -142,7 +151,7 @@ class AdapterRegistry:
         budget_bytes: int,
         pinned: set[str] | None = None,
         on_change: Callable[[], None] | None = None,
-        on_load: Callable[[float, bool], None] | None = None,
+        on_load: Callable[[float | None, bool], None] | None = None,
     ) -> None:
         self.host = host
         self.adapter_dir = adapter_dir.resolve()
@@ -190,13 +199,26 @@ class AdapterRegistry:
     # ------------------------------------------------------------------------------------------ changes
 
     def resolve_path(self, path: str | Path) -> Path:
-        """A bundle path (relative to the adapter directory, or absolute) that must stay inside it."""
-        candidate = Path(path)
-        resolved = (candidate if candidate.is_absolute() else self.adapter_dir / candidate).resolve()
+        """A bundle path (relative to the adapter directory, or absolute) that must stay inside it, links
+        followed. Every refusal counts as a failed load."""
+        try:
+            return self._resolve(path)
+        except ServiceError:
+            self._on_load(None, False)
+            raise
+
+    def _resolve(self, path: str | Path) -> Path:
+        shown = str(path)[:200]
+        try:
+            candidate = Path(path)
+            resolved = (candidate if candidate.is_absolute() else self.adapter_dir / candidate).resolve()
+            has_manifest = (resolved / MANIFEST_FILE).is_file()
+        except (ValueError, OSError) as exc:  # a NUL byte, a name longer than the file system takes, a link loop
+            raise InvalidRequestError(f"bundle path {shown!r} is not a usable path ({_reason(exc)})") from None
         if not resolved.is_relative_to(self.adapter_dir):
-            raise InvalidRequestError(f"bundle path {str(path)!r} is outside the adapter directory")
-        if not (resolved / MANIFEST_FILE).is_file():
-            raise BundleRejectedError(f"no bundle at {str(path)!r} (no {MANIFEST_FILE} there)")
+            raise InvalidRequestError(f"bundle path {shown!r} is outside the adapter directory")
+        if not has_manifest:
+            raise BundleRejectedError(f"no bundle at {shown!r} (no {MANIFEST_FILE} there)")
         return resolved
 
     async def add(self, path: str | Path, name: str | None = None, pin: bool = False) -> AdapterEntry:
@@ -243,17 +265,32 @@ class AdapterRegistry:
             return entry
 
     async def load_directory(self) -> list[str]:
-        """Load every bundle directly under the adapter directory; returns the problems (serving goes on)."""
-        problems = []
+        """Load every bundle directly under the adapter directory; returns the problems (serving goes on).
+
+        Any entry that cannot be loaded (refused, a link out of the directory, unreadable) is logged, counted
+        and reported, and the others load. Bundles that claim the same name are all refused: which one a
+        directory listing puts first is no way to choose what serves.
+        """
         if not self.adapter_dir.is_dir():
-            return [f"adapter directory {self.adapter_dir} does not exist"]
-        for directory in sorted(p for p in self.adapter_dir.iterdir() if (p / MANIFEST_FILE).is_file()):
+            log.error("adapter directory %s does not exist", self.adapter_dir)
+            return ["the adapter directory does not exist"]
+        candidates = sorted(p for p in self.adapter_dir.iterdir() if (p / MANIFEST_FILE).is_file())
+        rivals = _rival_claims(candidates)
+        problems = []
+        for directory in candidates:
             try:
-                entry = await self.add(directory)
+                if directory in rivals:
+                    self._on_load(None, False)
+                    raise ConflictError(rivals[directory])
+                entry = await self.add(directory.name)  # relative: messages name no server path
                 log.info("loaded adapter %s version %s from %s", entry.name, entry.manifest.version, directory)
-            except (BundleRejectedError, ConflictError) as exc:
+            except ServiceError as exc:
                 log.error("skipped %s: %s", directory, exc.message)
                 problems.append(f"{directory.name}: {exc.message}")
+            except Exception as exc:  # one unloadable entry never stops the others
+                log.exception("skipped %s", directory)
+                self._on_load(None, False)
+                problems.append(f"{directory.name}: cannot be loaded ({type(exc).__name__}); see the server log")
         return problems
 
     # ------------------------------------------------------------------------------------------ internals
@@ -273,7 +310,7 @@ class AdapterRegistry:
         start = time.perf_counter()
         try:
             version = await asyncio.to_thread(self._read_version, directory, name)
-        except BundleRejectedError:
+        except Exception:
             self._on_load(time.perf_counter() - start, False)
             raise
         self._on_load(time.perf_counter() - start, True)
@@ -296,11 +333,14 @@ class AdapterRegistry:
                 base_fingerprint=fingerprint,
                 layer_shapes=self.host.layer_shapes,
                 hidden_size=self.host.hidden_size,
+                root=self.adapter_dir,
             )
         except BundleError as exc:
-            raise BundleRejectedError(f"bundle {directory.name!r} refused: {exc}") from exc
+            raise BundleRejectedError(
+                f"bundle {directory.name!r} refused ({type(exc).__name__}): {exc.reason}"
+            ) from exc
         except OSError as exc:
-            raise BundleRejectedError(f"bundle {directory.name!r} cannot be read: {exc}") from exc
+            raise BundleRejectedError(f"bundle {directory.name!r} cannot be read: {_reason(exc)}") from exc
         return self._place(bundle, name or manifest.name, directory)
 
     def _check_task(self, manifest: BundleManifest, directory: Path) -> None:
@@ -350,6 +390,30 @@ class AdapterRegistry:
             victim = min(candidates, key=lambda e: e.last_used)
             victim.resident = None
             log.info("evicted adapter %s (memory budget)", victim.name)
+
+
+def _rival_claims(directories: list[Path]) -> dict[Path, str]:
+    """Directory → why it is refused, for every bundle whose manifest's name another bundle also claims."""
+    claims: dict[str, list[Path]] = {}
+    for directory in directories:
+        try:
+            name = json.loads((directory / MANIFEST_FILE).read_bytes()).get("name")
+        except (OSError, ValueError, AttributeError):
+            continue  # loading it will say what is wrong
+        if isinstance(name, str):
+            claims.setdefault(name, []).append(directory)
+    return {
+        directory: f"bundles {[d.name for d in same]} are all named {name!r}; none is loaded (rename or remove all "
+        "but one, or load one under another name with POST /v1/adapters)"
+        for name, same in claims.items()
+        if len(same) > 1
+        for directory in same
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    """An OS error's reason without the server path it names."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
 
 
 def _projection_bytes(projection: Projection) -> int:

@@ -2,31 +2,81 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+
+SEED_LIMIT = 2**63  # torch generators take seeds below 2^63
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# a text needs one character outside JSON Schema's (ECMAScript's) whitespace: the same rule in both places
+NOT_BLANK = "[^\\t\\n\\v\\f\\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+
+
+def check_text(value: str) -> str:
+    """A text worth classifying: not empty or whitespace only."""
+    if re.search(NOT_BLANK, value) is None:
+        raise ValueError("a text must not be empty or whitespace only")
+    return value
+
+
+def reject_surrogates(value: Any) -> Any:
+    """Refuse lone UTF-16 surrogates (JSON's "\\ud800") anywhere in a request: they are not Unicode text, and
+    no tokenizer or JSON encoder takes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode (this one holds a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            reject_surrogates(key)
+            reject_surrogates(item)
+    elif isinstance(value, list):
+        for item in value:
+            reject_surrogates(item)
+    return value
+
+
+def integral(value: Any) -> Any:
+    """JSON Schema counts 7.0 as an integer; strings such as "7" stay refused (strict types on the wire)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Text = Annotated[
+    str, AfterValidator(check_text), WithJsonSchema({"type": "string", "minLength": 1, "pattern": NOT_BLANK})
+]
+
+
+class _Request(BaseModel):
+    """A request body: unknown fields refused, strict types on the wire ("7" is not a number), finite numbers,
+    valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return reject_surrogates(data)
 
 
 # ---------------------------------------------------------------------------------------------- predict
 
 
-class TextPair(_Strict):
-    text: str
-    text_pair: str | None = None
+class TextPair(_Request):
+    text: Text
+    text_pair: Text | None = None
 
 
-class MultipleChoice(_Strict):
+class MultipleChoice(_Request):
     """A question for a multiple-choice adapter: the answer letters A, B, ... follow the choices' order."""
 
-    question: str
-    choices: list[str] = Field(min_length=2, max_length=5)
+    question: Text
+    choices: list[Text] = Field(min_length=2, max_length=5)
 
 
-class AbstainOverride(_Strict):
+class AbstainOverride(_Request):
     """Thresholds that replace the bundle's abstention rules for this request (only those given apply;
     ``{}`` disables abstention)."""
 
@@ -35,9 +85,9 @@ class AbstainOverride(_Strict):
     mutual_information: float | None = Field(None, ge=0, description="abstain when MI (nats) is above")
 
 
-class PredictRequest(_Strict):
-    adapter: str = Field(description="adapter name, or name@version to insist on a version")
-    inputs: list[str | TextPair | MultipleChoice] = Field(
+class PredictRequest(_Request):
+    adapter: str = Field(min_length=1, description="adapter name, or name@version to insist on a version")
+    inputs: list[Text | TextPair | MultipleChoice] = Field(
         min_length=1,
         description="texts, {text, text_pair} objects, or {question, choices} for multiple-choice adapters (their "
         "probs are over the letters A–E, 0 for letters beyond an item's choices)",
@@ -50,9 +100,11 @@ class PredictRequest(_Strict):
         description="sample: posterior samples through the network; glm: the linearised network (Gaussian "
         "logits, sampled in logit space); map: the MAP alone. Default: the predictive the bundle was calibrated with",
     )
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, same samples (default: random)")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="same seed, same samples (default: random)")
     return_samples: bool = Field(False, description="include each sample's probabilities")
     abstain: AbstainOverride | None = None
+
+    _integral = field_validator("num_samples", "seed", mode="before")(integral)
 
 
 class Uncertainty(BaseModel):
@@ -101,13 +153,13 @@ class PredictResponse(BaseModel):
 # --------------------------------------------------------------------------------------------- adapters
 
 
-class LoadAdapterRequest(_Strict):
+class LoadAdapterRequest(_Request):
     path: str = Field(description="bundle directory, relative to the adapter directory (or inside it)")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="default: bundle's")
     pin: bool = Field(False, description="never evict under the memory budget")
 
 
-class ReplaceAdapterRequest(_Strict):
+class ReplaceAdapterRequest(_Request):
     path: str | None = Field(None, description="new bundle directory (default: re-read the current one)")
 
 
@@ -171,11 +223,37 @@ class V2Tensor(BaseModel):
     data: list[Any]
 
 
-class V2InferRequest(BaseModel):
-    id: str | None = None
+class V2InputTensor(_Request):
+    """An input Caveat takes: BYTES ``text`` (and ``text_pair``), shape ``[N]`` or ``[N, 1]``."""
+
+    model_config = ConfigDict(extra="allow")  # the protocol lets clients add fields
+
+    name: Literal["text", "text_pair"]
+    shape: list[int]
+    datatype: Literal["BYTES"]
     parameters: dict[str, Any] | None = None
-    inputs: list[V2Tensor] = Field(min_length=1)
-    outputs: list[dict[str, Any]] | None = None
+    data: list[Text | list[Text]] = Field(
+        min_length=1, description="row-major (with the binary tensor data extension, the raw bytes fill it)"
+    )
+
+
+V2_OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label")
+
+
+class V2RequestedOutput(_Request):
+    model_config = ConfigDict(extra="allow")
+
+    name: Literal[V2_OUTPUTS]  # type: ignore[valid-type]
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(_Request):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="num_samples, seed (integers), method (string)")
+    inputs: list[V2InputTensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = Field(None, description="default: all of them")
 
 
 class V2InferResponse(BaseModel):

@@ -35,6 +35,20 @@ class Settings(BaseModel):
     token_budget: int | None = Field(
         None, ge=1, description="rows × tokens per forward (default 4096 on CPU, where big forwards leave cache)"
     )
+    step_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="rows × tokens the engine runs between scheduling decisions (default: 1024 on "
+        "CPU, 262144 on GPU); big requests run in pieces, small ones are served between them",
+    )
+    max_request_tokens: int = Field(
+        262_144,
+        ge=1,
+        description="estimated rows × tokens one request may ask for (inputs × samples × tokens); beyond: 413",
+    )
+    queue_tokens: int = Field(
+        1_048_576, ge=1, description="estimated rows × tokens of all admitted requests together; beyond: 429"
+    )
     max_inputs: int = Field(64, ge=1, description="inputs per request")
     max_text_chars: int = Field(20_000, ge=1, description="characters per input text")
     max_samples: int = Field(128, ge=1, description="network posterior samples per request (method sample)")

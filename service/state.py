@@ -76,11 +76,11 @@ class ServiceState:
             )
             self.host, self.registry = host, registry
             self.startup_problems = await registry.load_directory()
-            engine = Engine(
-                host,
-                BatchingConfig(settings.batching, settings.max_batch_rows, settings.max_wait_ms, settings.queue_size),
-                self.metrics,
-            )
+            config = BatchingConfig(
+                settings.batching, settings.max_batch_rows, settings.max_wait_ms, settings.queue_size,
+                step_tokens=settings.step_tokens or host.default_step_tokens, queue_tokens=settings.queue_tokens,
+            )  # fmt: skip
+            engine = Engine(host, config, self.metrics)
             engine.start()
             self.engine = engine
             self.status = "ready"
@@ -105,7 +105,8 @@ class ServiceState:
             self.metrics.adapters.labels(state).set(sum(e.state == state for e in entries))
         self.metrics.adapter_bytes.set(self.registry.used_bytes())
 
-    def _count_load(self, seconds: float, ok: bool) -> None:
-        self.metrics.load_seconds.observe(seconds)
+    def _count_load(self, seconds: float | None, ok: bool) -> None:
+        if seconds is not None:
+            self.metrics.load_seconds.observe(seconds)
         if not ok:
             self.metrics.load_failures.inc()

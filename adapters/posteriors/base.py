@@ -8,6 +8,7 @@ vector.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
+from adapters.errors import PosteriorValueError
 
 TensorDict = dict[str, Tensor]
 KEY_SEP = "::"  # tensor keys in posterior.safetensors: "<block name>::<field>"
@@ -30,6 +32,7 @@ class Posterior(ABC):
 
     family: ClassVar[PosteriorFamily]
     gaussian: ClassVar[bool] = True  # a Gaussian (or point mass) has a GLM predictive; samples-only families not
+    mean_is_map: ClassVar[bool] = False  # the mean is the MAP (Laplace, point mass, MC dropout): they must agree
     registry: ClassVar[dict[str, type[Posterior]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -87,7 +90,27 @@ class Posterior(ABC):
     def _from_state(cls, mean: TensorDict, tensors: TensorDict, params: dict[str, Any]) -> Posterior:
         """Rebuild from what :meth:`state` wrote."""
 
+    def _check_values(self) -> None:
+        """Family-specific ranges (variances, eigenvalues, precisions); raise :class:`PosteriorValueError`."""
+        return None  # families with no range beyond finiteness (map, ensemble, full)
+
     # ----------------------------------------------------------------------------------------- shared
+
+    def validate(self) -> None:
+        """Refuse impossible values: every tensor and number finite, then the family's own ranges.
+
+        Raises:
+            PosteriorValueError: naming the first tensor or parameter at fault.
+        """
+        tensors, params = self.state()
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise PosteriorValueError(f"posterior tensor {key!r} holds NaN or infinite values")
+        for key, value in params.items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise PosteriorValueError(f"posterior parameter {key!r} is not finite: {value}")
+        self._check_values()
 
     @property
     def names(self) -> list[str]:
@@ -178,6 +201,12 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 def check_vector(name: str, tensor: Tensor, size: int) -> None:
     if tensor.shape != (size,):
         raise ValueError(f"{name} must have shape ({size},), got {tuple(tensor.shape)}")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`PosteriorValueError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise PosteriorValueError(message)
 
 
 def inv_sqrt_clamped(precision: Tensor) -> Tensor:

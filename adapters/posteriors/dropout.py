@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
-from adapters.posteriors.base import Posterior, TensorDict
+from adapters.posteriors.base import Posterior, TensorDict, require
 
 
 def drop_columns(cores: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:
@@ -38,11 +38,11 @@ class DropoutPosterior(Posterior):
 
     family = PosteriorFamily.DROPOUT
     gaussian: ClassVar[bool] = False
+    mean_is_map = True  # the dropout-trained values are the served cores
 
     def __init__(self, mean: Mapping[str, Tensor], rate: float) -> None:
         super().__init__(mean)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        require(0.0 <= rate < 1.0, f"dropout rate must be in [0, 1), got {rate}")
         self.rate = float(rate)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:

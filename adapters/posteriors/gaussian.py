@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
-from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, check_vector, flatten
+from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, check_vector, flatten, require
 
 
 class DiagPosterior(Posterior):
@@ -26,8 +26,7 @@ class DiagPosterior(Posterior):
         super().__init__(mean)
         if set(variance) != set(mean) or any(variance[n].shape != t.shape for n, t in mean.items()):
             raise ValueError("variance blocks must match the mean blocks in names and shapes")
-        if any(bool((v < 0).any()) for v in variance.values()):
-            raise ValueError("variances must be non-negative")
+        require(not any(bool((v < 0).any()) for v in variance.values()), "variances must be non-negative")
         self.variance: TensorDict = {name: variance[name].detach() for name in mean}
         self._std = flatten(self.variance).sqrt()
 
@@ -59,6 +58,7 @@ class FullPosterior(Posterior):
     """
 
     family = PosteriorFamily.FULL
+    mean_is_map = True  # the exact-GGN Laplace posterior around the MAP
 
     def __init__(self, mean: Mapping[str, Tensor], scale_tril: Tensor) -> None:
         super().__init__(mean)
@@ -106,6 +106,10 @@ class LowRankDiagPosterior(Posterior):
         self.variance = variance.detach()
         self.deviations = deviations.detach()
         self.scale = float(scale)
+
+    def _check_values(self) -> None:
+        require(bool((self.variance >= 0).all()), "SWAG variances must be non-negative")
+        require(self.scale >= 0, f"SWAG scale must be non-negative, got {self.scale}")
 
     @property
     def rank(self) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
-from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, inv_sqrt_clamped
+from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, inv_sqrt_clamped, require
 
 FACTOR_FIELDS = (("eigvecs_out", "eigvals_out"), ("eigvecs_in", "eigvals_in"))
 SINGLE_FIELDS = ("eigvecs", "eigvals")
@@ -56,6 +56,7 @@ class KronPosterior(Posterior):
     """
 
     family = PosteriorFamily.KRON
+    mean_is_map = True
 
     def __init__(
         self,
@@ -77,6 +78,13 @@ class KronPosterior(Posterior):
             name: inv_sqrt_clamped(self.factors[name].precision_eigvals(self.scale, delta))
             for name, delta in zip(self.names, self.prior_precision, strict=True)
         }
+
+    def _check_values(self) -> None:
+        """Curvature eigenvalues and N are non-negative and δ positive, so every precision eigenvalue is ≥ δ."""
+        require(self.scale >= 0, f"kron scale N must be non-negative, got {self.scale}")
+        require(all(d > 0 for d in self.prior_precision), f"prior precisions must be positive: {self.prior_precision}")
+        for name, factors in self.factors.items():
+            require(all(bool((v >= 0).all()) for v in factors.eigvals), f"kron eigenvalues of {name!r} are negative")
 
     @staticmethod
     def _check_block(name: str, shape: torch.Size, factors: KronFactors) -> None:

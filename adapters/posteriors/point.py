@@ -16,6 +16,7 @@ class MapPosterior(Posterior):
     """A point mass at the MAP: every sample is the mean, the covariance is zero."""
 
     family = PosteriorFamily.MAP
+    mean_is_map = True
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
         return {name: t.expand(num_samples, *t.shape) for name, t in self._mean.items()}

@@ -52,6 +52,8 @@ async def get_adapter(name: str, state: State) -> AdapterDetail:
 
 @router.post("", status_code=201, response_model=AdapterChange, dependencies=[Admin])
 async def load_adapter(body: LoadAdapterRequest, state: State) -> AdapterChange:
+    """Load a bundle from inside the adapter directory. Changes the running server only: a restart loads the
+    adapter directory as it is on disk."""
     registry, _ = state.require_ready()
     entry = await registry.add(body.path, name=body.name, pin=body.pin)
     return AdapterChange(adapter=summary(entry))
@@ -59,6 +61,8 @@ async def load_adapter(body: LoadAdapterRequest, state: State) -> AdapterChange:
 
 @router.put("/{name}", response_model=AdapterChange, dependencies=[Admin])
 async def replace_adapter(name: str, state: State, body: ReplaceAdapterRequest | None = None) -> AdapterChange:
+    """Atomically serve ``name`` from another bundle (requests in flight finish on the old one). Not persisted: a
+    restart serves what the adapter directory holds (to make a swap permanent, change the directory)."""
     registry, _ = state.require_ready()
     previous, entry = await registry.replace(name, body.path if body is not None else None)
     return AdapterChange(adapter=summary(entry), previous_version=previous)
@@ -66,6 +70,7 @@ async def replace_adapter(name: str, state: State, body: ReplaceAdapterRequest |
 
 @router.delete("/{name}", response_model=AdapterChange, dependencies=[Admin])
 async def remove_adapter(name: str, state: State) -> AdapterChange:
+    """Unregister (requests in flight finish). Not persisted: a restart loads the adapter directory again."""
     registry, _ = state.require_ready()
     entry = await registry.remove(name)
     return AdapterChange(adapter=summary(entry))

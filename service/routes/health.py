@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -11,6 +13,12 @@ from service.deps import State
 from service.schemas import Health, Info
 
 router = APIRouter(tags=["health"])
+
+
+def public_name(base_model: str) -> str:
+    """A hub id as given; a local model directory by its last component only (no server paths to clients)."""
+    path = Path(base_model)
+    return path.name if path.is_absolute() or path.exists() else base_model
 
 
 @router.get("/health/live", response_model=Health)
@@ -30,7 +38,7 @@ async def info(state: State) -> Info:
     settings, host = state.settings, state.host
     return Info(
         caveat_version=CAVEAT_VERSION,
-        base_model=settings.base_model,
+        base_model=public_name(settings.base_model),
         device=str(host.device) if host else "(loading)",
         dtype=settings.dtype,
         pooling=host.pooling if host else "(loading)",

@@ -4,24 +4,40 @@ An adapter is a V2 *model*. ``infer`` takes a BYTES input ``text`` (shape ``[N]`
 optional BYTES ``text_pair``, and the parameters ``num_samples``, ``seed`` and ``method``; it returns
 ``probs`` (FP32 ``[N, C]``), ``entropy`` and ``mutual_information`` (FP32 ``[N]``), ``abstain`` (BOOL ``[N]``)
 and ``label`` (BYTES ``[N]``). Errors follow the protocol's ``{"error": "<message>"}``.
+
+The body is JSON, with or without a ``Content-Type`` header, or uses the protocol's binary tensor data
+extension: an ``Inference-Header-Content-Length`` header gives the length of the JSON header, and the raw
+tensor bytes follow it (a BYTES element is a 4-byte little-endian length and its bytes).
 """
 
 from __future__ import annotations
 
+import json
 from itertools import chain
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from adapters.manifest import CAVEAT_VERSION
-from service.deps import State
+from service.deps import State, client_gone
 from service.errors import InvalidRequestError
 from service.predict import run_prediction
-from service.schemas import TextPair, V2InferRequest, V2InferResponse, V2ModelMetadata, V2Tensor, V2TensorMetadata
+from service.schemas import (
+    SEED_LIMIT,
+    V2_OUTPUTS,
+    TextPair,
+    V2InferRequest,
+    V2InferResponse,
+    V2ModelMetadata,
+    V2Tensor,
+    V2TensorMetadata,
+    check_text,
+)
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label")
 
 
 @router.get("")
@@ -70,8 +86,10 @@ async def model_ready(model: str, state: State):
 
 
 @router.post("/models/{model}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
-async def infer(model: str, body: V2InferRequest, request: Request, state: State) -> V2InferResponse:
+async def infer(model: str, request: Request, state: State) -> V2InferResponse:
     request.state.adapter = model
+    body = _parse(await request.body(), request.headers.get("inference-header-content-length"))
+    wanted = [o.name for o in body.outputs] if body.outputs else list(V2_OUTPUTS)  # names checked by the schema
     texts = _bytes_input(body, "text", required=True)
     pairs = _bytes_input(body, "text_pair", required=False)
     if pairs is not None and len(pairs) != len(texts):
@@ -80,9 +98,12 @@ async def infer(model: str, body: V2InferRequest, request: Request, state: State
         list(texts) if pairs is None else [TextPair(text=t, text_pair=p) for t, p in zip(texts, pairs, strict=True)]
     )
     params = body.parameters or {}
+    method = params.get("method")
+    if method is not None and not isinstance(method, str):
+        raise InvalidRequestError("parameter 'method' must be a string")
     answer = await run_prediction(
         state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
-        method=params.get("method"),
+        method=method, disconnected=client_gone(request),
     )  # fmt: skip
     pred, result = answer.result.pred, answer.result
     n, classes = pred.probs.shape
@@ -97,10 +118,6 @@ async def infer(model: str, body: V2InferRequest, request: Request, state: State
             name="label", datatype="BYTES", shape=[n], data=[answer.adapter.labels[i] for i in pred.label.tolist()]
         ),
     }
-    wanted = [o.get("name") for o in body.outputs] if body.outputs else list(OUTPUTS)
-    unknown = [w for w in wanted if w not in tensors]
-    if unknown:
-        raise InvalidRequestError(f"unknown outputs {unknown}; this model has {list(OUTPUTS)}")
     return V2InferResponse(
         model_name=answer.adapter.name,
         model_version=answer.adapter.version,
@@ -110,17 +127,79 @@ async def infer(model: str, body: V2InferRequest, request: Request, state: State
     )
 
 
+def _parse(raw: bytes, header_length: str | None) -> V2InferRequest:
+    """The request from a JSON body, or from a JSON header and the binary tensor data after it."""
+    try:
+        if header_length is None:
+            return V2InferRequest.model_validate_json(raw)
+        if not header_length.isdigit() or int(header_length) > len(raw):
+            raise InvalidRequestError(
+                f"Inference-Header-Content-Length {header_length[:20]!r} is not a length within the body "
+                f"({len(raw)} bytes)"
+            )
+        try:
+            header = json.loads(raw[: int(header_length)])
+        except ValueError as exc:
+            raise InvalidRequestError(f"the JSON header is not valid JSON ({exc})") from None
+        _attach_binary(header, raw[int(header_length) :])
+        return V2InferRequest.model_validate(header)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _attach_binary(header: Any, binary: bytes) -> None:
+    """Put each input's binary data (``parameters.binary_data_size`` bytes, in input order) in its ``data``."""
+    offset = 0
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    for tensor in inputs if isinstance(inputs, list) else []:
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is None:
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InvalidRequestError("an input's binary_data_size does not fit the binary data sent")
+        tensor["data"] = _bytes_elements(binary[offset : offset + size], str(tensor.get("name")))
+        offset += size
+    if offset != len(binary):
+        raise InvalidRequestError(f"{len(binary) - offset} bytes of binary data belong to no input")
+
+
+def _bytes_elements(data: bytes, name: str) -> list[str]:
+    """BYTES tensor data in the binary extension: each element a 4-byte little-endian length, then its bytes."""
+    elements, offset = [], 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "little") if offset + 4 <= len(data) else -1
+        if length < 0 or offset + 4 + length > len(data):
+            raise InvalidRequestError(f"input {name!r}: binary BYTES data is truncated")
+        try:
+            elements.append(data[offset + 4 : offset + 4 + length].decode())
+        except UnicodeDecodeError:
+            raise InvalidRequestError(f"input {name!r}: an element is not UTF-8 text") from None
+        offset += 4 + length
+    return elements
+
+
 def _bytes_input(body: V2InferRequest, name: str, required: bool) -> list[str] | None:
     tensor = next((t for t in body.inputs if t.name == name), None)
     if tensor is None:
         if required:
             raise InvalidRequestError(f"the request needs a BYTES input named {name!r}")
         return None
-    if tensor.datatype != "BYTES":
-        raise InvalidRequestError(f"input {name!r} must have datatype BYTES, not {tensor.datatype}")
-    data = list(chain.from_iterable(d if isinstance(d, list) else [d] for d in tensor.data))
+    data = list(chain.from_iterable(d if isinstance(d, list) else [d] for d in tensor.data or []))
     if not data or not all(isinstance(d, str) for d in data):
         raise InvalidRequestError(f"input {name!r} must hold one or more strings")
+    if tensor.shape not in ([len(data)], [len(data), 1]):
+        raise InvalidRequestError(
+            f"input {name!r} has shape {tensor.shape[:4]} but holds {len(data)} elements; send [{len(data)}] or "
+            f"[{len(data)}, 1]"
+        )
+    for index, text in enumerate(data):
+        try:
+            check_text(text)
+        except ValueError as exc:
+            raise RequestValidationError(
+                [{"loc": ("body", "inputs", name, "data", index), "msg": str(exc), "type": "value_error"}]
+            ) from None
     return data
 
 
@@ -128,6 +207,6 @@ def _int_param(params: dict[str, Any], name: str) -> int | None:
     value = params.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(f"parameter {name!r} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise InvalidRequestError(f"parameter {name!r} must be an integer in [0, 2^63)")
     return value

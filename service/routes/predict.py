@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.deps import State
+from service.deps import State, client_gone
 from service.predict import results_of, run_prediction
 from service.schemas import AdapterRef, PredictRequest, PredictResponse, Timing
 
@@ -16,7 +16,7 @@ async def predict(body: PredictRequest, request: Request, state: State) -> Predi
     request.state.adapter = body.adapter.partition("@")[0]
     answer = await run_prediction(
         state, body.adapter, body.inputs, num_samples=body.num_samples, method=body.method, seed=body.seed,
-        abstain=body.abstain,
+        abstain=body.abstain, disconnected=client_gone(request),
     )  # fmt: skip
     adapter, result = answer.adapter, answer.result
     return PredictResponse(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from adapters.defaults import PosteriorFamily
+from adapters.errors import PosteriorValueError
 from adapters.posteriors import (
     DiagPosterior,
     DropoutPosterior,
@@ -152,3 +155,41 @@ def test_malformed_kron_factors_are_refused() -> None:
     factors = {"w": KronFactors.from_matrices(torch.eye(2), torch.eye(3))}
     with pytest.raises(ValueError, match="do not fit"):
         KronPosterior(mean, factors, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("family", list(PosteriorFamily))
+def test_validate_refuses_non_finite_tensors_in_every_family(family: str) -> None:
+    posterior = _build(family)
+    posterior.validate()  # a sound posterior passes
+    tensors, params = posterior.state()
+    own = [k for k in tensors if not k.endswith("::mean")]  # an ensemble recomputes its mean from the members
+    key = (own or list(tensors))[-1]
+    tensors = {**tensors, key: tensors[key].clone().fill_(math.nan)}
+    with pytest.raises(PosteriorValueError, match="NaN or infinite"):
+        Posterior.from_state(tensors, params).validate()
+
+
+@pytest.mark.parametrize(
+    ("family", "field", "value", "message"),
+    [
+        ("kron", "eigvals_out", -1e6, "eigenvalues"),
+        ("lowrank_diag", "variance", -1.0, "variances"),
+    ],
+)
+def test_validate_refuses_values_out_of_range(family: str, field: str, value: float, message: str) -> None:
+    tensors, params = _build(family).state()
+    key = next(k for k in tensors if k.endswith(field))
+    tensors = {**tensors, key: tensors[key].clone().fill_(value)}
+    with pytest.raises(PosteriorValueError, match=message):
+        Posterior.from_state(tensors, params).validate()
+
+
+def test_validate_refuses_impossible_parameters() -> None:
+    tensors, params = _build("kron").state()
+    with pytest.raises(PosteriorValueError, match="prior precisions must be positive"):
+        Posterior.from_state(tensors, {**params, "prior_precision": 0.0}).validate()
+    with pytest.raises(PosteriorValueError, match="not finite"):
+        Posterior.from_state(tensors, {**params, "scale": math.inf}).validate()
+    dropout_tensors, dropout_params = _build("dropout").state()
+    with pytest.raises(PosteriorValueError, match="dropout rate"):
+        Posterior.from_state(dropout_tensors, {**dropout_params, "rate": math.nan})
