@@ -51,6 +51,7 @@ from adapters.posteriors import (
     KronPosterior,
     LowRankDiagPosterior,
     MapPosterior,
+    MatrixNormalPosterior,
     Posterior,
     make_generator,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "LowRankDiagPosterior",
     "ManifestError",
     "MapPosterior",
+    "MatrixNormalPosterior",
     "MissingFileError",
     "NotSafetensorsError",
     "Posterior",

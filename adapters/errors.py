@@ -65,3 +65,7 @@ class OodFitError(OodError):
 
 class OodStateError(OodError):
     """A stored score is damaged: a tensor missing or of the wrong shape, not finite, a variance not positive."""
+
+
+class PosteriorValueError(CaveatError, ValueError):
+    """A posterior family's tensors or parameters hold impossible values (see ``Posterior.validate``)."""
