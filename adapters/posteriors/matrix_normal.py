@@ -65,6 +65,9 @@ class MatrixNormalFactors:
         row: ``L_row (out, out)``, lower-triangular with a positive diagonal.
         col: ``L_col (in, in)`` (``(1, 1)`` for a vector block).
         noise: ``λ``, a 0-dim tensor ``≥ 0``.
+
+    A :meth:`stack` of same-shaped blocks carries a leading ``(B,)`` dimension on all three; :meth:`trace`,
+    :meth:`log_det` and :func:`kl_divergence` then answer per block (one batched SVD instead of B).
     """
 
     row: Tensor
@@ -91,6 +94,11 @@ class MatrixNormalFactors:
             raise ValueError(f"λ = {float(self.noise):g} must lie in (0, noise cap {noise_cap:g})")
         return _free_cholesky(self.row), _free_cholesky(self.col), torch.logit(self.noise / noise_cap)
 
+    @classmethod
+    def stack(cls, blocks: list[MatrixNormalFactors]) -> MatrixNormalFactors:
+        """Same-shaped blocks along a new leading dimension (differentiable)."""
+        return cls(*(torch.stack(parts) for parts in zip(*((b.row, b.col, b.noise) for b in blocks), strict=True)))
+
     def detach(self) -> MatrixNormalFactors:
         return MatrixNormalFactors(self.row.detach(), self.col.detach(), self.noise.detach())
 
@@ -99,7 +107,8 @@ class MatrixNormalFactors:
 
     @property
     def size(self) -> int:
-        return self.row.shape[0] * self.col.shape[0]
+        """``d = out · in``, the entries of one block."""
+        return self.row.shape[-1] * self.col.shape[-1]
 
     def covariance(self) -> Tensor:
         """Dense ``(d, d)`` ``Σ_row ⊗ Σ_col + λ² I`` over the row-major entries (tests and reports)."""
@@ -108,13 +117,15 @@ class MatrixNormalFactors:
 
     def trace(self) -> Tensor:
         """``tr Σ = ‖L_row‖²_F ‖L_col‖²_F + d λ²``."""
-        return self.row.square().sum() * self.col.square().sum() + self.size * self.noise.square()
+        frobenius = self.row.square().sum((-2, -1)) * self.col.square().sum((-2, -1))
+        return frobenius + self.size * self.noise.square()
 
     def log_det(self) -> Tensor:
         """``log det Σ = Σ_ab log(s_a² t_b² + λ²)`` (differentiable, also at equal singular values)."""
         row_sq = torch.linalg.svdvals(self.row).square()
         col_sq = torch.linalg.svdvals(self.col).square()
-        return torch.log(torch.outer(row_sq, col_sq) + self.noise.square()).sum()
+        products = row_sq[..., :, None] * col_sq[..., None, :]
+        return torch.log(products + self.noise.square()[..., None, None]).sum((-2, -1))
 
 
 def sample_matrix_normal(
@@ -142,17 +153,29 @@ def sample_blocks(
 
 
 def kl_divergence(mean: Tensor, factors: MatrixNormalFactors, prior_std: float) -> Tensor:
-    """``KL(q ‖ N(0, σ_p² I))`` of one block in closed form (0-dim, differentiable)."""
+    """``KL(q ‖ N(0, σ_p² I))`` of one block in closed form (0-dim, differentiable); of each block of a
+    :meth:`MatrixNormalFactors.stack` (``(B,)``) when ``mean`` is stacked the same way."""
     if not prior_std > 0:
         raise ValueError(f"the prior standard deviation must be positive, got {prior_std}")
-    size, prior_var = mean.numel(), prior_std**2
-    spread = (factors.trace() + mean.square().sum()) / prior_var
+    size, prior_var = factors.size, prior_std**2
+    squared_mean = mean.reshape(*factors.noise.shape, -1).square().sum(-1)
+    spread = (factors.trace() + squared_mean) / prior_var
     return 0.5 * (spread - size + size * math.log(prior_var) - factors.log_det())
 
 
 def total_kl(means: Mapping[str, Tensor], factors: Mapping[str, MatrixNormalFactors], prior_std: float) -> Tensor:
-    """The KL of every block (independent blocks: the sum), the ELBO's complexity term."""
-    return torch.stack([kl_divergence(mean, factors[name], prior_std) for name, mean in means.items()]).sum()
+    """The KL of every block (independent blocks: the sum), the ELBO's complexity term; blocks of one
+    shape (all cores of one rank) go through one batched computation."""
+    by_shape: dict[torch.Size, list[str]] = {}
+    for name, mean in means.items():
+        by_shape.setdefault(mean.shape, []).append(name)
+    parts = [
+        kl_divergence(
+            torch.stack([means[n] for n in names]), MatrixNormalFactors.stack([factors[n] for n in names]), prior_std
+        ).sum()
+        for names in by_shape.values()
+    ]
+    return torch.stack(parts).sum()
 
 
 class MatrixNormalPosterior(Posterior):
@@ -174,7 +197,7 @@ class MatrixNormalPosterior(Posterior):
             raise ValueError(f"factor blocks {sorted(factors)[:5]} are not the mean blocks {self.names[:5]}")
         self.factors = {name: factors[name].detach() for name in self.names}
         for name, t in self._mean.items():
-            _check_shapes(name, t.shape, self.factors[name])
+            _check_shapes(name, t, self.factors[name])
         self.validate()
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
@@ -241,14 +264,17 @@ class MatrixNormalPosterior(Posterior):
         return cls(mean, factors)
 
 
-def _check_shapes(name: str, shape: torch.Size, factors: MatrixNormalFactors) -> None:
-    out, inp = matrix_shape(shape)
+def _check_shapes(name: str, mean: Tensor, factors: MatrixNormalFactors) -> None:
+    out, inp = matrix_shape(mean.shape)
     got = (tuple(factors.row.shape), tuple(factors.col.shape), tuple(factors.noise.shape))
     if got != ((out, out), (inp, inp), ()):
         raise ValueError(
             f"matrix-normal factors of {name!r} (row, col, λ) have shapes {got}; a block of shape "
-            f"{tuple(shape)} needs {((out, out), (inp, inp), ())}"
+            f"{tuple(mean.shape)} needs {((out, out), (inp, inp), ())}"
         )
+    dtypes = {t.dtype for t in (factors.row, factors.col, factors.noise)}
+    if dtypes != {mean.dtype}:
+        raise ValueError(f"matrix-normal factors of {name!r} are {sorted(map(str, dtypes))}, the mean {mean.dtype}")
 
 
 def _lower_cholesky(free: Tensor) -> Tensor:

@@ -70,7 +70,7 @@ def test_kl_equals_torch_distributions(shape, noise, prior_std) -> None:
 
 def test_total_kl_sums_blocks_and_the_posterior_reports_it() -> None:
     g = torch.Generator().manual_seed(1)
-    shapes = {"a": (3, 3), "b": (2, 2), "c": (2,)}
+    shapes = {"a": (3, 3), "b": (2, 2), "c": (2,), "d": (3, 3), "e": (2, 2)}  # stacked by shape inside
     means = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
     factors = {n: random_factors(s, g, 0.2) for n, s in shapes.items()}
     per_block = sum(matrix_normal_kl(means[n], factors[n], 0.5) for n in shapes)
@@ -108,7 +108,7 @@ def test_unconstrained_parameters_round_trip_and_stay_valid() -> None:
     ):
         torch.testing.assert_close(got, expected)
     wild = MatrixNormalFactors.from_unconstrained(
-        torch.full((3, 3), -30.0).double(), torch.randn(3, 3).double() * 50, torch.tensor(80.0), NOISE_CAP
+        torch.full((3, 3), -30.0).double(), torch.randn(3, 3).double() * 50, torch.tensor(80.0).double(), NOISE_CAP
     )
     MatrixNormalPosterior({"w": torch.zeros(3, 3).double()}, {"w": wild})  # valid whatever the free values
     assert float(wild.noise) <= NOISE_CAP and torch.equal(wild.row, wild.row.tril())
@@ -200,6 +200,8 @@ def test_factor_shapes_must_fit_the_block() -> None:
         MatrixNormalPosterior({"w": torch.zeros(2, 2).double()}, {"w": factors})
     with pytest.raises(ValueError, match="not the mean blocks"):
         MatrixNormalPosterior({"w": torch.zeros(3, 3).double()}, {"v": factors})
+    with pytest.raises(ValueError, match=r"float64.*the mean torch.float32"):
+        MatrixNormalPosterior({"w": torch.zeros(3, 3)}, {"w": factors})
     with pytest.raises(ValueError, match="matrices or vectors"):
         MatrixNormalPosterior({"w": torch.zeros(3, 3, 1).double()}, {"w": factors})
 
