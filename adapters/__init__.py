@@ -54,6 +54,7 @@ from adapters.posteriors import (
     KronPosterior,
     LowRankDiagPosterior,
     MapPosterior,
+    MatrixNormalPosterior,
     Posterior,
     make_generator,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "LowRankDiagPosterior",
     "ManifestError",
     "MapPosterior",
+    "MatrixNormalPosterior",
     "MissingFileError",
     "NotSafetensorsError",
     "Posterior",

@@ -28,6 +28,7 @@ class PosteriorFamily(StrEnum):
     LOWRANK_DIAG = "lowrank_diag"
     ENSEMBLE = "ensemble"
     DROPOUT = "dropout"
+    MATRIX_NORMAL = "matrix_normal"  # Bayesian-LoRA on the cores
 
 
 # Draws per prediction when none are asked for: GLM draws are in logit space (no network passes), so many

@@ -37,7 +37,14 @@ from adapters.manifest import (
     PosteriorSpec,
     TaskSpec,
 )
-from adapters.posteriors import DiagPosterior, KronFactors, KronPosterior, Posterior
+from adapters.posteriors import (
+    DiagPosterior,
+    KronFactors,
+    KronPosterior,
+    MatrixNormalFactors,
+    MatrixNormalPosterior,
+    Posterior,
+)
 
 
 def synthetic_bundle(
@@ -98,7 +105,16 @@ def _posterior(family: str, mean: dict[str, torch.Tensor], variance: float) -> P
         r = next(iter(mean.values())).shape[0]
         factors = {n: KronFactors.from_matrices(torch.eye(r), torch.eye(r)) for n in mean}
         return KronPosterior(mean, factors, scale=0.0, prior_precision=1.0 / variance)
-    raise ValueError(f"synthetic bundles have diag or kron posteriors, not {family!r}")
+    if family == "matrix_normal":  # half the variance correlated (lower-triangular factors), half isotropic
+        return MatrixNormalPosterior(mean, {n: _correlated_factors(t, variance / 2) for n, t in mean.items()})
+    raise ValueError(f"synthetic bundles have diag, kron or matrix_normal posteriors, not {family!r}")
+
+
+def _correlated_factors(mean: torch.Tensor, variance: float) -> MatrixNormalFactors:
+    """``L_row = L_col = v^{1/4} (I + ½ strictly-lower ones)``: correlated entries of variance ≥ v; ``λ² = v``."""
+    r = mean.shape[0]
+    factor = variance**0.25 * (torch.eye(r) + 0.5 * torch.ones(r, r).tril(-1))
+    return MatrixNormalFactors(factor, factor.clone(), torch.tensor(variance**0.5))
 
 
 REPO = Path(__file__).resolve().parents[1]

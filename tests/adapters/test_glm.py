@@ -17,8 +17,10 @@ from adapters.posteriors import (
     KronPosterior,
     LowRankDiagPosterior,
     MapPosterior,
+    MatrixNormalPosterior,
 )
 from adapters.predictive import glm_predictive
+from tests.adapters.test_matrix_normal import random_factors
 from tests.conftest import random_batch, tiny_bert
 
 
@@ -89,10 +91,11 @@ def _posteriors(mean: dict[str, torch.Tensor]) -> list:
             scale=0.7,
         ),
         MapPosterior(mean),
+        MatrixNormalPosterior(mean, {n: random_factors(t.shape, g, noise=0.4) for n, t in mean.items()}),
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_jacobian_covariance_equals_dense_j_sigma_jt(index) -> None:
     g = torch.Generator().manual_seed(1)
     mean = {"a": torch.zeros(3, 3, dtype=torch.float64), "b": torch.zeros(2, 4, dtype=torch.float64),

@@ -18,10 +18,12 @@ from adapters.posteriors import (
     KronPosterior,
     LowRankDiagPosterior,
     MapPosterior,
+    MatrixNormalPosterior,
     Posterior,
     flatten,
     make_generator,
 )
+from tests.adapters.test_matrix_normal import random_factors
 
 NUM_SAMPLES = 200_000
 SHAPES = {"layer.0.query": (3, 3), "layer.1.value": (2, 2), "head.bias": (2,)}
@@ -73,6 +75,8 @@ def _build(family: str) -> Posterior:
         )
     if family == "dropout":
         return DropoutPosterior(mean, rate=0.3)
+    if family == "matrix_normal":
+        return MatrixNormalPosterior(mean, {n: random_factors(t.shape, g, noise=0.3) for n, t in mean.items()})
     raise AssertionError(family)
 
 
@@ -80,7 +84,7 @@ def test_every_family_is_covered() -> None:
     assert (
         set(Posterior.registry)
         == set(PosteriorFamily)
-        == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble", "dropout"}
+        == {"map", "diag", "kron", "full", "lowrank_diag", "ensemble", "dropout", "matrix_normal"}
     )
 
 

@@ -19,8 +19,9 @@ from service.settings import Settings, settings_from
 from tests.service.bundles import make_bundle, running_app
 
 
-def test_served_predictive_equals_the_per_sample_loop(tiny_base: Path, tmp_path: Path) -> None:
-    path = make_bundle(tiny_base, tmp_path / "adapters" / "alpha", name="alpha", variance=0.3)
+@pytest.mark.parametrize("family", ["diag", "matrix_normal"])
+def test_served_predictive_equals_the_per_sample_loop(tiny_base: Path, tmp_path: Path, family: str) -> None:
+    path = make_bundle(tiny_base, tmp_path / "adapters" / "alpha", name="alpha", variance=0.3, family=family)
     texts = ["a gorgeous, witty, seductive movie.", "it is a dull film", "meh"]
     client = running_app(tiny_base, tmp_path / "adapters")
     try:
@@ -126,9 +127,12 @@ def test_settings_flags_override_environment_which_overrides_defaults(tmp_path: 
         assert exc.value.code == 2
 
 
-def test_glm_predictive_agrees_with_network_sampling_for_a_narrow_posterior(tiny_base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["diag", "matrix_normal"])
+def test_glm_predictive_agrees_with_network_sampling_for_a_narrow_posterior(
+    tiny_base: Path, tmp_path: Path, family: str
+) -> None:
     """For a narrow posterior the linearisation is nearly exact: GLM and network sampling agree."""
-    make_bundle(tiny_base, tmp_path / "adapters" / "alpha", name="alpha", variance=0.02)
+    make_bundle(tiny_base, tmp_path / "adapters" / "alpha", name="alpha", variance=0.02, family=family)
     texts = ["a gorgeous, witty, seductive movie.", "it is a dull film", "meh", "the cast is strong but the plot"]
     client = running_app(tiny_base, tmp_path / "adapters")
     try:
