@@ -38,6 +38,7 @@ from adapters.injection import (
     compute_projections,
     find_targets,
     inject_lora_xs,
+    linear_suffixes,
     lora_xs_layers,
     target_names,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "entropy",
     "find_targets",
     "inject_lora_xs",
+    "linear_suffixes",
     "load_bundle",
     "lora_xs_layers",
     "make_generator",

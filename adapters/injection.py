@@ -31,6 +31,28 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[st
     Raises:
         TargetNotFoundError: a pattern matches nothing, or matches a module that is not ``nn.Linear``.
     """
+    linears, others = _linear_and_other_names(model)
+    matches = {p: [n for n in linears if _pattern_matches(p, n)] for p in patterns}
+    empty = [p for p, names in matches.items() if not names]
+    if empty:
+        wrong_type = {p: [n for n in others if _pattern_matches(p, n)][:3] for p in empty}
+        hints = "; ".join(
+            f"{p!r} matches non-linear modules {found}" if found else f"{p!r} matches nothing"
+            for p, found in wrong_type.items()
+        )
+        raise TargetNotFoundError(
+            f"target patterns select no nn.Linear: {hints}. Linear module names end in: {linear_suffixes(model)}"
+        )
+    return matches
+
+
+def linear_suffixes(model: nn.Module) -> list[str]:
+    """The distinct last components of the model's ``nn.Linear`` names (what target patterns can name)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_and_other_names(model)[0]})
+
+
+def _linear_and_other_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Module names split into targetable linears (plain or already wrapped) and everything else."""
     modules = dict(model.named_modules())
     wrapped = {name for name, m in modules.items() if isinstance(m, LoraXSLinear)}
     linears, others = [], []
@@ -40,19 +62,7 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> dict[str, list[st
             linears.append(name)
         else:
             others.append(name)
-    matches = {p: [n for n in linears if _pattern_matches(p, n)] for p in patterns}
-    empty = [p for p, names in matches.items() if not names]
-    if empty:
-        wrong_type = {p: [n for n in others if _pattern_matches(p, n)][:3] for p in empty}
-        hints = "; ".join(
-            f"{p!r} matches non-linear modules {found}" if found else f"{p!r} matches nothing"
-            for p, found in wrong_type.items()
-        )
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise TargetNotFoundError(
-            f"target patterns select no nn.Linear: {hints}. Linear module names end in: {suffixes}"
-        )
-    return matches
+    return linears, others
 
 
 def target_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:

@@ -108,7 +108,17 @@ class DataConfig:
     """Which data, how it is split and how long its inputs are."""
 
     dataset: str = option(
-        "sst2", "embedded name (sst2; arc-easy, multiple choice) or a local .csv/.tsv/.jsonl/.parquet file"
+        "sst2",
+        "embedded name (sst2; arc-easy, multiple choice), a local .csv/.tsv/.json/.jsonl/.parquet file, a "
+        "directory written by save_to_disk, or a Hugging Face hub id (read by the datasets library)",
+    )
+    dataset_config: str | None = option(None, "the hub dataset's configuration (subset) name")
+    train_split: str = option("train", "split of a saved or hub dataset to train on")
+    validation_split: str | None = option(
+        None, "split to validate on (default: 'validation' when the dataset has one, else carved from training)"
+    )
+    test_split: str | None = option(
+        None, "split to test on (default: 'test' when the dataset has one, else carved from training)"
     )
     task: Task | None = option(
         None, "classification or multiple-choice (default: multiple-choice for arc-easy, else classification)"
@@ -118,12 +128,16 @@ class DataConfig:
         "multiple choice: the prompt, with {question} and {choices} (rendered 'A. … B. …'); the answer letter's "
         "logit is read after it",
     )
-    text_column: str = option("text", "text column of local files")
+    text_column: str = option("text", "text column")
     text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
-    label_column: str = option("label", "label column of local files")
+    label_column: str = option("label", "label column (a ClassLabel column's names become the labels)")
     validation_file: str | None = option(None, "separate validation file (default: carved from the training data)")
     test_file: str | None = option(None, "separate test file (default: carved from the training data)")
-    validation_size: int = option(1000, "examples carved for validation", at_least=1)
+    validation_size: float = option(
+        0.1,
+        "examples carved for validation when there is no validation split or file: a count (≥ 1), or a fraction "
+        "of the training data (< 1; at least 100, at most 1000)",
+    )
     shift: str | None = option(
         None,
         "labelled set in the same label space, only for evaluation under shift (embedded: drugreviews; openbookqa "

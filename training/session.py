@@ -20,6 +20,7 @@ from adapters import (
     base_fingerprint,
     compute_projections,
     inject_lora_xs,
+    linear_suffixes,
     target_names,
 )
 from adapters.config import DEFAULT_TARGETS
@@ -29,10 +30,12 @@ from adapters.eval_card import DataCard
 from adapters.pooling import default_pooling
 from adapters.projections import spec_needs_data
 from adapters.tasks import letter_token_ids
+from training import hub
 from training.config import WSVD_BATCHES, ConfigError, TrainConfig
 from training.data import (
     Columns,
     Example,
+    SplitNames,
     TaskData,
     fingerprint,
     load_ood,
@@ -67,8 +70,14 @@ def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, to
     ``Answer:`` they end with is always kept.
     """
     path = resolve_model(name_or_path)
-    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
+    local = Path(path).expanduser()
+    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not local.exists():
         raise ConfigError(f"--base-model {name_or_path}: no such path")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(
+            f"--base-model {name_or_path}: the folder has no config.json (write the model there with save_pretrained)"
+        )
+    offline = not local.exists() and hub.offline()  # a hub id: fail at once rather than retry
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if multiple_choice:
@@ -76,7 +85,12 @@ def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, to
         else:
             base = AutoModel.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--base-model {name_or_path} cannot be loaded: {exc}") from exc
+        if offline:
+            raise ConfigError(
+                f"--base-model {name_or_path}: not a local folder, not in the Hugging Face cache, and "
+                f"{hub.offline_reason()}"
+            ) from exc
+        raise ConfigError(f"--base-model {name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
     prepare_tokenizer(tokenizer)
     if not multiple_choice:
         return tokenizer, base, None
@@ -92,7 +106,10 @@ def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, to
 def default_targets(base) -> list[str]:
     model_type = base.config.model_type
     if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(f"no default --targets for a {model_type!r} model; name the linear layers to adapt")
+        raise ConfigError(
+            f"no default --targets for a {model_type!r} model; name the linear layers to adapt with --targets. "
+            f"Linear module names end in: {linear_suffixes(base)}"
+        )
     return list(DEFAULT_TARGETS[model_type])
 
 
@@ -177,6 +194,8 @@ def prepare(config: TrainConfig) -> Session:
         validation_size=data.validation_size,
         seed=seed,
         prompt_template=data.prompt_template,
+        dataset_config=data.dataset_config,
+        splits=SplitNames(data.train_split, data.validation_split, data.test_split),
     )
     shift = load_shift(data.shift, task.labels, columns, data.prompt_template) if data.shift else None
     ood = load_ood(data.ood, data.text_column, data.prompt_template) if data.ood else None
@@ -191,6 +210,13 @@ def prepare(config: TrainConfig) -> Session:
     accelerator.print(
         f"data: {task.name} train {len(train)}, validation {len(validation)}, test {len(test)}, labels {task.labels}"
     )
+    carved = task.provenance.get("carved")
+    if carved:
+        accelerator.print(
+            "carved from the training data: "
+            + ", ".join(f"{split} {size}" for split, size in carved.items())
+            + f" (--validation-size {data.validation_size:g}; --validation-file/--test-file to give your own)"
+        )
     stage.done("data")
 
     tokenizer, base, letter_head = load_base(adapter.base_model, config.multiple_choice)

@@ -21,7 +21,8 @@ def _fails(capsys, argv: list[str], message: str) -> None:
 
 
 def test_unknown_dataset(capsys, tmp_path) -> None:
-    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", "imdb"], "unknown dataset 'imdb'")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", "imdb"], "imdb is no embedded name, local file")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--dataset", "no such/data set"], "unknown dataset")
 
 
 def test_missing_column_empty_file_and_single_label(capsys, tmp_path) -> None:

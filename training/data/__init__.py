@@ -6,13 +6,14 @@ examples."""
 from training.data.embedded import rotten_tomatoes_snippets
 from training.data.examples import DataError, Example, TaskData, fingerprint
 from training.data.files import Columns
-from training.data.sources import load_ood, load_shift, load_task
+from training.data.sources import SplitNames, load_ood, load_shift, load_task
 from training.data.splits import carve, subset
 
 __all__ = [
     "Columns",
     "DataError",
     "Example",
+    "SplitNames",
     "TaskData",
     "carve",
     "fingerprint",

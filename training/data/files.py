@@ -1,19 +1,39 @@
-"""Local data files (CSV, TSV, JSONL, Parquet) and Arrow streams, read into rows and examples."""
+"""Data read through Hugging Face ``datasets``: local files (CSV, TSV, JSON, JSONL, Parquet), directories
+written by ``save_to_disk`` and hub ids; Arrow streams of the embedded sets; rows to examples.
+
+Every source becomes a mapping of split name → ``datasets.Dataset``. Labels are named by the training
+split (a ``ClassLabel`` feature's names when it has one, else the values in order of first appearance,
+integers in numeric order); every other split must stay inside that label space.
+"""
 
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pyarrow as pa
-import pyarrow.parquet as pq
+from datasets import ClassLabel, Dataset, DatasetDict
 
-from training.data.examples import DataError, Example, TaskData
-from training.data.splits import carve
+from training import hub
+from training.data.examples import DataError, Example
+
+# suffix → (datasets builder, its options); CSV is read as utf-8-sig so a byte-order mark is not a name
+BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {"encoding": "utf-8-sig"}),
+    ".tsv": ("csv", {"encoding": "utf-8-sig", "sep": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".ndjson": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes
+
+datasets.logging.set_verbosity(logging.CRITICAL)  # its own errors are re-raised as one-line DataErrors
 
 
 @dataclass(frozen=True)
@@ -23,29 +43,55 @@ class Columns:
     text_pair: str | None = None
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV, TSV, JSONL/JSON-lines or Parquet file as dicts."""
+def read_file(path: Path) -> Dataset:
+    """One local file as a ``Dataset`` (``datasets.load_dataset(<builder>, data_files=...)``)."""
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
-    try:
-        if suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            with path.open(encoding="utf-8") as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
-        elif suffix == ".parquet":
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, OSError) as exc:
-        raise DataError(f"{path} cannot be read: {exc}") from exc
-    except pa.ArrowException as exc:  # a damaged parquet file
-        raise DataError(f"{path} cannot be read as parquet: {exc}") from exc
-    if not rows:
+    if suffix not in BUILDERS:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use {', '.join(BUILDERS)}")
+    builder, options = BUILDERS[suffix]
+    if not path.read_bytes().strip():
         raise DataError(f"{path} holds no rows")
-    return rows
+    if builder == "json":
+        _check_json(path)
+    try:
+        data = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as exc:  # datasets wraps the parser's error; its cause is the message a user can act on
+        raise DataError(f"{path} cannot be read as {builder}: {_cause(exc)}") from exc
+    if len(data) == 0:
+        raise DataError(f"{path} holds no rows")
+    return data
+
+
+def load_saved(path: Path) -> DatasetDict:
+    """A directory written by ``Dataset.save_to_disk`` (one ``train`` split) or ``DatasetDict.save_to_disk``."""
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path} cannot be read as a saved dataset: {_cause(exc)}") from exc
+    return data if isinstance(data, DatasetDict) else DatasetDict(train=data)
+
+
+def load_hub(name: str, config_name: str | None) -> DatasetDict:
+    """A hub dataset id (``owner/name``), from the hub or, offline, from the ``datasets`` cache."""
+    offline = hub.offline()
+    try:
+        data = datasets.load_dataset(name, config_name)
+    except (ConnectionError, FileNotFoundError) as exc:
+        if offline:
+            raise DataError(
+                f"--dataset {name} is no embedded name, local file or save_to_disk directory, and as a hub id it "
+                f"is not in the datasets cache while {hub.offline_reason()}"
+            ) from exc
+        raise DataError(f"--dataset {name} cannot be loaded: {_cause(exc)}") from exc
+    except Exception as exc:  # an unknown config, a damaged cache entry, ...
+        raise DataError(f"--dataset {name} cannot be loaded: {_cause(exc)}") from exc
+    return data if isinstance(data, DatasetDict) else DatasetDict(train=data)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS)
 
 
 def arrow_stream_rows(path: Path) -> list[dict[str, Any]]:
@@ -53,67 +99,89 @@ def arrow_stream_rows(path: Path) -> list[dict[str, Any]]:
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
 
 
-def rows_to_examples(rows: list[dict[str, Any]], columns: Columns, labels: list[str], where: str) -> list[Example]:
-    """Convert rows; ``labels`` is extended with new label values in order of first appearance."""
-    available = sorted(rows[0])
-    for column in (columns.text, columns.label, columns.text_pair):
-        if column is not None and column not in rows[0]:
-            raise DataError(f"{where} has no column {column!r}; its columns are {available}")
+def label_names(data: Dataset, columns: Columns, where: str) -> list[str]:
+    """The training split's label names: its ``ClassLabel`` names, else its values (integers sorted)."""
+    _check_columns(data, columns, where)
+    feature = data.features[columns.label]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    names = list(dict.fromkeys(str(v).strip() for v in data[columns.label] if v is not None and str(v).strip()))
+    if all(re.fullmatch(r"-?\d+", name) for name in names):
+        names.sort(key=int)
+    return names
+
+
+def to_examples(data: Dataset, columns: Columns, labels: list[str], where: str) -> list[Example]:
+    """A split's rows as examples; a label outside ``labels`` is refused, naming it and ``where``."""
+    _check_columns(data, columns, where)
+    feature = data.features[columns.label]
+    own_names = feature.names if isinstance(feature, ClassLabel) else None
+    index = {name: i for i, name in enumerate(labels)}
     examples = []
-    for number, row in enumerate(rows, start=1):
-        text, label = row.get(columns.text), row.get(columns.label)
+    for number, row in enumerate(data, start=1):
+        text, label = row[columns.text], row[columns.label]
+        if own_names is not None and label is not None:
+            if not 0 <= label < len(own_names):
+                raise DataError(f"{where}, row {number}: label {label} is not one of its {len(own_names)} classes")
+            label = own_names[label]
         if text is None or str(text).strip() == "" or label is None or str(label).strip() == "":
             raise DataError(f"{where}, row {number}: empty {columns.text!r} or {columns.label!r}")
         name = str(label).strip()
-        if name not in labels:
-            labels.append(name)
-        pair = None if columns.text_pair is None else str(row.get(columns.text_pair) or "")
-        examples.append(Example(str(text), labels.index(name), pair))
+        if name not in index:
+            raise DataError(f"{where} has label {name!r} (row {number}), which the training data does not: {labels}")
+        pair = None if columns.text_pair is None else str(row[columns.text_pair] or "")
+        examples.append(Example(str(text), index[name], pair))
     return examples
-
-
-def file_task(
-    train_file: Path,
-    columns: Columns,
-    validation_file: Path | None,
-    test_file: Path | None,
-    validation_size: int,
-    seed: int,
-) -> TaskData:
-    """A task from local files; missing validation/test splits are carved from the training file."""
-    labels: list[str] = []
-    examples = rows_to_examples(read_rows(train_file), columns, labels, str(train_file))
-    if len(labels) < 2:
-        raise DataError(f"{train_file} has a single label {labels}: a classifier needs at least two")
-    test = rows_to_examples(read_rows(test_file), columns, labels, str(test_file)) if test_file else None
-    validation = (
-        rows_to_examples(read_rows(validation_file), columns, labels, str(validation_file)) if validation_file else None
-    )
-    if test is None:
-        examples, test = carve(examples, max(validation_size, len(examples) // 10), seed + 1)
-    if validation is None:
-        examples, validation = carve(examples, validation_size, seed)
-    if _label_strings_are_integers(labels):
-        examples, validation, test, labels = _sort_integer_labels(labels, examples, validation, test)
-    provenance = {"train": {"source": str(train_file)}, "test": {"source": str(test_file or train_file)}}
-    return TaskData(train_file.stem, labels, examples, validation, test, provenance)
 
 
 def text_column(path: Path, column: str) -> list[str]:
     """The non-empty values of one column of a local file (OOD texts)."""
-    rows = read_rows(path)
-    if column not in rows[0]:
-        raise DataError(f"{path} has no column {column!r}; its columns are {sorted(rows[0])}")
-    return [str(r[column]) for r in rows if str(r.get(column) or "").strip()]
+    data = read_file(path)
+    if column not in data.column_names:
+        raise DataError(f"{path} has no column {column!r}; its columns are {sorted(data.column_names)}")
+    return [str(v) for v in data[column] if str(v or "").strip()]
 
 
-def _label_strings_are_integers(labels: list[str]) -> bool:
-    return all(re.fullmatch(r"-?\d+", name) for name in labels)
+def _check_columns(data: Dataset, columns: Columns, where: str) -> None:
+    for column in (columns.text, columns.label, columns.text_pair):
+        if column is not None and column not in data.column_names:
+            raise DataError(f"{where} has no column {column!r}; its columns are {sorted(data.column_names)}")
 
 
-def _sort_integer_labels(labels: list[str], *splits: list[Example]) -> tuple[Any, ...]:
-    """Integer labels ("0", "1", ...) keep their numeric order rather than order of appearance."""
-    ordered = sorted(labels, key=int)
-    remap = {labels.index(name): ordered.index(name) for name in labels}
-    fixed = [[Example(e.text, remap[e.label], e.text_pair) for e in split] for split in splits]
-    return (*fixed, ordered)
+def _check_json(path: Path) -> None:
+    """A JSON file is one array of objects or one object per line; say which line breaks that."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+        try:  # one object (a dict of columns): datasets reads it whole
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # else JSON lines under a .json name
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        wrong = next((i for i, row in enumerate(rows, start=1) if not isinstance(row, dict)), None)
+        if wrong is not None:
+            raise DataError(f"{path}: item {wrong} of the JSON array is not an object (rows are objects)")
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: invalid JSON (column {exc.colno}: {exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: a {type(row).__name__}, not an object (one object per line)")
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost message: ``datasets`` wraps the parser's error in a generic one."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__

