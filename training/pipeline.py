@@ -34,7 +34,7 @@ from training.config import AbstainOn, ConfigError, TrainConfig
 from training.data import Example
 from training.inference import Outputs, labels_of, ood_metrics, predict, split_metrics
 from training.methods import Fitted, fit, get_method
-from training.report import render_report, write_reliability_png
+from training.report import render_report, summary_lines, write_reliability_png
 from training.session import Session, data_card, fit_map, prepare
 
 DEFAULT_TARGET_RISK = 0.05  # abstention thresholds answer at this selective risk unless told otherwise
@@ -226,7 +226,10 @@ def run(config: TrainConfig) -> Path:
     session.stage.done("calibration")
     evaluation, panels = evaluate(session, fitted, calibration[0])
     session.stage.done("evaluation")
-    return write_bundle(session, out, fitted, calibration, evaluation, panels)
+    write_bundle(session, out, fitted, calibration, evaluation, panels)
+    for line in summary_lines(evaluation):
+        session.log(line)
+    return out
 
 
 def _stage_list(seconds: dict[str, float]) -> str:

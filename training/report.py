@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.eval_card import EvalCard
 from adapters.manifest import AbstentionSpec, BundleManifest
 from training.metrics import calibration_bins
 
@@ -96,3 +97,21 @@ def render_report(manifest: BundleManifest) -> str:
         "![reliability](reliability.png)\n",
     ]
     return "\n".join(parts)
+
+
+def summary_lines(card: EvalCard) -> list[str]:
+    """The end-of-run console summary: test (and shift) accuracy, ECE, NLL; OOD AUROC per score."""
+    lines = []
+    for split, metrics in (("test", card.test), ("shift", card.shift)):
+        if metrics is not None:
+            lines.append(
+                f"{split} ({metrics.size}): posterior {_headline(metrics.posterior)}; MAP {_headline(metrics.map)}"
+            )
+    if card.ood is not None:
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in card.ood.posterior.items() if "_fpr_" not in name)
+        lines.append(f"ood {card.ood.dataset} ({card.ood.size}): posterior AUROC {scores}")
+    return lines
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {metrics[name]:.4f}" for name in ("accuracy", "ece", "nll") if name in metrics)

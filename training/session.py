@@ -4,11 +4,14 @@ cached MAP outputs and linearisations. Posterior methods (``training.methods``) 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from accelerate import Accelerator
 from torch import Tensor
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -103,6 +106,14 @@ def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, to
     return tokenizer, causal.base_model, head
 
 
+def quiet_libraries() -> None:
+    """``--no-progress``: no bars from ``datasets`` (file reading) or ``transformers`` (weight loading), and
+    not laplace-torch's reminder about ``link_approx`` (the bundle's predictive does not use laplace-torch's)."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="By default `link_approx`", category=UserWarning)
+
+
 def default_targets(base) -> list[str]:
     model_type = base.config.model_type
     if model_type not in DEFAULT_TARGETS:
@@ -181,6 +192,8 @@ class Session:
 def prepare(config: TrainConfig) -> Session:
     """Load data and base model, inject LoRA-XS (projections fitted on the pretrained weights)."""
     config.validate(needs_out=False)
+    if not config.progress:
+        quiet_libraries()
     torch.manual_seed(config.seed)  # the head's initialisation draws from the global generator
     stage = Stage()
     accelerator = Accelerator(mixed_precision=config.optimisation.mixed_precision)
