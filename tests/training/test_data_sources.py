@@ -90,6 +90,20 @@ def test_saved_dataset_dict_gives_its_splits_and_class_label_names(tmp_path: Pat
     assert single.provenance["carved"] == {"test": 100, "validation": 100}
 
 
+def test_an_unlabelled_test_split_is_named_and_another_split_can_test(tmp_path: Path) -> None:
+    """Hub datasets often ship their test split without labels (-1): say so, and let --test-split choose."""
+    unlabelled = Dataset.from_dict({"text": ["a", "b"], "label": [-1, -1]}, features=FEATURES)
+    data = DatasetDict(train=Dataset.from_list(ROWS[:250], features=FEATURES),
+                       validation=Dataset.from_list(ROWS[250:], features=FEATURES), test=unlabelled)  # fmt: skip
+    data.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"\[test\], row 1: label -1 is not one of its 2 classes \(an unlabelled"):
+        load_task(str(tmp_path / "saved"))
+    task = load_task(str(tmp_path / "saved"), splits=SplitNames(test="validation"))
+    assert len(task.test) == 50 and task.provenance["carved"] == {"validation": 100}  # not the test split again
+    with pytest.raises(DataError, match="the validation split 'validation' is also used for training or testing"):
+        load_task(str(tmp_path / "saved"), splits=SplitNames(validation="validation", test="validation"))
+
+
 def _cache_as_hub_download(cache: Path, repo_id: str, config_name: str, files: dict[str, Path], work: Path) -> None:
     """Lay the dataset out in the ``datasets`` cache as a hub download leaves it:
     ``<owner>___<name>/<config>/<version>/<commit>/<name>-<split>.arrow`` with its ``dataset_info.json``."""

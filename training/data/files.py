@@ -122,7 +122,10 @@ def to_examples(data: Dataset, columns: Columns, labels: list[str], where: str) 
         text, label = row[columns.text], row[columns.label]
         if own_names is not None and label is not None:
             if not 0 <= label < len(own_names):
-                raise DataError(f"{where}, row {number}: label {label} is not one of its {len(own_names)} classes")
+                raise DataError(
+                    f"{where}, row {number}: label {label} is not one of its {len(own_names)} classes (an unlabelled "
+                    "split? name another with --validation-split/--test-split)"
+                )
             label = own_names[label]
         if text is None or str(text).strip() == "" or label is None or str(label).strip() == "":
             raise DataError(f"{where}, row {number}: empty {columns.text!r} or {columns.label!r}")

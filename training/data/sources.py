@@ -112,12 +112,11 @@ def dataset_task(
     train = to_examples(train_split, columns, labels, where)
     provenance: dict = {"train": {"source": name, "split": splits.train}, "carved": {}}
     held_out = {}
-    for split, file, chosen in (("validation", files[0], splits.validation), ("test", files[1], splits.test)):
+    for split, file, split_name in _held_out_sources(data, splits, files, name):
         if file is not None:
             held_out[split] = to_examples(read_file(file), columns, labels, str(file))
             provenance[split] = {"source": str(file)}
-        elif chosen is not None or split in data:
-            split_name = chosen or split
+        elif split_name is not None:
             part = _split(data, split_name, name, f"--{split}-split")
             held_out[split] = to_examples(part, columns, labels, f"{name} [{split_name}]")
             provenance[split] = {"source": name, "split": split_name}
@@ -157,6 +156,22 @@ def load_ood(name: str, column: str = "text", prompt_template: str | None = None
     else:
         raise DataError(f"unknown OOD dataset {name!r}: use {', '.join(EMBEDDED_OOD)} or a local file")
     return name, [Example(text, 0) for text in texts]
+
+
+def _held_out_sources(
+    data: DatasetDict, splits: SplitNames, files: tuple[Path | None, Path | None], name: str
+) -> list[tuple[str, Path | None, str | None]]:
+    """(split, its file, its split name) for validation and test; a default split name is used only when it
+    is there and no other role has it (``--test-split validation`` leaves validation to be carved)."""
+    test = None if files[1] else splits.test or ("test" if "test" in data else None)
+    validation = None if files[0] else splits.validation
+    if validation is None and not files[0] and "validation" in data and test != "validation":
+        validation = "validation"
+    if validation is not None and validation in (test, splits.train):
+        raise DataError(f"{name}: the validation split {validation!r} is also used for training or testing")
+    if test is not None and test == splits.train:
+        raise DataError(f"{name}: the test split {test!r} is also the training split")
+    return [("validation", files[0], validation), ("test", files[1], test)]
 
 
 def _split(data: DatasetDict, split: str, name: str, flag: str) -> Dataset:
