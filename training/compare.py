@@ -61,7 +61,7 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     own_map = [m for m in others if m != TEMPERATURE and get_method(m).map_objective(config) is not None]
     for method in [m for m in others if m not in own_map] + own_map:
         if method in own_map:
-            reinitialise(session.model, config.seed)
+            reinitialise(session.model, config.seed, session.initial_projections)
             session.forget_outputs()
             map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
         rows.append(_row(session, method, map_seconds))
