@@ -95,9 +95,12 @@ def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
 
 
 def _tensor_kb(session: Session, fitted: Fitted) -> float:
-    """kB of the bundle's own tensors: cores, head and posterior (the shared projections excluded)."""
+    """kB of the bundle's own tensors: cores, head and posterior, and the projections when they were trained
+    (L-LoRA-S; otherwise they are shared with every bundle on the same base)."""
     tensors, _ = fitted.posterior.state()
     own = [layer.core.weight for layer in session.model.lora_layers.values()] + list(session.model.head.parameters())
+    if session.config.optimisation.train_projections:
+        own += [t for layer in session.model.lora_layers.values() for t in (layer.lora_A, layer.lora_B)]
     return sum(t.numel() * t.element_size() for t in [*tensors.values(), *own]) / 1024
 
 

@@ -1,5 +1,5 @@
-"""SWAG, VI, ensembles and MC dropout: oracles for their maths and checks of their training phases (tiny
-random BERT with MiniLM's tokenizer)."""
+"""SWAG, VI, Bayesian-LoRA, ensembles, MC dropout and L-LoRA-S's MAP phase: oracles for their maths and
+checks of their training phases (tiny random BERT with MiniLM's tokenizer)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from adapters.layer import LoraXSLinear
 from adapters.posteriors import drop_columns, flatten
 from adapters.posteriors.matrix_normal import MatrixNormalFactors
 from tests.service.bundles import save_tiny_base
-from training.config import BayesianLoraConfig, SwagConfig, ViConfig
+from training.config import BayesianLoraConfig, OptimisationConfig, SwagConfig, ViConfig
 from training.data import Example
 from training.encoding import Encoder
 from training.inference import predict
+from training.map_training import train_map
 from training.methods.bayesian_lora import MatrixNormalCores, MatrixNormalElbo, fit_bayesian_lora
 from training.methods.swag import SwagMoments, fit_swag
 from training.methods.vi import Elbo, GaussianCores, fit_vi
@@ -257,3 +258,30 @@ def test_bayesian_lora_elbo_decreases_and_the_map_is_restored(tiny_dir: Path) ->
     assert all(moved)
     assert 0 < info["noise_scale_mean"] < settings.noise_cap
     torch.testing.assert_close(float(posterior.kl(settings.prior_std)), info["kl"], atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- L-LoRA-S (MAP)
+
+
+@pytest.mark.parametrize("train_projections", [False, True])
+def test_train_projections_trains_a_and_b_with_the_cores_and_freezes_them_again(
+    tiny_dir: Path, train_projections: bool
+) -> None:
+    model = _model(tiny_dir)
+    before = {n: (layer.lora_A.clone(), layer.lora_B.clone()) for n, layer in model.lora_layers.items()}
+    cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
+    settings = OptimisationConfig(
+        epochs=2, lr=0.01, batch_size=8, train_projections=train_projections, projection_lr=0.01
+    )
+    train_map(model, _examples(32), _examples(16, seed=1), _encoder(tiny_dir), settings, progress=False)
+    for name, layer in model.lora_layers.items():
+        moved = [
+            not torch.equal(now, then) for now, then in zip((layer.lora_A, layer.lora_B), before[name], strict=True)
+        ]
+        assert moved == [train_projections] * 2, name
+        assert not torch.equal(layer.core.weight, cores[name])
+        assert set(layer._buffers) == {"lora_A", "lora_B"}  # frozen buffers again, not parameters
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    if train_projections:  # the bundle's projections are the trained ones
+        own = model.own_adapter().projections
+        assert all(torch.equal(own[n].A, layer.lora_A) for n, layer in model.lora_layers.items())
