@@ -19,8 +19,8 @@ from adapters import LoraXSClassifier
 from adapters.posteriors.matrix_normal import MatrixNormalFactors, MatrixNormalPosterior, sample_blocks, total_kl
 from training.config import BayesianLoraConfig, PosteriorMethod
 from training.data import Example
-from training.encoding import Encoder, batch_logits, make_loader
-from training.map_training import run_epochs, warmup_linear
+from training.encoding import Encoder, batch_logits
+from training.map_training import train_variational
 from training.methods.base import Fitted, Method, register, sampled
 from training.objectives import row_cores
 from training.scopes import Timer, restored, trainable
@@ -130,16 +130,12 @@ def fit_bayesian_lora(
     with Timer() as timer, restored(cores), trainable(model, cores.values()):
         variational = MatrixNormalCores(model, settings)
         objective = MatrixNormalElbo(variational, len(train), settings)
-        optimizer = torch.optim.Adam(
-            [
-                {"params": list(cores.values()), "lr": settings.lr},
-                {"params": list(variational.parameters()), "lr": settings.factor_lr},
-            ]
-        )
-        loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(settings.epochs * len(loader), 0.0))
-        losses = run_epochs(
-            model, loader, optimizer, scheduler, objective, epochs=settings.epochs, seed=seed,
+        groups = [
+            {"params": list(cores.values()), "lr": settings.lr},
+            {"params": list(variational.parameters()), "lr": settings.factor_lr},
+        ]
+        losses = train_variational(
+            model, train, encoder, groups, objective, epochs=settings.epochs, batch_size=batch_size, seed=seed,
             name="Bayesian-LoRA", progress=progress,
         )  # fmt: skip
         posterior = variational.posterior()
