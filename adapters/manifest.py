@@ -61,11 +61,13 @@ class BaseModelSpec(_Strict):
 
 
 class ProjectionSpecRecord(_Strict):
-    """How ``A`` and ``B`` were built; ``data`` records what data fed W-SVD (dataset, tokens)."""
+    """How ``A`` and ``B`` were built; ``data`` records what data fed W-SVD (dataset, tokens); ``trained``:
+    they were then trained with the cores (L-LoRA-S), so they belong to this bundle alone."""
 
     spec: str = "svd"
     seed: int = 0
     data: dict[str, Any] | None = None
+    trained: bool = False
 
 
 class AdapterSpec(_Strict):

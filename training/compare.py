@@ -61,7 +61,7 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     own_map = [m for m in others if m != TEMPERATURE and get_method(m).map_objective(config) is not None]
     for method in [m for m in others if m not in own_map] + own_map:
         if method in own_map:
-            reinitialise(session.model, config.seed)
+            reinitialise(session.model, config.seed, session.initial_projections)
             session.forget_outputs()
             map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
         rows.append(_row(session, method, map_seconds))
@@ -95,9 +95,12 @@ def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
 
 
 def _tensor_kb(session: Session, fitted: Fitted) -> float:
-    """kB of the bundle's own tensors: cores, head and posterior (the shared projections excluded)."""
+    """kB of the bundle's own tensors: cores, head and posterior, and the projections when they were trained
+    (L-LoRA-S; otherwise they are shared with every bundle on the same base)."""
     tensors, _ = fitted.posterior.state()
     own = [layer.core.weight for layer in session.model.lora_layers.values()] + list(session.model.head.parameters())
+    if session.config.optimisation.train_projections:
+        own += [t for layer in session.model.lora_layers.values() for t in (layer.lora_A, layer.lora_B)]
     return sum(t.numel() * t.element_size() for t in [*tensors.values(), *own]) / 1024
 
 

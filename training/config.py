@@ -37,6 +37,7 @@ class PosteriorMethod(StrEnum):
     VI = "vi"
     ENSEMBLE = "ensemble"
     MC_DROPOUT = "mc-dropout"
+    BAYESIAN_LORA = "bayesian-lora"
 
 
 class Task(StrEnum):
@@ -85,6 +86,9 @@ class AbstainOn(StrEnum):
 
 MULTIPLE_CHOICE_SETS = ("arc-easy", "openbookqa")  # embedded sets that are multiple choice (training.data)
 CLASSIFICATION_MAX_LENGTH, MC_MAX_LENGTH = 64, 256
+ENSEMBLE_PROJECTIONS = (
+    "--train-projections with an ensemble: a bundle holds one set of projections, and each member would train its own"
+)
 WSVD_BATCHES = 32  # batches of training inputs for the W-SVD input moments
 
 
@@ -188,6 +192,14 @@ class OptimisationConfig:
     patience: int = option(2, "stop after this many epochs without validation improvement")
     select_by: SelectBy = option(SelectBy.NLL, "validation score that picks the checkpoint")
     mixed_precision: MixedPrecision = option(MixedPrecision.NO, "autocast precision (GPU)")
+    train_projections: bool = option(
+        False,
+        "L-LoRA-S: train every adapted layer's A and B with the cores in the MAP phase (initialised from "
+        "--projection, frozen again afterwards; the posterior stays over the cores)",
+    )
+    projection_lr: float = option(
+        1e-4, "L-LoRA-S: learning rate of A and B (small: they start at the base's own factors)", at_least=0
+    )
 
 
 @dataclass
@@ -232,6 +244,26 @@ class ViConfig:
 
 
 @dataclass
+class BayesianLoraConfig:
+    """Bayesian-LoRA: a matrix-normal variational posterior per core trained with the ELBO from the MAP."""
+
+    flag_prefix: ClassVar[str] = "blora-"
+    epochs: int = option(1, "bayesian-lora: epochs of ELBO training after the MAP", at_least=1)
+    lr: float = option(1e-3, "bayesian-lora: learning rate of the means M (the cores)", at_least=0)
+    factor_lr: float = option(
+        0.01, "bayesian-lora: learning rate of the row and column Cholesky factors and of λ", at_least=0
+    )
+    kl_weight: float = option(1.0, "bayesian-lora: β, the KL weight per example is β/N (1: the ELBO)", at_least=0)
+    prior_std: float = option(1.0, "bayesian-lora: σ_p of the zero-mean N(0, σ_p² I) prior on every core entry")
+    init_std: float = option(
+        0.01, "bayesian-lora: initial L_row = L_col = √s·I, so the Kronecker part's entry std starts at s"
+    )
+    noise_init: float = option(0.001, "bayesian-lora: initial λ, the isotropic noise scale")
+    noise_cap: float = option(0.01, "bayesian-lora: λ stays below this cap (λ = cap · sigmoid(ρ))")
+    samples: int = option(1, "bayesian-lora: posterior draws per training example and step", at_least=1)
+
+
+@dataclass
 class EnsembleConfig:
     """Deep ensembles: independently seeded MAPs."""
 
@@ -258,8 +290,9 @@ class PosteriorConfig:
 
     method: PosteriorMethod = option(
         PosteriorMethod.LAPLACE_KRON,
-        "map, laplace-diag, laplace-kron, laplace-full, swag, vi (mean-field variational), ensemble or mc-dropout "
-        "(dropout on the adapter input, also during MAP training)",
+        "map, laplace-diag, laplace-kron, laplace-full, swag, vi (mean-field variational), ensemble, mc-dropout "
+        "(dropout on the adapter input, also during MAP training) or bayesian-lora (a matrix-normal variational "
+        "posterior per core)",
         flag="posterior",
     )
     predictive: PredictiveMode = option(
@@ -282,6 +315,7 @@ class PosteriorConfig:
     laplace: LaplaceConfig = section(LaplaceConfig)
     swag: SwagConfig = section(SwagConfig)
     vi: ViConfig = section(ViConfig)
+    bayesian_lora: BayesianLoraConfig = section(BayesianLoraConfig)
     ensemble: EnsembleConfig = section(EnsembleConfig)
     mc_dropout: DropoutConfig = section(DropoutConfig)
 
@@ -373,7 +407,8 @@ class TrainConfig:
             raise ConfigError("give --target-risk or --target-coverage, not both")
         if self.multiple_choice and posterior.head:
             raise ConfigError("--posterior-head: a multiple-choice head is the frozen LM head (answer letters)")
-        if posterior.method in (PosteriorMethod.VI, PosteriorMethod.MC_DROPOUT) and posterior.head:
+        cores_only = (PosteriorMethod.VI, PosteriorMethod.MC_DROPOUT, PosteriorMethod.BAYESIAN_LORA)
+        if posterior.method in cores_only and posterior.head:
             raise ConfigError(f"--posterior-head is not available for --posterior {posterior.method} (cores only)")
         if not 0 < posterior.mc_dropout.rate < 1:
             raise ConfigError("--adapter-dropout must be in (0, 1)")
@@ -381,6 +416,13 @@ class TrainConfig:
             raise ConfigError("--vi-rank must be 0 (mean-field) or at least 2")
         if posterior.swag.rank < 2 or posterior.swag.snapshots < posterior.swag.rank:
             raise ConfigError("--swag-rank must be at least 2 and at most --swag-snapshots")
+        blora = posterior.bayesian_lora
+        if not (blora.prior_std > 0 and blora.init_std > 0 and 0 < blora.noise_init < blora.noise_cap):
+            raise ConfigError(
+                "--blora-prior-std and --blora-init-std must be positive and 0 < --blora-noise-init < --blora-noise-cap"
+            )
+        if self.optimisation.train_projections and posterior.method == PosteriorMethod.ENSEMBLE:
+            raise ConfigError(ENSEMBLE_PROJECTIONS)
         if not 0 < calibration.mi_coverage <= 1:
             raise ConfigError("--mi-coverage must be in (0, 1]")
 

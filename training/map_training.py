@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,15 +51,36 @@ def train_map(
     """Train in place; on return ``model`` holds the best checkpoint (by validation ``select_by``).
 
     ``objective`` is the per-batch loss (cross-entropy by default; :class:`AdapterDropout` for MC dropout).
+    With ``settings.train_projections`` (L-LoRA-S) every layer's ``A`` and ``B`` train too, and are frozen
+    again (at their best-checkpoint values) on return.
     """
+    model.freeze_base()
+    scope = projection_parameters(model) if settings.train_projections else nullcontext([])
+    with scope as projections:
+        return _train(model, train, validation, encoder, settings, seed, accelerator, progress, objective, projections)
+
+
+def _train(
+    model: LoraXSClassifier,
+    train: list[Example],
+    validation: list[Example],
+    encoder: Encoder,
+    settings: OptimisationConfig,
+    seed: int,
+    accelerator: Accelerator | None,
+    progress: bool,
+    objective: Objective | None,
+    projections: list[torch.nn.Parameter],
+) -> MapResult:
     objective = objective or CrossEntropy()
     accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision)
     torch.manual_seed(seed)
-    model.freeze_base()
     cores = [layer.core.weight for layer in model.lora_layers.values()]
     groups = [{"params": cores, "lr": settings.lr}]
     if model.train_head:
         groups.append({"params": list(model.head.parameters()), "lr": settings.head_lr})
+    if projections:  # no weight decay: it would pull A and B towards zero, away from the base's factors
+        groups.append({"params": projections, "lr": settings.projection_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     loader = make_loader(train, encoder, settings.batch_size, shuffle=True, seed=seed)
     sampler = loader.batch_sampler  # keep our own handle: accelerate may wrap it for several processes
@@ -95,6 +117,29 @@ def train_map(
     result.seconds = timer.elapsed
     model.eval()
     return result
+
+
+@contextmanager
+def projection_parameters(model: LoraXSClassifier) -> Iterator[list[torch.nn.Parameter]]:
+    """Within the block every adapted layer's ``A`` and ``B`` are trainable parameters (L-LoRA-S), starting
+    from their current values; afterwards they are frozen buffers again, holding what training left."""
+    names = ("lora_A", "lora_B")
+    layers = list(model.lora_layers.values())
+    params = []
+    for layer in layers:
+        for name in names:
+            value = getattr(layer, name)
+            delattr(layer, name)
+            layer.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
+            params.append(getattr(layer, name))
+    try:
+        yield params
+    finally:
+        for layer in layers:
+            for name in names:
+                value = getattr(layer, name).detach().clone()
+                delattr(layer, name)
+                layer.register_buffer(name, value)
 
 
 def run_epoch(
@@ -162,6 +207,29 @@ def run_epochs(
         losses.append(loss)
     model.eval()
     return losses
+
+
+def train_variational(
+    model: torch.nn.Module,
+    train: list[Example],
+    encoder: Encoder,
+    groups: list[dict[str, Any]],
+    objective: Objective,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    name: str,
+    progress: bool = True,
+) -> list[float]:
+    """A variational phase after the MAP (VI, Bayesian-LoRA): Adam over the parameter ``groups`` with a
+    linear decay and no warm-up (it starts from the MAP), shuffled batches; returns each epoch's mean loss."""
+    optimizer = torch.optim.Adam(groups)
+    loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(epochs * len(loader), 0.0))
+    return run_epochs(
+        model, loader, optimizer, scheduler, objective, epochs=epochs, seed=seed, name=name, progress=progress
+    )
 
 
 @torch.no_grad()

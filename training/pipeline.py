@@ -160,7 +160,12 @@ def write_bundle(
             alpha=adapter.alpha,
             target_modules=session.patterns,
             modules=session.names,
-            projection=ProjectionSpecRecord(spec=adapter.projection, seed=config.seed, data=session.projection_data),
+            projection=ProjectionSpecRecord(
+                spec=adapter.projection,
+                seed=config.seed,
+                data=session.projection_data,
+                trained=config.optimisation.train_projections,
+            ),
         ),
         head=HeadSpec(
             trained=model.train_head, in_features=base.config.hidden_size, num_labels=len(session.task.labels)
@@ -184,7 +189,9 @@ def write_bundle(
     record = {"config": config.flat(), **manifest.eval.training.model_dump(mode="json")}
     (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     _replace_directory(staging, out)
-    session.log(f"bundle written to {out} ({bundle_size_kb(out):.0f} kB without projections)")
+    trained = config.optimisation.train_projections
+    size = bundle_size_kb(out, projections=trained)
+    session.log(f"bundle written to {out} ({size:.0f} kB {'with its trained' if trained else 'without'} projections)")
     return out
 
 
@@ -213,23 +220,29 @@ def _replace_directory(new: Path, target: Path) -> None:
 
 def run(config: TrainConfig) -> Path:
     """Train, fit the posterior, calibrate, evaluate and write a bundle; returns its directory."""
+    return train(config)[0]
+
+
+def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
+    """:func:`run`, also returning the session (the trained model) and the fitted posterior (``None`` on the
+    processes other than the main one under ``accelerate launch``)."""
     config.validate()
     out = Path(config.bundle.out)
     prepare_output(out, config.bundle.overwrite)
     session = prepare(config)
     fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
-        return out
+        return out, session, None
     fitted = fit(session, config.posterior.method)
     session.stage.done("posterior")
     calibration = calibrate(session, fitted)
     session.stage.done("calibration")
     evaluation, panels = evaluate(session, fitted, calibration[0])
     session.stage.done("evaluation")
-    write_bundle(session, out, fitted, calibration, evaluation, panels)
+    written = write_bundle(session, out, fitted, calibration, evaluation, panels)
     for line in summary_lines(evaluation):
         session.log(line)
-    return out
+    return written, session, fitted
 
 
 def _stage_list(seconds: dict[str, float]) -> str:
@@ -241,7 +254,9 @@ def _bundle_name(out: Path) -> str:
     return name or "bundle"
 
 
-def bundle_size_kb(directory: Path) -> float:
-    """Size of bundle.json, adapter and posterior files (projections may be shared across bundles)."""
+def bundle_size_kb(directory: Path, projections: bool = False) -> float:
+    """Size of bundle.json, adapter and posterior files, and of the projections when asked (shared across
+    bundles unless they were trained, L-LoRA-S)."""
     files = ["bundle.json", "adapter.safetensors", "posterior.safetensors"]
+    files += ["projections.safetensors"] if projections else []
     return sum((directory / f).stat().st_size for f in files) / 1024

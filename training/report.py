@@ -70,7 +70,8 @@ def render_report(manifest: BundleManifest) -> str:
     parts = [
         f"# {manifest.name} {manifest.version}\n",
         f"Base `{manifest.base_model.name_or_path}`, LoRA-XS r={adapter.rank} "
-        f"(alpha {adapter.alpha}, projection `{adapter.projection.spec}`) on "
+        f"(alpha {adapter.alpha}, projection `{adapter.projection.spec}`"
+        f"{', trained with the cores (L-LoRA-S)' if adapter.projection.trained else ''}) on "
         f"{len(adapter.modules)} layers (`{', '.join(adapter.target_modules)}`); "
         f"posterior `{posterior.family}` (prior precision {posterior.prior_precision}), "
         f"{posterior.default_num_samples} samples by default. Labels: {', '.join(manifest.task.labels)}.\n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from adapters.defaults import CORE_INIT_STD, prepare_tokenizer
 from adapters.embedded import resolve_model
 from adapters.eval_card import DataCard
 from adapters.pooling import default_pooling
-from adapters.projections import spec_needs_data
+from adapters.projections import Projection, spec_needs_data
 from adapters.tasks import letter_token_ids
 from training import hub
 from training.config import WSVD_BATCHES, ConfigError, TrainConfig
@@ -146,6 +147,7 @@ class Session:
     map_result: MapResult | None = None
     _map_outputs: dict[str, Outputs] = field(default_factory=dict)
     _linearisations: dict[str, Linearisation] = field(default_factory=dict)
+    initial_projections: dict[str, Projection] = field(default_factory=dict)  # before L-LoRA-S training
 
     def log(self, message: str) -> None:
         """Print once (on the main process under ``accelerate launch``)."""
@@ -252,10 +254,12 @@ def prepare(config: TrainConfig) -> Session:
     model = model.to(accelerator.device)
     accelerator.print(f"LoRA-XS: {report}, rank {adapter.rank}, {len(names) * adapter.rank**2} core parameters")
     stage.done("setup")
-    return Session(
+    session = Session(
         config, task, train, validation, test, shift, ood, model, encoder, list(patterns), names,
         fingerprint_value, projection_data, accelerator, stage,
     )  # fmt: skip
+    session.initial_projections = projections
+    return session
 
 
 def fit_map(
@@ -275,10 +279,15 @@ def fit_map(
     return result
 
 
-def reinitialise(model: LoraXSClassifier, seed: int) -> None:
-    """Fresh cores (``N(0, CORE_INIT_STD²)``, as at injection) and a fresh trainable head, from ``seed``."""
+def reinitialise(model: LoraXSClassifier, seed: int, projections: Mapping[str, Projection] | None = None) -> None:
+    """Fresh cores (``N(0, CORE_INIT_STD²)``, as at injection) and a fresh trainable head, from ``seed``; the
+    given ``projections`` put back into the layers (undoing L-LoRA-S training)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for name, projection in (projections or {}).items():
+            layer = model.lora_layers[name]
+            layer.lora_A.copy_(projection.A)
+            layer.lora_B.copy_(projection.B)
         for layer in model.lora_layers.values():
             weight = layer.core.weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * CORE_INIT_STD)

@@ -43,6 +43,15 @@ RUNS: dict[str, list[str]] = {
     "tiny-vi": [*TINY, "--posterior", "vi", "--vi-rank", "2"],
     "tiny-ensemble": [*TINY, "--posterior", "ensemble", "--members", "2"],
     "tiny-mc-dropout": [*TINY, "--posterior", "mc-dropout"],
+    "tiny-bayesian-lora": [*TINY, "--posterior", "bayesian-lora", "--blora-samples", "2"],
+    "tiny-llora-s-laplace-kron": [
+        *TINY,
+        "--posterior",
+        "laplace-kron",
+        "--train-projections",
+        "--projection-lr",
+        "1e-3",
+    ],
 }
 
 

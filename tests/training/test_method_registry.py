@@ -3,11 +3,13 @@ they promise."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from training.config import PosteriorMethod, TrainConfig
+from training.config import ConfigError, PosteriorMethod, TrainConfig
 from training.methods import REGISTRY, get_method
 from training.objectives import AdapterDropout
 from training.scopes import restored, trainable
@@ -28,6 +30,21 @@ def test_only_mc_dropout_trains_its_map_with_another_loss() -> None:
 def test_an_unknown_method_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="unknown --posterior 'laplace-huge'"):
         get_method("laplace-huge")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"posterior": "bayesian-lora", "posterior_head": True}, "not available for --posterior bayesian-lora"),
+        ({"blora_noise_init": 0.02, "blora_noise_cap": 0.01}, "0 < --blora-noise-init < --blora-noise-cap"),
+        ({"blora_prior_std": 0.0}, "--blora-prior-std"),
+        ({"posterior": "ensemble", "train_projections": True}, "a bundle holds one set of projections"),
+    ],
+)
+def test_bayesian_lora_and_trained_projection_settings_are_checked(flags: dict, message: str) -> None:
+    config = TrainConfig.from_flat(**flags)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.validate(needs_out=False)
 
 
 def test_trainable_and_restored_undo_what_happened_inside_even_on_error() -> None:

@@ -1,5 +1,6 @@
-"""Every posterior method end to end: ``caveat-train compare`` on a small slice of the embedded default, and
-SWAG / ensemble / MC-dropout / VI bundles served by the real server app."""
+"""Every posterior method end to end: ``caveat-train compare`` on a small slice of the embedded default,
+SWAG / ensemble / MC-dropout / VI bundles served by the real server app, and L-LoRA-S and Bayesian-LoRA
+bundles of the embedded MiniLM served with the trainer's predictive."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from transformers import AutoModel, AutoTokenizer
 from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from tests.service.bundles import running_app, save_tiny_base
-from training.cli import main
+from training.cli import main, parse_config
+from training.data import Example
+from training.inference import predict
+from training.pipeline import train
 
 SLICE = [
     "--train-limit", "120", "--eval-limit", "40", "--validation-size", "120", "--epochs", "1", "--rank", "2",
@@ -25,7 +29,7 @@ SLICE = [
 @pytest.mark.slow
 def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
-    methods = ["map", "temperature", "mc-dropout", "ensemble", "swag", "vi", "laplace-kron"]
+    methods = ["map", "temperature", "mc-dropout", "ensemble", "swag", "vi", "bayesian-lora", "laplace-kron"]
     argv = ["compare", "--posteriors", ",".join(methods), "--json", str(out), "--ood", "bbcnews", "--members", "2"]
     assert main([*argv, "--ood-limit", "30", *SLICE]) == 0
     rows = {row["posterior"]: row for row in json.loads(out.read_text())["rows"]}
@@ -38,6 +42,7 @@ def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
             assert "mutual_information" in row["ood"], method
     assert rows["map"]["temperature"] == 1.0 and rows["temperature"]["temperature"] != 1.0
     assert rows["ensemble"]["num_samples"] == 2 and rows["swag"]["predictive"] == "sample"
+    assert rows["bayesian-lora"]["predictive"] == "sample" and rows["bayesian-lora"]["fit"]["kl"] > 0
     assert rows["laplace-kron"]["predictive"] == "glm"
     assert len(rows["ensemble"]["fit"]["member_training_seconds"]) == 2  # one MAP training per member
 
@@ -110,3 +115,74 @@ def _member_probs(tiny_base: Path, bundle, texts: list[str]) -> torch.Tensor:
                 batch = tokenizer([text], truncation=True, max_length=32, return_tensors="pt")
                 probs[i] += model(**batch)[0].softmax(-1) / num
     return probs
+
+
+@pytest.mark.slow
+def test_l_lora_s_and_bayesian_lora_bundles_of_minilm_serve_the_trainers_predictive(tmp_path: Path) -> None:
+    """Train on the embedded MiniLM (small slice), serve, predict: the served MAP predictive of an L-LoRA-S
+    bundle and the served sampled predictive of a Bayesian-LoRA bundle equal the trainer's (same draws)."""
+    adapters, seed, draws = tmp_path / "adapters", 3, 4
+    runs = {
+        "llora-s": ["--train-projections", "--projection-lr", "1e-3", "--posterior", "map"],
+        "blora": ["--posterior", "bayesian-lora", "--blora-samples", "2", "--blora-prior-std", "0.3"],
+    }
+    trained = {
+        name: train(parse_config(["--out", str(adapters / name), *SLICE, *flags])) for name, flags in runs.items()
+    }
+    texts = ["a gorgeous, witty, seductive movie.", "it is a dull film", "neither good nor bad, just long"]
+    examples = [Example(text, 0) for text in texts]
+    expected = {}
+    for name, (_, session, fitted) in trained.items():
+        posterior = None if name == "llora-s" else fitted.posterior
+        outputs = predict(
+            session.model, examples, session.encoder, posterior=posterior, num_samples=draws, seed=seed,
+            batch_size=len(texts), progress=False,
+        )  # fmt: skip
+        expected[name] = outputs.logits.softmax(-1).mean(0)
+
+    session = trained["llora-s"][1]
+    bundle = load_bundle(adapters / "llora-s")
+    assert bundle.manifest.adapter.projection.trained
+    for module, layer in session.model.lora_layers.items():  # trained, stored, and not the family's any more
+        stored, initial = bundle.projections[module], session.initial_projections[module]
+        assert torch.equal(stored.A, layer.lora_A.cpu()) and torch.equal(stored.B, layer.lora_B.cpu())
+        assert not torch.equal(stored.A, initial.A) and not torch.equal(stored.B, initial.B)
+    assert load_bundle(adapters / "blora").manifest.posterior.family == "matrix_normal"
+
+    client = running_app(Path("minilm"), adapters)
+    try:
+        served = {
+            "llora-s": client.post("/v1/predict", json={"adapter": "llora-s", "inputs": texts}),
+            "blora": client.post(
+                "/v1/predict", json={"adapter": "blora", "inputs": texts, "seed": seed, "num_samples": draws}
+            ),
+        }
+        glm = client.post("/v1/predict", json={"adapter": "blora", "inputs": texts, "method": "glm"})
+    finally:
+        client.__exit__(None, None, None)
+    for name, answer in served.items():
+        assert answer.status_code == 200, (name, answer.text)
+        probs = torch.tensor([r["probs"] for r in answer.json()["results"]])
+        torch.testing.assert_close(probs, expected[name], atol=1e-5, rtol=1e-4)
+    assert served["blora"].json()["method"] == "sample"
+    assert glm.status_code == 200, glm.text  # a matrix-normal posterior is Gaussian: the GLM predictive is allowed
+
+
+@pytest.mark.slow
+def test_trained_projections_are_shared_only_between_identical_bundles(tiny_base: Path, tmp_path: Path) -> None:
+    """The server interns projections by content: two bundles with the same trained projections share one
+    device copy; trained projections that differ, or the family's untrained ones, are never shared."""
+    adapters = tmp_path / "adapters"
+    for name, lr in (("one", "1e-3"), ("same", "1e-3"), ("other", "3e-3")):
+        _train(tiny_base, adapters / name, "--posterior", "map", "--train-projections", "--projection-lr", lr)
+    _train(tiny_base, adapters / "plain", "--posterior", "map")
+    client = running_app(tiny_base, adapters)
+    try:
+        registry = client.app.state.caveat.registry
+        weights = {n: registry.entry(n).resident.weights.projections for n in ("one", "same", "other", "plain")}
+    finally:
+        client.__exit__(None, None, None)
+    for module, projection in weights["one"].items():
+        assert projection is weights["same"][module], module
+        assert projection is not weights["other"][module] and projection is not weights["plain"][module], module
+        assert weights["other"][module] is not weights["plain"][module], module

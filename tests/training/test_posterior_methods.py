@@ -1,5 +1,5 @@
-"""SWAG, VI, ensembles and MC dropout: oracles for their maths and checks of their training phases (tiny
-random BERT with MiniLM's tokenizer)."""
+"""SWAG, VI, Bayesian-LoRA, ensembles, MC dropout and L-LoRA-S's MAP phase: oracles for their maths and
+checks of their training phases (tiny random BERT with MiniLM's tokenizer)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,18 @@ from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.injection import target_names
 from adapters.layer import LoraXSLinear
 from adapters.posteriors import drop_columns, flatten
+from adapters.posteriors.matrix_normal import MatrixNormalFactors
 from tests.service.bundles import save_tiny_base
-from training.config import SwagConfig, ViConfig
+from training.config import BayesianLoraConfig, OptimisationConfig, SwagConfig, ViConfig
 from training.data import Example
 from training.encoding import Encoder
 from training.inference import predict
+from training.map_training import train_map
+from training.methods.bayesian_lora import MatrixNormalCores, MatrixNormalElbo, fit_bayesian_lora
 from training.methods.swag import SwagMoments, fit_swag
 from training.methods.vi import Elbo, GaussianCores, fit_vi
 from training.objectives import AdapterDropout, row_cores
+from training.scopes import trainable
 
 PATTERNS = ("query", "value")
 WORDS = ["good", "bad", "film", "plot", "dull", "witty", "boring", "great", "awful", "fun", "slow", "moving"]
@@ -209,3 +213,75 @@ def test_dropped_core_columns_equal_dropout_on_the_adapter_input(tiny_dir: Path)
     with pytest.raises(ValueError, match="rate"):
         AdapterDropout(1.0)
     assert objective.rate == rate
+
+
+# ------------------------------------------------------------------------------------------ Bayesian-LoRA
+
+
+def test_bayesian_lora_draws_noise_per_example_and_trains_every_variational_parameter(tiny_dir: Path) -> None:
+    """Two copies of one input get different logits (independent draws); the loss reaches M, both Cholesky
+    factors and λ of every core."""
+    model = _model(tiny_dir)
+    batch = _encoder(tiny_dir)([Example("a dull film", 0)] * 2)
+    settings = BayesianLoraConfig(init_std=0.5, noise_init=0.05, noise_cap=0.1, samples=2)
+    q = MatrixNormalCores(model, settings)
+    objective = MatrixNormalElbo(q, num_data=100, settings=settings)
+    with torch.no_grad():
+        logits, labels = objective.logits(model, batch)
+    assert logits.shape == (4, 2) and labels.tolist() == [0, 0, 0, 0]  # 2 draws for each of 2 examples
+    assert all(not torch.allclose(logits[i], logits[j]) for i in range(4) for j in range(i))
+    cores = model.posterior_parameters()
+    with trainable(model, cores.values()):
+        objective.loss(model, batch).backward()
+    for group in (list(cores.values()), list(q.row), list(q.col), list(q.noise)):
+        assert len(group) == len(cores) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in group)
+
+
+def test_bayesian_lora_elbo_decreases_and_the_map_is_restored(tiny_dir: Path) -> None:
+    model = _model(tiny_dir)
+    cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
+    head = model.head.weight.detach().clone()
+    settings = BayesianLoraConfig(epochs=4, lr=0.01, factor_lr=0.05, prior_std=0.5)
+    posterior, info = fit_bayesian_lora(
+        model, _examples(48), _encoder(tiny_dir), settings, batch_size=8, progress=False
+    )
+    losses = info["negative_elbo_per_example"]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert posterior.family == "matrix_normal" and posterior.names == list(cores)
+    assert all(torch.equal(model.posterior_parameters()[n], cores[n]) for n in cores)
+    assert torch.equal(model.head.weight, head)  # the head is not part of q and stays fixed
+    start = MatrixNormalFactors.isotropic((3, 3), settings.init_std, settings.noise_init, head)
+    moved = [
+        not torch.allclose(f.row, start.row) and abs(float(f.noise) - settings.noise_init) > 1e-5
+        for f in posterior.factors.values()
+    ]
+    assert all(moved)
+    assert 0 < info["noise_scale_mean"] < settings.noise_cap
+    torch.testing.assert_close(float(posterior.kl(settings.prior_std)), info["kl"], atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- L-LoRA-S (MAP)
+
+
+@pytest.mark.parametrize("train_projections", [False, True])
+def test_train_projections_trains_a_and_b_with_the_cores_and_freezes_them_again(
+    tiny_dir: Path, train_projections: bool
+) -> None:
+    model = _model(tiny_dir)
+    before = {n: (layer.lora_A.clone(), layer.lora_B.clone()) for n, layer in model.lora_layers.items()}
+    cores = {n: p.detach().clone() for n, p in model.posterior_parameters().items()}
+    settings = OptimisationConfig(
+        epochs=2, lr=0.01, batch_size=8, train_projections=train_projections, projection_lr=0.01
+    )
+    train_map(model, _examples(32), _examples(16, seed=1), _encoder(tiny_dir), settings, progress=False)
+    for name, layer in model.lora_layers.items():
+        moved = [
+            not torch.equal(now, then) for now, then in zip((layer.lora_A, layer.lora_B), before[name], strict=True)
+        ]
+        assert moved == [train_projections] * 2, name
+        assert not torch.equal(layer.core.weight, cores[name])
+        assert set(layer._buffers) == {"lora_A", "lora_B"}  # frozen buffers again, not parameters
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    if train_projections:  # the bundle's projections are the trained ones
+        own = model.own_adapter().projections
+        assert all(torch.equal(own[n].A, layer.lora_A) for n, layer in model.lora_layers.items())

@@ -16,7 +16,7 @@ from adapters import EnsemblePosterior, load_bundle
 from adapters.defaults import PredictiveMode
 from adapters.errors import CaveatError
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
-from training.config import ConfigError, PosteriorMethod
+from training.config import ENSEMBLE_PROJECTIONS, ConfigError, PosteriorMethod
 from training.methods.base import Fitted, Method, register
 from training.scopes import restored, snapshot
 from training.session import Session, data_card, fit_map, reinitialise
@@ -29,6 +29,8 @@ class Ensemble(Method):
         """The model is left holding the first member (the session's MAP)."""
         config, model = session.config, session.model
         settings = config.posterior.ensemble
+        if config.optimisation.train_projections:
+            raise ConfigError(ENSEMBLE_PROJECTIONS)
         seconds = [session.map_result.seconds if session.map_result else 0.0]
         with restored(model.posterior_parameters(include_head=True)) as first:
             members = [first]

@@ -21,8 +21,8 @@ from adapters.posteriors import flatten
 from adapters.posteriors.base import unflatten
 from training.config import PosteriorMethod, ViConfig
 from training.data import Example
-from training.encoding import Encoder, make_loader
-from training.map_training import run_epochs, warmup_linear
+from training.encoding import Encoder
+from training.map_training import train_variational
 from training.methods.base import Fitted, Method, register, sampled
 from training.objectives import cross_entropy, row_cores
 from training.scopes import Timer, restored, trainable
@@ -181,12 +181,9 @@ def fit_vi(
         ]
         if variational.factor is not None:  # in the cores' own units, like the means
             groups.append({"params": [variational.factor], "lr": settings.lr})
-        optimizer = torch.optim.Adam(groups)
-        loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(settings.epochs * len(loader), 0.0))
-        losses = run_epochs(
-            model, loader, optimizer, scheduler, objective, epochs=settings.epochs, seed=seed, name="VI",
-            progress=progress,
+        losses = train_variational(
+            model, train, encoder, groups, objective, epochs=settings.epochs, batch_size=batch_size, seed=seed,
+            name="VI", progress=progress,
         )  # fmt: skip
         posterior = variational.posterior()
         with torch.no_grad():
