@@ -17,6 +17,7 @@ from typing import Any
 
 from training.config import ConfigError, PosteriorMethod, TrainConfig
 from training.methods import Fitted, fit, get_method
+from training.ood import FittedOod, fit_ood
 from training.pipeline import calibrate, evaluate
 from training.session import Session, fit_map, prepare, reinitialise
 
@@ -36,6 +37,8 @@ COLUMNS = [
     ("ood", "max_prob", "OOD AUROC 1−maxp"),
     ("ood", "entropy", "OOD AUROC H"),
     ("ood", "mutual_information", "OOD AUROC MI"),
+    ("ood", "ood_score", "OOD AUROC ood_score"),
+    ("shift", "ood_score_auroc", "shift AUROC ood_score"),
 ]
 
 
@@ -56,6 +59,7 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     fit_map(session)
     if not session.accelerator.is_main_process:
         return []
+    ood = fit_ood(session)  # reads the frozen base: one fit serves every method's row
     map_seconds = session.map_result.seconds
     # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
     own_map = [m for m in others if m != TEMPERATURE and get_method(m).map_objective(config) is not None]
@@ -64,17 +68,17 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
             reinitialise(session.model, config.seed)
             session.forget_outputs()
             map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
-        rows.append(_row(session, method, map_seconds))
+        rows.append(_row(session, method, map_seconds, ood))
         session.log(markdown_table(rows))
     return rows
 
 
-def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
+def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | None = None) -> dict[str, Any]:
     """Fit, calibrate and evaluate one method on the session's current model."""
     config = session.config
     fitted = fit(session, PosteriorMethod.MAP if method in (TEMPERATURE, ZERO_SHOT) else method)
     temperature, _ = calibrate(session, fitted, method == TEMPERATURE or config.calibration.temperature_scaling)
-    evaluation, _ = evaluate(session, fitted, temperature)
+    evaluation, _ = evaluate(session, fitted, temperature, ood)
     train_seconds = map_seconds + fitted.seconds if fitted.train_seconds is None else fitted.train_seconds
     row: dict[str, Any] = {
         "posterior": str(method),
