@@ -48,9 +48,10 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; choose from {[str(m) for m in COMPARED]}")
     session = prepare(config)
+    ood = fit_ood(session)  # reads the frozen base: one fit, before training, serves every method's row
     rows = []
     if ZERO_SHOT in methods:  # the cores start at ~0: the base model as it is (with a new head, if any)
-        rows.append(_row(session, ZERO_SHOT, 0.0))
+        rows.append(_row(session, ZERO_SHOT, 0.0, ood))
         session.log(markdown_table(rows))
         session.forget_outputs()
     others = [m for m in methods if m != ZERO_SHOT]
@@ -59,7 +60,6 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     fit_map(session)
     if not session.accelerator.is_main_process:
         return []
-    ood = fit_ood(session)  # reads the frozen base: one fit serves every method's row
     map_seconds = session.map_result.seconds
     # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
     own_map = [m for m in others if m != TEMPERATURE and get_method(m).map_objective(config) is not None]

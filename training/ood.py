@@ -1,4 +1,5 @@
-"""The OOD stage: fit the feature-space OOD score on the frozen base's features of a training subset,
+"""The OOD stage: fit the feature-space OOD score on the frozen base's features of a training subset (before MAP
+training: the features do not depend on it, and a score that cannot be fitted fails before the costly part),
 calibrate its p-values and the ``ood`` rule on validation, and measure its AUROC against the shift and OOD sets.
 
 The score reads the *frozen* base (every adapter bypassed): fine-tuning pulls the adapted features towards the

@@ -242,6 +242,8 @@ def run(config: TrainConfig) -> Path:
     out = Path(config.bundle.out)
     prepare_output(out, config.bundle.overwrite)
     session = prepare(config)
+    ood = fit_ood(session)  # the frozen base's features: before training, so a score that cannot fit fails fast
+    session.stage.done("ood_score")
     fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
         return out
@@ -249,8 +251,6 @@ def run(config: TrainConfig) -> Path:
     session.stage.done("posterior")
     calibration = calibrate(session, fitted)
     session.stage.done("calibration")
-    ood = fit_ood(session)
-    session.stage.done("ood_score")
     evaluation, panels = evaluate(session, fitted, calibration[0], ood)
     session.stage.done("evaluation")
     return write_bundle(session, out, fitted, calibration, evaluation, panels, ood)
