@@ -48,6 +48,9 @@ from adapters.posteriors import (
     MatrixNormalPosterior,
     Posterior,
 )
+from training.data import Example
+from training.encoding import Encoder
+from training.inference import base_features
 
 
 def synthetic_bundle(
@@ -134,10 +137,6 @@ def synthetic_texts(count: int, seed: int = 0) -> list[str]:
 def _add_ood_score(bundle: Bundle, model: LoraXSClassifier, base_dir: str | Path, method: str, classes: int) -> None:
     """Fit ``method`` on the frozen base's features of synthetic texts as ``caveat-train`` does (training.ood),
     calibrated on others; the bundle gains the score, its record and the default ``ood`` rule."""
-    from training.data import Example
-    from training.encoding import Encoder
-    from training.inference import base_features
-
     layers = default_feature_layers(model.base.config.num_hidden_layers)
     encoder = Encoder(AutoTokenizer.from_pretrained(base_dir), bundle.manifest.task.max_length)
     train = [Example(text, i % classes) for i, text in enumerate(synthetic_texts(96, seed=1))]

@@ -53,7 +53,7 @@ def capture_states(base: nn.Module, layers: Sequence[int], rows: Tensor | slice)
     def hook(layer: int):
         def keep(_module: nn.Module, _args: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            states[layer] = hidden[rows].detach()
+            states[layer] = hidden[rows].detach().clone()  # not a view: the whole batch's states can go
 
         return keep
 
