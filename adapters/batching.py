@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -87,14 +87,20 @@ class RowPlan:
         row_inputs: ``(N_rows,)`` which unique input each row reads.
         block_rows: the slice of rows of each block.
         layer_groups: adapted module name → its row groups (one per distinct projection).
+        base_rows: the rows after the blocks that run the frozen base alone (no adapter): one per input
+            whose base features are wanted (the OOD score's), shared by every block that reads it.
     """
 
     row_inputs: Tensor
     block_rows: list[slice]
     layer_groups: dict[str, list[RowGroup]]
+    base_rows: slice = field(default_factory=lambda: slice(0, 0))
 
     @classmethod
-    def build(cls, blocks: Sequence[RowBlock], layer_names: Iterable[str]) -> RowPlan:
+    def build(
+        cls, blocks: Sequence[RowBlock], layer_names: Iterable[str], base_inputs: Tensor | None = None
+    ) -> RowPlan:
+        """``base_inputs``: ``(m,)`` unique inputs that also get a base row (none by default)."""
         if not blocks:
             raise ValueError("a batched forward needs at least one row block")
         block_rows, start = [], 0
@@ -102,11 +108,16 @@ class RowPlan:
             block_rows.append(slice(start, start + block.num_rows))
             start += block.num_rows
         row_inputs = torch.cat([block.inputs.repeat(block.num_samples) for block in blocks])
-        layer_groups = {name: _layer_groups(name, blocks, block_rows, start) for name in layer_names}
+        base_rows = slice(start, start)
+        if base_inputs is not None and base_inputs.numel():
+            row_inputs = torch.cat([row_inputs, base_inputs.to(row_inputs.device)])
+            base_rows = slice(start, start + base_inputs.shape[0])
+        total = row_inputs.shape[0]
+        layer_groups = {name: _layer_groups(name, blocks, block_rows, total) for name in layer_names}
         unknown = {n for b in blocks for n in b.adapter.projections} - set(layer_groups)
         if unknown:
             raise ValueError(f"adapters project modules the base model does not wrap: {sorted(unknown)[:5]}")
-        return cls(row_inputs=row_inputs, block_rows=block_rows, layer_groups=layer_groups)
+        return cls(row_inputs=row_inputs, block_rows=block_rows, layer_groups=layer_groups, base_rows=base_rows)
 
 
 def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice], total_rows: int) -> list[RowGroup]:
@@ -199,6 +210,14 @@ def _localise(parts: list[tuple[int, RowBlock]], width: int) -> Chunk:
 def apply_row_plan(layers: Mapping[str, LoraXSLinear], plan: RowPlan) -> Iterator[None]:
     """Put the layers in batched-rows mode for the forwards inside the block (not re-entrant)."""
     with _row_groups(layers, plan.layer_groups):
+        yield
+
+
+@contextmanager
+def base_only(layers: Mapping[str, LoraXSLinear]) -> Iterator[None]:
+    """Forwards inside run the frozen base alone: every LoRA-XS layer bypassed (batched-rows mode, no rows),
+    the same arithmetic as a plan's base rows."""
+    with _row_groups(layers, {}):
         yield
 
 

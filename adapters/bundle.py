@@ -6,6 +6,8 @@ Layout (docs/design.md §2)::
     projections.safetensors   "<module>::A" (r×d_in), "<module>::B" (d_out×r)
     adapter.safetensors       "<module>::core" (r×r) MAP cores, "head.weight" (C×H), "head.bias" (C)
     posterior.safetensors     the posterior family's tensors ("<block>::<field>", see adapters.posteriors)
+    ood.safetensors           schema 2, optional: the OOD score's tensors (adapters.ood; its parameters in
+                              bundle.json "ood")
     report.md, reliability.png    optional, written by the trainer
 
 Projections have a file of their own so that bundles sharing them (same base, rank and spec) are
@@ -39,6 +41,8 @@ from adapters.errors import (
     ManifestError,
     MissingFileError,
     NotSafetensorsError,
+    OodFileError,
+    OodStateError,
     PosteriorValueError,
     SchemaVersionError,
     ShapeMismatchError,
@@ -48,13 +52,15 @@ from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import (
     ADAPTER_FILE,
     MANIFEST_FILE,
+    OOD_FILE,
     POSTERIOR_FILE,
     PROJECTIONS_FILE,
-    SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
     TENSOR_FILES,
     BundleManifest,
 )
 from adapters.model import LoraXSClassifier
+from adapters.ood import OodScore
 from adapters.posteriors import Posterior
 from adapters.posteriors.base import KEY_SEP
 from adapters.projections import Projection
@@ -73,6 +79,7 @@ class Bundle:
         path: where it was loaded from (``None`` before saving).
         sha256: sha256 of bundle.json's bytes, which include every tensor file's checksum: the identity of
             this exact bundle.
+        ood: the feature-space OOD score (on the CPU; ``manifest.ood`` says which features), or ``None``.
     """
 
     manifest: BundleManifest
@@ -83,6 +90,7 @@ class Bundle:
     posterior: Posterior
     path: Path | None = None
     sha256: str = field(default="")
+    ood: OodScore | None = None
 
     @property
     def name(self) -> str:
@@ -140,12 +148,16 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
         },
         POSTERIOR_FILE: posterior_tensors,
     }
+    manifest = bundle.manifest
+    if bundle.ood is not None:
+        if manifest.ood is None:
+            raise ValueError("a bundle with an OOD score needs its manifest's ood record (which features)")
+        payloads[OOD_FILE], manifest.ood.params = bundle.ood.state()
     files = {}
     for file_name, tensors in payloads.items():
         data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
         (directory / file_name).write_bytes(data)
         files[file_name] = hashlib.sha256(data).hexdigest()
-    manifest = bundle.manifest
     manifest.files = files
     manifest.posterior.family = posterior_params.pop("family")
     manifest.posterior.params = posterior_params  # includes "names": the block order of θ
@@ -201,7 +213,8 @@ def load_bundle(
             f"(fingerprint {manifest.base_model.fingerprint[:12]}…), not on the running base "
             f"(fingerprint {base_fingerprint[:12]}…)",
         )
-    tensors = {name: _read_tensor_file(directory, name, manifest.files, root) for name in TENSOR_FILES}
+    names = [*TENSOR_FILES, *((OOD_FILE,) if manifest.ood is not None else ())]
+    tensors = {name: _read_tensor_file(directory, name, manifest.files, root) for name in names}
     bundle = _assemble(manifest, tensors, directory)
     bundle.path, bundle.sha256 = directory, hashlib.sha256(manifest_bytes).hexdigest()
     _check_against_base(bundle, layer_shapes, hidden_size)
@@ -217,9 +230,9 @@ def parse_manifest(data: bytes, directory: Path) -> BundleManifest:
     if not isinstance(raw, dict):
         raise ManifestError(directory, f"{MANIFEST_FILE} must hold a JSON object")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SCHEMA_VERSIONS:
         raise SchemaVersionError(
-            directory, f"unknown bundle schema version {version!r}; this Caveat reads version {SCHEMA_VERSION}"
+            directory, f"unknown bundle schema version {version!r}; this Caveat reads versions {list(SCHEMA_VERSIONS)}"
         )
     try:
         return BundleManifest.model_validate(raw)
@@ -291,7 +304,29 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
         if block not in values or values[block].shape != shape:
             raise ShapeMismatchError(directory, f"posterior block {block!r} {tuple(shape)} matches no adapter tensor")
     _check_values(built, values, posterior, directory)
-    return Bundle(manifest, built, cores, head_weight, head_bias, posterior)
+    ood = _load_ood(manifest, tensors.get(OOD_FILE), directory)
+    return Bundle(manifest, built, cores, head_weight, head_bias, posterior, ood=ood)
+
+
+def _load_ood(manifest: BundleManifest, tensors: dict[str, Tensor] | None, directory: Path) -> OodScore | None:
+    """The OOD score, checked against its record: ``OodFileError`` naming the file when anything is off."""
+    spec = manifest.ood
+    if spec is None or tensors is None:
+        return None
+    try:
+        score = OodScore.from_state(tensors, spec.params)
+    except OodStateError as exc:
+        raise OodFileError(directory, f"{OOD_FILE} is damaged: {exc}") from exc
+    if str(score.method) != spec.method:
+        raise OodFileError(directory, f"{OOD_FILE} holds a {score.method} score, bundle.json says {spec.method}")
+    if score.reference is None:
+        raise OodFileError(directory, f"{OOD_FILE} has no validation reference for p-values")
+    width = len(spec.layers) * manifest.base_model.hidden_size
+    if score.dim != width:
+        raise OodFileError(
+            directory, f"{OOD_FILE} scores {score.dim} features; {len(spec.layers)} layers of the base give {width}"
+        )
+    return score
 
 
 def _check_values(
@@ -364,4 +399,5 @@ def tensors_to(bundle: Bundle, device: torch.device | str) -> Bundle:
         posterior=bundle.posterior.to(device),
         path=bundle.path,
         sha256=bundle.sha256,
+        ood=bundle.ood,  # scored on the CPU in float64, from features the host copies there
     )

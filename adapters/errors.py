@@ -65,6 +65,11 @@ class UnsafePathError(BundleError):
     """A bundle file or directory is a link, or resolves, outside the directory it must stay inside."""
 
 
+class OodFileError(BundleError):
+    """The OOD score's tensor file is damaged: a tensor missing, of the wrong shape, or holding impossible
+    values (wraps :class:`OodStateError`, naming the file)."""
+
+
 class PosteriorValueError(CaveatError, ValueError):
     """A posterior family's tensors or parameters hold impossible values (see ``Posterior.validate``)."""
 

@@ -24,6 +24,7 @@ def row_jacobians(
     layers: Mapping[str, LoraXSLinear],
     batch: Mapping[str, Tensor],
     blocks: Sequence[RowBlock],
+    base_inputs: Tensor | None = None,
 ) -> list[tuple[Tensor, dict[str, Tensor]]]:
     """Per block (each with ``S = 1``): logits ``(n, C)`` and block name → Jacobian ``(n, C, *shape)`` for
     every core of its adapter, ``head.weight`` ``(n, C, C, H)`` and ``head.bias`` ``(n, C, C)`` (float32).
@@ -33,8 +34,9 @@ def row_jacobians(
         layers: the model's LoRA-XS layers by name.
         batch: tokenised unique inputs of this forward ``(N_inputs, T)``.
         blocks: row blocks with one sample, the point the network is linearised at.
+        base_inputs: inputs that also get a frozen-base row (:meth:`RowPlan.build`); no gradient reaches them.
     """
-    plan = RowPlan.build(blocks, layers.keys())
+    plan = RowPlan.build(blocks, layers.keys(), base_inputs)
     leaves = [(name, group) for name, groups in plan.layer_groups.items() for group in groups]
     for _, group in leaves:
         group.cores = group.cores.detach().requires_grad_(True)

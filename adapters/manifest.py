@@ -1,4 +1,4 @@
-"""``bundle.json``: the typed manifest of a bundle (schema version 1).
+"""``bundle.json``: the typed manifest of a bundle (schema version 2; version 1, without an OOD score, still reads).
 
 The manifest says what the tensors are, what they were trained on and how to use them; the tensor files
 hold the numbers. See docs/design.md §2 for the directory layout.
@@ -25,10 +25,12 @@ def _caveat_version() -> str:
 
 
 CAVEAT_VERSION = _caveat_version()
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)  # what this library reads: 2 added the optional OOD score (``ood``, ood.safetensors)
 PROJECTIONS_FILE = "projections.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 POSTERIOR_FILE = "posterior.safetensors"
+OOD_FILE = "ood.safetensors"
 MANIFEST_FILE = "bundle.json"
 TENSOR_FILES = (PROJECTIONS_FILE, ADAPTER_FILE, POSTERIOR_FILE)
 
@@ -108,11 +110,12 @@ THRESHOLD_RANGES = {
     "max_prob": (0.0, math.nextafter(1.0, 2.0)),
     "entropy": (-1.0, 1.0),
     "mutual_information": (-1.0, math.inf),
+    "ood": (0.0, 1.0),
 }
 
 
 class AbstentionSpec(_Strict):
-    kind: Literal["max_prob", "entropy", "mutual_information"]
+    kind: Literal["max_prob", "entropy", "mutual_information", "ood"]
     threshold: float
     target: dict[str, float] | None = Field(default=None, description="e.g. {'risk': 0.05} it was fitted for")
 
@@ -127,13 +130,30 @@ class AbstentionSpec(_Strict):
         return AbstentionRule(self.kind, self.threshold)
 
 
+class OodSpec(_Strict):
+    """The feature-space OOD score (tensors in ood.safetensors): which features, and the score's parameters.
+
+    Features: the frozen base's hidden states after ``layers`` (1-based), each pooled as ``pooling`` says and
+    L2-normalised, concatenated (``adapters.ood.features``); ``params`` are the score's own (method, norm,
+    dim, rank, ...: ``OodScore.state``).
+    """
+
+    method: Literal["mahalanobis", "relative-mahalanobis", "knn"]
+    layers: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    budget_bytes: int = Field(gt=0)
+    fraction: float = Field(gt=0, lt=1, description="of validation inputs the fitted ``ood`` rule abstains on")
+    train_size: int = Field(gt=0, description="training inputs the score was fitted on")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class CalibrationSpec(_Strict):
     temperature: float = Field(default=1.0, gt=0)
     abstention: list[AbstentionSpec] = Field(default_factory=list)
 
 
 class BundleManifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field(min_length=1, max_length=64)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -144,6 +164,7 @@ class BundleManifest(_Strict):
     head: HeadSpec
     posterior: PosteriorSpec
     calibration: CalibrationSpec = CalibrationSpec()
+    ood: OodSpec | None = Field(default=None, description="the OOD score (schema 2); null: the bundle has none")
     eval: EvalCard = Field(default_factory=EvalCard)
     files: dict[str, str] = Field(default_factory=dict, description="tensor file name → sha256")
 
@@ -155,14 +176,22 @@ class BundleManifest(_Strict):
                 raise ValueError(f"file name {name!r} must be a plain name inside the bundle")
         return files
 
+    @model_validator(mode="after")
+    def _ood_needs_schema_2(self) -> BundleManifest:
+        if self.ood is not None and self.schema_version < 2:
+            raise ValueError("an OOD score (ood) needs schema version 2")
+        return self
+
 
 __all__ = [
     "ADAPTER_FILE",
     "CAVEAT_VERSION",
     "MANIFEST_FILE",
+    "OOD_FILE",
     "POSTERIOR_FILE",
     "PROJECTIONS_FILE",
     "SCHEMA_VERSION",
+    "SCHEMA_VERSIONS",
     "TENSOR_FILES",
     "AbstentionSpec",
     "AdapterSpec",
@@ -170,6 +199,7 @@ __all__ = [
     "BundleManifest",
     "CalibrationSpec",
     "HeadSpec",
+    "OodSpec",
     "PosteriorSpec",
     "ProjectionSpecRecord",
     "TaskSpec",

@@ -9,6 +9,7 @@ Injection is :mod:`adapters.injection`, fingerprints :mod:`adapters.fingerprint`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from adapters.heads import HEAD_BIAS, HEAD_WEIGHT, head_logits
 from adapters.injection import lora_xs_layers
 from adapters.layer import LoraXSLinear
 from adapters.linearisation import row_jacobians
+from adapters.ood.features import BaseFeatureTap
 from adapters.pooling import POOLINGS, pool
 from adapters.projections import Projection
 
@@ -71,7 +73,11 @@ class LoraXSClassifier(nn.Module):
         return self.head(self.dropout(features))
 
     def forward_rows(
-        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], token_budget: int | None = None
+        self,
+        batch: Mapping[str, Tensor],
+        blocks: Sequence[RowBlock],
+        token_budget: int | None = None,
+        tap: BaseFeatureTap | None = None,
     ) -> list[Tensor]:
         """Batched-rows mode: every (input, posterior sample) of every block, in as few forwards as fit.
 
@@ -83,6 +89,8 @@ class LoraXSClassifier(nn.Module):
                 blocks packed shortest first and split by samples (:func:`adapters.batching.pack_blocks`).
                 On a CPU very large forwards fall out of cache and get slower per row; on a GPU, leave it
                 ``None`` for one forward.
+            tap: when given, the inputs it wants get one base row each (no adapter) in the forward that
+                first reads them, and their OOD features are stored in it.
 
         Returns:
             One logits tensor ``(S_b, n_b, C_b)`` per block.
@@ -90,13 +98,18 @@ class LoraXSClassifier(nn.Module):
         outputs: list[list[Tensor]] = [[] for _ in blocks]
         for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
-            logits = self._forward_plan(rows, [part for _, part in chunk.parts])
+            with _tapped(self.base, tap, chunk.inputs, rows) as base_inputs:
+                logits = self._forward_plan(rows, [part for _, part in chunk.parts], base_inputs)
             for (index, _), part_logits in zip(chunk.parts, logits, strict=True):
                 outputs[index].append(part_logits)
         return [torch.cat(parts) for parts in outputs]
 
     def forward_rows_jacobians(
-        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], token_budget: int | None = None
+        self,
+        batch: Mapping[str, Tensor],
+        blocks: Sequence[RowBlock],
+        token_budget: int | None = None,
+        tap: BaseFeatureTap | None = None,
     ) -> list[tuple[Tensor, dict[str, Tensor]]]:
         """The GLM linearisation of every block: logits and their Jacobians w.r.t. each core and the head.
 
@@ -104,7 +117,7 @@ class LoraXSClassifier(nn.Module):
         maths is :func:`adapters.linearisation.row_jacobians`.
 
         Args:
-            batch, token_budget: as for :meth:`forward_rows`.
+            batch, token_budget, tap: as for :meth:`forward_rows`.
             blocks: row blocks with ``S = 1``.
 
         Returns:
@@ -116,13 +129,17 @@ class LoraXSClassifier(nn.Module):
         outputs: list[tuple[Tensor, dict[str, Tensor]]] = [None] * len(blocks)  # type: ignore[list-item]
         for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
-            results = row_jacobians(self.features, self.lora_layers, rows, [part for _, part in chunk.parts])
+            parts = [part for _, part in chunk.parts]
+            with _tapped(self.base, tap, chunk.inputs, rows) as base_inputs:
+                results = row_jacobians(self.features, self.lora_layers, rows, parts, base_inputs)
             for (index, _), result in zip(chunk.parts, results, strict=True):
                 outputs[index] = result
         return outputs
 
-    def _forward_plan(self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
-        plan = RowPlan.build(blocks, self.lora_layers.keys())
+    def _forward_plan(
+        self, batch: Mapping[str, Tensor], blocks: Sequence[RowBlock], base_inputs: Tensor | None = None
+    ) -> list[Tensor]:
+        plan = RowPlan.build(blocks, self.lora_layers.keys(), base_inputs)
         rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
         with apply_row_plan(self.lora_layers, plan):
             features = self.features(rows_batch)
@@ -157,6 +174,11 @@ class LoraXSClassifier(nn.Module):
             params[HEAD_WEIGHT] = self.head.weight
             params[HEAD_BIAS] = self.head.bias
         return params
+
+
+def _tapped(base: nn.Module, tap: BaseFeatureTap | None, inputs: Tensor, rows: Mapping[str, Tensor]):
+    """The tap's context around one chunk's forward (``inputs`` its unique inputs, ``rows`` their tokens)."""
+    return nullcontext() if tap is None else tap.tapped(base, inputs, rows.get("attention_mask"))
 
 
 def _input_lengths(batch: Mapping[str, Tensor]) -> list[int]:

@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-AbstentionKind = Literal["max_prob", "entropy", "mutual_information"]
-ABSTENTION_KINDS: tuple[AbstentionKind, ...] = ("max_prob", "entropy", "mutual_information")
+AbstentionKind = Literal["max_prob", "entropy", "mutual_information", "ood"]
+ABSTENTION_KINDS: tuple[AbstentionKind, ...] = ("max_prob", "entropy", "mutual_information", "ood")
+OOD_REASON = "out_of_distribution"  # the ``ood`` rule's reason (and its abstention counter's label)
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
@@ -90,7 +91,8 @@ class AbstentionRule:
     """Abstain when a score crosses a threshold.
 
     ``max_prob`` abstains when the confidence is *below* the threshold; ``entropy`` (normalised to
-    [0, 1]) and ``mutual_information`` (nats) abstain when the score is *above* it.
+    [0, 1]) and ``mutual_information`` (nats) abstain when the score is *above* it; ``ood`` abstains when the
+    input's OOD p-value (``adapters.ood``) is *below* it, and never for a bundle without an OOD score.
     """
 
     kind: AbstentionKind
@@ -100,29 +102,38 @@ class AbstentionRule:
         if self.kind not in ABSTENTION_KINDS:
             raise ValueError(f"unknown abstention rule {self.kind!r}; choose one of {ABSTENTION_KINDS}")
 
-    def score(self, pred: Predictive) -> Tensor:
-        """The score this rule thresholds, for each input."""
+    def score(self, pred: Predictive, ood_pvalue: Tensor | None = None) -> Tensor:
+        """The score this rule thresholds, for each input (``ood``: the p-value, NaN when there is none)."""
         if self.kind == "max_prob":
             return pred.confidence
         if self.kind == "entropy":
             return pred.entropy_normalized
+        if self.kind == "ood":
+            return torch.full_like(pred.confidence, math.nan) if ood_pvalue is None else ood_pvalue
         return pred.mutual_information
 
-    def fires(self, pred: Predictive) -> Tensor:
-        score = self.score(pred)
-        return score < self.threshold if self.kind == "max_prob" else score > self.threshold
+    def fires(self, pred: Predictive, ood_pvalue: Tensor | None = None) -> Tensor:
+        score = self.score(pred, ood_pvalue).to(pred.confidence.device)
+        return score < self.threshold if self.kind in ("max_prob", "ood") else score > self.threshold
 
     def reason(self) -> str:
+        if self.kind == "ood":
+            return f"{OOD_REASON} (ood_pvalue below {self.threshold:.4g})"
         relation = "below" if self.kind == "max_prob" else "above"
         return f"{self.kind} {relation} {self.threshold:.4g}"
 
 
-def abstain(pred: Predictive, rules: list[AbstentionRule]) -> tuple[Tensor, list[str | None]]:
-    """Apply rules (abstain when any fires). Returns ``(N,)`` flags and, per input, the first reason."""
+def abstain(
+    pred: Predictive, rules: list[AbstentionRule], ood_pvalue: Tensor | None = None
+) -> tuple[Tensor, list[str | None]]:
+    """Apply rules (abstain when any fires). Returns ``(N,)`` flags and, per input, the first reason.
+
+    ``ood_pvalue``: ``(N,)`` the inputs' OOD p-values, for the ``ood`` rule (``None``: it never fires).
+    """
     flags = torch.zeros_like(pred.confidence, dtype=torch.bool)
     reasons: list[str | None] = [None] * flags.shape[0]
     for rule in rules:
-        fired = rule.fires(pred)
+        fired = rule.fires(pred, ood_pvalue)
         for i in torch.nonzero(fired & ~flags).flatten().tolist():
             reasons[i] = rule.reason()
         flags |= fired

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, AutoTokenizer
 
 from adapters import LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs, target_names
 from adapters.bundle import Bundle, save_bundle
@@ -34,9 +34,12 @@ from adapters.manifest import (
     BundleManifest,
     CalibrationSpec,
     HeadSpec,
+    OodSpec,
     PosteriorSpec,
     TaskSpec,
 )
+from adapters.ood import DEFAULT_BUDGET_BYTES, DEFAULT_FRACTION, fit_ood_score
+from adapters.ood.features import default_feature_layers
 from adapters.posteriors import (
     DiagPosterior,
     KronFactors,
@@ -45,6 +48,9 @@ from adapters.posteriors import (
     MatrixNormalPosterior,
     Posterior,
 )
+from training.data import Example
+from training.encoding import Encoder
+from training.inference import base_features
 
 
 def synthetic_bundle(
@@ -64,8 +70,10 @@ def synthetic_bundle(
     max_length: int = 64,
     num_samples: int = 8,
     base: torch.nn.Module | None = None,
+    ood_method: str | None = None,
 ) -> Path:
-    """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``."""
+    """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
+    ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
     config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed)
     names = target_names(base, targets)
@@ -95,7 +103,56 @@ def synthetic_bundle(
         calibration=CalibrationSpec(abstention=rules),
     )
     posterior = _posterior(family, mean, variance)
-    return save_bundle(Bundle.from_classifier(model, posterior, manifest), out)
+    bundle = Bundle.from_classifier(model, posterior, manifest)
+    if ood_method is not None:
+        _add_ood_score(bundle, model, base_dir, ood_method, len(labels))
+    return save_bundle(bundle, out)
+
+
+def synthetic_texts(count: int, seed: int = 0) -> list[str]:
+    """Short review-like sentences from a small vocabulary (what synthetic OOD scores are fitted on)."""
+    words = [
+        "good",
+        "bad",
+        "film",
+        "plot",
+        "acting",
+        "great",
+        "boring",
+        "loved",
+        "hated",
+        "music",
+        "story",
+        "slow",
+        "funny",
+        "dull",
+        "moving",
+        "cast",
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 12, (count,), generator=generator).tolist()
+    return [" ".join(words[i] for i in torch.randint(len(words), (n,), generator=generator).tolist()) for n in lengths]
+
+
+def _add_ood_score(bundle: Bundle, model: LoraXSClassifier, base_dir: str | Path, method: str, classes: int) -> None:
+    """Fit ``method`` on the frozen base's features of synthetic texts as ``caveat-train`` does (training.ood),
+    calibrated on others; the bundle gains the score, its record and the default ``ood`` rule."""
+    layers = default_feature_layers(model.base.config.num_hidden_layers)
+    encoder = Encoder(AutoTokenizer.from_pretrained(base_dir), bundle.manifest.task.max_length)
+    train = [Example(text, i % classes) for i, text in enumerate(synthetic_texts(96, seed=1))]
+    validation = [Example(text, 0) for text in synthetic_texts(64, seed=2)]
+    features = base_features(model, train, encoder, layers, progress=False)
+    options = {"k": 3} if method == "knn" else {}
+    score = fit_ood_score(method, features, torch.tensor([e.label for e in train]), **options)
+    score.calibrate(base_features(model, validation, encoder, layers, progress=False))
+    bundle.ood = score
+    manifest = bundle.manifest
+    manifest.ood = OodSpec(
+        method=method, layers=list(layers), pooling=model.pooling, budget_bytes=DEFAULT_BUDGET_BYTES,
+        fraction=DEFAULT_FRACTION, train_size=len(train),
+    )  # fmt: skip
+    rule = AbstentionSpec(kind="ood", threshold=score.threshold(), target={"validation_fraction": DEFAULT_FRACTION})
+    manifest.calibration.abstention.append(rule)
 
 
 def _posterior(family: str, mean: dict[str, torch.Tensor], variance: float) -> Posterior:

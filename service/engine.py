@@ -27,6 +27,7 @@ from torch import Tensor
 
 from adapters.batching import RowBlock
 from adapters.defaults import PredictiveMode
+from adapters.ood.features import BaseFeatureTap
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
 from adapters.tasks import mask_choices
@@ -89,6 +90,8 @@ class JobResult:
     compute_seconds: float
     batch_requests: int
     batch_rows: int
+    ood_score: list[float] | None = None
+    ood_pvalue: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class _Progress:
         self.samples: dict[str, Tensor] | None = None
         self.logits: list[Tensor] = []
         self.jacobians: list[dict[str, Tensor]] = []
+        self.ood_features: dict[int, Tensor] = {}  # input position → its frozen-base OOD features
         self.started: float | None = None
         self.compute_seconds = 0.0
         self.batch_requests = 0
@@ -288,7 +292,7 @@ class Engine:
             self.metrics.queue_wait.observe(outcome.queue_seconds)
             job.future.set_result(outcome)
             self.metrics.samples.observe(job.num_samples)
-            self.metrics.observe_predictions(job.adapter.name, outcome.pred, outcome.reasons)
+            self.metrics.observe_predictions(job.adapter.name, outcome.pred, outcome.reasons, outcome.ood_pvalue)
         self.metrics.queue_depth.set(self.pending)
 
     # ------------------------------------------------------------------------------ the worker thread
@@ -327,21 +331,24 @@ class Engine:
             samples = {k: v[piece.samples] for k, v in progress.samples.items()}
             blocks.append(RowBlock(job.adapter.weights, samples, torch.tensor(indices, device=device)))
         batch = self.host.encode(list(unique))
+        tap = self._feature_tap(pieces, unique)
         sampled = [i for i, piece in enumerate(pieces) if piece.job.method != PredictiveMode.GLM]
         linearised = [i for i, piece in enumerate(pieces) if piece.job.method == PredictiveMode.GLM]
         logits: dict[int, Tensor] = {}
         jacobians: dict[int, dict[str, Tensor]] = {}
         if sampled:
-            for i, out in zip(sampled, self.host.forward(batch, [blocks[i] for i in sampled]), strict=True):
+            for i, out in zip(sampled, self.host.forward(batch, [blocks[i] for i in sampled], tap), strict=True):
                 logits[i] = out.float().cpu()
         if linearised:
-            outputs = self.host.linearise(batch, [blocks[i] for i in linearised])
+            outputs = self.host.linearise(batch, [blocks[i] for i in linearised], tap)
             for i, (out, jacobian) in zip(linearised, outputs, strict=True):
                 logits[i], jacobians[i] = out.cpu(), {k: v.cpu() for k, v in jacobian.items()}
         for i, piece in enumerate(pieces):  # only now, so that a failed step leaves no partial output behind
             piece.job.progress.logits.append(logits[i])
             if i in jacobians:
                 piece.job.progress.jacobians.append(jacobians[i])
+            if tap is not None and piece.job.adapter.ood_layers is not None:
+                _keep_features(piece, tap, unique)
         seconds = time.perf_counter() - start
         jobs = list(dict.fromkeys(p.job for p in pieces))
         rows = sum(p.rows for p in pieces)
@@ -357,6 +364,38 @@ class Engine:
             except Exception as exc:  # this job's answer alone fails
                 outcomes[id(job)] = exc
         return outcomes
+
+    def _feature_tap(self, pieces: list[_Piece], unique: dict[TextInput, int]) -> BaseFeatureTap | None:
+        """A tap for the inputs of pieces whose adapter has an OOD score and whose features no earlier step of
+        its job produced: one base row each, shared by every adapter and request that reads the input."""
+        wanted, layers = set(), set()
+        for piece in pieces:
+            job = piece.job
+            if job.adapter.ood_layers is None:
+                continue
+            layers.update(job.adapter.ood_layers)
+            positions = range(len(job.inputs))[piece.inputs]
+            wanted.update(unique[job.inputs[p]] for p in positions if p not in job.progress.ood_features)
+        return self.host.feature_tap(sorted(layers), sorted(wanted)) if wanted else None
+
+
+def _keep_features(piece: _Piece, tap: BaseFeatureTap, unique: dict[TextInput, int]) -> None:
+    """The piece's inputs' OOD features (the layers its adapter reads), kept with its job."""
+    job = piece.job
+    positions = [p for p in range(len(job.inputs))[piece.inputs] if p not in job.progress.ood_features]
+    if positions:
+        features = tap.select(job.adapter.ood_layers, [unique[job.inputs[p]] for p in positions])
+        job.progress.ood_features.update(zip(positions, features, strict=True))
+
+
+def _ood(job: Job) -> tuple[Tensor, Tensor] | None:
+    """``(n,)`` OOD scores and p-values of a finished job, or ``None`` for a bundle without a score."""
+    score = job.adapter.bundle.ood
+    if score is None:
+        return None
+    features = torch.stack([job.progress.ood_features[p] for p in range(len(job.inputs))])
+    values = score.score(features)
+    return values, score.pvalue(values)
 
 
 def _result(job: Job) -> JobResult:
@@ -376,11 +415,12 @@ def _result(job: Job) -> JobResult:
             f"adapter {job.adapter.name!r} (version {job.adapter.version}) produced non-finite probabilities; "
             "the answer is withheld"
         )
-    flags, reasons = abstain(pred, job.rules)
+    ood = _ood(job)
+    flags, reasons = abstain(pred, job.rules, None if ood is None else ood[1])
     queue_seconds = (progress.started or job.admitted) - job.admitted
     return JobResult(
         pred, flags.tolist(), reasons, queue_seconds, progress.compute_seconds, progress.batch_requests,
-        progress.batch_rows,
+        progress.batch_rows, *((ood[0].tolist(), ood[1].tolist()) if ood is not None else ()),
     )  # fmt: skip
 
 

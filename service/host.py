@@ -22,6 +22,7 @@ from adapters.embedded import resolve_model
 from adapters.fingerprint import combine_digests, module_digests
 from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
+from adapters.ood.features import BaseFeatureTap
 from adapters.pooling import default_pooling
 
 log = logging.getLogger("caveat.serve")
@@ -52,6 +53,7 @@ class ModelHost:
         device, dtype: where and in which precision the base runs.
         pooling: how token states become features (``mean`` for encoders, ``last`` for decoders).
         hidden_size: the feature size an adapter head must take.
+        num_layers: transformer blocks of the base (the OOD features read some of them).
         layer_shapes: adapted-module name → ``(d_out, d_in)``.
         load_seconds: time to load, fingerprint, cast and move the base.
     """
@@ -73,6 +75,7 @@ class ModelHost:
         self.pooling = default_pooling(base.config)
         self.classifier = LoraXSClassifier(base, num_labels=None, pooling=self.pooling).eval()
         self.hidden_size = base.config.hidden_size
+        self.num_layers = base.config.num_hidden_layers
         self.layer_shapes = {
             n: (layer.base.out_features, layer.base.in_features) for n, layer in lora_xs_layers(base).items()
         }
@@ -125,15 +128,23 @@ class ModelHost:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()
-    def forward(self, batch: dict[str, Tensor], blocks: Sequence[RowBlock]) -> list[Tensor]:
+    def forward(
+        self, batch: dict[str, Tensor], blocks: Sequence[RowBlock], tap: BaseFeatureTap | None = None
+    ) -> list[Tensor]:
         """Batched-rows forwards (packed by length under the CPU token budget); logits ``(S_b, n_b, C_b)`` per
-        block."""
-        return self.classifier.forward_rows(batch, blocks, token_budget=self.token_budget)
+        block. ``tap``: inputs whose frozen-base OOD features to collect, one extra row each."""
+        return self.classifier.forward_rows(batch, blocks, token_budget=self.token_budget, tap=tap)
 
-    def linearise(self, batch: dict[str, Tensor], blocks: Sequence[RowBlock]) -> list[tuple[Tensor, dict]]:
+    def linearise(
+        self, batch: dict[str, Tensor], blocks: Sequence[RowBlock], tap: BaseFeatureTap | None = None
+    ) -> list[tuple[Tensor, dict]]:
         """The GLM linearisation of each block (MAP logits and per-input Jacobians; needs autograd, so not
-        under inference mode)."""
-        return self.classifier.forward_rows_jacobians(batch, blocks, token_budget=self.token_budget)
+        under inference mode); ``tap`` as for :meth:`forward`."""
+        return self.classifier.forward_rows_jacobians(batch, blocks, token_budget=self.token_budget, tap=tap)
+
+    def feature_tap(self, layers: Sequence[int], wanted: Sequence[int]) -> BaseFeatureTap:
+        """A tap collecting the OOD features of unique inputs ``wanted`` from ``layers``, pooled as the base pools."""
+        return BaseFeatureTap(layers, self.pooling, wanted)
 
     @torch.inference_mode()
     def warm_up(self) -> float:

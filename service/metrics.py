@@ -1,8 +1,8 @@
 """Prometheus metrics (prefix ``caveat_``, units in names, counters end in ``_total``).
 
 Besides the usual request, latency, queue and batch series, every answered input feeds per-adapter
-histograms of confidence, entropy and mutual information, and abstention counters: a rising mutual
-information is the drift alarm of a Bayesian adapter.
+histograms of confidence, entropy, mutual information and the OOD p-value, and abstention counters by rule
+(``rule="out_of_distribution"`` for the ``ood`` rule): a falling OOD p-value is the drift alarm of an adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from adapters.predictive import Predictive
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))  # 0.05 … 1.0
+PVALUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 MI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7)
 
 
@@ -79,8 +80,17 @@ class Metrics:
             ["adapter"], buckets=MI_BUCKETS, registry=r,
         )  # fmt: skip
 
-    def observe_predictions(self, adapter: str, pred: Predictive, reasons: list[str | None]) -> None:
+        self.ood_pvalue = Histogram(
+            "caveat_prediction_ood_pvalue", "OOD p-value: the fraction of validation inputs at least as far out",
+            ["adapter"], buckets=PVALUE_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def observe_predictions(
+        self, adapter: str, pred: Predictive, reasons: list[str | None], ood_pvalue: list[float] | None = None
+    ) -> None:
         self.predictions.labels(adapter).inc(len(reasons))
+        for value in ood_pvalue or []:
+            self.ood_pvalue.labels(adapter).observe(value)
         for confidence, entropy, mi in zip(
             pred.confidence.tolist(), pred.entropy_normalized.tolist(), pred.mutual_information.tolist(), strict=True
         ):

@@ -156,6 +156,8 @@ def results_of(answer: Answer, return_samples: bool = False) -> list[PredictResu
                     expected_entropy=pred.expected_entropy[i].item(),
                     mutual_information=pred.mutual_information[i].item(),
                     mc_stderr=pred.mc_stderr[i].item(),
+                    ood_score=None if answer.result.ood_score is None else answer.result.ood_score[i],
+                    ood_pvalue=None if answer.result.ood_pvalue is None else answer.result.ood_pvalue[i],
                 ),
                 abstain=answer.result.abstain[i],
                 abstain_reason=answer.result.reasons[i],

@@ -105,6 +105,11 @@ class AdapterVersion:
     def has_glm(self) -> bool:
         return self.samples_posterior and self.bundle.posterior.gaussian
 
+    @property
+    def ood_layers(self) -> list[int] | None:
+        """The base layers the bundle's OOD score reads (``None``: it has no score)."""
+        return None if self.bundle.ood is None or self.manifest.ood is None else self.manifest.ood.layers
+
     def abstention_rules(self) -> list[AbstentionRule]:
         return [AbstentionRule(rule.kind, rule.threshold) for rule in self.manifest.calibration.abstention]
 
@@ -344,6 +349,12 @@ class AdapterRegistry:
         return self._place(bundle, name or manifest.name, directory)
 
     def _check_task(self, manifest: BundleManifest, directory: Path) -> None:
+        ood = manifest.ood
+        if ood is not None and (ood.pooling != self.host.pooling or max(ood.layers) > self.host.num_layers):
+            raise BundleRejectedError(
+                f"bundle {directory.name!r}'s OOD score reads layers {ood.layers} pooled by {ood.pooling!r}; this "
+                f"server's base has {self.host.num_layers} layers and pools by {self.host.pooling!r}"
+            )
         if manifest.task.pooling != self.host.pooling:
             raise BundleRejectedError(
                 f"bundle {directory.name!r} pools by {manifest.task.pooling!r}; this server's base pools by "
@@ -363,6 +374,7 @@ class AdapterRegistry:
             posterior=bundle.posterior.to(device),
             path=directory,
             sha256=bundle.sha256,
+            ood=bundle.ood,  # stays on the CPU: scored in float64 from features the host copies there
         )
         own_bytes = bundle.tensor_bytes() - sum(_projection_bytes(p) for p in bundle.projections.values())
         return AdapterVersion(name, on_device, on_device.adapter_weights(), directory, own_bytes)

@@ -83,6 +83,10 @@ class AbstainOverride(_Request):
     max_prob: float | None = Field(None, ge=0, le=1, description="abstain when the top probability is below")
     entropy: float | None = Field(None, ge=0, le=1, description="abstain when the normalised entropy is above")
     mutual_information: float | None = Field(None, ge=0, description="abstain when MI (nats) is above")
+    ood: float | None = Field(
+        None, ge=0, le=1, description="abstain (out_of_distribution) when the OOD p-value is below; no effect for "
+        "an adapter without an OOD score",
+    )  # fmt: skip
 
 
 class PredictRequest(_Request):
@@ -113,6 +117,13 @@ class Uncertainty(BaseModel):
     expected_entropy: float = Field(description="E_s H[p_s] (aleatoric)")
     mutual_information: float = Field(description="H[p̄] − E_s H[p_s] (epistemic)")
     mc_stderr: float = Field(description="Monte-Carlo standard error of the top probability")
+    ood_score: float | None = Field(
+        None, description="feature-space OOD score of the input (higher = further from the training data); null "
+        "for an adapter without one",
+    )  # fmt: skip
+    ood_pvalue: float | None = Field(
+        None, description="fraction of validation inputs whose OOD score is at least as high (small = unusual)"
+    )
 
 
 class PredictResult(BaseModel):
@@ -237,7 +248,7 @@ class V2InputTensor(_Request):
     )
 
 
-V2_OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label")
+V2_OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label", "ood_score")
 
 
 class V2RequestedOutput(_Request):

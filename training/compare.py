@@ -17,6 +17,7 @@ from typing import Any
 
 from training.config import ConfigError, PosteriorMethod, TrainConfig
 from training.methods import Fitted, fit, get_method
+from training.ood import FittedOod, fit_ood
 from training.pipeline import calibrate, evaluate
 from training.session import Session, fit_map, prepare, reinitialise
 
@@ -36,6 +37,8 @@ COLUMNS = [
     ("ood", "max_prob", "OOD AUROC 1−maxp"),
     ("ood", "entropy", "OOD AUROC H"),
     ("ood", "mutual_information", "OOD AUROC MI"),
+    ("ood", "ood_score", "OOD AUROC ood_score"),
+    ("shift", "ood_score_auroc", "shift AUROC ood_score"),
 ]
 
 
@@ -45,9 +48,10 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; choose from {[str(m) for m in COMPARED]}")
     session = prepare(config)
+    ood = fit_ood(session)  # reads the frozen base: one fit, before training, serves every method's row
     rows = []
     if ZERO_SHOT in methods:  # the cores start at ~0: the base model as it is (with a new head, if any)
-        rows.append(_row(session, ZERO_SHOT, 0.0))
+        rows.append(_row(session, ZERO_SHOT, 0.0, ood))
         session.log(markdown_table(rows))
         session.forget_outputs()
     others = [m for m in methods if m != ZERO_SHOT]
@@ -64,17 +68,17 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
             reinitialise(session.model, config.seed, session.initial_projections)
             session.forget_outputs()
             map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
-        rows.append(_row(session, method, map_seconds))
+        rows.append(_row(session, method, map_seconds, ood))
         session.log(markdown_table(rows))
     return rows
 
 
-def _row(session: Session, method: str, map_seconds: float) -> dict[str, Any]:
+def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | None = None) -> dict[str, Any]:
     """Fit, calibrate and evaluate one method on the session's current model."""
     config = session.config
     fitted = fit(session, PosteriorMethod.MAP if method in (TEMPERATURE, ZERO_SHOT) else method)
     temperature, _ = calibrate(session, fitted, method == TEMPERATURE or config.calibration.temperature_scaling)
-    evaluation, _ = evaluate(session, fitted, temperature)
+    evaluation, _ = evaluate(session, fitted, temperature, ood)
     train_seconds = map_seconds + fitted.seconds if fitted.train_seconds is None else fitted.train_seconds
     row: dict[str, Any] = {
         "posterior": str(method),

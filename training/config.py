@@ -76,6 +76,15 @@ class MixedPrecision(StrEnum):
     BF16 = "bf16"
 
 
+class OodChoice(StrEnum):
+    """``--ood-method``: the feature-space OOD score the trainer fits (``adapters.ood``), or none."""
+
+    MAHALANOBIS = "mahalanobis"
+    RELATIVE_MAHALANOBIS = "relative-mahalanobis"
+    KNN = "knn"
+    NONE = "none"
+
+
 class AbstainOn(StrEnum):
     """``--abstain-on``: the abstention rules fitted on validation."""
 
@@ -337,6 +346,29 @@ class CalibrationConfig:
 
 
 @dataclass
+class OodConfig:
+    """The feature-space OOD score: fitted on the frozen base's features of a training subset, p-values and the
+    ``ood`` rule on validation."""
+
+    flag_prefix: ClassVar[str] = "ood-"
+    method: OodChoice = option(
+        OodChoice.MAHALANOBIS,
+        "mahalanobis (class-conditional Gaussians, tied shrunk covariance; default), relative-mahalanobis, knn, "
+        "or none (no OOD score, no ood rule)",
+    )
+    train_size: int = option(3000, "fit the OOD score on at most this many training inputs (seeded subset)", at_least=1)
+    shrinkage: float | None = option(None, "covariance shrinkage in [0, 1] (default: the Ledoit–Wolf estimate)")
+    rank: int | None = option(
+        None, "covariance eigenpairs kept (default: dense if it fits --ood-budget, else the most that fit)", at_least=1
+    )
+    k: int = option(10, "knn: which neighbour's distance is the score", at_least=1)
+    budget: int = option(
+        2_000_000, "bytes the stored OOD score may take (its validation reference included)", at_least=1
+    )
+    fraction: float = option(0.01, "the ood rule abstains on this fraction of validation inputs")
+
+
+@dataclass
 class BundleConfig:
     """Where the bundle goes and what it is called."""
 
@@ -355,6 +387,7 @@ class TrainConfig:
     optimisation: OptimisationConfig = section(OptimisationConfig)
     posterior: PosteriorConfig = section(PosteriorConfig)
     calibration: CalibrationConfig = section(CalibrationConfig)
+    ood: OodConfig = section(OodConfig)
     bundle: BundleConfig = section(BundleConfig)
     seed: int = option(0, "seed of data splits, initialisation, shuffling and sampling")
     data_seed: int | None = option(
@@ -425,6 +458,10 @@ class TrainConfig:
             raise ConfigError(ENSEMBLE_PROJECTIONS)
         if not 0 < calibration.mi_coverage <= 1:
             raise ConfigError("--mi-coverage must be in (0, 1]")
+        if not 0 < self.ood.fraction < 1:
+            raise ConfigError("--ood-fraction must be in (0, 1)")
+        if self.ood.shrinkage is not None and not 0 <= self.ood.shrinkage <= 1:
+            raise ConfigError("--ood-shrinkage must be in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------ the flags

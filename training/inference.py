@@ -6,7 +6,7 @@ samples per batch), so the reported numbers are what the server computes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_generator
+from adapters.batching import base_only
 from adapters.defaults import resolve_token_budget
+from adapters.ood.features import capture_states, pooled_features
 from adapters.predictive import glm_logit_draws, predictive
 from adapters.tasks import mask_choices
 from training.data import Example
@@ -117,6 +119,33 @@ def linearise(
                 jacobians[name] = torch.empty(len(examples), *jac[name].shape[1:])
             jacobians[name][rows] = jac[name].cpu()
     return Linearisation(mask_choices(logits, [e.num_choices for e in examples]), jacobians)
+
+
+@torch.no_grad()
+def base_features(
+    model: LoraXSClassifier,
+    examples: list[Example],
+    encoder: Encoder,
+    layers: Sequence[int],
+    *,
+    batch_size: int = 32,
+    desc: str = "base features",
+    progress: bool = True,
+) -> Tensor:
+    """The frozen base's OOD features ``(N, len(layers)·H)`` of every example (float32, CPU): every adapter
+    bypassed (:func:`adapters.batching.base_only`), as the server's base rows compute them."""
+    out: Tensor | None = None
+    with base_only(model.lora_layers):
+        for indices, batch in _batches(model, examples, encoder, batch_size, desc, progress):
+            with capture_states(model.base, layers, slice(None)) as states:
+                model.base(**batch)
+            features = pooled_features(states, batch.get("attention_mask"), model.pooling).cpu()
+            if out is None:
+                out = torch.empty(len(examples), features.shape[1])
+            out[torch.tensor(indices)] = features
+    if out is None:
+        raise ValueError("base_features needs at least one example")
+    return out
 
 
 def _device(model: LoraXSClassifier) -> torch.device:

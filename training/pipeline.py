@@ -34,6 +34,7 @@ from training.config import AbstainOn, ConfigError, TrainConfig
 from training.data import Example
 from training.inference import Outputs, labels_of, ood_metrics, predict, split_metrics
 from training.methods import Fitted, fit, get_method
+from training.ood import FittedOod, fit_ood
 from training.report import render_report, summary_lines, write_reliability_png
 from training.session import Session, data_card, fit_map, prepare
 
@@ -89,8 +90,11 @@ def posterior_outputs(session: Session, fitted: Fitted, split: str, examples: li
     )  # fmt: skip
 
 
-def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[EvalCard, dict]:
-    """MAP and posterior metrics on test, shift and OOD; the reliability-diagram panels."""
+def evaluate(
+    session: Session, fitted: Fitted, temperature: float, ood: FittedOod | None = None
+) -> tuple[EvalCard, dict]:
+    """MAP and posterior metrics on test, shift and OOD (with the OOD score's AUROCs when ``ood`` is given);
+    the reliability-diagram panels."""
     with_mi = fitted.mode != PredictiveMode.MAP
     card = EvalCard(
         method=fitted.method, num_samples=fitted.num_samples, predictive=fitted.mode, temperature=temperature
@@ -122,7 +126,25 @@ def evaluate(session: Session, fitted: Fitted, temperature: float) -> tuple[Eval
             map=ood_metrics(preds["test"]["MAP"], preds["ood"]["MAP"], with_mi=False),
             posterior=ood_metrics(preds["test"]["posterior"], preds["ood"]["posterior"], with_mi=with_mi),
         )
+    if ood is not None:
+        add_ood_score_metrics(card, ood)
     return card, panels
+
+
+def add_ood_score_metrics(card: EvalCard, ood: FittedOod) -> None:
+    """The OOD score's AUROC (and FPR at 95% TPR) against the OOD set beside the other scores (the same for
+    MAP and posterior: it reads the frozen base), and against the shift set as ``ood_score_auroc``."""
+    if card.ood is not None and "ood" in ood.metrics:
+        values = {
+            "ood_score": ood.metrics["ood"]["auroc"],
+            "ood_score_fpr_at_95_tpr": ood.metrics["ood"]["fpr_at_95_tpr"],
+        }
+        card.ood.map.update(values)
+        card.ood.posterior.update(values)
+    if card.shift is not None and "shift" in ood.metrics:
+        values = {"ood_score_auroc": ood.metrics["shift"]["auroc"]}
+        card.shift.map.update(values)
+        card.shift.posterior.update(values)
 
 
 def write_bundle(
@@ -132,6 +154,7 @@ def write_bundle(
     calibration: tuple[float, list[AbstentionSpec]],
     evaluation: EvalCard,
     panels: dict,
+    ood: FittedOod | None = None,
 ) -> Path:
     config, model, base = session.config, session.model, session.model.base
     posterior = fitted.posterior
@@ -177,10 +200,12 @@ def write_bundle(
             covers_head=HEAD_WEIGHT in posterior.names and posterior.family != PosteriorFamily.MAP,
             predictive=PredictiveMode.GLM if fitted.mode == PredictiveMode.GLM else PredictiveMode.SAMPLE,
         ),
-        calibration=CalibrationSpec(temperature=temperature, abstention=rules),
+        calibration=CalibrationSpec(temperature=temperature, abstention=rules + ([ood.rule] if ood else [])),
+        ood=ood.spec if ood else None,
         eval=evaluation.model_copy(update={"data": data_card(session), "training": _training_record(session, fitted)}),
     )
     bundle = Bundle.from_classifier(model, posterior, manifest)
+    bundle.ood = ood.score if ood else None
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # the old bundle survives a failed write
     shutil.rmtree(staging, ignore_errors=True)
     save_bundle(bundle, staging)
@@ -230,6 +255,8 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
     out = Path(config.bundle.out)
     prepare_output(out, config.bundle.overwrite)
     session = prepare(config)
+    ood = fit_ood(session)  # the frozen base's features: before training, so a score that cannot fit fails fast
+    session.stage.done("ood_score")
     fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
         return out, session, None
@@ -237,9 +264,9 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
     session.stage.done("posterior")
     calibration = calibrate(session, fitted)
     session.stage.done("calibration")
-    evaluation, panels = evaluate(session, fitted, calibration[0])
+    evaluation, panels = evaluate(session, fitted, calibration[0], ood)
     session.stage.done("evaluation")
-    written = write_bundle(session, out, fitted, calibration, evaluation, panels)
+    written = write_bundle(session, out, fitted, calibration, evaluation, panels, ood)
     for line in summary_lines(evaluation):
         session.log(line)
     return written, session, fitted
@@ -255,8 +282,8 @@ def _bundle_name(out: Path) -> str:
 
 
 def bundle_size_kb(directory: Path, projections: bool = False) -> float:
-    """Size of bundle.json, adapter and posterior files, and of the projections when asked (shared across
-    bundles unless they were trained, L-LoRA-S)."""
-    files = ["bundle.json", "adapter.safetensors", "posterior.safetensors"]
+    """Size of bundle.json, adapter, posterior and OOD-score files, and of the projections when asked (shared
+    across bundles unless they were trained, L-LoRA-S)."""
+    files = ["bundle.json", "adapter.safetensors", "posterior.safetensors", "ood.safetensors"]
     files += ["projections.safetensors"] if projections else []
-    return sum((directory / f).stat().st_size for f in files) / 1024
+    return sum((directory / f).stat().st_size for f in files if (directory / f).is_file()) / 1024

@@ -54,8 +54,24 @@ def _table(columns: dict[str, dict[str, float]], rows: list[tuple[str, str]]) ->
     return header + "\n".join(lines) + "\n"
 
 
+def _describe_ood(manifest: BundleManifest) -> str:
+    ood, ev = manifest.ood, manifest.eval
+    against = []
+    if ev.ood is not None and "ood_score" in ev.ood.posterior:
+        against.append(f"{ev.ood.dataset} {ev.ood.posterior['ood_score']:.4f}")
+    if ev.shift is not None and "ood_score_auroc" in ev.shift.posterior:
+        against.append(f"{ev.shift.dataset} {ev.shift.posterior['ood_score_auroc']:.4f}")
+    return (
+        f"## OOD score\n\n`{ood.method}` on the frozen base's layers {ood.layers} ({ood.pooling}-pooled, each "
+        f"L2-normalised), fitted on {ood.train_size} training inputs; AUROC against the test split: "
+        f"{', '.join(against) or 'not measured'}.\n"
+    )
+
+
 def _describe_rule(rule: AbstentionSpec) -> str:
     target = rule.target or {}
+    if rule.kind == "ood":
+        return f"ood: p-value below {rule.threshold:.4g} ({target.get('validation_fraction', 0):.3g} of validation)"
     goal = ", ".join(f"{k} {v:.3g}" for k, v in target.items() if not k.startswith("validation_"))
     fitted = (
         f"validation coverage {target.get('validation_coverage', 0):.3f}, risk {target.get('validation_risk', 0):.3f}"
@@ -85,11 +101,18 @@ def render_report(manifest: BundleManifest) -> str:
             _table({"MAP": ev.shift.map, "posterior": ev.shift.posterior}, METRIC_ROWS),
         ]
     if ev.ood is not None:
-        rows = [("max_prob", "AUROC, 1 − max prob"), ("entropy", "AUROC, entropy"), ("mutual_information", "AUROC, MI")]
+        rows = [
+            ("max_prob", "AUROC, 1 − max prob"),
+            ("entropy", "AUROC, entropy"),
+            ("mutual_information", "AUROC, MI"),
+            ("ood_score", "AUROC, ood_score (frozen-base features)"),
+        ]
         parts += [
             f"## Out-of-distribution detection: {ev.ood.dataset} ({ev.ood.size} texts) vs the test split\n",
             _table({"MAP": ev.ood.map, "posterior": ev.ood.posterior}, rows),
         ]
+    if manifest.ood is not None:
+        parts.append(_describe_ood(manifest))
     calibration = manifest.calibration
     rules = "; ".join(_describe_rule(r) for r in calibration.abstention)
     parts += [

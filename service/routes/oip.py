@@ -2,8 +2,9 @@
 
 An adapter is a V2 *model*. ``infer`` takes a BYTES input ``text`` (shape ``[N]`` or ``[N, 1]``), an
 optional BYTES ``text_pair``, and the parameters ``num_samples``, ``seed`` and ``method``; it returns
-``probs`` (FP32 ``[N, C]``), ``entropy`` and ``mutual_information`` (FP32 ``[N]``), ``abstain`` (BOOL ``[N]``)
-and ``label`` (BYTES ``[N]``). Errors follow the protocol's ``{"error": "<message>"}``.
+``probs`` (FP32 ``[N, C]``), ``entropy``, ``mutual_information`` and, for a bundle with an OOD score,
+``ood_score`` (FP32 ``[N]``), ``abstain`` (BOOL ``[N]``) and ``label`` (BYTES ``[N]``). Errors follow the
+protocol's ``{"error": "<message>"}``.
 
 The body is JSON, with or without a ``Content-Type`` header, or uses the protocol's binary tensor data
 extension: an ``Inference-Header-Content-Length`` header gives the length of the JSON header, and the raw
@@ -74,6 +75,7 @@ async def model_metadata(model: str, state: State) -> V2ModelMetadata:
             V2TensorMetadata(name="mutual_information", datatype="FP32", shape=[-1]),
             V2TensorMetadata(name="abstain", datatype="BOOL", shape=[-1]),
             V2TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+            *([V2TensorMetadata(name="ood_score", datatype="FP32", shape=[-1])] if entry.manifest.ood else []),
         ],
     )
 
@@ -89,7 +91,7 @@ async def model_ready(model: str, state: State):
 async def infer(model: str, request: Request, state: State) -> V2InferResponse:
     request.state.adapter = model
     body = _parse(await request.body(), request.headers.get("inference-header-content-length"))
-    wanted = [o.name for o in body.outputs] if body.outputs else list(V2_OUTPUTS)  # names checked by the schema
+    wanted = [o.name for o in body.outputs] if body.outputs else None  # names checked by the schema
     texts = _bytes_input(body, "text", required=True)
     pairs = _bytes_input(body, "text_pair", required=False)
     if pairs is not None and len(pairs) != len(texts):
@@ -118,6 +120,13 @@ async def infer(model: str, request: Request, state: State) -> V2InferResponse:
             name="label", datatype="BYTES", shape=[n], data=[answer.adapter.labels[i] for i in pred.label.tolist()]
         ),
     }
+    if result.ood_score is not None:
+        tensors["ood_score"] = V2Tensor(name="ood_score", datatype="FP32", shape=[n], data=result.ood_score)
+    elif wanted is not None and "ood_score" in wanted:
+        raise InvalidRequestError(
+            f"adapter {answer.adapter.name!r} has no OOD score (a schema-1 bundle or none fitted)"
+        )
+    wanted = [w for w in V2_OUTPUTS if w in tensors] if wanted is None else wanted
     return V2InferResponse(
         model_name=answer.adapter.name,
         model_version=answer.adapter.version,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters import errors
 from adapters.bundle import load_bundle
-from adapters.manifest import ADAPTER_FILE, MANIFEST_FILE, POSTERIOR_FILE, PROJECTIONS_FILE
+from adapters.manifest import ADAPTER_FILE, MANIFEST_FILE, OOD_FILE, POSTERIOR_FILE, PROJECTIONS_FILE
 from tests.service.bundles import make_bundle, running_app
 
 
@@ -63,6 +63,12 @@ def _flip_byte(bundle: Path) -> None:
     (bundle / ADAPTER_FILE).write_bytes(bytes(data))
 
 
+def _flip_ood_byte(bundle: Path) -> None:
+    data = bytearray((bundle / OOD_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (bundle / OOD_FILE).write_bytes(bytes(data))
+
+
 def _truncate(bundle: Path) -> None:
     data = (bundle / POSTERIOR_FILE).read_bytes()
     (bundle / POSTERIOR_FILE).write_bytes(data[: len(data) // 2])
@@ -78,6 +84,11 @@ def _pickle(bundle: Path) -> None:
 def _wrong_shape(tensors: dict[str, torch.Tensor]) -> None:
     key = next(k for k in tensors if k.endswith("::core"))
     tensors[key] = torch.zeros(3, 3)
+
+
+def _wrong_ood_shape(tensors: dict[str, torch.Tensor]) -> None:
+    key = next(k for k in tensors if k.endswith("eigenvectors"))
+    tensors[key] = tensors[key][:-1]  # one feature short
 
 
 def _link_file_out(bundle: Path) -> None:
@@ -157,6 +168,19 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], type[errors.BundleError], str]]
         "diag",
     ),
     "symlinked file out": (_link_file_out, errors.UnsafePathError, "diag"),
+    # the OOD score (schema 2): bundles with a Mahalanobis score
+    "nan ood means": (_tensors(OOD_FILE, _set("means", math.nan, _first)), errors.OodFileError, "ood"),
+    "negative ood eigenvalue": (_tensors(OOD_FILE, _set("eigenvalues", -1.0, _first)), errors.OodFileError, "ood"),
+    "wrong ood shape": (_tensors(OOD_FILE, _wrong_ood_shape), errors.OodFileError, "ood"),
+    "ood reference unsorted": (_tensors(OOD_FILE, _set("reference", 1e9, _first)), errors.OodFileError, "ood"),
+    "missing ood file": (lambda b: (b / OOD_FILE).unlink(), errors.MissingFileError, "ood"),
+    "flipped ood byte": (_flip_ood_byte, errors.ChecksumMismatchError, "ood"),
+    "ood layers of another width": (
+        _manifest(lambda m: m["ood"].__setitem__("layers", [1])),
+        errors.OodFileError,
+        "ood",
+    ),
+    "ood score on schema 1": (_manifest(lambda m: m.__setitem__("schema_version", 1)), errors.ManifestError, "ood"),
 }
 
 
@@ -166,6 +190,7 @@ def served(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     make_bundle(tiny_base, root / "adapters" / "good", name="good")
     for family in ("diag", "kron"):
         make_bundle(tiny_base, root / "pristine" / family, name="damaged", family=family)
+    make_bundle(tiny_base, root / "pristine" / "ood", name="damaged", ood_method="mahalanobis")
     client = running_app(tiny_base, root / "adapters")
     yield client, root
     client.__exit__(None, None, None)
@@ -196,6 +221,8 @@ def test_damaged_bundles_are_refused_with_their_typed_error_while_serving_goes_o
             refusals[kind] = response
             assert response.status_code in (400, 422), (kind, response.text)
             assert error.__name__ in response.json()["error"]["message"], (kind, response.text)
+            if error is errors.OodFileError:  # the message names the file
+                assert OOD_FILE in response.json()["error"]["message"], (kind, response.text)
             assert str(root) not in response.text  # the server's paths stay on the server
         linked_dir = adapters / "linked-dir"
         linked_dir.symlink_to(root / "pristine" / "diag", target_is_directory=True)

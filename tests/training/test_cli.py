@@ -50,6 +50,16 @@ def test_missing_model_path_and_bad_output(capsys, tmp_path) -> None:
     _fails(capsys, ["--out", str(tmp_path / "b"), "--targets", "q_proj"], "'q_proj' matches nothing")
 
 
+def test_bad_ood_method_and_a_training_set_too_small_for_the_score(capsys, tmp_path) -> None:
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--ood-method", "lof"], "unknown --ood-method 'lof'")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--ood-fraction", "1.5"], "--ood-fraction must be in (0, 1)")
+    small = ["--out", str(tmp_path / "b"), "--train-limit", "40", "--validation-size", "40", "--eval-limit", "10",
+             "--targets", "query", "--rank", "2", "--no-progress"]  # fmt: skip
+    _fails(capsys, [*small, "--ood-train-size", "3"], "--ood-method mahalanobis cannot be fitted on 3 training inputs")
+    _fails(capsys, [*small, "--ood-method", "knn", "--ood-k", "20", "--ood-train-size", "8"], "too few training")
+    assert not (tmp_path / "b").exists()  # refused before any training or writing
+
+
 def test_config_file_supplies_defaults_and_flags_override(tmp_path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("rank: 4\ntargets: query,key\nposterior: laplace-diag\nout: somewhere\n")
@@ -92,7 +102,11 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     assert set(ev.ood.posterior) >= {"max_prob", "entropy", "mutual_information"}
     assert ev.shift.dataset == "drugreviews" and ev.ood.dataset == "bbcnews"
     assert ev.training.posterior["curvature_examples"] == 64 and ev.training.posterior["n_data"] == 200
-    assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "mutual_information"}
+    assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "mutual_information", "ood"}
+    assert manifest.schema_version == 2 and manifest.ood.method == "mahalanobis" and manifest.ood.layers == [3, 6]
+    assert bundle.ood is not None and bundle.ood.nbytes <= manifest.ood.budget_bytes
+    assert 0 <= ev.ood.posterior["ood_score"] <= 1 and 0 <= ev.shift.posterior["ood_score_auroc"] <= 1
+    assert "## OOD score" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().startswith("# bundle ")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     sizes = sum((out / f).stat().st_size for f in ("bundle.json", "adapter.safetensors", "posterior.safetensors"))
