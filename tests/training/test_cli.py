@@ -122,7 +122,7 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
     argv = [
         "--out", str(out), "--train-limit", "120", "--eval-limit", "40", "--validation-size", "120",
         "--epochs", "1", "--rank", "2", "--targets", "query", "--num-samples", "3", "--laplace-limit", "48",
-        "--posterior", "laplace-diag", "--prior", "grid", "--no-progress",
+        "--posterior", "laplace-diag", "--prior", "grid", "--max-length", "64", "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 0
     laplace = load_bundle(out).manifest.eval.training.posterior
