@@ -73,3 +73,4 @@ class EvalCard(_Card):
     ood: OodEval | None = None
     data: DataCard | None = None
     training: TrainingRecord | None = None
+    warnings: list[str] | None = Field(default=None, description="what the user should know, e.g. a target missed")

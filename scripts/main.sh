@@ -9,9 +9,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 bundle=bundles/sst2-minilm
 port=${CAVEAT_PORT:-8000}
 if [ ! -f "$bundle/bundle.json" ]; then
-  .venv/bin/caveat-train --base-model minilm --dataset sst2 --shift drugreviews --ood bbcnews \
-    --posterior laplace-kron --targets query,key,value,intermediate.dense,output.dense --rank 16 \
-    --max-length 128 --out "$bundle" "$@"
+  # the embedded default: caveat-train's own defaults, plus the evaluation sets
+  .venv/bin/caveat-train --shift drugreviews --ood bbcnews --out "$bundle" "$@"
 fi
 cat "$bundle/report.md"
 echo
@@ -34,6 +33,7 @@ ask() {  # the request as curl would send it, then the answer, one line per inpu
   .venv/bin/python scripts/ask.py --url "http://127.0.0.1:$port" "$@"
 }
 ask sst2-minilm "a gorgeous, witty, seductive movie." "the plot is a tired mess and the acting is worse."
+# the news sentence is abstained on as out of distribution once the bundle carries an OOD score (issue #17)
 ask sst2-minilm "The central bank raised interest rates by a quarter point on Thursday, citing inflation in services."
 echo
 echo "try: curl -s localhost:$port/v1/adapters | python3 -m json.tool;  curl -s localhost:$port/metrics | grep caveat_"

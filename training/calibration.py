@@ -12,6 +12,8 @@ from adapters.predictive import AbstentionKind, AbstentionRule, Predictive
 from training.metrics import risk_coverage
 
 ABOVE_ANY_PROBABILITY = math.nextafter(1.0, 2.0)  # a max_prob threshold that abstains on every input
+# A rule that answers less than this fraction of validation has not reached a usable target: warn.
+LOW_COVERAGE = 0.5
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200) -> float:
@@ -74,3 +76,18 @@ def fit_abstention(
     target = {"risk": target_risk} if target_risk is not None else {"coverage": target_coverage}
     target.update(validation_coverage=fitted_coverage, validation_risk=fitted_risk)
     return AbstentionSpec(kind=kind, threshold=threshold, target=target)
+
+
+def abstention_warning(spec: AbstentionSpec) -> str | None:
+    """A sentence for the end of the run and report.md when a rule's target is out of reach on validation:
+    no threshold meets the target risk, or only one that answers under half of the validation inputs."""
+    target = spec.target or {}
+    coverage = target.get("validation_coverage", 1.0)
+    if "risk" not in target or coverage >= LOW_COVERAGE:
+        return None
+    reached = "is not reached at any coverage" if coverage == 0 else f"is reached only at coverage {coverage:.1%}"
+    return (
+        f"abstention rule {spec.kind}: target risk {target['risk']:g} {reached} on the validation split, so the "
+        f"rule abstains on {1 - coverage:.1%} of in-distribution inputs; fit it for a coverage instead "
+        "(--target-coverage) or relax --target-risk"
+    )

@@ -29,16 +29,14 @@ from adapters.manifest import (
     TaskSpec,
 )
 from adapters.tasks import DEFAULT_TEMPLATE
-from training.calibration import fit_abstention, fit_temperature
-from training.config import AbstainOn, ConfigError, TrainConfig
+from training.calibration import abstention_warning, fit_abstention, fit_temperature
+from training.config import DEFAULT_TARGET_COVERAGE, AbstainOn, ConfigError, TrainConfig
 from training.data import Example
 from training.inference import Outputs, labels_of, ood_metrics, predict, split_metrics
 from training.methods import Fitted, fit, get_method
 from training.ood import FittedOod, fit_ood
 from training.report import render_report, summary_lines, write_reliability_png
 from training.session import Session, data_card, fit_map, prepare
-
-DEFAULT_TARGET_RISK = 0.05  # abstention thresholds answer at this selective risk unless told otherwise
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -62,16 +60,16 @@ def calibrate(
     labels = labels_of(session.validation)
     temperature = fit_temperature(outputs.logits, labels) if scale else 1.0
     pred = outputs.distribution(temperature)
-    target_risk = config.target_risk
-    if target_risk is None and config.target_coverage is None:
-        target_risk = DEFAULT_TARGET_RISK
+    target_coverage = config.target_coverage
+    if config.target_risk is None and target_coverage is None:
+        target_coverage = DEFAULT_TARGET_COVERAGE
     rules = []
     for kind in config.abstain_on:
         if kind == AbstainOn.MUTUAL_INFORMATION:  # an epistemic alarm: answer the usual in-distribution range
             rules.append(fit_abstention(pred, labels, kind, target_coverage=config.mi_coverage))
         else:
             rules.append(
-                fit_abstention(pred, labels, kind, target_risk=target_risk, target_coverage=config.target_coverage)
+                fit_abstention(pred, labels, kind, target_risk=config.target_risk, target_coverage=target_coverage)
             )
     return temperature, rules
 
@@ -202,7 +200,13 @@ def write_bundle(
         ),
         calibration=CalibrationSpec(temperature=temperature, abstention=rules + ([ood.rule] if ood else [])),
         ood=ood.spec if ood else None,
-        eval=evaluation.model_copy(update={"data": data_card(session), "training": _training_record(session, fitted)}),
+        eval=evaluation.model_copy(
+            update={
+                "data": data_card(session),
+                "training": _training_record(session, fitted),
+                "warnings": [w for rule in rules if (w := abstention_warning(rule))] or None,
+            }
+        ),
     )
     bundle = Bundle.from_classifier(model, posterior, manifest)
     bundle.ood = ood.score if ood else None
@@ -217,6 +221,8 @@ def write_bundle(
     trained = config.optimisation.train_projections
     size = bundle_size_kb(out, projections=trained)
     session.log(f"bundle written to {out} ({size:.0f} kB {'with its trained' if trained else 'without'} projections)")
+    for warning in manifest.eval.warnings or []:  # last, where the user looks
+        session.log(f"warning: {warning}")
     return out
 
 

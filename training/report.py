@@ -93,6 +93,11 @@ def render_report(manifest: BundleManifest) -> str:
         f"{posterior.default_num_samples} samples by default. Labels: {', '.join(manifest.task.labels)}.\n",
         f"Training: {summary}\n",
     ]
+    if ev.warnings:
+        parts += ["## Warnings\n", "".join(f"- {warning}\n" for warning in ev.warnings)]
+    prior_choice = (ev.training.posterior.get("prior_choice") if ev.training else None) or ""
+    if prior_choice:
+        parts.append(f"Prior precision: {prior_choice}\n")
     if ev.test is not None:
         parts += ["## Test split\n", _table({"MAP": ev.test.map, "posterior": ev.test.posterior}, METRIC_ROWS)]
     if ev.shift is not None:

@@ -79,7 +79,7 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
         "--out", str(out), "--shift", "drugreviews", "--ood", "bbcnews",
         "--train-limit", "200", "--eval-limit", "60", "--validation-size", "200", "--shift-limit", "40",
         "--ood-limit", "40", "--epochs", "1", "--rank", "4", "--targets", "query,value",
-        "--num-samples", "4", "--laplace-limit", "64", "--no-progress",
+        "--num-samples", "4", "--laplace-limit", "64", "--max-length", "64", "--no-progress",
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "training.cli", *argv], capture_output=True, text=True, timeout=900, check=False
@@ -102,11 +102,12 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     assert set(ev.ood.posterior) >= {"max_prob", "entropy", "mutual_information"}
     assert ev.shift.dataset == "drugreviews" and ev.ood.dataset == "bbcnews"
     assert ev.training.posterior["curvature_examples"] == 64 and ev.training.posterior["n_data"] == 200
-    assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "mutual_information", "ood"}
+    assert {r.kind for r in manifest.calibration.abstention} == {"max_prob", "ood"}
     assert manifest.schema_version == 2 and manifest.ood.method == "mahalanobis" and manifest.ood.layers == [3, 6]
     assert bundle.ood is not None and bundle.ood.nbytes <= manifest.ood.budget_bytes
     assert 0 <= ev.ood.posterior["ood_score"] <= 1 and 0 <= ev.shift.posterior["ood_score_auroc"] <= 1
     assert "## OOD score" in (out / "report.md").read_text()
+    assert ev.training.posterior["prior_method"] == "marglik, checked against the MAP on validation NLL"
     assert (out / "report.md").read_text().startswith("# bundle ")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     sizes = sum((out / f).stat().st_size for f in ("bundle.json", "adapter.safetensors", "posterior.safetensors"))
@@ -136,7 +137,7 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
     argv = [
         "--out", str(out), "--train-limit", "120", "--eval-limit", "40", "--validation-size", "120",
         "--epochs", "1", "--rank", "2", "--targets", "query", "--num-samples", "3", "--laplace-limit", "48",
-        "--posterior", "laplace-diag", "--prior", "grid", "--no-progress",
+        "--posterior", "laplace-diag", "--prior", "grid", "--max-length", "64", "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 0
     laplace = load_bundle(out).manifest.eval.training.posterior

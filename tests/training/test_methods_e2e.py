@@ -31,7 +31,7 @@ def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
     methods = ["map", "temperature", "mc-dropout", "ensemble", "swag", "vi", "bayesian-lora", "laplace-kron"]
     argv = ["compare", "--posteriors", ",".join(methods), "--json", str(out), "--ood", "bbcnews", "--members", "2"]
-    assert main([*argv, "--ood-limit", "30", *SLICE]) == 0
+    assert main([*argv, "--ood-limit", "30", "--max-length", "64", *SLICE]) == 0
     rows = {row["posterior"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == set(methods)
     for method, row in rows.items():

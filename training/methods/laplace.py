@@ -1,12 +1,16 @@
 """``--posterior laplace-diag | laplace-kron | laplace-full``: a Laplace approximation around the MAP.
 
 The curvature (GGN) is fitted on a subset of the training data and scaled to all N examples
-(:mod:`training.laplace_fit`); the prior precision δ maximises the marginal likelihood (``--prior marglik``)
-or the validation NLL of the predictive on a grid around that value (``--prior grid``).
+(:mod:`training.laplace_fit`). The prior precision δ maximises the marginal likelihood (``--prior marglik``),
+or the validation NLL of the predictive on a grid around that value (``--prior grid``), or, by default
+(``--prior marglik-checked``), is the marginal likelihood's raised by half decades until the predictive's
+validation NLL is no worse than the MAP's. Raising δ only narrows the covariance and δ → ∞ is the MAP, so
+the check always ends: at the latest at ``MAP_LIMIT_DECADES``, where the posterior is the MAP to float precision.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from adapters import Posterior
@@ -24,6 +28,9 @@ from training.session import Session
 # weak, never too strong); the best coarse point is then refined by half decades on each side.
 GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
 GRID_VALIDATION, GRID_SAMPLES = 300, 8
+# marglik-checked: δ rises by this step (decades) from the marglik value; at MAP_LIMIT_DECADES above it the
+# covariance is ~1e-12 of the marglik one, so the predictive is the MAP's up to float rounding.
+CHECK_STEP, MAP_LIMIT_DECADES = 0.5, 12.0
 
 
 class Laplace(Method):
@@ -51,51 +58,111 @@ class Laplace(Method):
         fitted = Fitted(self.name, fit.posterior, mode, draws(config, mode), fit.info)
         if laplace.prior == Prior.GRID:
             fitted.posterior, fitted.diagnostics = _grid_prior(session, fit, fitted.num_samples)
+        elif laplace.prior == Prior.CHECKED:
+            fitted.posterior, fitted.diagnostics = _checked_prior(session, fit, fitted.num_samples)
         session.log(f"posterior {self.name}: prior precision {fitted.diagnostics['prior_precision']} ({laplace.prior})")
         return fitted
 
 
-def _grid_prior(session: Session, fit: LaplaceFit, num_samples: int) -> tuple[Posterior, dict[str, Any]]:
-    """δ by validation NLL of the predictive: decades around the marglik value, then half decades.
+class ValidationNll:
+    """The predictive's validation NLL at a scalar prior precision δ, and the MAP's (the δ → ∞ limit).
 
-    With the GLM predictive every point reuses one linearisation of the whole validation split; with
-    network sampling each point is a sampled pass over a validation subset.
+    With the GLM predictive every δ reuses one linearisation of the whole validation split; with network
+    sampling each δ is a sampled pass over a validation subset (the same seed at every δ: common random numbers
+    make the comparison fair). ``scores`` keeps every δ tried.
     """
-    config = session.config
-    if isinstance(fit.info["prior_precision"], list):
-        raise ConfigError("--prior grid needs a scalar prior (--prior-structure scalar)")
-    glm = config.posterior.predictive == PredictiveMode.GLM
-    examples = session.validation if glm else subset(session.validation, GRID_VALIDATION, config.seed)
-    labels = labels_of(examples)
-    marglik = fit.info["prior_precision"]
-    scores: dict[float, float] = {}
 
-    def score(decade: float) -> None:
-        delta = marglik * 10**decade
-        if glm:
-            linearised = session.linearisation("validation", examples)
-            outputs = linearised.outputs(fit.with_prior(delta), num_samples, config.seed)
+    def __init__(self, session: Session, fit: LaplaceFit, num_samples: int) -> None:
+        if isinstance(fit.info["prior_precision"], list):
+            raise ConfigError(f"--prior {session.config.posterior.laplace.prior} needs --prior-structure scalar")
+        config = session.config
+        self.session, self.fit, self.num_samples = session, fit, num_samples
+        self.glm = config.posterior.predictive == PredictiveMode.GLM
+        self.examples = session.validation if self.glm else subset(session.validation, GRID_VALIDATION, config.seed)
+        self.labels = labels_of(self.examples)
+        self.scores: dict[float, float] = {}
+
+    def __call__(self, delta: float) -> float:
+        config = self.session.config
+        if self.glm:
+            linearised = self.session.linearisation("validation", self.examples)
+            outputs = linearised.outputs(self.fit.with_prior(delta), self.num_samples, config.seed)
         else:
-            outputs = predict(  # the same seed at every δ: common random numbers make the comparison fair
-                session.model, examples, session.encoder, posterior=fit.with_prior(delta),
-                num_samples=min(num_samples, GRID_SAMPLES), seed=config.seed,
-                batch_size=config.optimisation.batch_size, desc=f"prior grid δ={delta:.3g}", progress=config.progress,
+            outputs = predict(
+                self.session.model, self.examples, self.session.encoder, posterior=self.fit.with_prior(delta),
+                num_samples=min(self.num_samples, GRID_SAMPLES), seed=config.seed,
+                batch_size=config.optimisation.batch_size, desc=f"prior δ={delta:.3g}", progress=config.progress,
             )  # fmt: skip
-        scores[decade] = nll(outputs.distribution().probs, labels)
+        self.scores[delta] = nll(outputs.distribution().probs, self.labels)
+        return self.scores[delta]
 
-    for decade in GRID_DECADES:
-        score(decade)
-    coarse = min(scores, key=scores.get)
+    def map_nll(self) -> float:
+        session = self.session
+        if self.glm:
+            outputs = session.map_outputs("validation", self.examples)
+        else:  # the subset's own MAP logits (the cached ones are the whole split's)
+            outputs = predict(
+                session.model, self.examples, session.encoder, batch_size=session.config.optimisation.batch_size,
+                desc="prior check (MAP)", progress=session.config.progress,
+            )  # fmt: skip
+        return nll(outputs.distribution().probs, self.labels)
+
+    def record(self) -> dict[str, float]:
+        return {f"{delta:.6g}": round(value, 6) for delta, value in sorted(self.scores.items())}
+
+
+def _grid_prior(session: Session, fit: LaplaceFit, num_samples: int) -> tuple[Posterior, dict[str, Any]]:
+    """δ by validation NLL of the predictive: decades around the marglik value, then half decades."""
+    score = ValidationNll(session, fit, num_samples)
+    marglik = fit.info["prior_precision"]
+    by_decade = {decade: score(marglik * 10**decade) for decade in GRID_DECADES}
+    coarse = min(by_decade, key=by_decade.get)
     for decade in (coarse - 0.5, coarse + 0.5):
-        score(decade)
-    best = min(scores, key=scores.get)
+        by_decade[decade] = score(marglik * 10**decade)
+    best = marglik * 10 ** min(by_decade, key=by_decade.get)
     info = fit.info | {
-        "prior_precision": marglik * 10**best,
+        "prior_precision": best,
         "prior_method": "validation grid",
         "marglik_prior_precision": marglik,
-        "grid_validation_nll": {f"{marglik * 10**d:.6g}": round(v, 6) for d, v in sorted(scores.items())},
+        "grid_validation_nll": score.record(),
     }
-    return fit.with_prior(marglik * 10**best), info
+    return fit.with_prior(best), info
+
+
+def _checked_prior(session: Session, fit: LaplaceFit, num_samples: int) -> tuple[Posterior, dict[str, Any]]:
+    """``--prior marglik-checked``: :func:`check_prior` on the predictive's validation NLL."""
+    score = ValidationNll(session, fit, num_samples)
+    marglik, map_nll = fit.info["prior_precision"], score.map_nll()
+    delta, choice = check_prior(score, marglik, map_nll)
+    info = fit.info | {
+        "prior_precision": delta,
+        "prior_method": "marglik, checked against the MAP on validation NLL",
+        "prior_choice": choice,
+        "marglik_prior_precision": marglik,
+        "map_validation_nll": round(map_nll, 6),
+        "checked_validation_nll": score.record(),
+    }
+    return fit.with_prior(delta), info
+
+
+def check_prior(nll_at: Callable[[float], float], marglik: float, map_nll: float) -> tuple[float, str]:
+    """The marglik δ if its validation NLL is no worse than the MAP's; else the first δ, rising by half decades,
+    that is no worse: the widest posterior tried that does not hurt in distribution (width is what helps under
+    shift). Returns δ and why it won; at ``MAP_LIMIT_DECADES`` the posterior is the MAP to float precision."""
+    decade, scores = 0.0, {}
+    while (value := nll_at(marglik * 10**decade)) > map_nll and decade < MAP_LIMIT_DECADES:
+        scores[decade] = value
+        decade += CHECK_STEP
+    delta = marglik * 10**decade
+    if decade == 0:
+        return delta, f"marglik {marglik:.4g} kept: validation NLL {value:.4f} ≤ the MAP's {map_nll:.4f}"
+    if value > map_nll:  # float rounding at the MAP limit: the covariance is ~1e-12 of the marglik one
+        return delta, f"{delta:.4g}, the MAP limit: validation NLL {value:.6f}, the MAP's {map_nll:.6f}"
+    return delta, (
+        f"{delta:.4g} = marglik {marglik:.4g} × 10^{decade:g}: the marglik posterior's validation NLL "
+        f"{scores[0.0]:.4f} exceeds the MAP's {map_nll:.4f}; {delta:.4g} is the widest δ tried that is no "
+        f"worse ({value:.4f})"
+    )
 
 
 for _name, _structure in (

@@ -1,0 +1,131 @@
+"""``--prior marglik-checked`` (the default): the chosen δ's validation NLL is never above the MAP's, and the
+bundle records why it won."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import load_bundle
+from tests.service.bundles import save_tiny_base
+from training.cli import main
+from training.config import TrainConfig
+from training.encoding import make_loader
+from training.inference import labels_of
+from training.laplace_fit import fit_laplace
+from training.methods.laplace import MAP_LIMIT_DECADES, _checked_prior, check_prior
+from training.metrics import nll
+from training.session import fit_map, prepare
+
+TINY = [
+    "--train-limit", "96", "--eval-limit", "32", "--validation-size", "96", "--epochs", "1", "--rank", "2",
+    "--targets", "query,value", "--laplace-limit", "32", "--max-length", "32", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="module")
+def session_and_fit(tiny_base: Path):
+    """A tiny MAP with its Kronecker Laplace fit, and the same fit with a marglik δ made 10⁴× too weak."""
+    config = TrainConfig.from_flat(
+        base_model=str(tiny_base), train_limit=96, eval_limit=32, validation_size=96, epochs=1, rank=2,
+        targets=["query", "value"], laplace_limit=32, max_length=32, progress=False, out="unused",
+    )  # fmt: skip
+    config.validate()
+    session = prepare(config)
+    fit_map(session)
+    loader = make_loader(session.train[:32], session.encoder, 32, shuffle=False)
+    fit = fit_laplace(session.model, loader, "kron", n_data=len(session.train), progress=False)
+    too_wide = replace(fit, info=fit.info | {"prior_precision": fit.info["prior_precision"] * 1e-4})
+    return session, fit, too_wide
+
+
+def _validation_nll(session, posterior, num_samples: int = 256) -> float:
+    """An independent recomputation: the GLM predictive on the whole validation split."""
+    outputs = session.linearisation("validation", session.validation).outputs(
+        posterior, num_samples, session.config.seed
+    )
+    return nll(outputs.distribution().probs, labels_of(session.validation))
+
+
+def test_check_picks_the_widest_prior_no_worse_than_the_map() -> None:
+    """On a synthetic validation-NLL curve (too wide at marglik, better than the MAP a decade above, best
+    further up): the first δ no worse than the MAP wins, and every wider δ tried was worse."""
+    map_nll, marglik = 0.40, 2.0
+    excess = {0.0: 0.02, 0.5: 0.004, 1.0: -0.003, 1.5: -0.006, 2.0: -0.004}
+    tried = {}
+
+    def nll_at(delta: float) -> float:
+        decade = round(math.log10(delta / marglik), 6)
+        tried[decade] = map_nll + excess.get(decade, 0.0)
+        return tried[decade]
+
+    delta, choice = check_prior(nll_at, marglik, map_nll)
+    assert delta == pytest.approx(marglik * 10) and tried[1.0] <= map_nll
+    assert sorted(tried) == [0.0, 0.5, 1.0] and all(tried[d] > map_nll for d in (0.0, 0.5))
+    assert "exceeds the MAP's 0.4000" in choice and "× 10^1" in choice
+
+
+def test_check_keeps_a_marglik_prior_that_does_not_hurt() -> None:
+    delta, choice = check_prior(lambda delta: 0.39, 2.0, 0.40)
+    assert delta == 2.0 and choice.startswith("marglik 2 kept")
+
+
+def test_check_ends_at_the_map_limit_when_every_posterior_is_worse() -> None:
+    """An NLL that approaches the MAP's from above (as on an under-confident fit) ends at the MAP limit."""
+    delta, choice = check_prior(lambda delta: 0.40 + 1e-3 / delta, 1.0, 0.40)
+    assert delta == pytest.approx(10**MAP_LIMIT_DECADES) and "the MAP limit" in choice
+
+
+def test_a_too_wide_marglik_prior_on_a_tiny_model_is_narrowed_to_no_worse_than_the_map(session_and_fit) -> None:
+    """A real tiny fit whose marglik δ is made 10⁴× too weak; the record is checked against a recomputation."""
+    session, _, too_wide = session_and_fit
+    labels = labels_of(session.validation)
+    map_nll = nll(session.map_outputs("validation", session.validation).distribution().probs, labels)
+    marglik = too_wide.info["prior_precision"]
+    assert _validation_nll(session, too_wide.with_prior(marglik)) > map_nll, "the setup must make marglik too wide"
+    posterior, info = _checked_prior(session, too_wide, 256)
+    delta = info["prior_precision"]
+    assert delta > marglik and set(posterior.prior_precision) == {delta}
+    # no worse than the MAP: exactly, or at the MAP limit to float rounding (this under-trained MAP is one
+    # where every finite-width posterior is slightly worse)
+    assert _validation_nll(session, posterior) <= map_nll + 1e-6
+    assert info["marglik_prior_precision"] == marglik
+    assert info["map_validation_nll"] == pytest.approx(map_nll, abs=1e-6)
+    tried = {float(k): v for k, v in info["checked_validation_nll"].items()}
+    assert min(tried) == pytest.approx(marglik, rel=1e-5) and max(tried) == pytest.approx(delta, rel=1e-5)
+    assert tried[min(tried)] == pytest.approx(_validation_nll(session, too_wide.with_prior(marglik)), abs=1e-6)
+
+
+def test_the_map_limit_is_the_map(session_and_fit) -> None:
+    """δ at the check's upper end gives the MAP's logits: the check can always end no worse than the MAP."""
+    session, fit, _ = session_and_fit
+    limit = fit.with_prior(fit.info["prior_precision"] * 10**MAP_LIMIT_DECADES)
+    draws = session.linearisation("validation", session.validation).outputs(limit, 16, 0).logits
+    map_logits = session.map_outputs("validation", session.validation).logits
+    torch.testing.assert_close(draws, map_logits.expand_as(draws), atol=1e-5, rtol=0)
+
+
+def test_the_default_run_records_the_prior_choice_in_the_bundle(tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    assert main(["--out", str(out), "--base-model", str(tiny_base), *TINY]) == 0
+    manifest = load_bundle(out).manifest
+    record = manifest.eval.training.posterior
+    assert record["prior_method"] == "marglik, checked against the MAP on validation NLL"
+    assert manifest.posterior.prior_precision == pytest.approx(record["prior_precision"])
+    chosen = record["checked_validation_nll"][f"{record['prior_precision']:.6g}"]
+    assert chosen <= record["map_validation_nll"] + 1e-6
+    assert f"Prior precision: {record['prior_choice']}" in (out / "report.md").read_text()
+
+
+def test_layerwise_prior_needs_plain_marglik(capsys, tmp_path: Path) -> None:
+    assert main(["--out", str(tmp_path / "b"), "--prior-structure", "layerwise"]) == 2
+    assert "--prior-structure layerwise needs --prior marglik" in capsys.readouterr().err
