@@ -221,6 +221,8 @@ def write_bundle(
     trained = config.optimisation.train_projections
     size = bundle_size_kb(out, projections=trained)
     session.log(f"bundle written to {out} ({size:.0f} kB {'with its trained' if trained else 'without'} projections)")
+    for line in summary_lines(evaluation):
+        session.log(line)
     for warning in manifest.eval.warnings or []:  # last, where the user looks
         session.log(f"warning: {warning}")
     return out
@@ -272,10 +274,7 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
     session.stage.done("calibration")
     evaluation, panels = evaluate(session, fitted, calibration[0], ood)
     session.stage.done("evaluation")
-    written = write_bundle(session, out, fitted, calibration, evaluation, panels, ood)
-    for line in summary_lines(evaluation):
-        session.log(line)
-    return written, session, fitted
+    return write_bundle(session, out, fitted, calibration, evaluation, panels, ood), session, fitted
 
 
 def _stage_list(seconds: dict[str, float]) -> str:

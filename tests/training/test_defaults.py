@@ -85,8 +85,10 @@ def test_the_default_abstention_answers_the_target_coverage_of_validation(tiny_b
     out = tmp_path / "b"
     assert main(["--out", str(out), "--base-model", str(tiny_base), "--posterior", "map", *TINY]) == 0
     manifest = load_bundle(out).manifest
-    (rule,) = manifest.calibration.abstention
-    assert rule.kind == "max_prob" and rule.target["coverage"] == DEFAULT_TARGET_COVERAGE
+    rules = {rule.kind: rule for rule in manifest.calibration.abstention}
+    assert set(rules) == {"max_prob", "ood"}  # the ood rule comes with the default OOD score
+    rule = rules["max_prob"]
+    assert rule.target["coverage"] == DEFAULT_TARGET_COVERAGE
     assert rule.target["validation_coverage"] >= DEFAULT_TARGET_COVERAGE
     assert manifest.eval.warnings is None and "## Warnings" not in (out / "report.md").read_text()
 
