@@ -198,7 +198,8 @@ def write_bundle(
             covers_head=HEAD_WEIGHT in posterior.names and posterior.family != PosteriorFamily.MAP,
             predictive=PredictiveMode.GLM if fitted.mode == PredictiveMode.GLM else PredictiveMode.SAMPLE,
         ),
-        calibration=CalibrationSpec(temperature=temperature, abstention=rules + ([ood.rule] if ood else [])),
+        # the ood rule first: when an input is both unfamiliar and unsure, "out of distribution" is the reason
+        calibration=CalibrationSpec(temperature=temperature, abstention=([ood.rule] if ood else []) + rules),
         ood=ood.spec if ood else None,
         eval=evaluation.model_copy(
             update={
