@@ -33,7 +33,7 @@ ask() {  # the request as curl would send it, then the answer, one line per inpu
   .venv/bin/python scripts/ask.py --url "http://127.0.0.1:$port" "$@"
 }
 ask sst2-minilm "a gorgeous, witty, seductive movie." "the plot is a tired mess and the acting is worse."
-# the news sentence is abstained on as out of distribution once the bundle carries an OOD score (issue #17)
+# the news sentence is abstained on as out of distribution (the bundle's feature-space OOD score)
 ask sst2-minilm "The central bank raised interest rates by a quarter point on Thursday, citing inflation in services."
 echo
 echo "try: curl -s localhost:$port/v1/adapters | python3 -m json.tool;  curl -s localhost:$port/metrics | grep caveat_"
