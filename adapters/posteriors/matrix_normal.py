@@ -187,7 +187,7 @@ class MatrixNormalPosterior(Posterior):
         factors: block name → :class:`MatrixNormalFactors` fitting the block's shape.
 
     Raises:
-        ValueError: names or shapes disagree. PosteriorValueError: impossible values (see :meth:`validate`).
+        ValueError: names or shapes disagree (impossible values: :meth:`validate`, run by the bundle loader).
     """
 
     family = PosteriorFamily.MATRIX_NORMAL
@@ -199,7 +199,6 @@ class MatrixNormalPosterior(Posterior):
         self.factors = {name: factors[name].detach() for name in self.names}
         for name, t in self._mean.items():
             _check_shapes(name, t, self.factors[name])
-        self.validate()
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
         return sample_blocks(self._mean, self.factors, num_samples, generator)

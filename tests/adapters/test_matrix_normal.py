@@ -191,7 +191,7 @@ def test_impossible_values_are_refused_with_a_typed_error(case: str) -> None:
     field, change, message = DAMAGE[case]
     _, params = _posterior().state()
     with pytest.raises(PosteriorValueError, match=message):
-        Posterior.from_state(_damaged(field, change), params)
+        Posterior.from_state(_damaged(field, change), params).validate()
 
 
 def test_factor_shapes_must_fit_the_block() -> None:
