@@ -34,7 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import TypeAdapter
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
@@ -44,12 +43,13 @@ from adapters.defaults import PredictiveMode
 from adapters.embedded import resolve_model
 from benchmarks.harness import ServerProcess, synthetic_bundle
 from benchmarks.serve import DEFAULT_TARGETS, machine
-from service.engine import BatchingConfig, Engine, Job, _result
+from service.engine import BatchingConfig, Engine, Job, _results
 from service.host import ModelHost
 from service.metrics import Metrics
-from service.predict import Answer, _rules, _text_input, results_of
+from service.predict import Answer, _rules, _text_input, response_body
 from service.registry import AdapterRegistry, AdapterVersion
-from service.schemas import AdapterRef, PredictRequest, PredictResponse, Timing
+from service.responses import FastJSONResponse
+from service.schemas import PredictRequest
 from training.data import rotten_tomatoes_snippets
 
 LUA = Path(__file__).with_name("wrk_post.lua")
@@ -229,7 +229,6 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
                          method: str) -> dict:  # fmt: skip
     """Median ms of each stage for the step of the first requests of ``mix``."""
     host = engine.host
-    response_type = TypeAdapter(PredictResponse)
     pieces = await step_of(engine, [make_job(adapter, host, b) for b in mix])
     whole = [p.job for p in pieces if p.job.progress.pieces == [q for q in pieces if q.job is p.job]]
     jobs = list(dict.fromkeys(whole))  # the requests the step completes
@@ -242,17 +241,13 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
     for job in done:
         job.progress.plan(engine.config.step_tokens)
     engine._run([p for job in done for p in job.progress.pieces])
-    answers = [Answer(job.adapter, method, job.num_samples, 0, _result(job), 0.0) for job in done]
-    ref = AdapterRef(name=adapter.name, version=adapter.version, sha256=adapter.sha256)
-    timing = Timing(queue_ms=0, compute_ms=0, total_ms=0, batch_requests=1, batch_rows=1)
+    results = _results(done)
+    answers = [Answer(job.adapter, method, job.num_samples, 0, results[id(job)], 0.0) for job in done]
+    encoder = FastJSONResponse(None)
 
-    def serialise() -> None:
+    def serialise() -> None:  # what the route does with an answer
         for answer in answers:
-            response = PredictResponse(
-                request_id="r", adapter=ref, labels=adapter.labels, method=answer.method, seed=0,
-                num_samples=answer.num_samples, results=results_of(answer), timing=timing,
-            )  # fmt: skip
-            response_type.dump_json(response_type.validate_python(response))
+            encoder.render(response_body(answer, "r"))
 
     stages = {
         "parse": lambda: [PredictRequest.model_validate(json.loads(body)) for body in chosen],
@@ -261,7 +256,7 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
         "sampling": lambda: [job.adapter.draw(job.num_samples, job.seed, job.method) for job in jobs],
         "row_plan": lambda: RowPlan.build(blocks, list(host.classifier.lora_layers), base_inputs),
         "forward": batched_forward(host, method, pieces, engine),
-        "predictive": lambda: [_result(job) for job in done],
+        "predictive": lambda: _results(done),
         "serialisation": serialise,
     }
     times = {name: round(1000 * median_s(run, args.repeats), 3) for name, run in stages.items()}

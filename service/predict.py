@@ -18,11 +18,12 @@ from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput
 from service.registry import AdapterVersion
-from service.schemas import AbstainOverride, MultipleChoice, PredictResult, TextPair, Uncertainty
+from service.schemas import AbstainOverride, MultipleChoice, TextPair
 from service.settings import Settings
 from service.state import ServiceState
 
 POLL_S = 0.25  # how often a waiting request checks that its client is still connected
+INLINE_COUNT_CHARS = 4096  # inputs this short are counted on the event loop (microseconds); longer in a thread
 Input = str | TextPair | MultipleChoice
 
 
@@ -72,7 +73,9 @@ async def run_prediction(
         raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed
     deadline = time.perf_counter() + settings.request_timeout_s
-    tokens = max(await asyncio.to_thread(registry.host.token_counts, texts))
+    count = registry.host.token_counts
+    chars = sum(len(item.text) + len(item.text_pair or "") for item in texts)
+    tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
     job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), tokens, deadline=deadline)
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
@@ -141,27 +144,51 @@ def _rules(adapter: AdapterVersion, override: AbstainOverride | None) -> list[Ab
     return [AbstentionRule(kind, value) for kind, value in override.model_dump().items() if value is not None]
 
 
-def results_of(answer: Answer, return_samples: bool = False) -> list[PredictResult]:
-    pred, labels = answer.result.pred, answer.adapter.labels
-    results = []
-    for i, label in enumerate(pred.label.tolist()):
-        results.append(
-            PredictResult(
-                label=labels[label],
-                probs=pred.probs[i].tolist(),
-                confidence=pred.confidence[i].item(),
-                uncertainty=Uncertainty(
-                    entropy=pred.entropy[i].item(),
-                    entropy_normalized=pred.entropy_normalized[i].item(),
-                    expected_entropy=pred.expected_entropy[i].item(),
-                    mutual_information=pred.mutual_information[i].item(),
-                    mc_stderr=pred.mc_stderr[i].item(),
-                    ood_score=None if answer.result.ood_score is None else answer.result.ood_score[i],
-                    ood_pvalue=None if answer.result.ood_pvalue is None else answer.result.ood_pvalue[i],
-                ),
-                abstain=answer.result.abstain[i],
-                abstain_reason=answer.result.reasons[i],
-                samples=pred.sample_probs[:, i].tolist() if return_samples else None,
-            )
-        )
-    return results
+def response_body(answer: Answer, request_id: str, return_samples: bool = False) -> dict:
+    """The body of a ``/v1/predict`` response (:class:`~service.schemas.PredictResponse`) as plain JSON values."""
+    adapter, result = answer.adapter, answer.result
+    return {
+        "request_id": request_id,
+        "adapter": {"name": adapter.name, "version": adapter.version, "sha256": adapter.sha256},
+        "labels": adapter.labels,
+        "method": answer.method,
+        "num_samples": answer.num_samples,
+        "seed": answer.seed,
+        "results": results_of(answer, return_samples),
+        "timing": {
+            "queue_ms": result.queue_seconds * 1000,
+            "compute_ms": result.compute_seconds * 1000,
+            "total_ms": answer.total_seconds * 1000,
+            "batch_requests": result.batch_requests,
+            "batch_rows": result.batch_rows,
+        },
+    }
+
+
+def results_of(answer: Answer, return_samples: bool = False) -> list[dict]:
+    """The ``results`` of a response (:class:`~service.schemas.PredictResult` as plain JSON values), from the
+    answer's host lists: no tensor is touched and nothing is validated again."""
+    result, labels = answer.result, answer.adapter.labels
+    values = result.values
+    ood_score, ood_pvalue = result.ood_score, result.ood_pvalue
+    samples = result.pred.sample_probs.transpose(0, 1).tolist() if return_samples else None
+    return [
+        {
+            "label": labels[label],
+            "probs": values["probs"][i],
+            "confidence": values["confidence"][i],
+            "uncertainty": {
+                "entropy": values["entropy"][i],
+                "entropy_normalized": values["entropy_normalized"][i],
+                "expected_entropy": values["expected_entropy"][i],
+                "mutual_information": values["mutual_information"][i],
+                "mc_stderr": values["mc_stderr"][i],
+                "ood_score": None if ood_score is None else ood_score[i],
+                "ood_pvalue": None if ood_pvalue is None else ood_pvalue[i],
+            },
+            "abstain": result.abstain[i],
+            "abstain_reason": result.reasons[i],
+            "samples": None if samples is None else samples[i],
+        }
+        for i, label in enumerate(values["label"])
+    ]
