@@ -22,6 +22,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -65,12 +66,12 @@ class Job:
     def __post_init__(self) -> None:
         self.progress = _Progress(self)
 
-    @property
+    @cached_property
     def rows(self) -> int:
         """Rows of the network forward: the GLM runs each input once (its draws are in logit space)."""
         return len(self.inputs) * (1 if self.method == PredictiveMode.GLM else self.num_samples)
 
-    @property
+    @cached_property
     def cost(self) -> int:
         """Estimated rows × tokens; the GLM's Jacobian pays one backward pass per class on top of its forward."""
         passes = 1 + len(self.adapter.labels) if self.method == PredictiveMode.GLM else 1
@@ -148,6 +149,7 @@ class _Progress:
         self.compute_seconds = 0.0
         self.batch_requests = 0
         self.batch_rows = 0
+        self._cost_at = (-1, 0)  # (next, remaining cost) when last computed
 
     def plan(self, step_tokens: int) -> None:
         """Cut the job into pieces of at most ``step_tokens`` (one row at least): whole-input sample slices, or
@@ -162,14 +164,19 @@ class _Progress:
             self.pieces = [
                 _Piece(job, slice(s, s + 1), slice(i, min(i + rows, n))) for s in range(S) for i in range(0, n, rows)
             ]
+        self._cost_at = (-1, 0)
 
     @property
     def remaining(self) -> list[_Piece]:
         return self.pieces[self.next :]
 
     def remaining_cost(self) -> int:
-        job = self.job
-        return sum(p.rows for p in self.remaining) * job.cost // max(job.rows, 1)
+        """Estimated cost of the pieces not yet run (kept per ``next``: the engine asks for it on every step and
+        admission)."""
+        if self._cost_at[0] != self.next:
+            job = self.job
+            self._cost_at = (self.next, sum(p.rows for p in self.remaining) * job.cost // max(job.rows, 1))
+        return self._cost_at[1]
 
 
 class Engine:
