@@ -36,6 +36,7 @@ from adapters.manifest import (
     HeadSpec,
     OodSpec,
     PosteriorSpec,
+    ProjectionSpecRecord,
     TaskSpec,
 )
 from adapters.ood import DEFAULT_BUDGET_BYTES, DEFAULT_FRACTION, fit_ood_score
@@ -71,11 +72,13 @@ def synthetic_bundle(
     num_samples: int = 8,
     base: torch.nn.Module | None = None,
     ood_method: str | None = None,
+    projection: str = "svd",
 ) -> Path:
     """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
-    ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule."""
+    ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule;
+    ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never)."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
-    config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed)
+    config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed, projection=projection)
     names = target_names(base, targets)
     adapted = copy.deepcopy(base)
     inject_lora_xs(adapted, targets, compute_projections(adapted, names, config), alpha=config.alpha, seed=seed)
@@ -97,7 +100,13 @@ def synthetic_bundle(
         base_model=BaseModelSpec(
             name_or_path=str(base_dir), fingerprint=base_fingerprint(base, names), hidden_size=hidden
         ),
-        adapter=AdapterSpec(rank=rank, alpha=config.alpha, target_modules=list(targets), modules=names),
+        adapter=AdapterSpec(
+            rank=rank,
+            alpha=config.alpha,
+            target_modules=list(targets),
+            modules=names,
+            projection=ProjectionSpecRecord(spec=projection, seed=seed),
+        ),
         head=HeadSpec(in_features=hidden, num_labels=len(labels)),
         posterior=PosteriorSpec(family=family, default_num_samples=num_samples),
         calibration=CalibrationSpec(abstention=rules),

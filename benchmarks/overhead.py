@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -33,12 +34,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
 from adapters.batching import RowBlock, RowPlan
+from adapters.bundle import load_bundle, save_bundle
 from adapters.defaults import PredictiveMode
 from adapters.embedded import resolve_model
 from benchmarks.harness import ServerProcess, synthetic_bundle
@@ -68,6 +71,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of this process")
     parser.add_argument("--repeats", type=int, default=7, help="in-process repeats (median)")
     parser.add_argument("--profile-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--adapters", type=int, nargs=2, metavar=("SHARED", "DISTINCT"),
+        help="instead of the sweep: --methods[0] at the largest --concurrency over one adapter, over SHARED "
+        "copies (projections shared) and over DISTINCT bundles with their own random projections",
+    )  # fmt: skip
     parser.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="extra caveat-serve flags")
     return parser.parse_args()
 
@@ -141,6 +149,45 @@ def server_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Pat
     finally:
         server.stop()
     return {"health": health, "predict": sweep}
+
+
+def adapters_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Path, texts: list[str]) -> dict:
+    """One server per adapter set, the same request mix spread uniformly over its adapters: req/s, p50, p99, and
+    device bytes per resident adapter (``GET /v1/adapters``)."""
+    shared_count, distinct_count = args.adapters
+    sets = {"one": adapters}
+    sets["shared"] = root / "shared"
+    for i in range(shared_count):  # renamed copies: the registry interns their identical projections
+        bundle = load_bundle(adapters / "main")
+        save_bundle(dataclasses.replace(bundle, manifest=bundle.manifest.model_copy(update={"name": f"s{i}"})),
+                    sets["shared"] / f"s{i}")  # fmt: skip
+    sets["distinct"] = root / "distinct"
+    for i in range(distinct_count):
+        synthetic_bundle(
+            base, sets["distinct"] / f"d{i}", name=f"d{i}", targets=DEFAULT_TARGETS, rank=16, family="kron",
+            variance=1e-3, num_samples=args.samples, max_length=128, projection="random", seed=i,
+        )  # fmt: skip
+    method, concurrency = args.methods[0], max(args.concurrency)
+    flags = ["--torch-threads", str(args.threads), "--queue-size", "4096", "--memory-budget-mb", "65536"]
+    out = {}
+    for label, directory in sets.items():
+        names = sorted(p.name for p in directory.iterdir())
+        mix = [b.replace('"adapter": "main"', f'"adapter": "{names[i % len(names)]}"')
+               for i, b in enumerate(bodies(method, args.samples, texts * (1 + len(names) // len(texts))))]  # fmt: skip
+        body_file = root / f"{label}.jsonl"
+        body_file.write_text("\n".join(mix) + "\n")
+        server = ServerProcess.start(base, directory, root / f"server-{label}.log", *flags, timeout_s=900)
+        try:
+            wrk(server.url, concurrency, args.warmup, body_file)
+            point = wrk(server.url, concurrency, args.duration, body_file)
+            listed = httpx.get(f"{server.url}/v1/adapters", timeout=60).json()
+        finally:
+            server.stop()
+        point.update(adapters=len(listed["adapters"]), memory_bytes=listed["memory_bytes"])
+        point["bytes_per_adapter"] = listed["memory_bytes"] // max(1, len(listed["adapters"]))
+        out[label] = point
+        print("adapters", label, json.dumps(point), flush=True)
+    return out
 
 
 # -------------------------------------------------------------------------------------- in-process runs
@@ -311,6 +358,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def adapters_markdown(points: dict) -> str:
+    one = points["one"]["rps"]
+    lines = ["| adapters | req/s | p50 ms | p99 ms | / one adapter | bytes per resident adapter |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for label, p in points.items():
+        lines.append(
+            f"| {label} ({p['adapters']}) | {p['rps']} | {p['p50_ms']} | {p['p99_ms']} | {p['rps'] / one:.2f}× | "
+            f"{p['bytes_per_adapter']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -320,10 +379,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, adapters = prepare(args.model, args.samples, root)
-        results["server"] = server_sweep(args, base, adapters, root, texts)
-        results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts))
+        if args.adapters:
+            results["adapters"] = adapters_sweep(args, base, adapters, root, texts)
+        else:
+            results["server"] = server_sweep(args, base, adapters, root, texts)
+            results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts))
     results["machine"]["uptime_after"] = uptime()
-    print(markdown(results))
+    print(adapters_markdown(results["adapters"]) if args.adapters else markdown(results))
     print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
