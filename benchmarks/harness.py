@@ -21,10 +21,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from adapters import LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs, target_names
 from adapters.bundle import Bundle, save_bundle
+from adapters.embedded import resolve_model
 from adapters.fingerprint import base_fingerprint
 from adapters.injection import lora_xs_layers
 from adapters.manifest import (
@@ -181,6 +182,22 @@ def _correlated_factors(mean: torch.Tensor, variance: float) -> MatrixNormalFact
     r = mean.shape[0]
     factor = variance**0.25 * (torch.eye(r) + 0.5 * torch.ones(r, r).tril(-1))
     return MatrixNormalFactors(factor, factor.clone(), torch.tensor(variance**0.5))
+
+
+def save_tiny_bert(
+    directory: Path, hidden_size: int = 32, intermediate_size: int = 48, max_positions: int = 128, seed: int = 0
+) -> Path:
+    """A random 2-layer BERT built with ``from_config`` (4 heads) and MiniLM's real tokenizer, saved as a local
+    model directory: a base whose forward costs almost nothing."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
+    )  # fmt: skip
+    AutoModel.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 REPO = Path(__file__).resolve().parents[1]

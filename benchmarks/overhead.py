@@ -36,7 +36,6 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoModel, AutoTokenizer, BertConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
@@ -44,7 +43,7 @@ from adapters.batching import RowBlock, RowPlan
 from adapters.bundle import load_bundle, save_bundle
 from adapters.defaults import PredictiveMode
 from adapters.embedded import resolve_model
-from benchmarks.harness import ServerProcess, synthetic_bundle
+from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle
 from benchmarks.serve import DEFAULT_TARGETS, machine
 from service.engine import BatchingConfig, Engine, Job, _results
 from service.host import ModelHost
@@ -83,22 +82,9 @@ def parse_args() -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ the setup
 
 
-def tiny_base(directory: Path) -> Path:
-    """A random 2-layer BERT (hidden 64) with MiniLM's tokenizer, saved as a local model directory."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=512,
-    )  # fmt: skip
-    AutoModel.from_config(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def prepare(model: str, samples: int, root: Path) -> tuple[Path, Path]:
     """The base directory and an adapter directory holding ``main`` (r = 16, Kronecker, Mahalanobis OOD)."""
-    base = tiny_base(root / "tiny") if model == "tiny" else Path(resolve_model("minilm"))
+    base = save_tiny_bert(root / "tiny", 64, 128, 512) if model == "tiny" else Path(resolve_model("minilm"))
     adapters = root / "adapters"
     synthetic_bundle(
         base, adapters / "main", name="main", targets=DEFAULT_TARGETS, rank=16, family="kron", variance=1e-3,
