@@ -75,6 +75,7 @@ def parse_args() -> argparse.Namespace:
         help="instead of the sweep: --methods[0] at the largest --concurrency over one adapter, over SHARED "
         "copies (projections shared) and over DISTINCT bundles with their own random projections",
     )  # fmt: skip
+    parser.add_argument("--server-only", action="store_true", help="skip the in-process runs and the profile")
     parser.add_argument("--server-flags", nargs=argparse.REMAINDER, default=[], help="extra caveat-serve flags")
     return parser.parse_args()
 
@@ -369,9 +370,13 @@ def main() -> None:
             results["adapters"] = adapters_sweep(args, base, adapters, root, texts)
         else:
             results["server"] = server_sweep(args, base, adapters, root, texts)
-            results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts))
+            if not args.server_only:
+                results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts))
     results["machine"]["uptime_after"] = uptime()
-    print(adapters_markdown(results["adapters"]) if args.adapters else markdown(results))
+    if args.adapters:
+        print(adapters_markdown(results["adapters"]))
+    elif not args.server_only:
+        print(markdown(results))
     print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30,
-        loop="uvloop", http="httptools",  # measured against asyncio + h11: docs/benchmarks.md, issue #15
+        loop=settings.loop, http=settings.http,  # uvloop + httptools by default: measured, docs/benchmarks.md
     )  # fmt: skip
     DrainingServer(config, app.state.caveat, settings.drain_s).run()
     return 0
