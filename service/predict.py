@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters.defaults import PredictiveMode
@@ -22,7 +21,6 @@ from service.schemas import AbstainOverride, MultipleChoice, TextPair
 from service.settings import Settings
 from service.state import ServiceState
 
-POLL_S = 0.25  # how often a waiting request checks that its client is still connected
 INLINE_COUNT_CHARS = 4096  # inputs this short are counted on the event loop (microseconds); longer in a thread
 Input = str | TextPair | MultipleChoice
 
@@ -46,7 +44,7 @@ async def run_prediction(
     method: str | None = None,
     seed: int | None = None,
     abstain: AbstainOverride | None = None,
-    disconnected: Callable[[], bool] | None = None,
+    disconnected: asyncio.Event | None = None,
 ) -> Answer:
     """Check limits, pin the adapter version, run the job through the engine (with the request timeout; a
     client that ``disconnected`` abandons its job)."""
@@ -87,20 +85,26 @@ async def run_prediction(
     return Answer(adapter, method, num_samples, seed, result, time.perf_counter() - start)
 
 
-async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: Callable[[], bool] | None) -> JobResult:
-    """The job's result; 504 at its deadline (``timeout_s`` after admission). Then, and when the client goes
-    away, the job's future is cancelled, so the engine drops it before its next step."""
+async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: asyncio.Event | None) -> JobResult:
+    """The job's result; 504 at its deadline (``timeout_s`` after admission), 499 when the client goes away
+    first. Then the job's future is cancelled, so the engine drops it before its next step. One wait per request
+    (no polling: a waiting request costs the event loop nothing)."""
     waiting = asyncio.ensure_future(engine.submit(job))
+    gone = asyncio.ensure_future(disconnected.wait()) if disconnected is not None else None
     try:
-        while not waiting.done():
-            remaining = job.deadline - time.perf_counter()
-            if remaining <= 0:
-                raise PredictionTimeoutError(f"no answer within {timeout_s:g} s")
-            await asyncio.wait({waiting}, timeout=min(remaining, POLL_S))
-            if not waiting.done() and disconnected is not None and disconnected():
-                raise ClientGoneError("the client closed the connection before the answer")
-        return waiting.result()
+        await asyncio.wait(
+            {waiting} if gone is None else {waiting, gone},
+            timeout=max(job.deadline - time.perf_counter(), 0),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if waiting.done():
+            return waiting.result()
+        if gone is not None and gone.done():
+            raise ClientGoneError("the client closed the connection before the answer")
+        raise PredictionTimeoutError(f"no answer within {timeout_s:g} s")
     finally:
+        if gone is not None:
+            gone.cancel()
         if not waiting.done():
             job.future.cancel()
 
