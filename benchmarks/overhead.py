@@ -9,7 +9,9 @@ Measured in one run, on one machine, side by side:
 * **in-process**: the batches the engine forms when ``c`` requests wait, run by this process without HTTP:
   the engine's whole step (sampling, row plan, forward, predictive) and the batched forward alone
   (``ModelHost.forward`` / ``linearise``, row plan included). Their req/s are the ceiling the server is held to;
-* **profile**: where one batch's time goes (``--profile-concurrency`` requests), stage by stage.
+* **profile**: where one batch's time goes (``--profile-concurrency`` requests), stage by stage;
+* with ``--adapters SHARED DISTINCT`` instead: one adapter against SHARED copies sharing their projections and
+  DISTINCT bundles with their own (random) projections, the requests spread uniformly over them.
 
 Model: ``--model tiny`` (a random 2-layer BERT, hidden 64, built with ``from_config``: its forward is nearly
 free, so the ratios are the server's efficiency) or ``--model minilm`` (the embedded base). The adapter is a

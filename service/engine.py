@@ -440,12 +440,11 @@ def _results(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
         try:
             outcomes.update(_group_results(group))
         except Exception:
-            if len(group) == 1:
-                raise
             for job in group:
                 try:
                     outcomes.update(_group_results([job]))
                 except Exception as exc:  # this job's answer alone fails
+                    log.exception("prediction failed")
                     outcomes[id(job)] = exc
     return outcomes
 
