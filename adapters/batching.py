@@ -184,7 +184,7 @@ def _layer_groups(name: str, blocks: Sequence[RowBlock], layouts: _Layouts) -> l
     groups = []
     for projection, members in by_projection.values():
         layout = layouts.get(tuple(members))
-        cores = torch.cat([blocks[i].samples[name] for i in members]).to(projection.A.dtype) * layout.scaling
+        cores = (torch.cat([blocks[i].samples[name] for i in members]) * layout.scaling).to(projection.A.dtype)
         groups.append(RowGroup(projection.A, projection.B, cores.index_select(0, layout.sample_index), layout.rows))
     return groups
 
