@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 
 import torch
 from torch import Tensor
@@ -113,30 +114,78 @@ class RowPlan:
             row_inputs = torch.cat([row_inputs, base_inputs.to(row_inputs.device)])
             base_rows = slice(start, start + base_inputs.shape[0])
         total = row_inputs.shape[0]
-        layer_groups = {name: _layer_groups(name, blocks, block_rows, total) for name in layer_names}
+        layouts = _Layouts(blocks, block_rows, total)
+        layer_groups = {name: _layer_groups(name, blocks, layouts) for name in layer_names}
         unknown = {n for b in blocks for n in b.adapter.projections} - set(layer_groups)
         if unknown:
             raise ValueError(f"adapters project modules the base model does not wrap: {sorted(unknown)[:5]}")
         return cls(row_inputs=row_inputs, block_rows=block_rows, layer_groups=layer_groups, base_rows=base_rows)
 
 
-def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice], total_rows: int) -> list[RowGroup]:
-    """Group the blocks that adapt ``name`` by projection and gather one scaled core per row."""
-    by_projection: dict[int, tuple[Projection, list[Tensor], list[Tensor]]] = {}
-    for block, rows in zip(blocks, block_rows, strict=True):
+@dataclass
+class _Layout:
+    """Where the rows of some blocks sit, shared by every layer whose projection groups those blocks.
+
+    Attributes:
+        rows: the group's rows (``None``: every row in order; a slice when contiguous).
+        sample_index: ``(n_rows,)`` for each row, its sample in the concatenation of the blocks' samples.
+        scaling: each sample's adapter scaling, ``(ΣS, 1, 1)``, or one float when the blocks share it.
+    """
+
+    rows: Tensor | slice | None
+    sample_index: Tensor
+    scaling: Tensor | float
+
+
+class _Layouts:
+    """Layouts by the tuple of blocks they cover, built once per plan: a layer then costs one ``cat`` of its
+    cores and one gather, whatever the number of blocks."""
+
+    def __init__(self, blocks: Sequence[RowBlock], block_rows: list[slice], total_rows: int) -> None:
+        self.blocks, self.block_rows, self.total_rows = blocks, block_rows, total_rows
+        self._cache: dict[tuple[int, ...], _Layout] = {}
+
+    def get(self, members: tuple[int, ...]) -> _Layout:
+        if members not in self._cache:
+            self._cache[members] = self._build(members)
+        return self._cache[members]
+
+    def _build(self, members: tuple[int, ...]) -> _Layout:
+        blocks = [self.blocks[i] for i in members]
+        device = blocks[0].inputs.device
+        offsets = list(accumulate((b.num_samples for b in blocks), initial=0))
+        sample_index = torch.cat(
+            [torch.arange(o, o + b.num_samples, device=device).repeat_interleave(b.num_inputs)
+             for b, o in zip(blocks, offsets, strict=False)]
+        )  # fmt: skip  # row s·n + i of a block uses its core s
+        spans = [self.block_rows[i] for i in members]
+        rows: Tensor | slice | None
+        if any(a.stop != b.start for a, b in pairwise(spans)):
+            rows = torch.cat([torch.arange(r.start, r.stop, device=device) for r in spans])
+        elif spans[0].start == 0 and spans[-1].stop == self.total_rows:
+            rows = None
+        else:
+            rows = slice(spans[0].start, spans[-1].stop)
+        scalings = [b.adapter.scaling for b in blocks]
+        if len(set(scalings)) == 1:
+            return _Layout(rows, sample_index, scalings[0])
+        per_sample = torch.tensor([s for b, s in zip(blocks, scalings, strict=True) for _ in range(b.num_samples)])
+        return _Layout(rows, sample_index, per_sample.to(device).view(-1, 1, 1))
+
+
+def _layer_groups(name: str, blocks: Sequence[RowBlock], layouts: _Layouts) -> list[RowGroup]:
+    """Group the blocks that adapt ``name`` by projection; per group one ``cat`` of the blocks' sampled cores,
+    scaled, and one gather of a core per row."""
+    by_projection: dict[int, tuple[Projection, list[int]]] = {}
+    for index, block in enumerate(blocks):
         projection = block.adapter.projections.get(name)
-        if projection is None:
-            continue  # this adapter leaves the layer as it is
-        cores = block.samples[name].to(projection.A.dtype) * block.adapter.scaling  # (S, r, r)
-        per_row = cores.repeat_interleave(block.num_inputs, dim=0)  # row s·n + i uses core s
-        entry = by_projection.setdefault(id(projection), (projection, [], []))
-        entry[1].append(torch.arange(rows.start, rows.stop, device=per_row.device))
-        entry[2].append(per_row)
+        if projection is not None:  # else this adapter leaves the layer as it is
+            by_projection.setdefault(id(projection), (projection, []))[1].append(index)
     groups = []
-    for projection, row_lists, core_lists in by_projection.values():
-        rows = torch.cat(row_lists)
-        covers_all = rows.shape[0] == total_rows and len(row_lists) == len(blocks)
-        groups.append(RowGroup(projection.A, projection.B, torch.cat(core_lists), None if covers_all else rows))
+    for projection, members in by_projection.values():
+        layout = layouts.get(tuple(members))
+        cores = (torch.cat([blocks[i].samples[name] for i in members]) * layout.scaling).to(projection.A.dtype)
+        groups.append(RowGroup(projection.A, projection.B, cores.index_select(0, layout.sample_index), layout.rows))
     return groups
 
 

@@ -45,25 +45,26 @@ def row_jacobians(
         pooled = features(rows_batch)
         logits = [head_logits(pooled[r], b)[0] for r, b in zip(plan.block_rows, blocks, strict=True)]
     num_rows, num_classes = plan.row_inputs.shape[0], max(out.shape[-1] for out in logits)
-    per_class = []  # per class: layer → (N_rows, r, r) gradient w.r.t. each row's (scaled) core
+    per_class = []  # per class: (layer, core shape) → (N_rows, r, r) gradient w.r.t. each row's (scaled) core
     for c in range(num_classes):
         target = sum(out[:, c].sum() for out in logits if out.shape[-1] > c)
         grads = torch.autograd.grad(
             target, [g.cores for _, g in leaves], retain_graph=c < num_classes - 1, allow_unused=True
         )
-        per_layer: dict[str, Tensor] = {}
+        per_layer: dict[tuple[str, torch.Size], Tensor] = {}  # adapters of other ranks on one layer: apart
         for (name, group), grad in zip(leaves, grads, strict=True):
-            if name not in per_layer:
-                per_layer[name] = torch.zeros(num_rows, *group.cores.shape[1:], device=group.cores.device)
-            full = per_layer[name]
+            key = (name, group.cores.shape[1:])
+            if key not in per_layer:
+                per_layer[key] = torch.zeros(num_rows, *key[1], device=group.cores.device)
             if grad is not None:
-                full[slice(None) if group.rows is None else group.rows] = grad.float()
+                per_layer[key][slice(None) if group.rows is None else group.rows] = grad.float()
         per_class.append(per_layer)
     results = []
     for rows, block, out in zip(plan.block_rows, blocks, logits, strict=True):
         C = out.shape[-1]
         jacobians = {
-            name: block.adapter.scaling * torch.stack([per_class[c][name][rows] for c in range(C)], dim=1)
+            name: block.adapter.scaling
+            * torch.stack([per_class[c][name, block.samples[name].shape[1:]][rows] for c in range(C)], dim=1)
             for name in block.adapter.projections
         }  # the rows hold scaling · R, so ∂f/∂R = scaling · ∂f/∂(row core)
         phi = pooled[rows].detach().float()

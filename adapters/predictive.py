@@ -151,13 +151,22 @@ def glm_logit_draws(
         num_samples: logit draws (no network passes: cheap).
         generator: RNG on the covariance's device, for reproducible draws.
     """
-    if covariance.shape != (*logits.shape, logits.shape[-1]):
-        raise ValueError(f"covariance {tuple(covariance.shape)} does not fit logits {tuple(logits.shape)}")
+    noise = torch.randn(num_samples, *logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    return glm_logits_from_noise(logits, covariance, noise)
+
+
+def glm_logits_from_noise(logits: Tensor, covariance: Tensor, noise: Tensor) -> Tensor:
+    """``f_s = f̂ + Σ_f^{1/2} ε_s`` for given standard-normal ``noise`` ``(S, N, C)`` (float64), ``(S, N, C)``:
+    what :func:`glm_logit_draws` does after drawing, so inputs drawn from different generators can share it."""
+    if covariance.shape != (*logits.shape, logits.shape[-1]) or noise.shape[1:] != logits.shape:
+        raise ValueError(
+            f"covariance {tuple(covariance.shape)} or noise {tuple(noise.shape)} does not fit logits "
+            f"{tuple(logits.shape)}"
+        )
     covariance = covariance.double()
     eigvals, eigvecs = torch.linalg.eigh((covariance + covariance.transpose(1, 2)) / 2)
     root = eigvecs * eigvals.clamp_min(0).sqrt().unsqueeze(1)  # Σ = root rootᵀ
-    noise = torch.randn(num_samples, *logits.shape, generator=generator, device=logits.device, dtype=root.dtype)
-    return logits.double() + torch.einsum("nij,snj->sni", root, noise)
+    return logits.double() + torch.einsum("nij,snj->sni", root, noise.to(root.dtype))
 
 
 def glm_predictive(

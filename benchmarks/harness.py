@@ -21,10 +21,11 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from adapters import LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs, target_names
 from adapters.bundle import Bundle, save_bundle
+from adapters.embedded import resolve_model
 from adapters.fingerprint import base_fingerprint
 from adapters.injection import lora_xs_layers
 from adapters.manifest import (
@@ -36,6 +37,7 @@ from adapters.manifest import (
     HeadSpec,
     OodSpec,
     PosteriorSpec,
+    ProjectionSpecRecord,
     TaskSpec,
 )
 from adapters.ood import DEFAULT_BUDGET_BYTES, DEFAULT_FRACTION, fit_ood_score
@@ -71,11 +73,13 @@ def synthetic_bundle(
     num_samples: int = 8,
     base: torch.nn.Module | None = None,
     ood_method: str | None = None,
+    projection: str = "svd",
 ) -> Path:
     """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
-    ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule."""
+    ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule;
+    ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never)."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
-    config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed)
+    config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed, projection=projection)
     names = target_names(base, targets)
     adapted = copy.deepcopy(base)
     inject_lora_xs(adapted, targets, compute_projections(adapted, names, config), alpha=config.alpha, seed=seed)
@@ -97,7 +101,13 @@ def synthetic_bundle(
         base_model=BaseModelSpec(
             name_or_path=str(base_dir), fingerprint=base_fingerprint(base, names), hidden_size=hidden
         ),
-        adapter=AdapterSpec(rank=rank, alpha=config.alpha, target_modules=list(targets), modules=names),
+        adapter=AdapterSpec(
+            rank=rank,
+            alpha=config.alpha,
+            target_modules=list(targets),
+            modules=names,
+            projection=ProjectionSpecRecord(spec=projection, seed=seed),
+        ),
         head=HeadSpec(in_features=hidden, num_labels=len(labels)),
         posterior=PosteriorSpec(family=family, default_num_samples=num_samples),
         calibration=CalibrationSpec(abstention=rules),
@@ -172,6 +182,22 @@ def _correlated_factors(mean: torch.Tensor, variance: float) -> MatrixNormalFact
     r = mean.shape[0]
     factor = variance**0.25 * (torch.eye(r) + 0.5 * torch.ones(r, r).tril(-1))
     return MatrixNormalFactors(factor, factor.clone(), torch.tensor(variance**0.5))
+
+
+def save_tiny_bert(
+    directory: Path, hidden_size: int = 32, intermediate_size: int = 48, max_positions: int = 128, seed: int = 0
+) -> Path:
+    """A random 2-layer BERT built with ``from_config`` (4 heads) and MiniLM's real tokenizer, saved as a local
+    model directory: a base whose forward costs almost nothing."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=intermediate_size, max_position_embeddings=max_positions,
+    )  # fmt: skip
+    AutoModel.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 REPO = Path(__file__).resolve().parents[1]

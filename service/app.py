@@ -81,7 +81,7 @@ async def _observe(request: Request, call_next):
     if endpoint is not None:
         state = request.app.state.caveat
         adapter = request.state.adapter
-        if state.registry is None or adapter not in {e.name for e in state.registry.entries()}:
+        if state.registry is None or adapter not in state.registry:
             adapter = ""  # never a label per unknown name a client sends
         state.metrics.requests.labels(endpoint, adapter, str(response.status_code)).inc()
         state.metrics.latency.labels(endpoint, adapter).observe(time.perf_counter() - start)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,10 +22,10 @@ State = Annotated[ServiceState, Depends(get_state)]
 DISCONNECTED = "caveat.disconnected"  # scope key of the event set when the client goes away (service.app)
 
 
-def client_gone(request: Request) -> Callable[[], bool]:
-    """Whether the client of ``request`` has gone away (closed its connection after sending its body)."""
-    event = request.scope.get(DISCONNECTED)
-    return event.is_set if event is not None else lambda: False
+def client_gone(request: Request) -> asyncio.Event | None:
+    """The event set when the client of ``request`` goes away (closes its connection after sending its body);
+    ``None`` when nothing watches the connection."""
+    return request.scope.get(DISCONNECTED)
 
 
 def require_admin(request: Request, state: State) -> None:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -29,7 +32,7 @@ from adapters.batching import RowBlock
 from adapters.defaults import PredictiveMode
 from adapters.ood.features import BaseFeatureTap
 from adapters.posteriors.base import make_generator
-from adapters.predictive import AbstentionRule, Predictive, abstain, glm_predictive, predictive
+from adapters.predictive import AbstentionRule, Predictive, abstain, glm_logits_from_noise, predictive
 from adapters.tasks import mask_choices
 from service.errors import NonFiniteOutputError, NotReadyError, PredictionTimeoutError, QueueFullError
 from service.host import ModelHost, TextInput
@@ -63,12 +66,12 @@ class Job:
     def __post_init__(self) -> None:
         self.progress = _Progress(self)
 
-    @property
+    @cached_property
     def rows(self) -> int:
         """Rows of the network forward: the GLM runs each input once (its draws are in logit space)."""
         return len(self.inputs) * (1 if self.method == PredictiveMode.GLM else self.num_samples)
 
-    @property
+    @cached_property
     def cost(self) -> int:
         """Estimated rows × tokens; the GLM's Jacobian pays one backward pass per class on top of its forward."""
         passes = 1 + len(self.adapter.labels) if self.method == PredictiveMode.GLM else 1
@@ -81,9 +84,16 @@ class Job:
 
 @dataclass
 class JobResult:
-    """A job's predictive (on the CPU), abstention flags and where its time went."""
+    """A job's predictive (on the CPU), its answer's fields as host lists, abstention flags and where its time
+    went.
+
+    Attributes:
+        values: :data:`ANSWER_FIELDS` → one value per input (``probs``: a list per input), read by the routes
+            and the metrics without touching a tensor.
+    """
 
     pred: Predictive
+    values: dict[str, list]
     abstain: list[bool]
     reasons: list[str | None]
     queue_seconds: float
@@ -139,6 +149,7 @@ class _Progress:
         self.compute_seconds = 0.0
         self.batch_requests = 0
         self.batch_rows = 0
+        self._cost_at = (-1, 0)  # (next, remaining cost) when last computed
 
     def plan(self, step_tokens: int) -> None:
         """Cut the job into pieces of at most ``step_tokens`` (one row at least): whole-input sample slices, or
@@ -153,14 +164,19 @@ class _Progress:
             self.pieces = [
                 _Piece(job, slice(s, s + 1), slice(i, min(i + rows, n))) for s in range(S) for i in range(0, n, rows)
             ]
+        self._cost_at = (-1, 0)
 
     @property
     def remaining(self) -> list[_Piece]:
         return self.pieces[self.next :]
 
     def remaining_cost(self) -> int:
-        job = self.job
-        return sum(p.rows for p in self.remaining) * job.cost // max(job.rows, 1)
+        """Estimated cost of the pieces not yet run (kept per ``next``: the engine asks for it on every step and
+        admission)."""
+        if self._cost_at[0] != self.next:
+            job = self.job
+            self._cost_at = (self.next, sum(p.rows for p in self.remaining) * job.cost // max(job.rows, 1))
+        return self._cost_at[1]
 
 
 class Engine:
@@ -176,6 +192,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._busy = False
         self._closing = False
+        self._had_company = False  # whether the last step had other jobs beside it (then waiting pays)
 
     @property
     def pending(self) -> int:
@@ -238,8 +255,8 @@ class Engine:
         while not self._jobs:
             self._arrived.clear()
             await self._arrived.wait()
-        if self.config.enabled and self.config.max_wait_ms > 0 and len(self._jobs) == 1:
-            await asyncio.sleep(self.config.max_wait_ms / 1000)  # a moment for company
+        if self.config.enabled and self.config.max_wait_ms > 0 and len(self._jobs) == 1 and self._had_company:
+            await asyncio.sleep(self.config.max_wait_ms / 1000)  # a moment for company, when some is likely
         for job in [j for j in self._jobs if j.abandoned]:
             self._drop(job)
         jobs = self._jobs if self.config.enabled else self._jobs[:1]
@@ -258,6 +275,7 @@ class Engine:
                 break  # a step of small requests takes the big one's pieces only while it has room
             pieces.append(piece)
             budget, rows = budget - piece_cost, rows + piece.rows
+        self._had_company = len({id(p.job) for p in pieces}) > 1 or len(self._jobs) > 1
         self.metrics.queue_depth.set(self.pending)
         return pieces
 
@@ -292,7 +310,7 @@ class Engine:
             self.metrics.queue_wait.observe(outcome.queue_seconds)
             job.future.set_result(outcome)
             self.metrics.samples.observe(job.num_samples)
-            self.metrics.observe_predictions(job.adapter.name, outcome.pred, outcome.reasons, outcome.ood_pvalue)
+            self.metrics.observe_predictions(job.adapter.name, outcome.values, outcome.reasons, outcome.ood_pvalue)
         self.metrics.queue_depth.set(self.pending)
 
     # ------------------------------------------------------------------------------ the worker thread
@@ -317,18 +335,19 @@ class Engine:
         return outcomes
 
     def _run(self, pieces: list[_Piece]) -> dict[int, JobResult | BaseException | None]:
-        """Sampled and MAP pieces in one batched-rows forward, GLM pieces in one batched linearisation."""
+        """Sampled and MAP pieces in one batched-rows forward, GLM pieces in one batched linearisation; the
+        results of the jobs it finishes computed together (:func:`_results`)."""
         start = time.perf_counter()
         device = self.host.device
+        _draw([piece.job for piece in pieces], start)
         unique: dict[TextInput, int] = {}
         blocks = []
         for piece in pieces:
-            job, progress = piece.job, piece.job.progress
-            if progress.samples is None:
-                progress.started = start
-                progress.samples = job.adapter.draw(job.num_samples, job.seed, job.method)
+            job = piece.job
             indices = [unique.setdefault(item, len(unique)) for item in job.inputs[piece.inputs]]
-            samples = {k: v[piece.samples] for k, v in progress.samples.items()}
+            samples = job.progress.samples
+            if piece.samples != slice(0, next(iter(samples.values())).shape[0]):
+                samples = {k: v[piece.samples] for k, v in samples.items()}  # whole: the drawn dict itself
             blocks.append(RowBlock(job.adapter.weights, samples, torch.tensor(indices, device=device)))
         batch = self.host.encode(list(unique))
         tap = self._feature_tap(pieces, unique)
@@ -359,10 +378,8 @@ class Engine:
             progress.compute_seconds += seconds
             progress.batch_requests = max(progress.batch_requests, len(jobs))
             progress.batch_rows = max(progress.batch_rows, rows)
-            try:
-                outcomes[id(job)] = _result(job) if not progress.remaining else None
-            except Exception as exc:  # this job's answer alone fails
-                outcomes[id(job)] = exc
+            outcomes[id(job)] = None
+        outcomes.update(_results([job for job in jobs if not job.progress.remaining]))
         return outcomes
 
     def _feature_tap(self, pieces: list[_Piece], unique: dict[TextInput, int]) -> BaseFeatureTap | None:
@@ -388,40 +405,135 @@ def _keep_features(piece: _Piece, tap: BaseFeatureTap, unique: dict[TextInput, i
         job.progress.ood_features.update(zip(positions, features, strict=True))
 
 
-def _ood(job: Job) -> tuple[Tensor, Tensor] | None:
-    """``(n,)`` OOD scores and p-values of a finished job, or ``None`` for a bundle without a score."""
-    score = job.adapter.bundle.ood
-    if score is None:
-        return None
-    features = torch.stack([job.progress.ood_features[p] for p in range(len(job.inputs))])
-    values = score.score(features)
-    return values, score.pvalue(values)
+def _draw(jobs: list[Job], start: float) -> None:
+    """Samples for the jobs that have none yet: one ``draw_many`` per adapter version and method (each job's
+    noise from its own seeded generator, so a seed gives the same samples whatever else is drawn with it)."""
+    waiting: dict[tuple[int, str], list[Job]] = {}
+    for job in dict.fromkeys(jobs):
+        if job.progress.samples is None:
+            job.progress.started = start
+            waiting.setdefault((id(job.adapter), job.method), []).append(job)
+    for group in waiting.values():
+        drawn = group[0].adapter.draw_many([(job.num_samples, job.seed) for job in group], group[0].method)
+        for job, samples in zip(group, drawn, strict=True):
+            job.progress.samples = samples
 
 
-def _result(job: Job) -> JobResult:
-    """The predictive of a job whose pieces have all run; non-finite probabilities are an error, never an
-    answer."""
-    progress = job.progress
-    logits = _assemble(job, progress.logits)
-    if job.method == PredictiveMode.GLM:
-        jacobians = {k: torch.cat([j[k] for j in progress.jacobians]) for k in progress.jacobians[0]}
-        pred = _glm(job, _masked(job, logits), jacobians)
+ANSWER_FIELDS = (
+    "probs", "label", "confidence", "entropy", "entropy_normalized", "expected_entropy", "mutual_information",
+    "mc_stderr",
+)  # fmt: skip
+
+
+def _results(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
+    """The results of jobs whose pieces have all run. Alike jobs (the same predictive, samples, classes and
+    temperature; for the GLM the same posterior) get one predictive over all their inputs, moved to the host
+    once; a group that fails is answered job by job, so that one job's failure stays its own."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        glm = job.method == PredictiveMode.GLM
+        key = (glm, id(job.adapter.bundle.posterior) if glm else 0, job.num_samples, len(job.adapter.labels),
+               job.adapter.temperature)  # fmt: skip
+        groups.setdefault(key, []).append(job)
+    outcomes: dict[int, JobResult | BaseException] = {}
+    for group in groups.values():
+        try:
+            outcomes.update(_group_results(group))
+        except Exception:
+            for job in group:
+                try:
+                    outcomes.update(_group_results([job]))
+                except Exception as exc:  # this job's answer alone fails
+                    log.exception("prediction failed")
+                    outcomes[id(job)] = exc
+    return outcomes
+
+
+def _group_results(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
+    """One predictive for alike jobs; non-finite probabilities are an error of their job, never an answer."""
+    logits = [_masked(job, _assemble(job, job.progress.logits)) for job in jobs]
+    if jobs[0].method == PredictiveMode.GLM:
+        pred = _to_cpu(_glm(jobs, logits))
     else:
-        pred = predictive(_masked(job, logits), job.adapter.temperature)
-    pred = _to_cpu(pred)
-    if not bool(torch.isfinite(pred.probs).all()):
-        log.error("adapter %s version %s gave non-finite probabilities", job.adapter.name, job.adapter.version)
-        raise NonFiniteOutputError(
-            f"adapter {job.adapter.name!r} (version {job.adapter.version}) produced non-finite probabilities; "
-            "the answer is withheld"
-        )
-    ood = _ood(job)
-    flags, reasons = abstain(pred, job.rules, None if ood is None else ood[1])
-    queue_seconds = (progress.started or job.admitted) - job.admitted
-    return JobResult(
-        pred, flags.tolist(), reasons, queue_seconds, progress.compute_seconds, progress.batch_requests,
-        progress.batch_rows, *((ood[0].tolist(), ood[1].tolist()) if ood is not None else ()),
-    )  # fmt: skip
+        pred = _to_cpu(predictive(torch.cat(logits, dim=-2), jobs[0].adapter.temperature))
+    bounds = list(accumulate((len(job.inputs) for job in jobs), initial=0))
+    ood = _ood(jobs, bounds)
+    flags, reasons = _abstain(jobs, bounds, pred, None if ood is None else ood[1])
+    values = {name: getattr(pred, name).tolist() for name in ANSWER_FIELDS}
+    finite = torch.isfinite(pred.probs).all(dim=-1).tolist()
+    ood_lists = [] if ood is None else [ood[0].tolist(), ood[1].tolist()]
+    outcomes: dict[int, JobResult | BaseException] = {}
+    for job, a, b in zip(jobs, bounds, bounds[1:], strict=False):
+        if not all(finite[a:b]):
+            log.error("adapter %s version %s gave non-finite probabilities", job.adapter.name, job.adapter.version)
+            outcomes[id(job)] = NonFiniteOutputError(
+                f"adapter {job.adapter.name!r} (version {job.adapter.version}) produced non-finite probabilities; "
+                "the answer is withheld"
+            )
+            continue
+        progress = job.progress
+        queue_seconds = (progress.started or job.admitted) - job.admitted
+        scores = [values[a:b] for values in ood_lists] if job.adapter.bundle.ood is not None else []
+        outcomes[id(job)] = JobResult(
+            _slice(pred, a, b), {name: v[a:b] for name, v in values.items()}, flags[a:b], reasons[a:b],
+            queue_seconds, progress.compute_seconds, progress.batch_requests, progress.batch_rows, *scores,
+        )  # fmt: skip
+    return outcomes
+
+
+def _ood(jobs: list[Job], bounds: list[int]) -> tuple[Tensor, Tensor] | None:
+    """``(N,)`` OOD scores and p-values of the jobs' inputs, each adapter's score run once over all its jobs'
+    inputs (NaN for jobs whose bundle has no score); ``None`` when none has one."""
+    by_score: dict[int, list[int]] = {}
+    for index, job in enumerate(jobs):
+        if job.adapter.bundle.ood is not None:
+            by_score.setdefault(id(job.adapter.bundle.ood), []).append(index)
+    if not by_score:
+        return None
+    scores, pvalues = torch.full((bounds[-1],), math.nan), torch.full((bounds[-1],), math.nan)
+    for members in by_score.values():
+        score = jobs[members[0]].adapter.bundle.ood
+        features = [jobs[i].progress.ood_features[p] for i in members for p in range(len(jobs[i].inputs))]
+        values = score.score(torch.stack(features))
+        rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
+        scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values).float().cpu()
+    return scores, pvalues
+
+
+def _abstain(
+    jobs: list[Job], bounds: list[int], pred: Predictive, pvalues: Tensor | None
+) -> tuple[list[bool], list[str | None]]:
+    """Abstention flags and reasons of every input, the rules of alike jobs applied once (``pvalues`` NaN: no
+    OOD score, so the ``ood`` rule never fires)."""
+    by_rules: dict[tuple[AbstentionRule, ...], list[int]] = {}
+    for index, job in enumerate(jobs):
+        by_rules.setdefault(tuple(job.rules), []).append(index)
+    flags: list[bool] = [False] * bounds[-1]
+    reasons: list[str | None] = [None] * bounds[-1]
+    for rules, members in by_rules.items():
+        rows = [r for i in members for r in range(bounds[i], bounds[i + 1])]
+        whole = len(rows) == bounds[-1]
+        index = torch.tensor(rows)
+        part = pred if whole else _select(pred, index)
+        part_pvalues = None if pvalues is None else pvalues if whole else pvalues[index]
+        fired, why = abstain(part, list(rules), part_pvalues)
+        for row, flag, reason in zip(rows, fired.tolist(), why, strict=True):
+            flags[row], reasons[row] = flag, reason
+    return flags, reasons
+
+
+def _slice(pred: Predictive, start: int, stop: int) -> Predictive:
+    """Inputs ``start:stop`` of a predictive (views)."""
+    fields = {f.name: getattr(pred, f.name)[start:stop] for f in dataclasses.fields(pred)}
+    fields["sample_probs"] = pred.sample_probs[:, start:stop]
+    return Predictive(**fields)
+
+
+def _select(pred: Predictive, index: Tensor) -> Predictive:
+    """Inputs ``index`` of a predictive."""
+    fields = {f.name: getattr(pred, f.name).index_select(0, index) for f in dataclasses.fields(pred)}
+    fields["sample_probs"] = pred.sample_probs.index_select(1, index)
+    return Predictive(**fields)
 
 
 def _assemble(job: Job, parts: list[Tensor]) -> Tensor:
@@ -441,13 +553,23 @@ def _masked(job: Job, logits: torch.Tensor) -> torch.Tensor:
     return mask_choices(logits, [item.num_choices for item in job.inputs])
 
 
-def _glm(job: Job, logits: torch.Tensor, jacobians: dict[str, torch.Tensor]) -> Predictive:
-    posterior = job.adapter.bundle.posterior
+def _glm(jobs: list[Job], logits: list[Tensor]) -> Predictive:
+    """The GLM predictive of jobs sharing one posterior: ``J Σ Jᵀ`` of all their inputs at once, each job's logit
+    draws from its own seeded generator (the draws it gets alone), one predictive over all."""
+    posterior = jobs[0].adapter.bundle.posterior
+    parts = [part for job in jobs for part in job.progress.jacobians]  # in input order, job after job
+    jacobians = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     covariance = posterior.jacobian_covariance(
         {k: v.to(device=posterior.device, dtype=posterior.dtype) for k, v in jacobians.items()}
     )
-    generator = make_generator(job.seed, covariance.device)
-    return glm_predictive(logits.to(covariance.device), covariance, job.num_samples, generator, job.adapter.temperature)
+    device = covariance.device
+    noise = torch.cat([
+        torch.randn(job.num_samples, *out.shape, generator=make_generator(job.seed, device), device=device,
+                    dtype=torch.float64)
+        for job, out in zip(jobs, logits, strict=True)
+    ], dim=1)  # fmt: skip
+    draws = glm_logits_from_noise(torch.cat(logits).to(device), covariance, noise)
+    return predictive(draws, jobs[0].adapter.temperature)
 
 
 def _to_cpu(pred: Predictive) -> Predictive:

@@ -7,9 +7,9 @@ histograms of confidence, entropy, mutual information and the OOD p-value, and a
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Mapping
 
-from adapters.predictive import Predictive
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -86,17 +86,21 @@ class Metrics:
         )  # fmt: skip
 
     def observe_predictions(
-        self, adapter: str, pred: Predictive, reasons: list[str | None], ood_pvalue: list[float] | None = None
+        self, adapter: str, values: Mapping[str, list], reasons: list[str | None], ood_pvalue: list[float] | None = None
     ) -> None:
+        """One answered request: ``values`` holds ``confidence``, ``entropy_normalized`` and
+        ``mutual_information`` per input (``service.engine.JobResult.values``)."""
         self.predictions.labels(adapter).inc(len(reasons))
+        pvalues, confidence = self.ood_pvalue.labels(adapter), self.confidence.labels(adapter)
+        entropy, information = self.entropy.labels(adapter), self.mutual_information.labels(adapter)
         for value in ood_pvalue or []:
-            self.ood_pvalue.labels(adapter).observe(value)
-        for confidence, entropy, mi in zip(
-            pred.confidence.tolist(), pred.entropy_normalized.tolist(), pred.mutual_information.tolist(), strict=True
-        ):
-            self.confidence.labels(adapter).observe(confidence)
-            self.entropy.labels(adapter).observe(entropy)
-            self.mutual_information.labels(adapter).observe(mi)
+            pvalues.observe(value)
+        for value in values["confidence"]:
+            confidence.observe(value)
+        for value in values["entropy_normalized"]:
+            entropy.observe(value)
+        for value in values["mutual_information"]:
+            information.observe(value)
         for reason in reasons:
             if reason is not None:
                 self.abstentions.labels(adapter, reason.split(" ", 1)[0]).inc()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters.defaults import PredictiveMode
@@ -18,11 +17,11 @@ from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput
 from service.registry import AdapterVersion
-from service.schemas import AbstainOverride, MultipleChoice, PredictResult, TextPair, Uncertainty
+from service.schemas import AbstainOverride, MultipleChoice, TextPair
 from service.settings import Settings
 from service.state import ServiceState
 
-POLL_S = 0.25  # how often a waiting request checks that its client is still connected
+INLINE_COUNT_CHARS = 4096  # inputs this short are counted on the event loop (microseconds); longer in a thread
 Input = str | TextPair | MultipleChoice
 
 
@@ -45,7 +44,7 @@ async def run_prediction(
     method: str | None = None,
     seed: int | None = None,
     abstain: AbstainOverride | None = None,
-    disconnected: Callable[[], bool] | None = None,
+    disconnected: asyncio.Event | None = None,
 ) -> Answer:
     """Check limits, pin the adapter version, run the job through the engine (with the request timeout; a
     client that ``disconnected`` abandons its job)."""
@@ -72,7 +71,9 @@ async def run_prediction(
         raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
     seed = secrets.randbits(63) if seed is None else seed
     deadline = time.perf_counter() + settings.request_timeout_s
-    tokens = max(await asyncio.to_thread(registry.host.token_counts, texts))
+    count = registry.host.token_counts
+    chars = sum(len(item.text) + len(item.text_pair or "") for item in texts)
+    tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
     job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), tokens, deadline=deadline)
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
@@ -84,20 +85,26 @@ async def run_prediction(
     return Answer(adapter, method, num_samples, seed, result, time.perf_counter() - start)
 
 
-async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: Callable[[], bool] | None) -> JobResult:
-    """The job's result; 504 at its deadline (``timeout_s`` after admission). Then, and when the client goes
-    away, the job's future is cancelled, so the engine drops it before its next step."""
+async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: asyncio.Event | None) -> JobResult:
+    """The job's result; 504 at its deadline (``timeout_s`` after admission), 499 when the client goes away
+    first. Then the job's future is cancelled, so the engine drops it before its next step. One wait per request
+    (no polling: a waiting request costs the event loop nothing)."""
     waiting = asyncio.ensure_future(engine.submit(job))
+    gone = asyncio.ensure_future(disconnected.wait()) if disconnected is not None else None
     try:
-        while not waiting.done():
-            remaining = job.deadline - time.perf_counter()
-            if remaining <= 0:
-                raise PredictionTimeoutError(f"no answer within {timeout_s:g} s")
-            await asyncio.wait({waiting}, timeout=min(remaining, POLL_S))
-            if not waiting.done() and disconnected is not None and disconnected():
-                raise ClientGoneError("the client closed the connection before the answer")
-        return waiting.result()
+        await asyncio.wait(
+            {waiting} if gone is None else {waiting, gone},
+            timeout=max(job.deadline - time.perf_counter(), 0),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if waiting.done():
+            return waiting.result()
+        if gone is not None and gone.done():
+            raise ClientGoneError("the client closed the connection before the answer")
+        raise PredictionTimeoutError(f"no answer within {timeout_s:g} s")
     finally:
+        if gone is not None:
+            gone.cancel()
         if not waiting.done():
             job.future.cancel()
 
@@ -141,27 +148,51 @@ def _rules(adapter: AdapterVersion, override: AbstainOverride | None) -> list[Ab
     return [AbstentionRule(kind, value) for kind, value in override.model_dump().items() if value is not None]
 
 
-def results_of(answer: Answer, return_samples: bool = False) -> list[PredictResult]:
-    pred, labels = answer.result.pred, answer.adapter.labels
-    results = []
-    for i, label in enumerate(pred.label.tolist()):
-        results.append(
-            PredictResult(
-                label=labels[label],
-                probs=pred.probs[i].tolist(),
-                confidence=pred.confidence[i].item(),
-                uncertainty=Uncertainty(
-                    entropy=pred.entropy[i].item(),
-                    entropy_normalized=pred.entropy_normalized[i].item(),
-                    expected_entropy=pred.expected_entropy[i].item(),
-                    mutual_information=pred.mutual_information[i].item(),
-                    mc_stderr=pred.mc_stderr[i].item(),
-                    ood_score=None if answer.result.ood_score is None else answer.result.ood_score[i],
-                    ood_pvalue=None if answer.result.ood_pvalue is None else answer.result.ood_pvalue[i],
-                ),
-                abstain=answer.result.abstain[i],
-                abstain_reason=answer.result.reasons[i],
-                samples=pred.sample_probs[:, i].tolist() if return_samples else None,
-            )
-        )
-    return results
+def response_body(answer: Answer, request_id: str, return_samples: bool = False) -> dict:
+    """The body of a ``/v1/predict`` response (:class:`~service.schemas.PredictResponse`) as plain JSON values."""
+    adapter, result = answer.adapter, answer.result
+    return {
+        "request_id": request_id,
+        "adapter": {"name": adapter.name, "version": adapter.version, "sha256": adapter.sha256},
+        "labels": adapter.labels,
+        "method": answer.method,
+        "num_samples": answer.num_samples,
+        "seed": answer.seed,
+        "results": results_of(answer, return_samples),
+        "timing": {
+            "queue_ms": result.queue_seconds * 1000,
+            "compute_ms": result.compute_seconds * 1000,
+            "total_ms": answer.total_seconds * 1000,
+            "batch_requests": result.batch_requests,
+            "batch_rows": result.batch_rows,
+        },
+    }
+
+
+def results_of(answer: Answer, return_samples: bool = False) -> list[dict]:
+    """The ``results`` of a response (:class:`~service.schemas.PredictResult` as plain JSON values), from the
+    answer's host lists: no tensor is touched and nothing is validated again."""
+    result, labels = answer.result, answer.adapter.labels
+    values = result.values
+    ood_score, ood_pvalue = result.ood_score, result.ood_pvalue
+    samples = result.pred.sample_probs.transpose(0, 1).tolist() if return_samples else None
+    return [
+        {
+            "label": labels[label],
+            "probs": values["probs"][i],
+            "confidence": values["confidence"][i],
+            "uncertainty": {
+                "entropy": values["entropy"][i],
+                "entropy_normalized": values["entropy_normalized"][i],
+                "expected_entropy": values["expected_entropy"][i],
+                "mutual_information": values["mutual_information"][i],
+                "mc_stderr": values["mc_stderr"][i],
+                "ood_score": None if ood_score is None else ood_score[i],
+                "ood_pvalue": None if ood_pvalue is None else ood_pvalue[i],
+            },
+            "abstain": result.abstain[i],
+            "abstain_reason": result.reasons[i],
+            "samples": None if samples is None else samples[i],
+        }
+        for i, label in enumerate(values["label"])
+    ]

@@ -15,8 +15,9 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -116,12 +117,26 @@ class AdapterVersion:
     def draw(self, num_samples: int, seed: int, method: str) -> dict[str, Tensor]:
         """``(S, ...)`` samples of every posterior block; the MAP cores (S = 1) for ``map``; the posterior mean
         for ``glm``, the linearisation point (the MAP for Laplace, the SWA or variational mean otherwise)."""
+        return self.draw_many([(num_samples, seed)], method)[0]
+
+    def draw_many(self, requests: Sequence[tuple[int, int]], method: str) -> list[dict[str, Tensor]]:
+        """:meth:`draw` for several requests ``(S, seed)`` of one method at once: each request's noise comes from
+        its own seeded generator (the same samples as alone), the posterior's map is applied once for all
+        (``Posterior.sample_many``). The MAP and GLM points are one shared dict (a row plan gathers it once)."""
         if method == PredictiveMode.MAP or not self.samples_posterior:
-            return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
+            return [self._map_point] * len(requests)
         if method == PredictiveMode.GLM:
-            return {name: value.unsqueeze(0) for name, value in self.bundle.posterior.mean().items()}
-        generator = make_generator(seed, self.bundle.posterior.device)
-        return self.bundle.posterior.sample(num_samples, generator)
+            return [self._glm_point] * len(requests)
+        device = self.bundle.posterior.device
+        return self.bundle.posterior.sample_many([(S, make_generator(seed, device)) for S, seed in requests])
+
+    @cached_property
+    def _map_point(self) -> dict[str, Tensor]:
+        return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
+
+    @cached_property
+    def _glm_point(self) -> dict[str, Tensor]:
+        return {name: value.unsqueeze(0) for name, value in self.bundle.posterior.mean().items()}
 
 
 @dataclass
@@ -169,6 +184,9 @@ class AdapterRegistry:
         self._on_load = on_load or (lambda seconds, ok: None)
 
     # ------------------------------------------------------------------------------------------ lookups
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def entries(self) -> list[AdapterEntry]:
         return sorted(self._entries.values(), key=lambda e: e.name)

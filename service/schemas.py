@@ -184,6 +184,10 @@ class AdapterSummary(BaseModel):
     posterior: str
     default_num_samples: int
     path: str
+    own_bytes: int = Field(
+        description="device bytes of this adapter's own tensors when resident (cores, head, posterior, OOD "
+        "score); projections are shared and counted once in the list's memory_bytes"
+    )
 
 
 class AdapterDetail(AdapterSummary):

@@ -6,7 +6,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -61,6 +61,8 @@ class Settings(BaseModel):
     warmup: bool = Field(True, description="run a warm-up forward before turning ready")
     drain_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing")
     log_level: str = Field("info", description="uvicorn log level")
+    loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="uvicorn event loop (asyncio: the standard one)")
+    http: Literal["httptools", "h11"] = Field("httptools", description="uvicorn HTTP parser (h11: pure Python)")
 
     @field_validator("dtype")
     @classmethod

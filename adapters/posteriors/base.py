@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -51,6 +51,12 @@ class Posterior(ABC):
     @abstractmethod
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
         """Draw ``S`` samples: block name → ``(S, *shape)``, on the posterior's device."""
+
+    def sample_many(self, requests: Sequence[tuple[int, torch.Generator | None]]) -> list[TensorDict]:
+        """Samples of several requests ``(S_k, generator_k)`` at once; request ``k`` gets exactly what
+        ``sample(S_k, generator_k)`` gives. Families whose draws are standard-normal noise under one affine map
+        draw each request's noise from its own generator, then apply the map once for all of them."""
+        return [self.sample(num_samples, generator) for num_samples, generator in requests]
 
     @abstractmethod
     def covariance(self) -> Tensor:
@@ -186,6 +192,12 @@ def unflatten(flat: Tensor, like: Mapping[str, Tensor]) -> TensorDict:
         out[name] = flat[..., start : start + t.numel()].reshape(*flat.shape[:-1], *t.shape)
         start += t.numel()
     return out
+
+
+def split_samples(samples: Mapping[str, Tensor], sizes: Sequence[int]) -> list[TensorDict]:
+    """Block name → ``(ΣS_k, ...)`` samples of several requests back into one dict per request."""
+    parts = {name: t.split(list(sizes)) for name, t in samples.items()}
+    return [{name: parts[name][k] for name in parts} for k in range(len(sizes))]
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:

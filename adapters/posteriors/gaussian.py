@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
-from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, check_vector, flatten, require
+from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, check_vector, flatten, require, split_samples
 
 
 class DiagPosterior(Posterior):
@@ -33,6 +33,11 @@ class DiagPosterior(Posterior):
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
         noise = self._normal(num_samples, self.num_params, generator=generator)
         return self._unflatten(self.flat_mean() + noise * self._std)
+
+    def sample_many(self, requests: Sequence[tuple[int, torch.Generator | None]]) -> list[TensorDict]:
+        noise = torch.cat([self._normal(num_samples, self.num_params, generator=g) for num_samples, g in requests])
+        joined = self._unflatten(self.flat_mean() + noise * self._std)
+        return split_samples(joined, [num_samples for num_samples, _ in requests])
 
     def covariance(self) -> Tensor:
         return torch.diag(self._std.square())

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
-from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, inv_sqrt_clamped, require
+from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, inv_sqrt_clamped, require, split_samples
 
 FACTOR_FIELDS = (("eigvecs_out", "eigvals_out"), ("eigvecs_in", "eigvals_in"))
 SINGLE_FIELDS = ("eigvecs", "eigvals")
@@ -94,14 +94,27 @@ class KronPosterior(Posterior):
             raise ValueError(f"kron factors of {name!r} do not fit a block of shape {tuple(shape)}: eigvecs {got}")
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> TensorDict:
+        return self._spread(self._noise(num_samples, generator))
+
+    def sample_many(self, requests: Sequence[tuple[int, torch.Generator | None]]) -> list[TensorDict]:
+        noises = [self._noise(num_samples, generator) for num_samples, generator in requests]
+        joined = {name: torch.cat([noise[name] for noise in noises]) for name in self._mean}
+        return split_samples(self._spread(joined), [num_samples for num_samples, _ in requests])
+
+    def _noise(self, num_samples: int, generator: torch.Generator | None) -> TensorDict:
+        """Standard-normal ``(S, *shape)`` per block, drawn in block order."""
+        return {name: self._normal(num_samples, *mean.shape, generator=generator) for name, mean in self._mean.items()}
+
+    def _spread(self, noise: TensorDict) -> TensorDict:
+        """``μ + Q_G (D^{-1/2} ⊙ E) Q_Aᵀ`` per block, for noise ``E`` of any leading size."""
         samples = {}
         for name, mean in self._mean.items():
             eigvecs = self.factors[name].eigvecs
-            noise = self._normal(num_samples, *mean.shape, generator=generator) * self._inv_sqrt[name]
+            scaled = noise[name] * self._inv_sqrt[name]
             if len(eigvecs) == 1:
-                samples[name] = mean + noise @ eigvecs[0].T
+                samples[name] = mean + scaled @ eigvecs[0].T
             else:
-                samples[name] = mean + eigvecs[0] @ noise @ eigvecs[1].T
+                samples[name] = mean + eigvecs[0] @ scaled @ eigvecs[1].T
         return samples
 
     def covariance(self) -> Tensor:

@@ -30,6 +30,7 @@ def summary(entry: AdapterEntry) -> AdapterSummary:
         posterior=manifest.posterior.family,
         default_num_samples=manifest.posterior.default_num_samples,
         path=entry.path.name,
+        own_bytes=entry.resident.own_bytes if entry.resident is not None else 0,
     )
 
 

@@ -26,6 +26,7 @@ from adapters.manifest import CAVEAT_VERSION
 from service.deps import State, client_gone
 from service.errors import InvalidRequestError
 from service.predict import run_prediction
+from service.responses import FastJSONResponse
 from service.schemas import (
     SEED_LIMIT,
     V2_OUTPUTS,
@@ -33,7 +34,6 @@ from service.schemas import (
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,
-    V2Tensor,
     V2TensorMetadata,
     check_text,
 )
@@ -88,7 +88,8 @@ async def model_ready(model: str, state: State):
 
 
 @router.post("/models/{model}/infer", response_model=V2InferResponse, response_model_exclude_none=True)
-async def infer(model: str, request: Request, state: State) -> V2InferResponse:
+async def infer(model: str, request: Request, state: State) -> FastJSONResponse:
+    """The body's shape is :class:`V2InferResponse`, built from host lists and encoded directly."""
     request.state.adapter = model
     body = _parse(await request.body(), request.headers.get("inference-header-content-length"))
     wanted = [o.name for o in body.outputs] if body.outputs else None  # names checked by the schema
@@ -107,33 +108,34 @@ async def infer(model: str, request: Request, state: State) -> V2InferResponse:
         state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
         method=method, disconnected=client_gone(request),
     )  # fmt: skip
-    pred, result = answer.result.pred, answer.result
-    n, classes = pred.probs.shape
+    result = answer.result
+    values, n = result.values, len(result.abstain)
+    classes = len(values["probs"][0])
     tensors = {
-        "probs": V2Tensor(name="probs", datatype="FP32", shape=[n, classes], data=pred.probs.flatten().tolist()),
-        "entropy": V2Tensor(name="entropy", datatype="FP32", shape=[n], data=pred.entropy.tolist()),
-        "mutual_information": V2Tensor(
-            name="mutual_information", datatype="FP32", shape=[n], data=pred.mutual_information.tolist()
-        ),
-        "abstain": V2Tensor(name="abstain", datatype="BOOL", shape=[n], data=result.abstain),
-        "label": V2Tensor(
-            name="label", datatype="BYTES", shape=[n], data=[answer.adapter.labels[i] for i in pred.label.tolist()]
-        ),
+        "probs": _tensor("probs", "FP32", [n, classes], [p for row in values["probs"] for p in row]),
+        "entropy": _tensor("entropy", "FP32", [n], values["entropy"]),
+        "mutual_information": _tensor("mutual_information", "FP32", [n], values["mutual_information"]),
+        "abstain": _tensor("abstain", "BOOL", [n], result.abstain),
+        "label": _tensor("label", "BYTES", [n], [answer.adapter.labels[i] for i in values["label"]]),
     }
     if result.ood_score is not None:
-        tensors["ood_score"] = V2Tensor(name="ood_score", datatype="FP32", shape=[n], data=result.ood_score)
+        tensors["ood_score"] = _tensor("ood_score", "FP32", [n], result.ood_score)
     elif wanted is not None and "ood_score" in wanted:
         raise InvalidRequestError(
             f"adapter {answer.adapter.name!r} has no OOD score (a schema-1 bundle or none fitted)"
         )
     wanted = [w for w in V2_OUTPUTS if w in tensors] if wanted is None else wanted
-    return V2InferResponse(
-        model_name=answer.adapter.name,
-        model_version=answer.adapter.version,
-        id=body.id,
-        parameters={"num_samples": answer.num_samples, "seed": answer.seed, "sha256": answer.adapter.sha256},
-        outputs=[tensors[w] for w in wanted],
-    )
+    response = {"model_name": answer.adapter.name, "model_version": answer.adapter.version}
+    if body.id is not None:
+        response["id"] = body.id
+    response["parameters"] = {"num_samples": answer.num_samples, "seed": answer.seed, "sha256": answer.adapter.sha256}
+    response["outputs"] = [tensors[w] for w in wanted]
+    return FastJSONResponse(response)
+
+
+def _tensor(name: str, datatype: str, shape: list[int], data: list) -> dict[str, Any]:
+    """An output tensor of :class:`V2InferResponse` as plain JSON values."""
+    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
 
 
 def _parse(raw: bytes, header_length: str | None) -> V2InferRequest:

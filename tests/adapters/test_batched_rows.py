@@ -18,8 +18,9 @@ from adapters import (
     lora_xs_layers,
     predictive,
 )
-from adapters.batching import pack_blocks
+from adapters.batching import RowPlan, pack_blocks
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
+from adapters.projections import Projection
 from tests.conftest import random_batch, tiny_bert, tiny_llama
 
 TOL = 1e-5
@@ -214,3 +215,27 @@ def test_low_precision_base_with_float32_samples_and_head() -> None:
         assert logits.dtype == torch.float32
         results.append(torch.softmax(logits, -1))
     torch.testing.assert_close(results[1], results[0], atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plan_gives_each_row_its_scaled_core(dtype: torch.dtype) -> None:
+    """Blocks sharing a projection with other scalings and sample counts, and one with a projection of its own:
+    row ``s·n + i`` of a block holds ``scaling · core_s`` (in the projection's dtype), whatever the grouping."""
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 8, generator=g, dtype=dtype), torch.randn(8, 4, generator=g, dtype=dtype)
+    shared, own = Projection(A, B), Projection(A.clone(), B.clone())
+    head = (torch.zeros(2, 8), torch.zeros(2))
+    adapters = [AdapterWeights({"l": p}, scale, *head) for p, scale in ((shared, 1.0), (own, 2.0), (shared, 3.0))]
+    cores = [torch.randn(S, 4, 4, generator=g) for S in (2, 1, 3)]
+    inputs = [torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2])]
+    blocks = [RowBlock(a, {"l": c}, i) for a, c, i in zip(adapters, cores, inputs, strict=True)]
+    plan = RowPlan.build(blocks, ["l"])
+    expected = torch.cat([b.adapter.scaling * b.samples["l"].repeat_interleave(b.num_inputs, 0) for b in blocks])
+    assert plan.row_inputs.tolist() == [0, 1, 0, 1, 1, 2, 2, 2]
+    covered = []
+    for group in plan.layer_groups["l"]:
+        rows = range(8)[group.rows] if isinstance(group.rows, slice) else group.rows.tolist()
+        assert group.cores.dtype == dtype
+        torch.testing.assert_close(group.cores.float(), expected[list(rows)].to(dtype).float())
+        covered += rows
+    assert sorted(covered) == list(range(8))

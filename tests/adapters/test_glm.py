@@ -38,10 +38,15 @@ def _single_mode(seed: int, patterns, rank: int, num_labels: int):
     return model
 
 
-def test_batched_jacobians_equal_per_example_autograd() -> None:
-    """Two adapters (different targets, ranks and label counts) in one batched linearisation."""
+@pytest.mark.parametrize(
+    ("second", "token_budget"), [(("key",), 20), (("key",), None), (("query",), None)],
+    ids=["other-layers-packed", "other-layers", "same-layer"],
+)  # fmt: skip
+def test_batched_jacobians_equal_per_example_autograd(second: tuple[str, ...], token_budget: int | None) -> None:
+    """Two adapters (different ranks and label counts; on other layers, or both on ``query`` with different
+    ranks) in one batched linearisation (one forward, or packed into several)."""
     batch = random_batch(5, seed=4)
-    models = [_single_mode(0, ("query", "value"), 3, 2), _single_mode(1, ("key",), 2, 3)]
+    models = [_single_mode(0, ("query", "value"), 3, 2), _single_mode(1, second, 2, 3)]
     host_base = tiny_bert()
     inject_lora_xs(host_base, ("query", "key", "value"))
     host = LoraXSClassifier(host_base, num_labels=None).eval()
@@ -50,7 +55,7 @@ def test_batched_jacobians_equal_per_example_autograd() -> None:
         RowBlock(m.own_adapter(), {n: p.detach()[None] for n, p in m.posterior_parameters().items()}, i)
         for m, i in zip(models, inputs, strict=True)
     ]
-    results = host.forward_rows_jacobians(batch, blocks, token_budget=20)
+    results = host.forward_rows_jacobians(batch, blocks, token_budget=token_budget)
     for model, rows, (logits, jacobians) in zip(models, inputs, results, strict=True):
         params = model.posterior_parameters(include_head=True)
         for p in params.values():

@@ -197,3 +197,16 @@ def test_validate_refuses_impossible_parameters() -> None:
     dropout_tensors, dropout_params = _build("dropout").state()
     with pytest.raises(PosteriorValueError, match="dropout rate"):
         Posterior.from_state(dropout_tensors, {**dropout_params, "rate": math.nan})
+
+
+@pytest.mark.parametrize("family", list(PosteriorFamily))
+def test_sample_many_gives_each_request_its_own_samples(family: str) -> None:
+    """The server's per-batch draw: request k gets exactly ``sample(S_k, generator(seed_k))`` (the noise of each
+    from its own generator, the family's map applied once for all)."""
+    posterior = _build(family)
+    requests = [(3, 7), (1, 8), (5, 7)]  # a repeated seed repeats its samples
+    together = posterior.sample_many([(S, make_generator(seed)) for S, seed in requests])
+    for (S, seed), got in zip(requests, together, strict=True):
+        alone = posterior.sample(S, make_generator(seed))
+        assert got.keys() == alone.keys()
+        torch.testing.assert_close(flatten(got), flatten(alone), rtol=1e-6, atol=1e-7)

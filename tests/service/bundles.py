@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from adapters.embedded import resolve_model
-from benchmarks.harness import synthetic_bundle
+from benchmarks.harness import save_tiny_bert, synthetic_bundle
 from service.app import create_app
 from service.settings import Settings
 
@@ -21,15 +21,7 @@ TOKEN = "t"
 
 def save_tiny_base(directory: Path, seed: int = 0) -> Path:
     """A 2-layer random BERT (hidden 32) with MiniLM's tokenizer, as a local model directory."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=48, max_position_embeddings=128,
-    )  # fmt: skip
-    AutoModel.from_config(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_bert(directory, seed=seed)
 
 
 def save_tiny_llama(directory: Path, seed: int = 0) -> Path:

@@ -59,6 +59,8 @@ def test_identical_projections_are_stored_once(tiny_base: Path, tmp_path: Path) 
         assert all(one.weights.projections[m] is two.weights.projections[m] for m in one.weights.projections)
         alone = registry.used_bytes(without="two")
         assert registry.used_bytes() - alone == two.own_bytes  # the second adapter's projections cost nothing
+        listed = {a["name"]: a["own_bytes"] for a in client.get("/v1/adapters").json()["adapters"]}
+        assert listed == {"one": one.own_bytes, "two": two.own_bytes} and min(listed.values()) > 0
     finally:
         client.__exit__(None, None, None)
 

@@ -1,0 +1,76 @@
+"""The engine in process: a step that mixes many adapters and methods answers each request exactly as it is
+answered alone with the same seed (per-batch sampling, row plan and predictive change nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.defaults import PredictiveMode
+from adapters.predictive import AbstentionRule
+from service.engine import BatchingConfig, Engine, Job, JobResult
+from service.host import ModelHost, TextInput
+from service.metrics import Metrics
+from service.registry import AdapterRegistry
+from tests.service.bundles import make_bundle
+
+METHODS = (PredictiveMode.SAMPLE, PredictiveMode.GLM, PredictiveMode.MAP)
+TEXTS = ["a gorgeous, witty, seductive movie.", "it is a dull film", "meh", "the plot goes nowhere at all, slowly"]
+
+
+@pytest.fixture(scope="module")
+def fifty(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """50 bundles of the tiny base: diagonal and Kronecker posteriors, every fifth with an OOD score."""
+    adapters = tmp_path_factory.mktemp("fifty")
+    for i in range(50):
+        make_bundle(
+            tiny_base, adapters / f"a{i}", name=f"a{i}", seed=i, variance=0.3, family=("diag", "kron")[i % 2],
+            ood_method="mahalanobis" if i % 5 == 0 else None,
+        )  # fmt: skip
+    return adapters
+
+
+def _jobs(registry: AdapterRegistry, host: ModelHost) -> list[Job]:
+    """One request per adapter: methods in turn, 1–3 inputs, own seeds, every seventh with its own rules."""
+    jobs = []
+    for i in range(50):
+        adapter = registry.entry(f"a{i}").resident
+        texts = [TextInput(t, None, adapter.max_length) for t in TEXTS[i % 4 : i % 4 + 1 + i % 3]]
+        method = METHODS[i % 3]
+        samples = 1 if method == PredictiveMode.MAP else 3 + i % 4
+        rules = [AbstentionRule("entropy", 0.5)] if i % 7 == 0 else adapter.abstention_rules()
+        jobs.append(Job(adapter, texts, samples, method, 1000 + i, rules, max(host.token_counts(texts))))
+    return jobs
+
+
+def test_a_step_mixing_50_adapters_and_3_methods_answers_each_as_alone(tiny_base: Path, fifty: Path) -> None:
+    async def run() -> tuple[list[JobResult], list[JobResult]]:
+        host = ModelHost(str(tiny_base))
+        registry = AdapterRegistry(host, fifty, budget_bytes=1 << 30)
+        assert await registry.load_directory() == []
+        engine = Engine(host, BatchingConfig(max_batch_rows=100_000, step_tokens=10**9), Metrics())
+        engine.start()
+        try:
+            together = await asyncio.gather(*(engine.submit(job) for job in _jobs(registry, host)))
+            alone = [await engine.submit(job) for job in _jobs(registry, host)]
+        finally:
+            await engine.close()
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    assert {r.batch_requests for r in together} == {50} and {r.batch_requests for r in alone} == {1}
+    for mixed, single in zip(together, alone, strict=True):
+        torch.testing.assert_close(mixed.pred.sample_probs, single.pred.sample_probs, rtol=1e-5, atol=1e-6)
+        for name, values in mixed.values.items():
+            torch.testing.assert_close(torch.tensor(values), torch.tensor(single.values[name]), rtol=1e-5, atol=1e-6)
+        assert (mixed.abstain, mixed.reasons) == (single.abstain, single.reasons)
+        assert (mixed.ood_score is None) == (single.ood_score is None)
+        if mixed.ood_score is not None:
+            torch.testing.assert_close(torch.tensor(mixed.ood_score), torch.tensor(single.ood_score))
+            assert mixed.ood_pvalue == single.ood_pvalue
+    assert sum(r.ood_score is not None for r in together) == 10
+    sampled = together[0].pred.sample_probs  # request 0 samples the posterior: its samples differ
+    assert sampled.shape[0] == 3 and not torch.allclose(sampled[0], sampled[1])
