@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The issue-#14 rows of docs/results.md on the embedded default (MiniLM, SST-2, drug reviews, BBC News), with
+# the flags of the every-method table (scripts/compare_methods.sh):
+#   a. Bayesian-LoRA beside that table's map and laplace-kron rows (same seed, marglik prior);
+#   b. L-LoRA-S (--train-projections) map and laplace-kron rows (default prior) beside L-LoRA-XS.
+# Usage: scripts/compare_issue14.sh [a|b|all]   (each part 10-20 min alone on a 2-core CPU)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+part=${1:-all}
+common=(--base-model minilm --dataset sst2 --shift drugreviews --ood bbcnews
+  --targets query,key,value,intermediate.dense,output.dense --rank 16 --max-length 128 --data-seed 0 --seed 0
+  --no-progress)
+if [ "$part" = a ] || [ "$part" = all ]; then
+  .venv/bin/caveat-train compare "${common[@]}" --posteriors map,laplace-kron,bayesian-lora --prior marglik \
+    --json docs/results/compare-issue14-bayesian-lora-cpu.json
+fi
+if [ "$part" = b ] || [ "$part" = all ]; then
+  .venv/bin/caveat-train compare "${common[@]}" --train-projections --posteriors map,laplace-kron \
+    --json docs/results/compare-issue14-llora-s-cpu.json
+fi
