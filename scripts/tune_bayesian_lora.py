@@ -26,7 +26,6 @@ from training.session import Session, fit_map, prepare
 
 CANDIDATES = [
     "default:",
-    "prior0.3:prior_std=0.3",
     "prior0.1:prior_std=0.1",
     "beta0.1:kl_weight=0.1",
     "wide-start:init_std=0.05",
