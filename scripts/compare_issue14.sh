@@ -3,7 +3,10 @@
 # the flags of the every-method table (scripts/compare_methods.sh):
 #   a. Bayesian-LoRA beside that table's map and laplace-kron rows (same seed, marglik prior);
 #   b. L-LoRA-S (--train-projections) map and laplace-kron rows (default prior) beside L-LoRA-XS.
-# Usage: scripts/compare_issue14.sh [a|b|all]   (each part 10-20 min alone on a 2-core CPU)
+#   slice: the same comparisons on a 2,000-example training slice (validation and test 500, shift and OOD
+#      200; no OOD score), three runs that can go in parallel: L-LoRA-XS map and laplace-kron (default prior),
+#      Bayesian-LoRA beside the same MAP, L-LoRA-S map and laplace-kron.
+# Usage: scripts/compare_issue14.sh [a|b|all|slice]   (a and b: each 10-20 min alone on a 2-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -19,4 +22,14 @@ fi
 if [ "$part" = b ] || [ "$part" = all ]; then
   .venv/bin/caveat-train compare "${common[@]}" --train-projections --posteriors map,laplace-kron \
     --json docs/results/compare-issue14-llora-s-cpu.json
+fi
+if [ "$part" = slice ]; then
+  slice=(--train-limit 2000 --eval-limit 500 --shift-limit 200 --ood-limit 200 --ood-method none)
+  .venv/bin/caveat-train compare "${common[@]}" "${slice[@]}" --posteriors map,laplace-kron \
+    --json docs/results/compare-issue14-slice-llora-xs-cpu.json &
+  .venv/bin/caveat-train compare "${common[@]}" "${slice[@]}" --posteriors map,bayesian-lora \
+    --json docs/results/compare-issue14-slice-bayesian-lora-cpu.json &
+  .venv/bin/caveat-train compare "${common[@]}" "${slice[@]}" --train-projections --posteriors map,laplace-kron \
+    --json docs/results/compare-issue14-slice-llora-s-cpu.json &
+  wait
 fi

@@ -28,9 +28,9 @@ CANDIDATES = [
     "default:",
     "prior0.1:prior_std=0.1",
     "beta0.1:kl_weight=0.1",
-    "wide-start:init_std=0.05",
-    "factor-lr0.05:factor_lr=0.05",
-    "epochs2:epochs=2",
+    "factor-lr0.001:factor_lr=0.001",
+    "prior0.3:prior_std=0.3",
+    "prior0.1-beta0.1:prior_std=0.1,kl_weight=0.1",
 ]
 REPORTED = ("nll", "ece", "accuracy", "brier")
 
@@ -82,19 +82,14 @@ def main(argv: list[str]) -> None:
             "validation": split_metrics(session.map_outputs("validation", session.validation).distribution(), labels),
         }
     ]
-    for name, changes in candidates:
+    record = {"command": " ".join(sys.argv), "train_flags": flags, "map_seconds": session.map_result.seconds}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    print("map | " + " | ".join(f"{k} {rows[0]['validation'][k]:.4f}" for k in REPORTED), flush=True)
+    for name, changes in candidates:  # the record is rewritten after each candidate: a stopped run keeps its rows
         config.posterior.bayesian_lora = dataclasses.replace(default)
         rows.append({"name": name, **score(session, changes)})
         print(" | ".join([name, *(f"{k} {rows[-1]['validation'][k]:.4f}" for k in REPORTED)]), flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": " ".join(sys.argv),
-        "train_flags": flags,
-        "map_seconds": session.map_result.seconds,
-        "rows": rows,
-    }
-    args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print("map | " + " | ".join(f"{k} {rows[0]['validation'][k]:.4f}" for k in REPORTED))
+        args.json.write_text(json.dumps({**record, "rows": rows}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
