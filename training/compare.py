@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from training.config import ConfigError, PosteriorMethod, TrainConfig
+from training.inference import labels_of, split_metrics
 from training.methods import Fitted, fit, get_method
 from training.ood import FittedOod, fit_ood
-from training.pipeline import calibrate, evaluate
+from training.pipeline import calibrate, evaluate, posterior_outputs
 from training.session import Session, fit_map, prepare, reinitialise
 
 # Rows beyond the posterior methods: the base before any training, and the MAP with temperature scaling.
@@ -77,7 +78,9 @@ def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | Non
     """Fit, calibrate and evaluate one method on the session's current model."""
     config = session.config
     fitted = fit(session, PosteriorMethod.MAP if method in (TEMPERATURE, ZERO_SHOT) else method)
-    temperature, _ = calibrate(session, fitted, method == TEMPERATURE or config.calibration.temperature_scaling)
+    validation = posterior_outputs(session, fitted, "validation", session.validation)
+    scale = method == TEMPERATURE or config.calibration.temperature_scaling
+    temperature, _ = calibrate(session, fitted, scale, validation)
     evaluation, _ = evaluate(session, fitted, temperature, ood)
     train_seconds = map_seconds + fitted.seconds if fitted.train_seconds is None else fitted.train_seconds
     row: dict[str, Any] = {
@@ -90,6 +93,8 @@ def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | Non
         "temperature": temperature,
         "prior_precision": fitted.diagnostics.get("prior_precision"),
         "fit": fitted.diagnostics,
+        # the predictive on validation (temperature included): what a method's settings may be tuned on
+        "validation": split_metrics(validation.distribution(temperature), labels_of(session.validation)),
     }
     for split in ("test", "shift", "ood"):
         metrics = getattr(evaluation, split)

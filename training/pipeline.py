@@ -51,12 +51,14 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 
 
 def calibrate(
-    session: Session, fitted: Fitted, temperature_scaling: bool | None = None
+    session: Session, fitted: Fitted, temperature_scaling: bool | None = None, outputs: Outputs | None = None
 ) -> tuple[float, list[AbstentionSpec]]:
-    """Temperature (``--temperature-scaling``, or as asked) and abstention thresholds, fitted on validation."""
+    """Temperature (``--temperature-scaling``, or as asked) and abstention thresholds, fitted on validation
+    (``outputs``: the posterior's validation outputs when the caller has them already)."""
     config = session.config.calibration
     scale = config.temperature_scaling if temperature_scaling is None else temperature_scaling
-    outputs = posterior_outputs(session, fitted, "validation", session.validation)
+    if outputs is None:
+        outputs = posterior_outputs(session, fitted, "validation", session.validation)
     labels = labels_of(session.validation)
     temperature = fit_temperature(outputs.logits, labels) if scale else 1.0
     pred = outputs.distribution(temperature)

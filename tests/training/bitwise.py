@@ -55,7 +55,8 @@ RUNS: dict[str, list[str]] = {
     "tiny-vi": [*TINY, "--posterior", "vi", "--vi-rank", "2"],
     "tiny-ensemble": [*TINY, "--posterior", "ensemble", "--members", "2"],
     "tiny-mc-dropout": [*TINY, "--posterior", "mc-dropout"],
-    "tiny-bayesian-lora": [*TINY, "--posterior", "bayesian-lora", "--blora-samples", "2"],
+    # the factor learning rate of the reference, from before the tuned default (issue #14)
+    "tiny-bayesian-lora": [*TINY, "--posterior", "bayesian-lora", "--blora-samples", "2", "--blora-factor-lr", "0.01"],
     "tiny-llora-s-laplace-kron": [
         *TINY,
         "--posterior",

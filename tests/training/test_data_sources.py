@@ -18,7 +18,7 @@ from huggingface_hub import constants
 
 from tests.training.test_cli import _fails
 from training import hub
-from training.data import DataError, SplitNames, load_task
+from training.data import DataError, SplitNames, fingerprint, load_ood, load_shift, load_task
 from training.data.splits import VALIDATION_CAP, VALIDATION_FLOOR, carved_size
 from training.session import load_base
 
@@ -45,6 +45,32 @@ def _write_csv(path: Path, rows: list[dict], bom: bool = False) -> Path:
 
 def _examples(task):
     return [(e.text, e.label) for split in (task.train, task.validation, task.test) for e in split]
+
+
+# sha256 of the embedded splits (seed 0) as the hand-written readers made them before `datasets` (computed with
+# that code): the bundle's eval card keeps recording the same data. ARC-Easy is pinned at its earlier default
+# --validation-size 1000 (the default is now a capped fraction, which carves 238).
+EMBEDDED_HASHES = {
+    ("sst2", "train"): (11032, "d407c18d003b0935dd072ee3bce745077e2380adf6c6a1fa5f6fff586fa33df1"),
+    ("sst2", "validation"): (1000, "fd75ee5cc77aa98c9665921495b92087b5a3c5176c2ec357dbf8908184f95489"),
+    ("sst2", "test"): (872, "52a18381efb1d9492792906ad0c475ebac6a414939f3d93855e725f4e0cc9576"),
+    ("arc-easy", "train"): (1376, "da5c9be77003fa18e6659cfda12393aa08a83c39eb0edc313c2a555e031a75c1"),
+    ("arc-easy", "validation"): (1000, "6ca164cec55c5436b114178635902764ebd0e6de5ddb26e9720a80cf71571593"),
+    ("arc-easy", "test"): (570, "229640ee003153990564a87788990711557942ae5a776b3e2dd764d3eebae228"),
+    ("drugreviews", "shift"): (889, "3bd4aac2314c5e7dde6a96c6e2ce9af2fbad315b275088e8406e4daecb8c0e02"),
+    ("openbookqa", "shift"): (500, "e0a626ac9b13f1c9e065f2d7e3bdba52343a072a2911bc52dd76fe24901113a3"),
+    ("bbcnews", "ood"): (2225, "81bc9fd3a4027b5a5708bd1c20ab842864552090fb8943ba36dab0aa4c818d77"),
+}
+
+
+def test_embedded_sets_keep_the_hashes_they_had_before_datasets() -> None:
+    sst2, arc = load_task("sst2", seed=0), load_task("arc-easy", seed=0, validation_size=1000)
+    splits = {("drugreviews", "shift"): load_shift("drugreviews", sst2.labels)[1],
+              ("openbookqa", "shift"): load_shift("openbookqa", arc.labels)[1],
+              ("bbcnews", "ood"): load_ood("bbcnews")[1]}  # fmt: skip
+    for name, task in (("sst2", sst2), ("arc-easy", arc)):
+        splits.update({(name, split): getattr(task, split) for split in ("train", "validation", "test")})
+    assert {key: (len(examples), fingerprint(examples)) for key, examples in splits.items()} == EMBEDDED_HASHES
 
 
 def test_every_local_format_gives_the_same_task(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
         assert 0 <= row["test"]["accuracy"] <= 1 and row["test"]["nll"] > 0, method
         # a time is reported, but timings are never asserted: a tiny slice may train in under 0.1 s
         assert row["bundle_kb"] > 0 and row["train_seconds"] >= 0, method
+        # the predictive's validation metrics, what methods are tuned on, beside the reported ones
+        assert row["validation"]["nll"] > 0 and 0 <= row["validation"]["ece"] <= 1, method
         if method not in ("map", "temperature"):
             assert "mutual_information" in row["ood"], method
     assert rows["map"]["temperature"] == 1.0 and rows["temperature"]["temperature"] != 1.0
