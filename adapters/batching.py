@@ -10,6 +10,7 @@ layers for the duration of one forward.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,14 +131,24 @@ def _layer_groups(name: str, blocks: Sequence[RowBlock], block_rows: list[slice]
         cores = block.samples[name].to(projection.A.dtype) * block.adapter.scaling  # (S, r, r)
         per_row = cores.repeat_interleave(block.num_inputs, dim=0)  # row s·n + i uses core s
         entry = by_projection.setdefault(id(projection), (projection, [], []))
-        entry[1].append(torch.arange(rows.start, rows.stop, device=per_row.device))
+        entry[1].append(rows)
         entry[2].append(per_row)
     groups = []
-    for projection, row_lists, core_lists in by_projection.values():
-        rows = torch.cat(row_lists)
-        covers_all = rows.shape[0] == total_rows and len(row_lists) == len(blocks)
-        groups.append(RowGroup(projection.A, projection.B, torch.cat(core_lists), None if covers_all else rows))
+    for projection, row_slices, core_lists in by_projection.values():
+        cores = torch.cat(core_lists)
+        groups.append(RowGroup(projection.A, projection.B, cores, _group_rows(row_slices, total_rows, cores.device)))
     return groups
+
+
+def _group_rows(row_slices: list[slice], total_rows: int, device: torch.device) -> Tensor | slice | None:
+    """A group's rows as the layer reads them cheapest: ``None`` for every row, a slice for one run of rows
+    (a view of the batch, no gather and no scatter: e.g. every block's rows ahead of the plan's base rows),
+    else their indices."""
+    contiguous = all(a.stop == b.start for a, b in itertools.pairwise(row_slices))
+    if not contiguous:
+        return torch.cat([torch.arange(r.start, r.stop, device=device) for r in row_slices])
+    run = slice(row_slices[0].start, row_slices[-1].stop)
+    return None if (run.start, run.stop) == (0, total_rows) else run
 
 
 @dataclass

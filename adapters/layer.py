@@ -29,13 +29,14 @@ class RowGroup:
         A: ``(r×d_in)`` input projection.
         B: ``(d_out×r)`` output projection.
         cores: ``(n_rows, r, r)`` one core per row, the adapter's scaling already folded in.
-        rows: ``(n_rows,)`` indices into the batch, or ``None`` when the group covers every row in order.
+        rows: ``(n_rows,)`` indices into the batch, a slice when they are one run of rows (read as a view,
+            added in place), or ``None`` when the group covers every row in order.
     """
 
     A: Tensor
     B: Tensor
     cores: Tensor
-    rows: Tensor | None
+    rows: Tensor | slice | None
 
 
 class LoraXSLinear(nn.Module):
@@ -102,12 +103,18 @@ class LoraXSLinear(nn.Module):
     def _add_row_deltas(out: Tensor, x: Tensor, groups: list[RowGroup]) -> Tensor:
         """``out[rows] += B (R_row (A x_row))`` for each group; x is ``(batch, ..., d_in)``."""
         for group in groups:
-            xs = x if group.rows is None else x.index_select(0, group.rows)
+            rows = group.rows
+            xs = x if rows is None else x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
             z = F.linear(xs, group.A)  # A x once per projection group
             z = z.reshape(z.shape[0], -1, z.shape[-1])  # (rows, tokens, r)
             z = torch.bmm(z, group.cores.transpose(1, 2))  # one grouped matmul: z_t ↦ R_row z_t
             delta = F.linear(z, group.B).reshape(*xs.shape[:-1], out.shape[-1])
-            out = out + delta if group.rows is None else out.index_add(0, group.rows, delta)
+            if rows is None:
+                out = out + delta
+            elif isinstance(rows, slice):  # in place: the base's output is not saved for its backward
+                out[rows] += delta
+            else:
+                out = out.index_add(0, rows, delta)
         return out
 
     def extra_repr(self) -> str:

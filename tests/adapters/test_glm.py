@@ -10,6 +10,7 @@ from adapters import LoraXSClassifier, LoraXSConfig, RowBlock, compute_projectio
 from adapters.batching import AdapterWeights
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.injection import lora_xs_layers
+from adapters.ood.features import BaseFeatureTap, default_feature_layers
 from adapters.posteriors import (
     DiagPosterior,
     FullPosterior,
@@ -38,8 +39,10 @@ def _single_mode(seed: int, patterns, rank: int, num_labels: int):
     return model
 
 
-def test_batched_jacobians_equal_per_example_autograd() -> None:
-    """Two adapters (different targets, ranks and label counts) in one batched linearisation."""
+@pytest.mark.parametrize("base_rows", [False, True])
+def test_batched_jacobians_equal_per_example_autograd(base_rows: bool) -> None:
+    """Two adapters (different targets, ranks and label counts) in one batched linearisation; with base rows
+    (the OOD features') after the blocks, which change nothing of the blocks' logits and Jacobians."""
     batch = random_batch(5, seed=4)
     models = [_single_mode(0, ("query", "value"), 3, 2), _single_mode(1, ("key",), 2, 3)]
     host_base = tiny_bert()
@@ -50,7 +53,9 @@ def test_batched_jacobians_equal_per_example_autograd() -> None:
         RowBlock(m.own_adapter(), {n: p.detach()[None] for n, p in m.posterior_parameters().items()}, i)
         for m, i in zip(models, inputs, strict=True)
     ]
-    results = host.forward_rows_jacobians(batch, blocks, token_budget=20)
+    tap = BaseFeatureTap(default_feature_layers(2), host.pooling, range(5)) if base_rows else None
+    results = host.forward_rows_jacobians(batch, blocks, token_budget=20, tap=tap)
+    assert tap is None or sorted(tap.features) == [0, 1, 2, 4]
     for model, rows, (logits, jacobians) in zip(models, inputs, results, strict=True):
         params = model.posterior_parameters(include_head=True)
         for p in params.values():
