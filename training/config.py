@@ -50,7 +50,7 @@ class Task(StrEnum):
 class Prior(StrEnum):
     """``--prior``: how Laplace chooses the prior precision δ."""
 
-    CHECKED = "marglik-checked"  # marglik, narrowed towards the MAP until validation NLL is no worse than the MAP's
+    CHECKED = "marglik-checked"  # marglik, narrowed towards the MAP until validation NLL and ECE are no worse
     MARGLIK = "marglik"  # the Laplace marginal likelihood (the published setting)
     GRID = "grid"  # validation NLL of the predictive, around the marglik value
 
@@ -222,8 +222,14 @@ class LaplaceConfig:
     prior: Prior = option(
         Prior.CHECKED,
         "prior precision: marglik-checked (the marginal likelihood's, raised towards the MAP until the "
-        "predictive's validation NLL is no worse than the MAP's), marglik (the marginal likelihood's) or grid "
-        "(validation NLL around it)",
+        "predictive's validation NLL is no worse than the MAP's and its ECE no more than --prior-ece-slack above), "
+        "marglik (the marginal likelihood's) or grid (validation NLL around it)",
+    )
+    ece_slack: float = option(
+        0.005,
+        "marglik-checked: the validation ECE the posterior may add to the MAP's (1: check the NLL only)",
+        flag="prior-ece-slack",
+        at_least=0.0,
     )
     prior_structure: PriorStructure = option(PriorStructure.SCALAR, "scalar or layerwise prior precision")
     limit: int | None = option(1500, "fit the curvature on at most this many training examples", flag="laplace-limit")

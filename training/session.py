@@ -25,12 +25,15 @@ from adapters import (
     compute_projections,
     inject_lora_xs,
     linear_suffixes,
+    load_bundle,
     target_names,
 )
 from adapters.config import DEFAULT_TARGETS
 from adapters.defaults import CORE_INIT_STD, prepare_tokenizer
 from adapters.embedded import resolve_model
+from adapters.errors import CaveatError
 from adapters.eval_card import DataCard
+from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.pooling import default_pooling
 from adapters.projections import Projection, spec_needs_data
 from adapters.tasks import letter_token_ids
@@ -334,3 +337,25 @@ def data_card(session: Session) -> DataCard:
         texts = [e.text for e in session.ood[1]]
         card.ood = {"dataset": session.ood[0], "size": len(texts), "sha256": fingerprint(texts)}
     return card
+
+
+def bundle_parameters(session: Session, path: Path, flag: str) -> tuple[dict[str, Tensor], float]:
+    """The cores and head of a bundle trained with the session's base, modules, data split and rank (checked;
+    ``flag`` names the option in errors), and its MAP training seconds."""
+    try:
+        bundle = load_bundle(path)
+    except (CaveatError, OSError) as exc:
+        raise ConfigError(f"{flag} {path}: {exc}") from exc
+    manifest, rank = bundle.manifest, session.config.adapter.rank
+    if manifest.base_model.fingerprint != session.fingerprint or manifest.adapter.modules != session.names:
+        raise ConfigError(f"{flag} {path}: adapts another base model or other modules")
+    if manifest.eval.data is None or manifest.eval.data.sha256 != data_card(session).sha256:
+        raise ConfigError(f"{flag} {path}: trained on other data splits (give it the same --data-seed)")
+    if manifest.adapter.rank != rank:
+        raise ConfigError(f"{flag} {path}: rank {manifest.adapter.rank}, not {rank}")
+    device = next(session.model.parameters()).device
+    member = {name: core.to(device) for name, core in bundle.cores.items()}
+    member[HEAD_WEIGHT], member[HEAD_BIAS] = bundle.head_weight.to(device), bundle.head_bias.to(device)
+    training = manifest.eval.training
+    seconds = training.stage_seconds.get("map_training", 0.0) if training else 0.0
+    return member, float(seconds)

@@ -141,8 +141,9 @@ def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
     ]  # fmt: skip
     assert main(argv) == 0
     laplace = load_bundle(out).manifest.eval.training.posterior
-    assert laplace["prior_method"] == "validation grid" and len(laplace["grid_validation_nll"]) == 7
-    best = min(laplace["grid_validation_nll"], key=laplace["grid_validation_nll"].get)
+    grid = {delta: value["nll"] for delta, value in laplace["grid_validation"].items()}
+    assert laplace["prior_method"] == "validation grid" and len(grid) == 7
+    best = min(grid, key=grid.get)
     assert float(best) == pytest.approx(laplace["prior_precision"], rel=1e-5)
     # --overwrite replaces the bundle; no staging directories are left behind
     assert main([*argv, "--prior", "marglik", "--overwrite", "--version", "v2"]) == 0

@@ -1,5 +1,5 @@
-"""``--prior marglik-checked`` (the default): the chosen δ's validation NLL is never above the MAP's, and the
-bundle records why it won."""
+"""``--prior marglik-checked`` (the default): the chosen δ's validation NLL is never above the MAP's, its
+validation ECE at most ``--prior-ece-slack`` above the MAP's, and the bundle records why it won."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from training.config import TrainConfig
 from training.encoding import make_loader
 from training.inference import labels_of
 from training.laplace_fit import fit_laplace
-from training.methods.laplace import MAP_LIMIT_DECADES, _checked_prior, check_prior
-from training.metrics import nll
+from training.methods.laplace import CHECKED_METHOD, MAP_LIMIT_DECADES, ValidationFit, _checked_prior, check_prior
+from training.metrics import ece, nll
 from training.session import fit_map, prepare
 
 TINY = [
@@ -56,32 +56,51 @@ def _validation_nll(session, posterior, num_samples: int = 256) -> float:
     return nll(outputs.distribution().probs, labels_of(session.validation))
 
 
+def _curve(marglik: float, excess: dict[float, tuple[float, float]], reference: ValidationFit, tried: dict):
+    """A synthetic validation curve: (NLL, ECE) above the reference's by ``excess[decade]`` (0 elsewhere)."""
+
+    def score_at(delta: float) -> ValidationFit:
+        decade = round(math.log10(delta / marglik), 6)
+        extra_nll, extra_ece = excess.get(decade, (0.0, 0.0))
+        tried[decade] = ValidationFit(reference.nll + extra_nll, reference.ece + extra_ece)
+        return tried[decade]
+
+    return score_at
+
+
+MAP_FIT = ValidationFit(nll=0.40, ece=0.02)
+
+
 def test_check_picks_the_widest_prior_no_worse_than_the_map() -> None:
     """On a synthetic validation-NLL curve (too wide at marglik, better than the MAP a decade above, best
     further up): the first δ no worse than the MAP wins, and every wider δ tried was worse."""
-    map_nll, marglik = 0.40, 2.0
-    excess = {0.0: 0.02, 0.5: 0.004, 1.0: -0.003, 1.5: -0.006, 2.0: -0.004}
-    tried = {}
+    marglik, tried = 2.0, {}
+    excess = {0.0: (0.02, 0.0), 0.5: (0.004, 0.0), 1.0: (-0.003, 0.0), 1.5: (-0.006, 0.0), 2.0: (-0.004, 0.0)}
+    delta, choice = check_prior(_curve(marglik, excess, MAP_FIT, tried), marglik, MAP_FIT, 0.005)
+    assert delta == pytest.approx(marglik * 10) and tried[1.0].nll <= MAP_FIT.nll
+    assert sorted(tried) == [0.0, 0.5, 1.0] and all(tried[d].nll > MAP_FIT.nll for d in (0.0, 0.5))
+    assert "worse than the MAP's NLL 0.4000, ECE 0.0200" in choice and "× 10^1" in choice
 
-    def nll_at(delta: float) -> float:
-        decade = round(math.log10(delta / marglik), 6)
-        tried[decade] = map_nll + excess.get(decade, 0.0)
-        return tried[decade]
 
-    delta, choice = check_prior(nll_at, marglik, map_nll)
-    assert delta == pytest.approx(marglik * 10) and tried[1.0] <= map_nll
-    assert sorted(tried) == [0.0, 0.5, 1.0] and all(tried[d] > map_nll for d in (0.0, 0.5))
-    assert "exceeds the MAP's 0.4000" in choice and "× 10^1" in choice
+def test_check_also_refuses_a_posterior_that_hurts_calibration() -> None:
+    """A δ whose NLL beats the MAP's but whose ECE exceeds the MAP's by more than the slack is passed over
+    (the NLL-only check kept it: validation NLL does not protect ECE)."""
+    marglik, tried = 2.0, {}
+    excess = {0.0: (-0.001, 0.03), 0.5: (-0.002, 0.006), 1.0: (-0.001, 0.004)}
+    delta, _ = check_prior(_curve(marglik, excess, MAP_FIT, tried), marglik, MAP_FIT, 0.005)
+    assert delta == pytest.approx(marglik * 10) and sorted(tried) == [0.0, 0.5, 1.0]
+    nll_only, _ = check_prior(_curve(marglik, excess, MAP_FIT, {}), marglik, MAP_FIT, 1.0)
+    assert nll_only == marglik
 
 
 def test_check_keeps_a_marglik_prior_that_does_not_hurt() -> None:
-    delta, choice = check_prior(lambda delta: 0.39, 2.0, 0.40)
+    delta, choice = check_prior(lambda delta: ValidationFit(0.39, 0.021), 2.0, MAP_FIT, 0.005)
     assert delta == 2.0 and choice.startswith("marglik 2 kept")
 
 
 def test_check_ends_at_the_map_limit_when_every_posterior_is_worse() -> None:
     """An NLL that approaches the MAP's from above (as on an under-confident fit) ends at the MAP limit."""
-    delta, choice = check_prior(lambda delta: 0.40 + 1e-3 / delta, 1.0, 0.40)
+    delta, choice = check_prior(lambda delta: ValidationFit(0.40 + 1e-3 / delta, 0.02), 1.0, MAP_FIT, 0.005)
     assert delta == pytest.approx(10**MAP_LIMIT_DECADES) and "the MAP limit" in choice
 
 
@@ -89,7 +108,8 @@ def test_a_too_wide_marglik_prior_on_a_tiny_model_is_narrowed_to_no_worse_than_t
     """A real tiny fit whose marglik δ is made 10⁴× too weak; the record is checked against a recomputation."""
     session, _, too_wide = session_and_fit
     labels = labels_of(session.validation)
-    map_nll = nll(session.map_outputs("validation", session.validation).distribution().probs, labels)
+    map_probs = session.map_outputs("validation", session.validation).distribution().probs
+    map_nll, map_ece = nll(map_probs, labels), ece(map_probs, labels)
     marglik = too_wide.info["prior_precision"]
     assert _validation_nll(session, too_wide.with_prior(marglik)) > map_nll, "the setup must make marglik too wide"
     posterior, info = _checked_prior(session, too_wide, 256)
@@ -98,11 +118,12 @@ def test_a_too_wide_marglik_prior_on_a_tiny_model_is_narrowed_to_no_worse_than_t
     # no worse than the MAP: exactly, or at the MAP limit to float rounding (this under-trained MAP is one
     # where every finite-width posterior is slightly worse)
     assert _validation_nll(session, posterior) <= map_nll + 1e-6
-    assert info["marglik_prior_precision"] == marglik
-    assert info["map_validation_nll"] == pytest.approx(map_nll, abs=1e-6)
-    tried = {float(k): v for k, v in info["checked_validation_nll"].items()}
+    assert info["marglik_prior_precision"] == marglik and info["ece_slack"] == 0.005
+    assert info["map_validation"] == pytest.approx({"nll": map_nll, "ece": map_ece}, abs=1e-6)
+    tried = {float(k): v for k, v in info["checked_validation"].items()}
     assert min(tried) == pytest.approx(marglik, rel=1e-5) and max(tried) == pytest.approx(delta, rel=1e-5)
-    assert tried[min(tried)] == pytest.approx(_validation_nll(session, too_wide.with_prior(marglik)), abs=1e-6)
+    assert tried[min(tried)]["nll"] == pytest.approx(_validation_nll(session, too_wide.with_prior(marglik)), abs=1e-6)
+    assert tried[max(tried)]["ece"] <= map_ece + 0.005 + 1e-6
 
 
 def test_the_map_limit_is_the_map(session_and_fit) -> None:
@@ -119,10 +140,10 @@ def test_the_default_run_records_the_prior_choice_in_the_bundle(tiny_base: Path,
     assert main(["--out", str(out), "--base-model", str(tiny_base), *TINY]) == 0
     manifest = load_bundle(out).manifest
     record = manifest.eval.training.posterior
-    assert record["prior_method"] == "marglik, checked against the MAP on validation NLL"
+    assert record["prior_method"] == CHECKED_METHOD
     assert manifest.posterior.prior_precision == pytest.approx(record["prior_precision"])
-    chosen = record["checked_validation_nll"][f"{record['prior_precision']:.6g}"]
-    assert chosen <= record["map_validation_nll"] + 1e-6
+    chosen, map_fit = record["checked_validation"][f"{record['prior_precision']:.6g}"], record["map_validation"]
+    assert chosen["nll"] <= map_fit["nll"] + 1e-6 and chosen["ece"] <= map_fit["ece"] + record["ece_slack"] + 1e-6
     assert f"Prior precision: {record['prior_choice']}" in (out / "report.md").read_text()
 
 

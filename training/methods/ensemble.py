@@ -10,16 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from adapters import EnsemblePosterior, load_bundle
+from adapters import EnsemblePosterior
 from adapters.defaults import PredictiveMode
-from adapters.errors import CaveatError
-from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from training.config import ENSEMBLE_PROJECTIONS, ConfigError, PosteriorMethod
 from training.methods.base import Fitted, Method, register
 from training.scopes import restored, snapshot
-from training.session import Session, data_card, fit_map, reinitialise
+from training.session import Session, bundle_parameters, fit_map, reinitialise
 
 
 class Ensemble(Method):
@@ -35,7 +32,7 @@ class Ensemble(Method):
         with restored(model.posterior_parameters(include_head=True)) as first:
             members = [first]
             for path in settings.member_bundles or []:
-                member, member_seconds = _member_from_bundle(session, Path(path))
+                member, member_seconds = bundle_parameters(session, Path(path), "--member-bundles")
                 members.append(member)
                 seconds.append(member_seconds)
             seed = config.seed
@@ -55,27 +52,6 @@ class Ensemble(Method):
         fitted = Fitted(self.name, posterior, PredictiveMode.SAMPLE, posterior.num_members, diagnostics)
         fitted.train_seconds = sum(diagnostics["member_training_seconds"])
         return fitted
-
-
-def _member_from_bundle(session: Session, path: Path) -> tuple[dict[str, Tensor], float]:
-    """A trained member's cores and head from its bundle, after checking it saw the same data and base."""
-    try:
-        bundle = load_bundle(path)
-    except (CaveatError, OSError) as exc:
-        raise ConfigError(f"--member-bundles {path}: {exc}") from exc
-    manifest, rank = bundle.manifest, session.config.adapter.rank
-    if manifest.base_model.fingerprint != session.fingerprint or manifest.adapter.modules != session.names:
-        raise ConfigError(f"--member-bundles {path}: adapts another base model or other modules")
-    if manifest.eval.data is None or manifest.eval.data.sha256 != data_card(session).sha256:
-        raise ConfigError(f"--member-bundles {path}: trained on other data splits (give it the same --data-seed)")
-    if manifest.adapter.rank != rank:
-        raise ConfigError(f"--member-bundles {path}: rank {manifest.adapter.rank}, not {rank}")
-    device = next(session.model.parameters()).device
-    member = {name: core.to(device) for name, core in bundle.cores.items()}
-    member[HEAD_WEIGHT], member[HEAD_BIAS] = bundle.head_weight.to(device), bundle.head_bias.to(device)
-    training = manifest.eval.training
-    seconds = training.stage_seconds.get("map_training", 0.0) if training else 0.0
-    return member, float(seconds)
 
 
 register(Ensemble())

@@ -4,13 +4,15 @@ The curvature (GGN) is fitted on a subset of the training data and scaled to all
 (:mod:`training.laplace_fit`). The prior precision δ maximises the marginal likelihood (``--prior marglik``),
 or the validation NLL of the predictive on a grid around that value (``--prior grid``), or, by default
 (``--prior marglik-checked``), is the marginal likelihood's raised by half decades until the predictive's
-validation NLL is no worse than the MAP's. Raising δ only narrows the covariance and δ → ∞ is the MAP, so
-the check always ends: at the latest at ``MAP_LIMIT_DECADES``, where the posterior is the MAP to float precision.
+validation NLL is no worse than the MAP's and its validation ECE at most ``--prior-ece-slack`` above the MAP's.
+Raising δ only narrows the covariance and δ → ∞ is the MAP, so the check always ends: at the latest at
+``MAP_LIMIT_DECADES``, where the posterior is the MAP to float precision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from adapters import Posterior
@@ -18,10 +20,10 @@ from adapters.defaults import PredictiveMode
 from training.config import ConfigError, PosteriorMethod, Prior
 from training.data import subset
 from training.encoding import make_loader
-from training.inference import labels_of, predict
+from training.inference import Outputs, labels_of, predict
 from training.laplace_fit import LaplaceFit, fit_laplace
 from training.methods.base import Fitted, Method, draws, register
-from training.metrics import nll
+from training.metrics import ece, nll
 from training.session import Session
 
 # Validation grid for δ, in decades above the marglik value (for a sampled predictive the marglik prior is too
@@ -31,6 +33,7 @@ GRID_VALIDATION, GRID_SAMPLES = 300, 8
 # marglik-checked: δ rises by this step (decades) from the marglik value; at MAP_LIMIT_DECADES above it the
 # covariance is ~1e-12 of the marglik one, so the predictive is the MAP's up to float rounding.
 CHECK_STEP, MAP_LIMIT_DECADES = 0.5, 12.0
+CHECKED_METHOD = "marglik, checked against the MAP on validation NLL and ECE"
 
 
 class Laplace(Method):
@@ -64,8 +67,23 @@ class Laplace(Method):
         return fitted
 
 
-class ValidationNll:
-    """The predictive's validation NLL at a scalar prior precision δ, and the MAP's (the δ → ∞ limit).
+@dataclass(frozen=True)
+class ValidationFit:
+    """The predictive's validation NLL and ECE at one prior precision (or the MAP's)."""
+
+    nll: float
+    ece: float
+
+    def no_worse_than(self, reference: ValidationFit, ece_slack: float) -> bool:
+        """NLL no worse than ``reference``'s, and ECE at most ``ece_slack`` above it."""
+        return self.nll <= reference.nll and self.ece <= reference.ece + ece_slack
+
+    def record(self) -> dict[str, float]:
+        return {"nll": round(self.nll, 6), "ece": round(self.ece, 6)}
+
+
+class ValidationScore:
+    """The predictive's validation NLL and ECE at a scalar prior precision δ, and the MAP's (δ → ∞).
 
     With the GLM predictive every δ reuses one linearisation of the whole validation split; with network
     sampling each δ is a sampled pass over a validation subset (the same seed at every δ: common random numbers
@@ -80,9 +98,9 @@ class ValidationNll:
         self.glm = config.posterior.predictive == PredictiveMode.GLM
         self.examples = session.validation if self.glm else subset(session.validation, GRID_VALIDATION, config.seed)
         self.labels = labels_of(self.examples)
-        self.scores: dict[float, float] = {}
+        self.scores: dict[float, ValidationFit] = {}
 
-    def __call__(self, delta: float) -> float:
+    def __call__(self, delta: float) -> ValidationFit:
         config = self.session.config
         if self.glm:
             linearised = self.session.linearisation("validation", self.examples)
@@ -93,10 +111,10 @@ class ValidationNll:
                 num_samples=min(self.num_samples, GRID_SAMPLES), seed=config.seed,
                 batch_size=config.optimisation.batch_size, desc=f"prior δ={delta:.3g}", progress=config.progress,
             )  # fmt: skip
-        self.scores[delta] = nll(outputs.distribution().probs, self.labels)
+        self.scores[delta] = self._fit(outputs)
         return self.scores[delta]
 
-    def map_nll(self) -> float:
+    def map_fit(self) -> ValidationFit:
         session = self.session
         if self.glm:
             outputs = session.map_outputs("validation", self.examples)
@@ -105,64 +123,80 @@ class ValidationNll:
                 session.model, self.examples, session.encoder, batch_size=session.config.optimisation.batch_size,
                 desc="prior check (MAP)", progress=session.config.progress,
             )  # fmt: skip
-        return nll(outputs.distribution().probs, self.labels)
+        return self._fit(outputs)
 
-    def record(self) -> dict[str, float]:
-        return {f"{delta:.6g}": round(value, 6) for delta, value in sorted(self.scores.items())}
+    def _fit(self, outputs: Outputs) -> ValidationFit:
+        probs = outputs.distribution().probs
+        return ValidationFit(nll(probs, self.labels), ece(probs, self.labels))
+
+    def record(self) -> dict[str, dict[str, float]]:
+        return {f"{delta:.6g}": value.record() for delta, value in sorted(self.scores.items())}
 
 
 def _grid_prior(session: Session, fit: LaplaceFit, num_samples: int) -> tuple[Posterior, dict[str, Any]]:
     """δ by validation NLL of the predictive: decades around the marglik value, then half decades."""
-    score = ValidationNll(session, fit, num_samples)
+    score = ValidationScore(session, fit, num_samples)
     marglik = fit.info["prior_precision"]
-    by_decade = {decade: score(marglik * 10**decade) for decade in GRID_DECADES}
+    by_decade = {decade: score(marglik * 10**decade).nll for decade in GRID_DECADES}
     coarse = min(by_decade, key=by_decade.get)
     for decade in (coarse - 0.5, coarse + 0.5):
-        by_decade[decade] = score(marglik * 10**decade)
+        by_decade[decade] = score(marglik * 10**decade).nll
     best = marglik * 10 ** min(by_decade, key=by_decade.get)
     info = fit.info | {
         "prior_precision": best,
         "prior_method": "validation grid",
         "marglik_prior_precision": marglik,
-        "grid_validation_nll": score.record(),
+        "grid_validation": score.record(),
     }
     return fit.with_prior(best), info
 
 
 def _checked_prior(session: Session, fit: LaplaceFit, num_samples: int) -> tuple[Posterior, dict[str, Any]]:
-    """``--prior marglik-checked``: :func:`check_prior` on the predictive's validation NLL."""
-    score = ValidationNll(session, fit, num_samples)
-    marglik, map_nll = fit.info["prior_precision"], score.map_nll()
-    delta, choice = check_prior(score, marglik, map_nll)
+    """``--prior marglik-checked``: :func:`check_prior` on the predictive's validation NLL and ECE."""
+    score = ValidationScore(session, fit, num_samples)
+    marglik, map_fit = fit.info["prior_precision"], score.map_fit()
+    ece_slack = session.config.posterior.laplace.ece_slack
+    delta, choice = check_prior(score, marglik, map_fit, ece_slack)
     info = fit.info | {
         "prior_precision": delta,
-        "prior_method": "marglik, checked against the MAP on validation NLL",
+        "prior_method": CHECKED_METHOD,
         "prior_choice": choice,
         "marglik_prior_precision": marglik,
-        "map_validation_nll": round(map_nll, 6),
-        "checked_validation_nll": score.record(),
+        "ece_slack": ece_slack,
+        "map_validation": map_fit.record(),
+        "checked_validation": score.record(),
     }
     return fit.with_prior(delta), info
 
 
-def check_prior(nll_at: Callable[[float], float], marglik: float, map_nll: float) -> tuple[float, str]:
-    """The marglik δ if its validation NLL is no worse than the MAP's; else the first δ, rising by half decades,
-    that is no worse: the widest posterior tried that does not hurt in distribution (width is what helps under
-    shift). Returns δ and why it won; at ``MAP_LIMIT_DECADES`` the posterior is the MAP to float precision."""
+def check_prior(
+    score_at: Callable[[float], ValidationFit], marglik: float, map_fit: ValidationFit, ece_slack: float
+) -> tuple[float, str]:
+    """The marglik δ if its validation NLL is no worse than the MAP's and its ECE at most ``ece_slack`` above
+    the MAP's; else the first δ, rising by half decades, that is: the widest posterior tried that does not hurt
+    in distribution (width is what helps under shift). Returns δ and why it won; at ``MAP_LIMIT_DECADES`` the
+    posterior is the MAP to float precision."""
     decade, scores = 0.0, {}
-    while (value := nll_at(marglik * 10**decade)) > map_nll and decade < MAP_LIMIT_DECADES:
+    while not (value := score_at(marglik * 10**decade)).no_worse_than(map_fit, ece_slack):
         scores[decade] = value
+        if decade >= MAP_LIMIT_DECADES:
+            break
         decade += CHECK_STEP
     delta = marglik * 10**decade
-    if decade == 0:
-        return delta, f"marglik {marglik:.4g} kept: validation NLL {value:.4f} ≤ the MAP's {map_nll:.4f}"
-    if value > map_nll:  # float rounding at the MAP limit: the covariance is ~1e-12 of the marglik one
-        return delta, f"{delta:.4g}, the MAP limit: validation NLL {value:.6f}, the MAP's {map_nll:.6f}"
+    wanted = "NLL" if ece_slack >= 1 else f"NLL or ECE (+{ece_slack:g})"
+    if decade == 0 and not scores:
+        return delta, f"marglik {marglik:.4g} kept: validation {_describe(value)}, the MAP's {_describe(map_fit)}"
+    if decade >= MAP_LIMIT_DECADES:  # float rounding at the MAP limit: the covariance is ~1e-12 of the marglik one
+        return delta, f"{delta:.4g}, the MAP limit: validation {_describe(value)}, the MAP's {_describe(map_fit)}"
     return delta, (
-        f"{delta:.4g} = marglik {marglik:.4g} × 10^{decade:g}: the marglik posterior's validation NLL "
-        f"{scores[0.0]:.4f} exceeds the MAP's {map_nll:.4f}; {delta:.4g} is the widest δ tried that is no "
-        f"worse ({value:.4f})"
+        f"{delta:.4g} = marglik {marglik:.4g} × 10^{decade:g}: the marglik posterior's validation "
+        f"{_describe(scores[0.0])} is worse than the MAP's {_describe(map_fit)} in {wanted}; {delta:.4g} is the "
+        f"widest δ tried that is not ({_describe(value)})"
     )
+
+
+def _describe(value: ValidationFit) -> str:
+    return f"NLL {value.nll:.4f}, ECE {value.ece:.4f}"
 
 
 for _name, _structure in (
