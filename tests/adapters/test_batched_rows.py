@@ -98,7 +98,11 @@ def test_batched_rows_equals_loop(make_base, patterns, pooling) -> None:
         RowBlock(first, _sample_cores(first, 4, seed=10), torch.tensor([0, 1, 2])),
         RowBlock(second, _sample_cores(second, 3, seed=11), torch.tensor([1, 3])),
         RowBlock(third, _sample_cores(third, 5, seed=12, head=True), torch.tensor([0, 2, 3, 4])),
+        RowBlock(first, _sample_cores(first, 2, seed=13), torch.tensor([4, 0])),  # its group's rows: two runs
     ]
+    kinds = {type(g.rows) for groups in RowPlan.build(blocks, _targets(base, wider)).layer_groups.values()
+             for g in groups}  # fmt: skip
+    assert kinds == {torch.Tensor, slice}  # gathered rows and a run of rows (a view) are both checked below
     host_base = copy.deepcopy(base)
     inject_lora_xs(host_base, wider)  # host layers: no adapter of their own
     host = LoraXSClassifier(host_base, num_labels=None, pooling=pooling).eval()

@@ -10,6 +10,7 @@ from adapters import LoraXSClassifier, LoraXSConfig, RowBlock, compute_projectio
 from adapters.batching import AdapterWeights
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.injection import lora_xs_layers
+from adapters.ood.features import BaseFeatureTap, default_feature_layers
 from adapters.posteriors import (
     DiagPosterior,
     FullPosterior,
@@ -38,13 +39,17 @@ def _single_mode(seed: int, patterns, rank: int, num_labels: int):
     return model
 
 
+@pytest.mark.parametrize("base_rows", [False, True], ids=["blocks", "base-rows"])
 @pytest.mark.parametrize(
     ("second", "token_budget"), [(("key",), 20), (("key",), None), (("query",), None)],
     ids=["other-layers-packed", "other-layers", "same-layer"],
 )  # fmt: skip
-def test_batched_jacobians_equal_per_example_autograd(second: tuple[str, ...], token_budget: int | None) -> None:
+def test_batched_jacobians_equal_per_example_autograd(
+    second: tuple[str, ...], token_budget: int | None, base_rows: bool
+) -> None:
     """Two adapters (different ranks and label counts; on other layers, or both on ``query`` with different
-    ranks) in one batched linearisation (one forward, or packed into several)."""
+    ranks) in one batched linearisation (one forward, or packed into several); with base rows (the OOD
+    features') after the blocks, which change nothing of the blocks' logits and Jacobians."""
     batch = random_batch(5, seed=4)
     models = [_single_mode(0, ("query", "value"), 3, 2), _single_mode(1, second, 2, 3)]
     host_base = tiny_bert()
@@ -55,7 +60,9 @@ def test_batched_jacobians_equal_per_example_autograd(second: tuple[str, ...], t
         RowBlock(m.own_adapter(), {n: p.detach()[None] for n, p in m.posterior_parameters().items()}, i)
         for m, i in zip(models, inputs, strict=True)
     ]
-    results = host.forward_rows_jacobians(batch, blocks, token_budget=token_budget)
+    tap = BaseFeatureTap(default_feature_layers(2), host.pooling, range(5)) if base_rows else None
+    results = host.forward_rows_jacobians(batch, blocks, token_budget=token_budget, tap=tap)
+    assert tap is None or sorted(tap.features) == [0, 1, 2, 4]
     for model, rows, (logits, jacobians) in zip(models, inputs, results, strict=True):
         params = model.posterior_parameters(include_head=True)
         for p in params.values():

@@ -107,7 +107,7 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     assert bundle.ood is not None and bundle.ood.nbytes <= manifest.ood.budget_bytes
     assert 0 <= ev.ood.posterior["ood_score"] <= 1 and 0 <= ev.shift.posterior["ood_score_auroc"] <= 1
     assert "## OOD score" in (out / "report.md").read_text()
-    assert ev.training.posterior["prior_method"] == "marglik, checked against the MAP on validation NLL"
+    assert ev.training.posterior["prior_method"] == "marglik, checked against the MAP on validation NLL and ECE"
     assert (out / "report.md").read_text().startswith("# bundle ")
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     sizes = sum((out / f).stat().st_size for f in ("bundle.json", "adapter.safetensors", "posterior.safetensors"))
