@@ -97,7 +97,7 @@ FLAT_FLAGS = [
     "progress",
 ]
 # flags added since, each once
-ADDED_FLAGS = ["dataset-config", "train-split", "validation-split", "test-split"]
+ADDED_FLAGS = ["dataset-config", "train-split", "validation-split", "test-split", "prior-ece-slack"]
 
 
 def _help(*command: str) -> str:
