@@ -30,10 +30,10 @@ from training.calibration import fit_temperature
 from training.cli import build_parser, parse
 from training.data import subset
 from training.encoding import make_loader
-from training.inference import Outputs, labels_of
+from training.inference import Outputs, labels_of, ood_metrics
 from training.laplace_fit import fit_laplace
 from training.methods.laplace import CHECK_STEP
-from training.metrics import accuracy, auroc, ece, nll
+from training.metrics import classification_metrics
 from training.session import Session, bundle_parameters, fit_map, prepare
 
 # δ = marglik × 10^d for d on this half-decade ladder; 12 decades above it the posterior is the MAP.
@@ -62,24 +62,19 @@ def load_or_train_map(session: Session, bundle: Path | None) -> float:
     return seconds
 
 
-def split_figures(outputs: Outputs, labels: torch.Tensor | None, temperature: float = 1.0) -> dict[str, Any]:
-    pred = outputs.distribution(temperature)
-    if labels is None:  # the OOD set: only its confidence is used (AUROC against test)
-        return {"max_prob": pred.probs.max(-1).values}
-    return {
-        "accuracy": accuracy(pred.probs, labels),
-        "nll": nll(pred.probs, labels),
-        "ece": ece(pred.probs, labels),
-        "max_prob": pred.probs.max(-1).values,
-    }
+FIGURES = ("accuracy", "nll", "ece")  # of training.metrics.classification_metrics, per labelled split
 
 
 def evaluate(outputs: dict[str, Outputs], labels: dict[str, torch.Tensor | None], temperature: float) -> dict:
-    figures = {split: split_figures(out, labels[split], temperature) for split, out in outputs.items()}
-    if "ood" in figures:
-        figures["ood"] = {"auroc_max_prob": auroc(-figures["test"]["max_prob"], -figures["ood"]["max_prob"])}
-    for split in figures.values():
-        split.pop("max_prob", None)
+    """Each labelled split's accuracy, NLL and ECE, and the OOD set's 1 − max p AUROC against test."""
+    preds = {split: out.distribution(temperature) for split, out in outputs.items()}
+    figures = {}
+    for split, pred in preds.items():
+        if split != "ood":
+            metrics = classification_metrics(pred.probs, labels[split])
+            figures[split] = {name: metrics[name] for name in FIGURES}
+    if "ood" in preds:
+        figures["ood"] = {"auroc_max_prob": ood_metrics(preds["test"], preds["ood"], with_mi=False)["max_prob"]}
     return figures
 
 
