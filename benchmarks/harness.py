@@ -215,12 +215,13 @@ class ServerProcess:
 
     @classmethod
     def start(
-        cls, base: str | Path, adapter_dir: Path, log: Path, *flags: str, admin_token: str = "admin", timeout_s=180
+        cls, base: str | Path, adapter_dir: Path, log: Path, *flags: str, admin_token: str = "admin", timeout_s=180,
+        entry: Sequence[str] = ("-m", "service.cli"),
     ) -> ServerProcess:
-        """Start the server and wait until ``/health/ready`` answers 200."""
+        """Start the server (``python <entry> <flags>``) and wait until ``/health/ready`` answers 200."""
         port = free_port()
         command = [
-            sys.executable, "-m", "service.cli", "--base-model", str(base), "--adapter-dir", str(adapter_dir),
+            sys.executable, *entry, "--base-model", str(base), "--adapter-dir", str(adapter_dir),
             "--port", str(port), "--admin-token", admin_token, "--log-level", "warning", *flags,
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

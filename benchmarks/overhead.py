@@ -127,6 +127,7 @@ def server_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Pat
     flags = ["--torch-threads", str(args.threads), "--queue-size", "4096", *args.server_flags]
     server = ServerProcess.start(base, adapters, root / "server.log", *flags)
     try:
+        step_tokens = httpx.get(f"{server.url}/v1/info").json()["step_tokens"]  # the in-process steps use it too
         health = {c: wrk(f"{server.url}/health/live", c, args.duration) for c in args.concurrency}
         sweep = {}
         for method in args.methods:
@@ -137,7 +138,7 @@ def server_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Pat
             print(method, json.dumps(sweep[method]), flush=True)
     finally:
         server.stop()
-    return {"health": health, "predict": sweep}
+    return {"step_tokens": step_tokens, "health": health, "predict": sweep}
 
 
 def adapters_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Path, texts: list[str]) -> dict:
@@ -300,13 +301,16 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
     return {"batch_requests": len(jobs), "stages_ms": times}
 
 
-async def inprocess_all(args: argparse.Namespace, base: Path, adapters: Path, texts: list[str]) -> dict:
+async def inprocess_all(
+    args: argparse.Namespace, base: Path, adapters: Path, texts: list[str], step_tokens: int | None = None
+) -> dict:
+    """The in-process runs and the profile, with the server's steps (``step_tokens``: as the server calibrated)."""
     torch.set_num_threads(args.threads)
     host = ModelHost(str(base))
     registry = AdapterRegistry(host, adapters, budget_bytes=1 << 31)
     await registry.load_directory()
     adapter = await registry.acquire("main")
-    engine = Engine(host, BatchingConfig(step_tokens=host.default_step_tokens), Metrics())
+    engine = Engine(host, BatchingConfig(step_tokens=step_tokens or host.default_step_tokens), Metrics())
     runs: dict = {}
     stages: dict = {}
     for method in args.methods:
@@ -373,7 +377,8 @@ def main() -> None:
         else:
             results["server"] = server_sweep(args, base, adapters, root, texts)
             if not args.server_only:
-                results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts))
+                step_tokens = results["server"]["step_tokens"]
+                results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts, step_tokens))
     results["machine"]["uptime_after"] = uptime()
     if args.adapters:
         print(adapters_markdown(results["adapters"]))

@@ -28,7 +28,10 @@ from adapters.pooling import default_pooling
 log = logging.getLogger("caveat.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between scheduling decisions (service.engine)
+STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between scheduling decisions without calibration
+STEP_MS = {"cpu": 250.0, "cuda": 50.0}  # how long a calibrated step should take (service.engine)
+STEP_TOKENS_RANGE = (256, 262_144)  # calibrated steps stay inside
+CALIBRATION_ROWS, CALIBRATION_TOKENS = (1, 8), 32  # the two timed forwards: rows of 32-token inputs
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,38 @@ class ModelHost:
     @property
     def default_step_tokens(self) -> int:
         return STEP_TOKENS.get(self.device.type, STEP_TOKENS["cuda"])
+
+    @property
+    def default_step_ms(self) -> float:
+        return STEP_MS.get(self.device.type, STEP_MS["cuda"])
+
+    @torch.inference_mode()
+    def calibrate_step_tokens(self, step_ms: float, repeats: int = 3) -> tuple[int, float]:
+        """Rows × tokens of a step that takes about ``step_ms`` on this base, and the measured seconds per token.
+
+        The marginal cost of a token is the difference of two timed base forwards (1 and 8 rows of 32-token
+        inputs, the fastest of ``repeats`` each) over their difference in tokens, so the fixed cost of a forward
+        (Python, kernel launches) does not count: on a tiny model a step holds many requests, on a big one few.
+        The adapters' per-row work is not in it; ``max_batch_rows`` caps a step's rows as well. The result is
+        clamped to :data:`STEP_TOKENS_RANGE`.
+        """
+        text = " ".join(["caveat"] * 4 * CALIBRATION_TOKENS)  # truncated to exactly CALIBRATION_TOKENS
+        timings = []
+        for rows in CALIBRATION_ROWS:
+            batch = self.encode([TextInput(text, None, CALIBRATION_TOKENS)] * rows)
+            self.classifier.features(batch)  # first call of this shape: allocator, kernels
+            timings.append(min(self._timed_features(batch) for _ in range(repeats)))  # least disturbed
+        tokens = [rows * CALIBRATION_TOKENS for rows in CALIBRATION_ROWS]
+        per_token = max(timings[1] - timings[0], 1e-9) / (tokens[1] - tokens[0])
+        low, high = STEP_TOKENS_RANGE
+        return min(max(int(step_ms / 1000 / per_token), low), high), per_token
+
+    def _timed_features(self, batch: dict[str, Tensor]) -> float:
+        start = time.perf_counter()
+        self.classifier.features(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def fingerprint(self, modules: Sequence[str]) -> str | None:
         """The base fingerprint over ``modules`` (as bundles record it); ``None`` if a module is unknown."""

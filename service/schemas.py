@@ -224,6 +224,7 @@ class Info(BaseModel):
     max_batch_rows: int
     max_wait_ms: float
     queue_size: int
+    step_tokens: int | None = Field(None, description="rows × tokens per engine step (null while loading)")
     startup_problems: list[str]
 
 

@@ -38,8 +38,15 @@ class Settings(BaseModel):
     step_tokens: int | None = Field(
         None,
         ge=1,
-        description="rows × tokens the engine runs between scheduling decisions (default: 1024 on "
-        "CPU, 262144 on GPU); big requests run in pieces, small ones are served between them",
+        description="rows × tokens the engine runs between scheduling decisions (default: calibrated at warm-up "
+        "so that a step takes about step_ms; 1024 on CPU, 262144 on GPU without warm-up); big requests run in "
+        "pieces, small ones are served between them",
+    )
+    step_ms: float | None = Field(
+        None,
+        gt=0,
+        description="how long one engine step should take, for the calibrated step_tokens (default 250 on CPU, "
+        "50 on GPU); shorter steps serve small requests sooner, longer ones batch more",
     )
     max_request_tokens: int = Field(
         262_144,

@@ -62,9 +62,15 @@ class ServiceState:
             )
             log.info("base model %s on %s (%s) in %.1f s", settings.base_model, host.device, settings.dtype,
                      host.load_seconds)  # fmt: skip
+            step_tokens = settings.step_tokens or host.default_step_tokens
             if settings.warmup:
                 self.status = "warming up"
                 log.info("warm-up forward %.3f s", await asyncio.to_thread(host.warm_up))
+                if settings.step_tokens is None:
+                    step_ms = settings.step_ms or host.default_step_ms
+                    step_tokens, per_token = await asyncio.to_thread(host.calibrate_step_tokens, step_ms)
+                    log.info("engine step: %d rows × tokens (%.1f µs per token, %g ms per step)", step_tokens,
+                             per_token * 1e6, step_ms)  # fmt: skip
             self.status = "loading adapters"
             registry = AdapterRegistry(
                 host,
@@ -78,7 +84,7 @@ class ServiceState:
             self.startup_problems = await registry.load_directory()
             config = BatchingConfig(
                 settings.batching, settings.max_batch_rows, settings.max_wait_ms, settings.queue_size,
-                step_tokens=settings.step_tokens or host.default_step_tokens, queue_tokens=settings.queue_tokens,
+                step_tokens=step_tokens, queue_tokens=settings.queue_tokens,
             )  # fmt: skip
             engine = Engine(host, config, self.metrics)
             engine.start()

@@ -47,6 +47,7 @@ async def info(state: State) -> Info:
         max_batch_rows=settings.max_batch_rows,
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
+        step_tokens=state.engine.config.step_tokens if state.engine else None,
         startup_problems=state.startup_problems,
     )
 

@@ -12,10 +12,10 @@ import torch
 from adapters.defaults import PredictiveMode
 from adapters.predictive import AbstentionRule
 from service.engine import BatchingConfig, Engine, Job, JobResult
-from service.host import ModelHost, TextInput
+from service.host import STEP_TOKENS, STEP_TOKENS_RANGE, ModelHost, TextInput
 from service.metrics import Metrics
 from service.registry import AdapterRegistry
-from tests.service.bundles import make_bundle
+from tests.service.bundles import make_bundle, running_app
 
 METHODS = (PredictiveMode.SAMPLE, PredictiveMode.GLM, PredictiveMode.MAP)
 TEXTS = ["a gorgeous, witty, seductive movie.", "it is a dull film", "meh", "the plot goes nowhere at all, slowly"]
@@ -74,3 +74,32 @@ def test_a_step_mixing_50_adapters_and_3_methods_answers_each_as_alone(tiny_base
     assert sum(r.ood_score is not None for r in together) == 10
     sampled = together[0].pred.sample_probs  # request 0 samples the posterior: its samples differ
     assert sampled.shape[0] == 3 and not torch.allclose(sampled[0], sampled[1])
+
+
+# ------------------------------------------------------------------- the step's size, from the base's speed
+
+
+def test_the_step_holds_what_the_base_runs_in_step_ms(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marginal cost of a token, not the fixed cost of a forward, sets the step: a base that costs 1 ms per
+    forward plus 2 µs per token runs 50,000 tokens in 100 ms."""
+    host = ModelHost(str(tiny_base))
+    monkeypatch.setattr(host, "_timed_features", lambda batch: 1e-3 + batch["input_ids"].numel() * 2e-6)
+    assert host.calibrate_step_tokens(100.0) == (50_000, pytest.approx(2e-6))
+    low, high = STEP_TOKENS_RANGE
+    assert host.calibrate_step_tokens(1e-6)[0] == low and host.calibrate_step_tokens(1e6)[0] == high
+
+
+def test_the_server_calibrates_its_step_unless_given_one(tiny_base: Path, tmp_path: Path) -> None:
+    make_bundle(tiny_base, tmp_path / "a", name="a")
+    for settings, expected in (({"step_tokens": 777}, 777), ({"warmup": False}, STEP_TOKENS["cpu"])):
+        app = running_app(tiny_base, tmp_path, **settings)
+        try:
+            assert app.get("/v1/info").json()["step_tokens"] == expected
+        finally:
+            app.__exit__(None, None, None)
+    app = running_app(tiny_base, tmp_path)  # the tiny base's tokens are nearly free: big steps
+    try:
+        assert STEP_TOKENS["cpu"] < app.get("/v1/info").json()["step_tokens"] <= STEP_TOKENS_RANGE[1]
+        assert app.post("/v1/predict", json={"adapter": "a", "inputs": ["fine"]}).status_code == 200
+    finally:
+        app.__exit__(None, None, None)
