@@ -28,9 +28,9 @@ from adapters.pooling import default_pooling
 log = logging.getLogger("caveat.serve")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between scheduling decisions without calibration
+STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between scheduling decisions; calibration only raises it
 STEP_MS = {"cpu": 250.0, "cuda": 50.0}  # how long a calibrated step should take (service.engine)
-STEP_TOKENS_RANGE = (256, 262_144)  # calibrated steps stay inside
+MAX_STEP_TOKENS = 262_144
 CALIBRATION_ROWS, CALIBRATION_TOKENS = (1, 8), 32  # the two timed forwards: rows of 32-token inputs
 
 
@@ -101,7 +101,8 @@ class ModelHost:
         inputs, the fastest of ``repeats`` each) over their difference in tokens, so the fixed cost of a forward
         (Python, kernel launches) does not count: on a tiny model a step holds many requests, on a big one few.
         The adapters' per-row work is not in it; ``max_batch_rows`` caps a step's rows as well. The result is
-        clamped to :data:`STEP_TOKENS_RANGE`.
+        never below the device's :data:`STEP_TOKENS` (the step measured against one costly request among small
+        ones, docs/benchmarks.md: calibration only lets cheap tokens batch more) nor above :data:`MAX_STEP_TOKENS`.
         """
         text = " ".join(["caveat"] * 4 * CALIBRATION_TOKENS)  # truncated to exactly CALIBRATION_TOKENS
         timings = []
@@ -111,8 +112,7 @@ class ModelHost:
             timings.append(min(self._timed_features(batch) for _ in range(repeats)))  # least disturbed
         tokens = [rows * CALIBRATION_TOKENS for rows in CALIBRATION_ROWS]
         per_token = max(timings[1] - timings[0], 1e-9) / (tokens[1] - tokens[0])
-        low, high = STEP_TOKENS_RANGE
-        return min(max(int(step_ms / 1000 / per_token), low), high), per_token
+        return min(max(int(step_ms / 1000 / per_token), self.default_step_tokens), MAX_STEP_TOKENS), per_token
 
     def _timed_features(self, batch: dict[str, Tensor]) -> float:
         start = time.perf_counter()

@@ -39,7 +39,7 @@ class Settings(BaseModel):
         None,
         ge=1,
         description="rows × tokens the engine runs between scheduling decisions (default: calibrated at warm-up "
-        "so that a step takes about step_ms; 1024 on CPU, 262144 on GPU without warm-up); big requests run in "
+        "so that a step takes about step_ms, at least 1024 on CPU and 262144 on GPU); big requests run in "
         "pieces, small ones are served between them",
     )
     step_ms: float | None = Field(

@@ -12,7 +12,7 @@ import torch
 from adapters.defaults import PredictiveMode
 from adapters.predictive import AbstentionRule
 from service.engine import BatchingConfig, Engine, Job, JobResult
-from service.host import STEP_TOKENS, STEP_TOKENS_RANGE, ModelHost, TextInput
+from service.host import MAX_STEP_TOKENS, STEP_TOKENS, ModelHost, TextInput
 from service.metrics import Metrics
 from service.registry import AdapterRegistry
 from tests.service.bundles import make_bundle, running_app
@@ -85,8 +85,8 @@ def test_the_step_holds_what_the_base_runs_in_step_ms(tiny_base: Path, monkeypat
     host = ModelHost(str(tiny_base))
     monkeypatch.setattr(host, "_timed_features", lambda batch: 1e-3 + batch["input_ids"].numel() * 2e-6)
     assert host.calibrate_step_tokens(100.0) == (50_000, pytest.approx(2e-6))
-    low, high = STEP_TOKENS_RANGE
-    assert host.calibrate_step_tokens(1e-6)[0] == low and host.calibrate_step_tokens(1e6)[0] == high
+    assert host.calibrate_step_tokens(1.0)[0] == STEP_TOKENS["cpu"]  # never below the measured CPU default
+    assert host.calibrate_step_tokens(1e6)[0] == MAX_STEP_TOKENS
 
 
 def test_the_server_calibrates_its_step_unless_given_one(tiny_base: Path, tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_the_server_calibrates_its_step_unless_given_one(tiny_base: Path, tmp_pa
             app.__exit__(None, None, None)
     app = running_app(tiny_base, tmp_path)  # the tiny base's tokens are nearly free: big steps
     try:
-        assert STEP_TOKENS["cpu"] < app.get("/v1/info").json()["step_tokens"] <= STEP_TOKENS_RANGE[1]
+        assert STEP_TOKENS["cpu"] < app.get("/v1/info").json()["step_tokens"] <= MAX_STEP_TOKENS
         assert app.post("/v1/predict", json={"adapter": "a", "inputs": ["fine"]}).status_code == 200
     finally:
         app.__exit__(None, None, None)
