@@ -3,10 +3,12 @@
 # the flags of the every-method table (scripts/compare_methods.sh):
 #   a. Bayesian-LoRA beside that table's map and laplace-kron rows (same seed, marglik prior);
 #   b. L-LoRA-S (--train-projections) map and laplace-kron rows (default prior) beside L-LoRA-XS.
+#   c. SWAG and VI on part a's MAP (the same flags and seed retrain the same MAP), so that Bayesian-LoRA stands
+#      beside them in one run's figures.
 #   slice: the same comparisons on a 2,000-example training slice (validation and test 500, shift and OOD
 #      200; no OOD score), three runs that can go in parallel: L-LoRA-XS map and laplace-kron (default prior),
 #      Bayesian-LoRA beside the same MAP, L-LoRA-S map and laplace-kron.
-# Usage: scripts/compare_issue14.sh [a|b|all|slice]   (a and b: each 10-20 min alone on a 2-core CPU)
+# Usage: scripts/compare_issue14.sh [a|b|c|all|slice]   (a, b and c: each 10-30 min alone on a 2-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -22,6 +24,10 @@ fi
 if [ "$part" = b ] || [ "$part" = all ]; then
   .venv/bin/caveat-train compare "${common[@]}" --train-projections --posteriors map,laplace-kron \
     --json docs/results/compare-issue14-llora-s-cpu.json
+fi
+if [ "$part" = c ] || [ "$part" = all ]; then
+  .venv/bin/caveat-train compare "${common[@]}" --posteriors map,swag,vi --ood-method none \
+    --json docs/results/compare-issue14-swag-vi-cpu.json
 fi
 if [ "$part" = slice ]; then
   slice=(--train-limit 2000 --eval-limit 500 --shift-limit 200 --ood-limit 200 --ood-method none)

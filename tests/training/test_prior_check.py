@@ -104,6 +104,18 @@ def test_check_ends_at_the_map_limit_when_every_posterior_is_worse() -> None:
     assert delta == pytest.approx(10**MAP_LIMIT_DECADES) and "the MAP limit" in choice
 
 
+@pytest.mark.parametrize("first_passing", [1, 2, 3, 5, 7, 12, 17, 23, 24])
+def test_the_ladder_search_finds_the_rung_a_step_by_step_climb_finds_in_fewer_scores(first_passing: int) -> None:
+    """NLL falling steadily towards the MAP's: the first passing half-decade rung wins, as a climb one rung at a
+    time (the previous search) would find it, in at most 11 scores instead of ``first_passing + 1``."""
+    marglik, tried = 3.0, {}
+    excess = {rung / 2: (1e-3 * (first_passing - rung), 0.0) for rung in range(first_passing)}
+    delta, choice = check_prior(_curve(marglik, excess, MAP_FIT, tried), marglik, MAP_FIT, 0.005)
+    assert delta == pytest.approx(marglik * 10 ** (first_passing / 2))
+    assert first_passing / 2 in tried and (first_passing - 1) / 2 in tried  # its rung passed, the one below did not
+    assert len(tried) <= 11 and f"× 10^{first_passing / 2:g}" in choice
+
+
 def test_a_too_wide_marglik_prior_on_a_tiny_model_is_narrowed_to_no_worse_than_the_map(session_and_fit) -> None:
     """A real tiny fit whose marglik δ is made 10⁴× too weak; the record is checked against a recomputation."""
     session, _, too_wide = session_and_fit

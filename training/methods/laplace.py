@@ -3,7 +3,7 @@
 The curvature (GGN) is fitted on a subset of the training data and scaled to all N examples
 (:mod:`training.laplace_fit`). The prior precision δ maximises the marginal likelihood (``--prior marglik``),
 or the validation NLL of the predictive on a grid around that value (``--prior grid``), or, by default
-(``--prior marglik-checked``), is the marginal likelihood's raised by half decades until the predictive's
+(``--prior marglik-checked``), is the marginal likelihood's raised on a half-decade ladder until the predictive's
 validation NLL is no worse than the MAP's and its validation ECE at most ``--prior-ece-slack`` above the MAP's.
 Raising δ only narrows the covariance and δ → ∞ is the MAP, so the check always ends: at the latest at
 ``MAP_LIMIT_DECADES``, where the posterior is the MAP to float precision.
@@ -30,7 +30,7 @@ from training.session import Session
 # weak, never too strong); the best coarse point is then refined by half decades on each side.
 GRID_DECADES = (-1.0, 0.0, 1.0, 2.0, 3.0)
 GRID_VALIDATION, GRID_SAMPLES = 300, 8
-# marglik-checked: δ rises by this step (decades) from the marglik value; at MAP_LIMIT_DECADES above it the
+# marglik-checked: δ rises on a ladder of this step (decades) from the marglik value; at MAP_LIMIT_DECADES above it the
 # covariance is ~1e-12 of the marglik one, so the predictive is the MAP's up to float rounding.
 CHECK_STEP, MAP_LIMIT_DECADES = 0.5, 12.0
 CHECKED_METHOD = "marglik, checked against the MAP on validation NLL and ECE"
@@ -173,25 +173,44 @@ def check_prior(
     score_at: Callable[[float], ValidationFit], marglik: float, map_fit: ValidationFit, ece_slack: float
 ) -> tuple[float, str]:
     """The marglik δ if its validation NLL is no worse than the MAP's and its ECE at most ``ece_slack`` above
-    the MAP's; else the first δ, rising by half decades, that is: the widest posterior tried that does not hurt
-    in distribution (width is what helps under shift). Returns δ and why it won; at ``MAP_LIMIT_DECADES`` the
-    posterior is the MAP to float precision."""
-    decade, scores = 0.0, {}
-    while not (value := score_at(marglik * 10**decade)).no_worse_than(map_fit, ece_slack):
-        scores[decade] = value
-        if decade >= MAP_LIMIT_DECADES:
-            break
-        decade += CHECK_STEP
+    the MAP's; else the widest posterior on the half-decade ladder above it that is: the first rung that passes
+    with the rung below it failing (width is what helps under shift). The ladder is searched in doubling steps
+    (½, 1, 2, 4, 8 decades, up to ``MAP_LIMIT_DECADES``, where the posterior is the MAP to float precision) and
+    then by bisection, so a check that must climb far costs ~10 validation scores instead of up to 25; with a
+    validation score that improves steadily towards the MAP it picks the rung a climb one step at a time would.
+    Returns δ and why it won."""
+    scores: dict[float, ValidationFit] = {}
+
+    def passes(rung: int) -> bool:
+        scores[rung * CHECK_STEP] = score_at(marglik * 10 ** (rung * CHECK_STEP))
+        return scores[rung * CHECK_STEP].no_worse_than(map_fit, ece_slack)
+
+    top = round(MAP_LIMIT_DECADES / CHECK_STEP)
+    if passes(0):
+        return (
+            marglik,
+            f"marglik {marglik:.4g} kept: validation {_describe(scores[0.0])}, the MAP's {_describe(map_fit)}",
+        )
+    failing, rung = 0, 1
+    while not passes(rung):
+        if rung == top:  # float rounding at the MAP limit: the covariance is ~1e-12 of the marglik one
+            delta = marglik * 10**MAP_LIMIT_DECADES
+            return (
+                delta,
+                f"{delta:.4g}, the MAP limit: validation {_describe(scores[MAP_LIMIT_DECADES])}, the MAP's "
+                f"{_describe(map_fit)}",
+            )
+        failing, rung = rung, min(2 * rung, top)
+    while rung - failing > 1:  # bisect: the lowest passing rung above the highest failing one
+        middle = (failing + rung) // 2
+        failing, rung = (failing, middle) if passes(middle) else (middle, rung)
+    decade = rung * CHECK_STEP
     delta = marglik * 10**decade
     wanted = "NLL" if ece_slack >= 1 else f"NLL or ECE (+{ece_slack:g})"
-    if decade == 0 and not scores:
-        return delta, f"marglik {marglik:.4g} kept: validation {_describe(value)}, the MAP's {_describe(map_fit)}"
-    if decade >= MAP_LIMIT_DECADES:  # float rounding at the MAP limit: the covariance is ~1e-12 of the marglik one
-        return delta, f"{delta:.4g}, the MAP limit: validation {_describe(value)}, the MAP's {_describe(map_fit)}"
     return delta, (
         f"{delta:.4g} = marglik {marglik:.4g} × 10^{decade:g}: the marglik posterior's validation "
         f"{_describe(scores[0.0])} is worse than the MAP's {_describe(map_fit)} in {wanted}; {delta:.4g} is the "
-        f"widest δ tried that is not ({_describe(value)})"
+        f"widest δ tried that is not ({_describe(scores[decade])})"
     )
 
 
