@@ -215,7 +215,13 @@ class ServerProcess:
 
     @classmethod
     def start(
-        cls, base: str | Path, adapter_dir: Path, log: Path, *flags: str, admin_token: str = "admin", timeout_s=180,
+        cls,
+        base: str | Path,
+        adapter_dir: Path,
+        log: Path,
+        *flags: str,
+        admin_token: str = "admin",
+        timeout_s=180,
         entry: Sequence[str] = ("-m", "service.cli"),
     ) -> ServerProcess:
         """Start the server (``python <entry> <flags>``) and wait until ``/health/ready`` answers 200."""
