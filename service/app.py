@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,8 +51,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.middleware("http")(_observe)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Observe)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: added last
     app.openapi = lambda: document(app, settings)  # type: ignore[method-assign]
     return app
 
@@ -59,33 +60,54 @@ def create_app(settings: Settings) -> FastAPI:
 # -------------------------------------------------------------------------------------------- middleware
 
 
-async def _observe(request: Request, call_next):
+class Observe:
     """Request id (the client's X-Request-ID when it is a plain token, else a new one); OPTIONS and the Allow
-    header of 405s; unexpected errors answered in the error shape; request count and latency per endpoint."""
-    given = request.headers.get("x-request-id", "")
-    request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    request.state.adapter = ""
-    start = time.perf_counter()
-    allowed = allowed_methods(request.app, request) if request.method == "OPTIONS" else []
-    if len(allowed) > 1:  # a path some route serves: its methods (an unknown path goes on to 404)
-        response = Response(status_code=204, headers={"Allow": ", ".join(allowed)})
-    else:
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # answered here, so the connection stays usable (uvicorn drops it otherwise)
-            response = await _unexpected_error(request, exc)
-    if response.status_code == 405:
-        response.headers["Allow"] = ", ".join(allowed_methods(request.app, request))
-    response.headers["X-Request-ID"] = request.state.request_id
-    endpoint = _endpoint(request.url.path)
-    if endpoint is not None:
-        state = request.app.state.caveat
-        adapter = request.state.adapter
-        if state.registry is None or adapter not in state.registry:
-            adapter = ""  # never a label per unknown name a client sends
-        state.metrics.requests.labels(endpoint, adapter, str(response.status_code)).inc()
-        state.metrics.latency.labels(endpoint, adapter).observe(time.perf_counter() - start)
-    return response
+    header of 405s; unexpected errors answered in the error shape; request count and latency per endpoint.
+
+    Plain ASGI (no ``BaseHTTPMiddleware``: that one runs every request in a task group with memory streams)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        given = request.headers.get("x-request-id", "")
+        request.state.request_id = request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request.state.adapter = ""
+        start = time.perf_counter()
+        status, started = 500, False
+
+        async def observed(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                headers = MutableHeaders(scope=message)
+                if status == 405:
+                    headers["Allow"] = ", ".join(allowed_methods(scope["app"], request))
+                headers["X-Request-ID"] = request_id
+            await send(message)
+
+        allowed = allowed_methods(scope["app"], request) if scope["method"] == "OPTIONS" else []
+        if len(allowed) > 1:  # a path some route serves: its methods (an unknown path goes on to 404)
+            await Response(status_code=204, headers={"Allow": ", ".join(allowed)})(scope, receive, observed)
+        else:
+            try:
+                await self.app(scope, receive, observed)
+            except Exception as exc:  # answered here, so the connection stays usable (uvicorn drops it otherwise)
+                if started:  # nothing more can be sent
+                    raise
+                await (await _unexpected_error(request, exc))(scope, receive, observed)
+        endpoint = _endpoint(scope["path"])
+        if endpoint is not None:
+            state = scope["app"].state.caveat
+            adapter = request.state.adapter
+            if state.registry is None or adapter not in state.registry:
+                adapter = ""  # never a label per unknown name a client sends
+            state.metrics.requests.labels(endpoint, adapter, str(status)).inc()
+            state.metrics.latency.labels(endpoint, adapter).observe(time.perf_counter() - start)
 
 
 def _endpoint(path: str) -> str | None:
