@@ -296,11 +296,13 @@ def test_an_abandoned_request_stops_using_the_worker(tiny_base, tmp_path) -> Non
     make_bundle(tiny_base, adapter_dir / "alpha", name="alpha")
     server = start_server(
         tiny_base, adapter_dir, tmp_path / "server.log", "--step-tokens", "256", "--max-request-tokens", "10000000",
-        "--queue-tokens", "20000000", "--request-timeout-s", "300",
+        "--queue-tokens", "20000000", "--request-timeout-s", "300", "--max-samples", "4096",
     )  # fmt: skip
     try:
-        heavy = {"adapter": "alpha", "inputs": [f"{REVIEW} {i}" for i in range(64)], "num_samples": 128}
-        with httpx.Client(base_url=server.url, timeout=1.0) as impatient, pytest.raises(httpx.ReadTimeout):
+        # 64 inputs × 4,096 samples: minutes of work in 256-token steps even on a fast machine, so the client
+        # always gives up first (64 × 128 finished inside the client's second on a faster CI runner).
+        heavy = {"adapter": "alpha", "inputs": [f"{REVIEW} {i}" for i in range(64)], "num_samples": 4096}
+        with httpx.Client(base_url=server.url, timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/predict", json=heavy)
         deadline = time.monotonic() + 30
         with server.client() as client:
