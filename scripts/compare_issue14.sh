@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The issue-#14 rows of docs/results.md on the embedded default (MiniLM, SST-2, drug reviews, BBC News), with
 # the flags of the every-method table (scripts/compare_methods.sh):
-#   a. Bayesian-LoRA beside that table's map and laplace-kron rows (same seed, marglik prior);
+#   a. Bayesian-LoRA beside that table's map, laplace-kron (marglik prior), SWAG and VI rows: one MAP, one run;
 #   b. L-LoRA-S (--train-projections) map and laplace-kron rows (default prior) beside L-LoRA-XS.
-#   c. SWAG and VI on part a's MAP (the same flags and seed retrain the same MAP), so that Bayesian-LoRA stands
-#      beside them in one run's figures.
 #   slice: the same comparisons on a 2,000-example training slice (validation and test 500, shift and OOD
 #      200; no OOD score), three runs that can go in parallel: L-LoRA-XS map and laplace-kron (default prior),
 #      Bayesian-LoRA beside the same MAP, L-LoRA-S map and laplace-kron.
-# Usage: scripts/compare_issue14.sh [a|b|c|all|slice]   (a, b and c: each 10-30 min alone on a 2-core CPU)
+# Usage: scripts/compare_issue14.sh [a|b|all|slice]   (a: 30-60 min, b: 15-30 min alone on a 2-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -18,16 +16,12 @@ common=(--base-model minilm --dataset sst2 --shift drugreviews --ood bbcnews
   --no-progress)
 if [ "$part" = a ] || [ "$part" = all ]; then
   # no OOD score here: the every-method table predates it, and it reads the frozen base, so part b's is the same
-  .venv/bin/caveat-train compare "${common[@]}" --posteriors map,laplace-kron,bayesian-lora --prior marglik \
-    --ood-method none --json docs/results/compare-issue14-bayesian-lora-cpu.json
+  .venv/bin/caveat-train compare "${common[@]}" --posteriors map,laplace-kron,bayesian-lora,swag,vi \
+    --prior marglik --ood-method none --json docs/results/compare-issue14-bayesian-lora-cpu.json
 fi
 if [ "$part" = b ] || [ "$part" = all ]; then
   .venv/bin/caveat-train compare "${common[@]}" --train-projections --posteriors map,laplace-kron \
     --json docs/results/compare-issue14-llora-s-cpu.json
-fi
-if [ "$part" = c ] || [ "$part" = all ]; then
-  .venv/bin/caveat-train compare "${common[@]}" --posteriors map,swag,vi --ood-method none \
-    --json docs/results/compare-issue14-swag-vi-cpu.json
 fi
 if [ "$part" = slice ]; then
   slice=(--train-limit 2000 --eval-limit 500 --shift-limit 200 --ood-limit 200 --ood-method none)
