@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from adapters.ood import (
     pvalue_threshold,
     sorted_reference,
 )
+from adapters.ood.gaussian import ORTHONORMAL_TOL, is_orthonormal
 from adapters.ood.mahalanobis import budget_rank
 
 F64 = torch.float64
@@ -222,6 +224,9 @@ def damaged_states():
         "eigenvectors wrong shape": set_tensor("class.eigenvectors", lambda v: v[:-1]),
         "eigenvalues wrong shape": set_tensor("class.eigenvalues", lambda v: v[:-1]),
         "eigenvectors not orthonormal": set_tensor("class.eigenvectors", lambda v: 2 * v),
+        "unit eigenvectors not orthogonal": set_tensor(
+            "class.eigenvectors", lambda v: v[:, [0, *range(v.shape[1] - 1)]]
+        ),
         "integer tensor": set_tensor("class.means", lambda v: v.long()),
         "missing tensor": lambda t, p: t.pop("class.eigenvalues"),
         "unexpected tensor": lambda t, p: t.__setitem__("class.extra", torch.zeros(2)),
@@ -378,3 +383,21 @@ def test_bad_options_are_refused():
         score.threshold()
     with pytest.raises(ValueError, match="fraction"):
         pvalue_threshold(sorted_reference(torch.randn(10)), 1.0)
+
+
+def _skewed(vectors: torch.Tensor, angle: float) -> torch.Tensor:
+    """Column 1 turned by ``angle`` towards column 0, kept at unit length: ``|v0·v1| = sin(angle)``."""
+    skewed = vectors.clone()
+    skewed[:, 1] = math.cos(angle) * vectors[:, 1] + math.sin(angle) * vectors[:, 0]
+    return skewed
+
+
+@pytest.mark.parametrize("angle", [0.0, 1e-5, 3e-3, 0.1, 1.0])
+def test_the_probed_orthonormality_check_agrees_with_the_gram_matrix(angle):
+    """The probes decide as ``|VᵀV - I|_max ≤ tol`` does, away from the tolerance's edge (both sides)."""
+    vectors = torch.linalg.qr(torch.randn(768, 768, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    vectors = _skewed(vectors, angle).float()
+    gram = vectors.double().T @ vectors.double()
+    deviation = float((gram - torch.eye(768, dtype=torch.float64)).abs().max())
+    assert deviation < ORTHONORMAL_TOL / 10 or deviation > ORTHONORMAL_TOL * 2  # the cases avoid the edge
+    assert is_orthonormal(vectors) == (deviation <= ORTHONORMAL_TOL)
