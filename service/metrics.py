@@ -50,6 +50,10 @@ class Metrics:
         )
         self.adapters = Gauge("caveat_adapters_loaded", "Registered adapters by state", ["state"], registry=r)
         self.adapter_bytes = Gauge("caveat_adapter_memory_bytes", "Device bytes of resident adapters", registry=r)
+        self.adapter_own_bytes = Gauge(
+            "caveat_adapter_own_bytes", "Device bytes of one resident adapter beyond the projections it may share",
+            ["adapter"], registry=r,
+        )  # fmt: skip
         self.load_seconds = Histogram(
             "caveat_adapter_load_seconds", "Time to read, validate and place a bundle", buckets=LATENCY_BUCKETS,
             registry=r,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModel, AutoTokenizer
 
 from adapters import LoraXSClassifier, inject_lora_xs, lora_xs_layers
@@ -89,6 +90,13 @@ def test_lru_eviction_under_the_memory_budget_spares_pinned_adapters(tiny_base: 
         assert registry.used_bytes() <= registry.budget_bytes
         metrics = client.get("/metrics").text
         assert 'caveat_adapters_loaded{state="evicted"} 1.0' in metrics
+        sized = {
+            s.labels["adapter"]: s.value
+            for family in text_string_to_metric_families(metrics)
+            if family.name == "caveat_adapter_own_bytes"
+            for s in family.samples
+        }
+        assert sized == {"a": own, "b": own}  # per resident adapter; evicted c has no series
     finally:
         client.__exit__(None, None, None)
 
