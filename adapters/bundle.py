@@ -48,6 +48,7 @@ from adapters.errors import (
     ShapeMismatchError,
     UnsafePathError,
 )
+from adapters.finite import first_non_finite
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import (
     ADAPTER_FILE,
@@ -337,8 +338,8 @@ def _check_values(
     for key, tensor in named.items():
         if not tensor.is_floating_point():
             raise InvalidValueError(directory, f"{key} has dtype {tensor.dtype}, not a floating-point type")
-        if not bool(torch.isfinite(tensor).all()):
-            raise InvalidValueError(directory, f"{key} holds NaN or infinite values")
+    if (key := first_non_finite(named)) is not None:
+        raise InvalidValueError(directory, f"{key} holds NaN or infinite values")
     try:
         posterior.validate()
     except PosteriorValueError as exc:

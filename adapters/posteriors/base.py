@@ -18,6 +18,7 @@ from torch import Tensor
 
 from adapters.defaults import PosteriorFamily
 from adapters.errors import PosteriorValueError
+from adapters.finite import first_non_finite
 
 TensorDict = dict[str, Tensor]
 KEY_SEP = "::"  # tensor keys in posterior.safetensors: "<block name>::<field>"
@@ -109,9 +110,8 @@ class Posterior(ABC):
             PosteriorValueError: naming the first tensor or parameter at fault.
         """
         tensors, params = self.state()
-        for key, tensor in tensors.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise PosteriorValueError(f"posterior tensor {key!r} holds NaN or infinite values")
+        if (key := first_non_finite(tensors)) is not None:
+            raise PosteriorValueError(f"posterior tensor {key!r} holds NaN or infinite values")
         for key, value in params.items():
             values = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
