@@ -2,11 +2,12 @@
 # The issue-#14 rows of docs/results.md on the embedded default (MiniLM, SST-2, drug reviews, BBC News), with
 # the flags of the every-method table (scripts/compare_methods.sh):
 #   a. Bayesian-LoRA beside that table's map, laplace-kron (marglik prior), SWAG and VI rows: one MAP, one run;
-#   b. L-LoRA-S (--train-projections) map and laplace-kron rows (default prior) beside L-LoRA-XS.
+#   b. L-LoRA-S (--train-projections) map and laplace-kron rows (default prior), then L-LoRA-XS's with the same
+#      flags (b-xs: only the latter).
 #   slice: the same comparisons on a 2,000-example training slice (validation and test 500, shift and OOD
 #      200; no OOD score), three runs that can go in parallel: L-LoRA-XS map and laplace-kron (default prior),
 #      Bayesian-LoRA beside the same MAP, L-LoRA-S map and laplace-kron.
-# Usage: scripts/compare_issue14.sh [a|b|all|slice]   (a: 30-60 min, b: 15-30 min alone on a 2-core CPU)
+# Usage: scripts/compare_issue14.sh [a|b|b-xs|all|slice]   (a: 30-60 min, b: 30-60 min alone on a 2-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -22,6 +23,10 @@ fi
 if [ "$part" = b ] || [ "$part" = all ]; then
   .venv/bin/caveat-train compare "${common[@]}" --train-projections --posteriors map,laplace-kron \
     --json docs/results/compare-issue14-llora-s-cpu.json
+fi
+if [ "$part" = b-xs ] || [ "$part" = b ] || [ "$part" = all ]; then  # b's L-LoRA-XS counterpart (b-xs: it alone)
+  .venv/bin/caveat-train compare "${common[@]}" --posteriors map,laplace-kron \
+    --json docs/results/compare-issue14-llora-xs-cpu.json
 fi
 if [ "$part" = slice ]; then
   slice=(--train-limit 2000 --eval-limit 500 --shift-limit 200 --ood-limit 200 --ood-method none)
