@@ -43,8 +43,9 @@ COLUMNS = [
 ]
 
 
-def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
-    """One row per method: its predictive's metrics (MAP metrics for ``map``), training time and size."""
+def compare(config: TrainConfig, methods: list[str], json_path: Path | None = None) -> list[dict[str, Any]]:
+    """One row per method: its predictive's metrics (MAP metrics for ``map``), training time and size. With
+    ``json_path``, the rows so far are written after every method: a run stopped late keeps what it measured."""
     unknown = [m for m in methods if m not in COMPARED]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; choose from {[str(m) for m in COMPARED]}")
@@ -53,7 +54,7 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     rows = []
     if ZERO_SHOT in methods:  # the cores start at ~0: the base model as it is (with a new head, if any)
         rows.append(_row(session, ZERO_SHOT, 0.0, ood))
-        session.log(markdown_table(rows))
+        _report(session, rows, json_path)
         session.forget_outputs()
     others = [m for m in methods if m != ZERO_SHOT]
     if not others:  # nothing needs the MAP
@@ -70,8 +71,15 @@ def compare(config: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
             session.forget_outputs()
             map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
         rows.append(_row(session, method, map_seconds, ood))
-        session.log(markdown_table(rows))
+        _report(session, rows, json_path)
     return rows
+
+
+def _report(session: Session, rows: list[dict[str, Any]], json_path: Path | None) -> None:
+    session.log(markdown_table(rows))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"config": session.config.flat(), "rows": rows}, indent=2, default=str) + "\n")
 
 
 def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | None = None) -> dict[str, Any]:
@@ -127,9 +135,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def run(config: TrainConfig, methods: list[str], json_path: Path | None = None) -> list[dict[str, Any]]:
     """``caveat-train compare``: the rows, printed as one table and written as JSON when asked."""
-    rows = compare(config, methods)
+    rows = compare(config, methods, json_path)
     print(markdown_table(rows))
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"config": config.flat(), "rows": rows}, indent=2, default=str) + "\n")
     return rows

@@ -131,6 +131,33 @@ def test_compare_refuses_unknown_posteriors_and_formats_its_table(capsys) -> Non
     assert table[3] == "| laplace-kron | 0.9100 | — | 63 | 10 |"
 
 
+def test_compare_writes_its_rows_after_every_method(tmp_path, monkeypatch) -> None:
+    """A compare stopped by a failing (or killed) later method keeps the rows it measured. Before, the JSON
+    was written once at the end: an hour of finished rows was lost with the last method."""
+    from types import SimpleNamespace
+
+    from training import compare as module
+
+    session = SimpleNamespace(
+        config=parse_config(["--no-progress"]), log=lambda _: None, accelerator=SimpleNamespace(is_main_process=True),
+        map_result=SimpleNamespace(seconds=1.0), forget_outputs=lambda: None,
+    )  # fmt: skip
+
+    def row(_session, method, _seconds, _ood):
+        if method == "swag":
+            raise RuntimeError("stopped")
+        return {"posterior": method, "train_seconds": 1.0, "bundle_kb": 1.0, "test": {"accuracy": 0.5}}
+
+    monkeypatch.setattr(module, "prepare", lambda config: session)
+    monkeypatch.setattr(module, "fit_ood", lambda session: None)
+    monkeypatch.setattr(module, "fit_map", lambda session: None)
+    monkeypatch.setattr(module, "_row", row)
+    out = tmp_path / "rows.json"
+    with pytest.raises(RuntimeError, match="stopped"):
+        module.compare(session.config, ["map", "laplace-kron", "swag"], out)
+    assert [r["posterior"] for r in json.loads(out.read_text())["rows"]] == ["map", "laplace-kron"]
+
+
 @pytest.mark.slow
 def test_validation_grid_prior_on_a_small_slice(tmp_path) -> None:
     out = tmp_path / "grid"
