@@ -1,13 +1,13 @@
 """Refactorings keep the numbers: every tensor of a ``--seed 0`` bundle is bit-identical to the reference.
 
-The reference (``fixtures/bitwise.json``, sha256 per tensor) was made on this machine class with the test
-suite's thread count (``CAVEAT_TEST_THREADS``, 2): CPU reductions depend on the thread count. How to
-regenerate it: :mod:`tests.training.bitwise`.
+The reference (``fixtures/bitwise.json``, sha256 per tensor) holds one set per machine class, made with the
+test suite's thread count (``CAVEAT_TEST_THREADS``, 2): CPU kernels' rounding depends on the CPU and on the
+thread count. A run passes when it equals one class's set exactly. How to regenerate or add a set:
+:mod:`tests.training.bitwise`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from adapters.manifest import TENSOR_FILES
 from tests.service.bundles import save_tiny_base
-from tests.training.bitwise import REFERENCE, RUNS, tensor_hashes, train
+from tests.training.bitwise import RUNS, machine_class, references, tensor_hashes, train
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,22 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bundle_tensors_are_bit_identical_to_the_reference(run: str, tiny_base: Path, tmp_path: Path) -> None:
     if torch.get_num_threads() != 2:
         pytest.fail("the reference was made with 2 torch threads; run with CAVEAT_TEST_THREADS=2")
-    expected = json.loads(REFERENCE.read_text())[run]
+    sets = {machine: runs[run] for machine, runs in references().items() if run in runs}
     actual = tensor_hashes(train(run, tmp_path, tiny_base))
-    assert sorted(actual) == sorted(expected), "the bundle holds other tensors"
-    changed = sorted(name for name in expected if actual[name] != expected[name])
-    assert not changed, f"tensors changed: {changed}"
+    if any(actual == expected for expected in sets.values()):
+        return
+    changed = {machine: sorted(n for n in expected.keys() | actual.keys() if actual.get(n) != expected.get(n))
+               for machine, expected in sets.items()}  # fmt: skip
+    nearest = min(changed, key=lambda machine: len(changed[machine]))
+    pytest.fail(
+        f"tensors changed against every machine class's reference; nearest ({nearest}): {changed[nearest]}. "
+        f"This machine is {machine_class()!r}: without a reference of its own, add one (tests/training/bitwise.py)"
+    )
+
+
+def test_the_reference_sets_cover_every_run() -> None:
+    for machine, runs in references().items():
+        assert sorted(runs) == sorted(RUNS), machine
 
 
 def test_tensor_hashes_see_a_one_ulp_change(tmp_path: Path) -> None:
