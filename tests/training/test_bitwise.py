@@ -30,6 +30,7 @@ def test_bundle_tensors_are_bit_identical_to_the_reference(run: str, tiny_base: 
     if torch.get_num_threads() != 2:
         pytest.fail("the reference was made with 2 torch threads; run with CAVEAT_TEST_THREADS=2")
     sets = {machine: runs[run] for machine, runs in references().items() if run in runs}
+    assert sets, f"no machine class has a reference for {run}: add one (tests/training/bitwise.py)"
     actual = tensor_hashes(train(run, tmp_path, tiny_base))
     if any(actual == expected for expected in sets.values()):
         return
@@ -40,11 +41,6 @@ def test_bundle_tensors_are_bit_identical_to_the_reference(run: str, tiny_base: 
         f"tensors changed against every machine class's reference; nearest ({nearest}): {changed[nearest]}. "
         f"This machine is {machine_class()!r}: without a reference of its own, add one (tests/training/bitwise.py)"
     )
-
-
-def test_the_reference_sets_cover_every_run() -> None:
-    for machine, runs in references().items():
-        assert sorted(runs) == sorted(RUNS), machine
 
 
 def test_tensor_hashes_see_a_one_ulp_change(tmp_path: Path) -> None:
