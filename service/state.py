@@ -34,7 +34,6 @@ class ServiceState:
         self.draining = False
         self.startup_problems: list[str] = []
         self._startup: asyncio.Task | None = None
-        self._sized: set[str] = set()  # adapters with an own-bytes series
 
     @property
     def ready(self) -> bool:
@@ -111,12 +110,10 @@ class ServiceState:
         for state in ("ready", "evicted"):
             self.metrics.adapters.labels(state).set(sum(e.state == state for e in entries))
         self.metrics.adapter_bytes.set(self.registry.used_bytes())
-        resident = {e.name: e.resident.own_bytes for e in entries if e.resident is not None}
-        for name in self._sized - resident.keys():  # evicted or removed: its series goes
-            self.metrics.adapter_own_bytes.remove(name)
-        for name, size in resident.items():
-            self.metrics.adapter_own_bytes.labels(name).set(size)
-        self._sized = set(resident)
+        self.metrics.adapter_own_bytes.clear()  # evicted or removed adapters lose their series
+        for entry in entries:
+            if entry.resident is not None:
+                self.metrics.adapter_own_bytes.labels(entry.name).set(entry.resident.own_bytes)
 
     def _count_load(self, seconds: float | None, ok: bool) -> None:
         if seconds is not None:
