@@ -227,9 +227,7 @@ class MatrixNormalPosterior(Posterior):
 
     def _check_values(self) -> None:
         for name, factors in self.factors.items():
-            for field, factor in zip(FIELDS[:2], (factors.row, factors.col), strict=True):
-                if not bool(torch.isfinite(factor).all()):
-                    raise PosteriorValueError(f"{name}{KEY_SEP}{field} holds NaN or infinite values")
+            for field, factor in zip(FIELDS[:2], (factors.row, factors.col), strict=True):  # finite: validate()
                 if not torch.equal(factor, factor.tril()):
                     raise PosteriorValueError(f"{name}{KEY_SEP}{field} is not lower-triangular")
                 if not bool((factor.diagonal() > 0).all()):
