@@ -10,6 +10,7 @@ layers for the duration of one forward.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -205,41 +206,54 @@ class Chunk:
     parts: list[tuple[int, RowBlock]]
 
 
-def pack_blocks(blocks: Sequence[RowBlock], input_lengths: Sequence[int], token_budget: int | None) -> list[Chunk]:
+def pack_blocks(
+    blocks: Sequence[RowBlock],
+    input_lengths: Sequence[int],
+    token_budget: int | None,
+    split_padding: int | None = None,
+) -> list[Chunk]:
     """Pack blocks into forwards of at most ``token_budget`` padded tokens (rows × longest input).
 
     Blocks are taken shortest first, so short requests are not padded to the length of long ones, and a
     block that does not fit is split by samples. A single sample of a block is never split, so a chunk can
     exceed the budget only when one sample's inputs alone do. The sample slices of a block appear in order,
-    so concatenating their outputs along S restores the block. ``token_budget=None`` gives one forward.
+    so concatenating their outputs along S restores the block. ``token_budget=None`` and
+    ``split_padding=None`` give one forward.
 
     Args:
         blocks: the row blocks of one batch.
         input_lengths: tokens of each unique input (without padding).
         token_budget: rows × width per forward, or ``None``.
+        split_padding: when given, a forward also ends where padding the rows it holds to the next block's
+            width would add more than this many rows × tokens of padding: where padded tokens cost as much
+            as real ones (a CPU), a second forward is cheaper than that much padding
+            (:meth:`service.host.ModelHost.calibrate` measures the break-even).
     """
     widths = [max(input_lengths[i] for i in block.inputs.tolist()) for block in blocks]
-    if token_budget is None:
+    if token_budget is None and split_padding is None:
         return [_localise(list(enumerate(blocks)), max(widths))]
-    if token_budget < 1:
+    if token_budget is not None and token_budget < 1:
         raise ValueError(f"token_budget must be positive, got {token_budget}")
+    budget = sys.maxsize if token_budget is None else token_budget
     groups: list[list[tuple[int, RowBlock]]] = [[]]
     group_widths = [0]
-    rows = 0
+    rows = own = 0  # the open chunk's rows, and its rows × tokens before padding across blocks
     for index in sorted(range(len(blocks)), key=widths.__getitem__):
-        block, start = blocks[index], 0
+        block, start, width = blocks[index], 0, widths[index]
         while start < block.num_samples:
-            free = token_budget // max(group_widths[-1], widths[index]) - rows
-            if free < block.num_inputs and groups[-1]:
+            free = budget // max(group_widths[-1], width) - rows
+            padded = split_padding is not None and rows * width - own > split_padding  # this block is the widest
+            if groups[-1] and (free < block.num_inputs or padded):
                 groups.append([])
                 group_widths.append(0)
-                rows = 0
+                rows = own = 0
                 continue
             take = min(block.num_samples - start, max(1, free // block.num_inputs))
             part = block if take == block.num_samples else block.sample_slice(start, start + take)
             groups[-1].append((index, part))
-            group_widths[-1] = max(group_widths[-1], widths[index])
+            group_widths[-1] = max(group_widths[-1], width)
             rows += take * block.num_inputs
+            own += take * block.num_inputs * width
             start += take
     return [_localise(group, width) for group, width in zip(groups, group_widths, strict=True)]
 

@@ -78,6 +78,7 @@ class LoraXSClassifier(nn.Module):
         blocks: Sequence[RowBlock],
         token_budget: int | None = None,
         tap: BaseFeatureTap | None = None,
+        split_padding: int | None = None,
     ) -> list[Tensor]:
         """Batched-rows mode: every (input, posterior sample) of every block, in as few forwards as fit.
 
@@ -91,12 +92,14 @@ class LoraXSClassifier(nn.Module):
                 ``None`` for one forward.
             tap: when given, the inputs it wants get one base row each (no adapter) in the forward that
                 first reads them, and their OOD features are stored in it.
+            split_padding: when given, a forward also ends where more padding than this (rows × tokens)
+                would join blocks of different lengths (:func:`adapters.batching.pack_blocks`).
 
         Returns:
             One logits tensor ``(S_b, n_b, C_b)`` per block.
         """
         outputs: list[list[Tensor]] = [[] for _ in blocks]
-        for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
+        for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget, split_padding):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
             with _tapped(self.base, tap, chunk.inputs, rows) as base_inputs:
                 logits = self._forward_plan(rows, [part for _, part in chunk.parts], base_inputs)
@@ -110,6 +113,7 @@ class LoraXSClassifier(nn.Module):
         blocks: Sequence[RowBlock],
         token_budget: int | None = None,
         tap: BaseFeatureTap | None = None,
+        split_padding: int | None = None,
     ) -> list[tuple[Tensor, dict[str, Tensor]]]:
         """The GLM linearisation of every block: logits and their Jacobians w.r.t. each core and the head.
 
@@ -117,7 +121,7 @@ class LoraXSClassifier(nn.Module):
         maths is :func:`adapters.linearisation.row_jacobians`.
 
         Args:
-            batch, token_budget, tap: as for :meth:`forward_rows`.
+            batch, token_budget, tap, split_padding: as for :meth:`forward_rows`.
             blocks: row blocks with ``S = 1``.
 
         Returns:
@@ -127,7 +131,7 @@ class LoraXSClassifier(nn.Module):
         if any(block.num_samples != 1 for block in blocks):
             raise ValueError("a GLM linearisation takes one sample (the MAP) per block")
         outputs: list[tuple[Tensor, dict[str, Tensor]]] = [None] * len(blocks)  # type: ignore[list-item]
-        for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget):
+        for chunk in pack_blocks(blocks, _input_lengths(batch), token_budget, split_padding):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
             parts = [part for _, part in chunk.parts]
             with _tapped(self.base, tap, chunk.inputs, rows) as base_inputs:

@@ -127,7 +127,7 @@ def server_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Pat
     flags = ["--torch-threads", str(args.threads), "--queue-size", "4096", *args.server_flags]
     server = ServerProcess.start(base, adapters, root / "server.log", *flags)
     try:
-        step_tokens = httpx.get(f"{server.url}/v1/info").json()["step_tokens"]  # the in-process steps use it too
+        info = httpx.get(f"{server.url}/v1/info").json()  # the in-process steps use its step and padding too
         health = {c: wrk(f"{server.url}/health/live", c, args.duration) for c in args.concurrency}
         sweep = {}
         for method in args.methods:
@@ -138,7 +138,8 @@ def server_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Pat
             print(method, json.dumps(sweep[method]), flush=True)
     finally:
         server.stop()
-    return {"step_tokens": step_tokens, "health": health, "predict": sweep}
+    calibrated = {"step_tokens": info["step_tokens"], "split_padding": info.get("split_padding")}
+    return {**calibrated, "health": health, "predict": sweep}
 
 
 def adapters_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: Path, texts: list[str]) -> dict:
@@ -302,11 +303,18 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
 
 
 async def inprocess_all(
-    args: argparse.Namespace, base: Path, adapters: Path, texts: list[str], step_tokens: int | None = None
+    args: argparse.Namespace,
+    base: Path,
+    adapters: Path,
+    texts: list[str],
+    step_tokens: int | None = None,
+    split_padding: int | None = None,
 ) -> dict:
-    """The in-process runs and the profile, with the server's steps (``step_tokens``: as the server calibrated)."""
+    """The in-process runs and the profile, with the server's steps and forwards (``step_tokens``,
+    ``split_padding``: as the server calibrated them)."""
     torch.set_num_threads(args.threads)
     host = ModelHost(str(base))
+    host.split_padding = split_padding
     registry = AdapterRegistry(host, adapters, budget_bytes=1 << 31)
     await registry.load_directory()
     adapter = await registry.acquire("main")
@@ -377,8 +385,10 @@ def main() -> None:
         else:
             results["server"] = server_sweep(args, base, adapters, root, texts)
             if not args.server_only:
-                step_tokens = results["server"]["step_tokens"]
-                results["inprocess"] = asyncio.run(inprocess_all(args, base, adapters, texts, step_tokens))
+                server = results["server"]
+                results["inprocess"] = asyncio.run(
+                    inprocess_all(args, base, adapters, texts, server["step_tokens"], server["split_padding"])
+                )
     results["machine"]["uptime_after"] = uptime()
     if args.adapters:
         print(adapters_markdown(results["adapters"]))

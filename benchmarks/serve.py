@@ -110,18 +110,26 @@ async def closed_loop(url: str, adapters: list[str], concurrency: int, samples: 
 
 def load_to_first_prediction(
     server: ServerProcess, names: list[str], samples: int, text: str, method: str
-) -> list[float]:
-    """Milliseconds from the admin load request to the first answer from the new adapter."""
-    times = []
+) -> dict[str, list[float]]:
+    """Milliseconds from the admin load request to the first answer from the new adapter (``total``), and its
+    parts: the load request (``load``), the first prediction (``first``) and the same prediction once more
+    (``warm``: what the model costs, so ``first - warm`` is what a fresh adapter adds)."""
+    times: dict[str, list[float]] = {"total": [], "load": [], "first": [], "warm": []}
     with server.admin() as admin:
         for name in names:
+            body = {"adapter": name, "inputs": [text], "num_samples": samples, "method": method, "seed": 0}
             start = time.perf_counter()
             loaded = admin.post("/v1/adapters", json={"path": f"staged/{name}"})
-            answer = admin.post("/v1/predict", json={"adapter": name, "inputs": [text], "num_samples": samples,
-                                                     "method": method})  # fmt: skip
-            times.append(round(1000 * (time.perf_counter() - start), 1))
-            if loaded.status_code != 201 or answer.status_code != 200:
-                raise RuntimeError(f"loading {name}: {loaded.text} / {answer.text}")
+            loaded_at = time.perf_counter()
+            answer = admin.post("/v1/predict", json=body)
+            answered_at = time.perf_counter()
+            again = admin.post("/v1/predict", json=body)
+            warm = time.perf_counter() - answered_at
+            if loaded.status_code != 201 or answer.status_code != 200 or again.status_code != 200:
+                raise RuntimeError(f"loading {name}: {loaded.text} / {answer.text} / {again.text}")
+            for key, seconds in (("total", answered_at - start), ("load", loaded_at - start),
+                                 ("first", answered_at - loaded_at), ("warm", warm)):  # fmt: skip
+                times[key].append(round(1000 * seconds, 1))
             admin.delete(f"/v1/adapters/{name}")
     return times
 
@@ -181,10 +189,10 @@ def main() -> None:
                     print(json.dumps(point), flush=True)
                 if batching:
                     names = [f"load-{i}" for i in range(args.loads)]
-                    results["load_to_first_prediction_ms"] = load_to_first_prediction(
-                        server, names, args.samples, texts[0], args.method
-                    )
-                    print("load to first prediction (ms):", results["load_to_first_prediction_ms"], flush=True)
+                    loads = load_to_first_prediction(server, names, args.samples, texts[0], args.method)
+                    results["load_to_first_prediction_ms"] = loads.pop("total")
+                    results["load_parts_ms"] = loads
+                    print("load to first prediction (ms):", results["load_to_first_prediction_ms"], loads, flush=True)
                     results["adapters"] = spread_over_adapters(server, args, texts)
                     print(json.dumps(results["adapters"]), flush=True)
             finally:
@@ -235,6 +243,12 @@ def markdown(results: dict) -> str:
     loads = results.get("load_to_first_prediction_ms")
     if loads:
         lines.append(f"\nAdapter load to first prediction: median {statistics.median(loads)} ms ({loads}).")
+        parts = {key: statistics.median(ms) for key, ms in results.get("load_parts_ms", {}).items()}
+        if parts:
+            lines.append(
+                f"Medians of its parts: the load request {parts['load']} ms, the first prediction {parts['first']} ms, "
+                f"the same prediction again {parts['warm']} ms."
+            )
     spread = results.get("adapters")
     if spread:
         one, eight = spread["one_adapter"], spread["eight_adapters"]

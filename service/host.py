@@ -32,6 +32,27 @@ STEP_TOKENS = {"cpu": 1024, "cuda": 262_144}  # rows × tokens between schedulin
 STEP_MS = {"cpu": 250.0, "cuda": 50.0}  # how long a calibrated step should take (service.engine)
 MAX_STEP_TOKENS = 262_144
 CALIBRATION_ROWS, CALIBRATION_TOKENS = (1, 8), 32  # the two timed forwards: rows of 32-token inputs
+MIN_CALIBRATION_TOKENS = 4  # a forward of one such row costs what any forward costs
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What :meth:`ModelHost.calibrate` measured.
+
+    Attributes:
+        step_tokens: rows × tokens of an engine step.
+        seconds_per_token: the marginal cost of one row's token.
+        seconds_per_forward: the fixed cost of a forward, whatever its size.
+    """
+
+    step_tokens: int
+    seconds_per_token: float
+    seconds_per_forward: float
+
+    @property
+    def split_padding(self) -> int:
+        """Rows × tokens of padding that cost as much as one more forward."""
+        return int(self.seconds_per_forward / self.seconds_per_token)
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,8 @@ class ModelHost:
         hidden_size: the feature size an adapter head must take.
         num_layers: transformer blocks of the base (the OOD features read some of them).
         layer_shapes: adapted-module name → ``(d_out, d_in)``.
+        split_padding: rows × tokens of padding that cost as much as one more forward (``None``: not
+            measured; forwards then join inputs of any lengths up to the token budget).
         load_seconds: time to load, fingerprint, cast and move the base.
     """
 
@@ -83,6 +106,7 @@ class ModelHost:
             n: (layer.base.out_features, layer.base.in_features) for n, layer in lora_xs_layers(base).items()
         }
         self.token_budget = resolve_token_budget(self.device, token_budget)
+        self.split_padding: int | None = None  # measured by calibrate(); until then forwards pad freely
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -94,25 +118,33 @@ class ModelHost:
         return STEP_MS.get(self.device.type, STEP_MS["cuda"])
 
     @torch.inference_mode()
-    def calibrate_step_tokens(self, step_ms: float, repeats: int = 3) -> tuple[int, float]:
-        """Rows × tokens of a step that takes about ``step_ms`` on this base, and the measured seconds per token.
+    def calibrate(self, step_ms: float, repeats: int = 3) -> Calibration:
+        """Time this base and size the engine's step and the forwards' padding from it; sets :attr:`split_padding`.
 
-        The marginal cost of a token is the difference of two timed base forwards (1 and 8 rows of 32-token
-        inputs, the fastest of ``repeats`` each) over their difference in tokens, so the fixed cost of a forward
-        (Python, kernel launches) does not count: on a tiny model a step holds many requests, on a big one few.
-        The adapters' per-row work is not in it; ``max_batch_rows`` caps a step's rows as well. The result is
-        never below the device's :data:`STEP_TOKENS` (the step measured against one costly request among small
-        ones, docs/benchmarks.md: calibration only lets cheap tokens batch more) nor above :data:`MAX_STEP_TOKENS`.
+        Two timed base forwards (1 and 8 rows of 32-token inputs, the fastest of ``repeats`` each) give the
+        marginal cost of a token (their difference over their difference in tokens) and the fixed cost of a
+        forward (Python, kernel launches: the 1-row forward less its tokens). The step holds what the base runs
+        in about ``step_ms`` at the marginal cost, so on a tiny model a step holds many requests, on a big one
+        few; the adapters' per-row work is not in it (``max_batch_rows`` caps a step's rows as well). The step
+        is never below the device's :data:`STEP_TOKENS` (the step measured against one costly request among
+        small ones, docs/benchmarks.md: calibration only lets cheap tokens batch more) nor above
+        :data:`MAX_STEP_TOKENS`. The padding worth a second forward is the fixed cost over the marginal one.
         """
-        text = " ".join(["caveat"] * 4 * CALIBRATION_TOKENS)  # truncated to exactly CALIBRATION_TOKENS
-        timings = []
-        for rows in CALIBRATION_ROWS:
-            batch = self.encode([TextInput(text, None, CALIBRATION_TOKENS)] * rows)
-            self.classifier.features(batch)  # first call of this shape: allocator, kernels
-            timings.append(min(self._timed_features(batch) for _ in range(repeats)))  # least disturbed
+        timings = [self._fastest_forward(rows, CALIBRATION_TOKENS, repeats) for rows in CALIBRATION_ROWS]
         tokens = [rows * CALIBRATION_TOKENS for rows in CALIBRATION_ROWS]
         per_token = max(timings[1] - timings[0], 1e-9) / (tokens[1] - tokens[0])
-        return min(max(int(step_ms / 1000 / per_token), self.default_step_tokens), MAX_STEP_TOKENS), per_token
+        per_forward = self._fastest_forward(1, MIN_CALIBRATION_TOKENS, repeats)  # all but free of tokens
+        step = min(max(int(step_ms / 1000 / per_token), self.default_step_tokens), MAX_STEP_TOKENS)
+        calibration = Calibration(step, per_token, per_forward)
+        self.split_padding = calibration.split_padding
+        return calibration
+
+    def _fastest_forward(self, rows: int, tokens: int, repeats: int) -> float:
+        """Seconds of the fastest of ``repeats`` base forwards of ``rows`` inputs of exactly ``tokens`` tokens."""
+        text = " ".join(["caveat"] * 4 * tokens)  # truncated to exactly ``tokens``
+        batch = self.encode([TextInput(text, None, tokens)] * rows)
+        self.classifier.features(batch)  # first call of this shape: allocator, kernels
+        return min(self._timed_features(batch) for _ in range(repeats))  # the least disturbed
 
     def _timed_features(self, batch: dict[str, Tensor]) -> float:
         start = time.perf_counter()
@@ -168,14 +200,18 @@ class ModelHost:
     ) -> list[Tensor]:
         """Batched-rows forwards (packed by length under the CPU token budget); logits ``(S_b, n_b, C_b)`` per
         block. ``tap``: inputs whose frozen-base OOD features to collect, one extra row each."""
-        return self.classifier.forward_rows(batch, blocks, token_budget=self.token_budget, tap=tap)
+        return self.classifier.forward_rows(
+            batch, blocks, token_budget=self.token_budget, tap=tap, split_padding=self.split_padding
+        )
 
     def linearise(
         self, batch: dict[str, Tensor], blocks: Sequence[RowBlock], tap: BaseFeatureTap | None = None
     ) -> list[tuple[Tensor, dict]]:
         """The GLM linearisation of each block (MAP logits and per-input Jacobians; needs autograd, so not
         under inference mode); ``tap`` as for :meth:`forward`."""
-        return self.classifier.forward_rows_jacobians(batch, blocks, token_budget=self.token_budget, tap=tap)
+        return self.classifier.forward_rows_jacobians(
+            batch, blocks, token_budget=self.token_budget, tap=tap, split_padding=self.split_padding
+        )
 
     def feature_tap(self, layers: Sequence[int], wanted: Sequence[int]) -> BaseFeatureTap:
         """A tap collecting the OOD features of unique inputs ``wanted`` from ``layers``, pooled as the base pools."""

@@ -225,6 +225,11 @@ class Info(BaseModel):
     max_wait_ms: float
     queue_size: int
     step_tokens: int | None = Field(None, description="rows × tokens per engine step (null while loading)")
+    split_padding: int | None = Field(
+        None,
+        description="rows × tokens of padding a forward takes to join inputs of different lengths, beyond which "
+        "they run in separate forwards (measured at warm-up; null: not measured, inputs join up to the token budget)",
+    )
     startup_problems: list[str]
 
 

@@ -66,11 +66,13 @@ class ServiceState:
             if settings.warmup:
                 self.status = "warming up"
                 log.info("warm-up forward %.3f s", await asyncio.to_thread(host.warm_up))
-                if settings.step_tokens is None:
-                    step_ms = settings.step_ms or host.default_step_ms
-                    step_tokens, per_token = await asyncio.to_thread(host.calibrate_step_tokens, step_ms)
-                    log.info("engine step: %d rows × tokens (%.1f µs per token, %g ms per step)", step_tokens,
-                             per_token * 1e6, step_ms)  # fmt: skip
+                step_ms = settings.step_ms or host.default_step_ms
+                calibration = await asyncio.to_thread(host.calibrate, step_ms)
+                step_tokens = settings.step_tokens or calibration.step_tokens
+                log.info("engine step: %d rows × tokens (%.1f µs per token, %.2f ms per forward, %g ms per step; "
+                         "a forward takes up to %d rows × tokens of padding)", step_tokens,
+                         calibration.seconds_per_token * 1e6, calibration.seconds_per_forward * 1e3, step_ms,
+                         calibration.split_padding)  # fmt: skip
             self.status = "loading adapters"
             registry = AdapterRegistry(
                 host,

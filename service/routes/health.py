@@ -48,6 +48,7 @@ async def info(state: State) -> Info:
         max_wait_ms=settings.max_wait_ms,
         queue_size=settings.queue_size,
         step_tokens=state.engine.config.step_tokens if state.engine else None,
+        split_padding=host.split_padding if host else None,
         startup_problems=state.startup_problems,
     )
 

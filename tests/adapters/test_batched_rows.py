@@ -167,8 +167,31 @@ def test_pack_blocks_respects_the_token_budget_and_keeps_sample_order() -> None:
     assert len(whole) == 1 and whole[0].width == 9 and [i for i, _ in whole[0].parts] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("token_budget", [1, 20, 60, 10_000])
-def test_packed_forward_equals_one_forward(token_budget) -> None:
+def test_pack_blocks_splits_where_joining_lengths_pads_more_than_split_padding() -> None:
+    base = tiny_bert()
+    adapter = _make_adapter(base, ("query",), 2, "svd", 4.0, 2, seed=0)
+    lengths = [10, 11, 40, 12]
+    blocks = [RowBlock(adapter, _sample_cores(adapter, 4, seed=i), torch.tensor([i])) for i in range(4)]
+
+    def layout(token_budget: int | None, split_padding: int | None) -> list[list[int]]:
+        return [[i for i, _ in chunk.parts] for chunk in pack_blocks(blocks, lengths, token_budget, split_padding)]
+
+    # 4 rows each, shortest first: joining 11 pads 4 × 1, joining 12 pads 8 × 1 more (12 in all), 40 pads 12 × 28
+    assert layout(None, None) == [[0, 1, 2, 3]]  # one forward, blocks in their order
+    assert layout(None, 1000) == [[0, 1, 3, 2]]
+    assert layout(None, 12) == [[0, 1, 3], [2]]
+    assert layout(None, 11) == [[0, 1], [3], [2]]
+    assert layout(None, 0) == [[0], [1], [3], [2]]
+    assert layout(100, 1000) == [[0, 1], [3], [2], [2]]  # the token budget still splits (12 rows × 12 > 100)
+    widths = [chunk.width for chunk in pack_blocks(blocks, lengths, None, 12)]
+    assert widths == [12, 40]
+
+
+@pytest.mark.parametrize(
+    ("token_budget", "split_padding"),
+    [(1, None), (20, None), (60, None), (10_000, None), (None, 0), (None, 6), (60, 6)],
+)
+def test_packed_forward_equals_one_forward(token_budget, split_padding) -> None:
     base = tiny_bert()
     batch = random_batch(5, seed=2)
     adapter = _make_adapter(base, ("query", "value"), 4, "svd", 8.0, 3, seed=0)
@@ -182,7 +205,7 @@ def test_packed_forward_equals_one_forward(token_budget) -> None:
     host = LoraXSClassifier(base, num_labels=None).eval()
     with torch.no_grad():
         whole = host.forward_rows(batch, blocks)
-        packed = host.forward_rows(batch, blocks, token_budget=token_budget)
+        packed = host.forward_rows(batch, blocks, token_budget=token_budget, split_padding=split_padding)
     for a, b in zip(whole, packed, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

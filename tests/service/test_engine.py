@@ -81,20 +81,29 @@ def test_a_step_mixing_50_adapters_and_3_methods_answers_each_as_alone(tiny_base
 
 def test_the_step_holds_what_the_base_runs_in_step_ms(tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The marginal cost of a token, not the fixed cost of a forward, sets the step: a base that costs 1 ms per
-    forward plus 2 µs per token runs 50,000 tokens in 100 ms."""
+    forward plus 2 µs per token runs 50,000 tokens in 100 ms; the fixed cost sets the padding worth a forward."""
     host = ModelHost(str(tiny_base))
     monkeypatch.setattr(host, "_timed_features", lambda batch: 1e-3 + batch["input_ids"].numel() * 2e-6)
-    assert host.calibrate_step_tokens(100.0) == (50_000, pytest.approx(2e-6))
-    assert host.calibrate_step_tokens(1.0)[0] == STEP_TOKENS["cpu"]  # never below the measured CPU default
-    assert host.calibrate_step_tokens(1e6)[0] == MAX_STEP_TOKENS
+    calibration = host.calibrate(100.0)
+    assert calibration.step_tokens == 50_000
+    assert calibration.seconds_per_token == pytest.approx(2e-6)
+    assert calibration.seconds_per_forward == pytest.approx(1e-3 + 4 * 2e-6)  # one row of 4 tokens
+    assert calibration.split_padding == host.split_padding == 504  # 1.008 ms of forward at 2 µs per token
+    assert host.calibrate(1.0).step_tokens == STEP_TOKENS["cpu"]  # never below the measured CPU default
+    assert host.calibrate(1e6).step_tokens == MAX_STEP_TOKENS
 
 
 def test_the_server_calibrates_its_step_unless_given_one(tiny_base: Path, tmp_path: Path) -> None:
     make_bundle(tiny_base, tmp_path / "a", name="a")
-    for settings, expected in (({"step_tokens": 777}, 777), ({"warmup": False}, STEP_TOKENS["cpu"])):
+    for settings, expected, calibrated in (
+        ({"step_tokens": 777}, 777, True),  # a given step; the padding is still measured
+        ({"warmup": False}, STEP_TOKENS["cpu"], False),
+    ):
         app = running_app(tiny_base, tmp_path, **settings)
         try:
-            assert app.get("/v1/info").json()["step_tokens"] == expected
+            info = app.get("/v1/info").json()
+            assert info["step_tokens"] == expected
+            assert (info["split_padding"] is not None) == calibrated
         finally:
             app.__exit__(None, None, None)
     app = running_app(tiny_base, tmp_path)  # the tiny base's tokens are nearly free: big steps
