@@ -1,4 +1,7 @@
-"""Dependencies the routes take: the server state, and the admin check."""
+"""Dependencies the routes take: the server state, and the admin check.
+
+Both are ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request
+(docs/benchmarks.md), and neither blocks."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from service.errors import AdminDisabledError, UnauthorizedError
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.caveat
 
 
@@ -28,7 +31,7 @@ def client_gone(request: Request) -> asyncio.Event | None:
     return request.scope.get(DISCONNECTED)
 
 
-def require_admin(request: Request, state: State) -> None:
+async def require_admin(request: Request, state: State) -> None:
     """Admin routes need ``Authorization: Bearer <token>``; with no token configured they are disabled."""
     if state.admin_token is None:
         raise AdminDisabledError("the admin API is disabled: start the server with CAVEAT_ADMIN_TOKEN set")

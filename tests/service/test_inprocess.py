@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anyio.to_thread
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -163,3 +164,27 @@ def test_glm_predictive_agrees_with_network_sampling_for_a_narrow_posterior(
         assert g["uncertainty"]["mutual_information"] > 0
         mi_g, mi_s = g["uncertainty"]["mutual_information"], s["uncertainty"]["mutual_information"]
         assert mi_g == pytest.approx(mi_s, rel=0.5)
+
+
+def test_a_prediction_and_an_admin_call_never_enter_the_thread_pool(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI runs plain ``def`` dependencies and routes in its thread pool: a hop per request, and one more
+    thread wanting the GIL beside the model's worker. The request path has none."""
+    make_bundle(tiny_base, tmp_path / "adapters" / "a", name="a")
+    client = running_app(tiny_base, tmp_path / "adapters")  # admin calls carry its token
+    hops = []
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(func, *args, **kwargs):
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    try:
+        assert client.post("/v1/predict", json={"adapter": "a", "inputs": ["fine"]}).status_code == 200
+        assert client.get("/v1/info").status_code == 200
+        assert client.delete("/v1/adapters/a").status_code == 200  # an admin route: the token is checked
+    finally:
+        client.__exit__(None, None, None)
+    assert hops == []
