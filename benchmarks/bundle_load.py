@@ -11,7 +11,6 @@ attention and feed-forward map, Kronecker posterior, a Mahalanobis OOD score (76
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from adapters.bundle import load_bundle
 from adapters.embedded import resolve_model
-from benchmarks.harness import synthetic_bundle
+from benchmarks.harness import synthetic_bundle, write_results
 from benchmarks.serve import DEFAULT_TARGETS, machine
 
 
@@ -54,9 +53,7 @@ def main() -> None:
         "machine": machine(),
     }
     print(f"load_bundle: median {result['median_ms']} ms, min {result['min_ms']} ms over {args.repeats}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

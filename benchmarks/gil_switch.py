@@ -13,14 +13,13 @@ under ``wrk`` once per interval, ``--rounds`` times alternately, at concurrency 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
-from benchmarks.harness import ServerProcess
+from benchmarks.harness import ServerProcess, write_results
 from benchmarks.overhead import bodies, prepare, uptime, wrk
 from benchmarks.serve import machine
 from training.data import rotten_tomatoes_snippets
@@ -69,9 +68,7 @@ def main() -> None:
                     flush=True,
                 )
     results["machine"]["uptime_after"] = uptime()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

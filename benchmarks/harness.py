@@ -9,6 +9,7 @@ another machine). :class:`ServerProcess` runs ``caveat-serve`` as its own proces
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -260,6 +261,13 @@ class ServerProcess:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """Write a benchmark's results as indented JSON to ``path`` (its folder made), if a path is given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def free_port() -> int:

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.sampling importable
 
 from adapters import DiagPosterior, RowBlock, make_generator
+from benchmarks.harness import write_results
 from benchmarks.sampling import median_ms
 from training.config import TrainConfig
 from training.encoding import Encoder
@@ -99,9 +100,7 @@ def main() -> None:
         "prompt_tokens": int(batch["attention_mask"].sum(dim=1).max()),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.json, result)
 
 
 if __name__ == "__main__":

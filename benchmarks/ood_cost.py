@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
-from benchmarks.harness import synthetic_bundle
+from benchmarks.harness import synthetic_bundle, write_results
 from benchmarks.serve import DEFAULT_TARGETS, machine
 from service.app import create_app
 from service.settings import Settings
@@ -147,9 +147,7 @@ def main() -> None:
                     results["points"].append(point)
                     print(json.dumps(point), flush=True)
     print(markdown(results["points"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from adapters.batching import RowBlock, RowPlan
 from adapters.bundle import load_bundle, save_bundle
 from adapters.defaults import PredictiveMode
 from adapters.embedded import resolve_model
-from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle
+from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle, write_results
 from benchmarks.serve import DEFAULT_TARGETS, machine
 from service.engine import BatchingConfig, Engine, Job, _results
 from service.host import ModelHost
@@ -395,9 +395,7 @@ def main() -> None:
     elif not args.server_only:
         print(markdown(results))
     print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
 from adapters.embedded import resolve_model
-from benchmarks.harness import ServerProcess, synthetic_bundle
+from benchmarks.harness import ServerProcess, synthetic_bundle, write_results
 from benchmarks.serve import DEFAULT_TARGETS, machine
 from training.data import rotten_tomatoes_snippets
 
@@ -141,9 +141,7 @@ def main() -> None:
                 server.stop()
             results["scenarios"][name] = result
             print(name, json.dumps(result), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

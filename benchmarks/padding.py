@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
 from adapters.defaults import PredictiveMode
+from benchmarks.harness import write_results
 from benchmarks.overhead import batched_forward, bodies, make_job, prepare, step_of, uptime
 from benchmarks.serve import machine
 from service.engine import BatchingConfig, Engine
@@ -98,9 +99,7 @@ def main() -> None:
         results["steps"] = asyncio.run(measure(args, base, adapters, texts))
     results["machine"]["uptime_after"] = uptime()
     print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

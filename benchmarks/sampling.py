@@ -17,15 +17,17 @@ Both sampling paths draw their samples inside the timed region. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.harness importable
 
 from adapters import (
     KronFactors,
@@ -41,6 +43,7 @@ from adapters import (
 )
 from adapters.batching import AdapterWeights
 from adapters.embedded import resolve_model
+from benchmarks.harness import write_results
 from training.data import rotten_tomatoes_snippets
 
 
@@ -160,9 +163,7 @@ def main() -> None:
             f"{row['S']:>4} {row['deterministic_ms']:>17.2f} {row['loop_ms']:>10.2f} "
             f"{row['batched_ms']:>11.2f} {row['batched_chunked_ms']:>11.2f} {row['speedup']:>9.2f}x"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 def describe_machine(device: torch.device, threads: int) -> str:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
-from benchmarks.harness import ServerProcess, synthetic_bundle
+from benchmarks.harness import ServerProcess, synthetic_bundle, write_results
 from training.data import rotten_tomatoes_snippets
 
 DEFAULT_TARGETS = ("query", "key", "value", "intermediate.dense", "output.dense")
@@ -198,9 +198,7 @@ def main() -> None:
             finally:
                 server.stop()
     print(markdown(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.json, results)
 
 
 def load_args(args: argparse.Namespace, texts: list[str]) -> tuple:
