@@ -193,6 +193,7 @@ class Engine:
         self._busy = False
         self._closing = False
         self._had_company = False  # whether the last step had other jobs beside it (then waiting pays)
+        self._admitted_cost: int | None = None  # sum of the jobs' remaining costs; None: count again
 
     @property
     def pending(self) -> int:
@@ -200,7 +201,14 @@ class Engine:
 
     @property
     def admitted_cost(self) -> int:
-        return sum(job.progress.remaining_cost() if job.progress.pieces else job.cost for job in self._jobs)
+        """Estimated cost of what the admitted jobs have left. Counted once after each step or drop, then kept
+        up by admission (a sum over all waiting jobs per admission is quadratic under a long queue); during
+        a step it still includes the pieces that step runs."""
+        if self._admitted_cost is None:
+            self._admitted_cost = sum(
+                job.progress.remaining_cost() if job.progress.pieces else job.cost for job in self._jobs
+            )
+        return self._admitted_cost
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name="caveat-engine")
@@ -219,6 +227,7 @@ class Engine:
                 f"{self.config.queue_tokens} rows × tokens); retry shortly"
             )
         job.progress.plan(self.config.step_tokens)
+        self._admitted_cost = self.admitted_cost + job.progress.remaining_cost()
         self._jobs.append(job)
         self._arrived.set()
         self.metrics.queue_depth.set(self.pending)
@@ -282,6 +291,7 @@ class Engine:
     def _drop(self, job: Job) -> None:
         """Stop working for a job nobody waits for (the request timed out or was abandoned)."""
         self._jobs.remove(job)
+        self._admitted_cost = None
         timed_out = time.perf_counter() > job.deadline
         self.metrics.dropped.labels("timeout" if timed_out else "abandoned").inc()
         if not job.future.done():
@@ -292,6 +302,7 @@ class Engine:
     def _finish(self, pieces: list[_Piece], outcomes: dict[int, JobResult | BaseException | None], started: float):
         jobs = list(dict.fromkeys(p.job for p in pieces))
         rows = sum(p.rows for p in pieces)
+        self._admitted_cost = None  # the step ran pieces: count again
         self.metrics.batch_rows.observe(rows)
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.forward_seconds.observe(time.perf_counter() - started)

@@ -76,6 +76,51 @@ def test_a_step_mixing_50_adapters_and_3_methods_answers_each_as_alone(tiny_base
     assert sampled.shape[0] == 3 and not torch.allclose(sampled[0], sampled[1])
 
 
+def test_the_admitted_cost_kept_by_admission_is_what_the_jobs_have_left(tiny_base: Path, fifty: Path) -> None:
+    """Admission keeps the queue's cost up instead of summing every waiting job per request; after every
+    admission, drop and step it equals the sum counted afresh."""
+
+    async def run() -> list[tuple[int, int]]:
+        host = ModelHost(str(tiny_base))
+        registry = AdapterRegistry(host, fifty, budget_bytes=1 << 30)
+        await registry.load_directory()
+        engine = Engine(host, BatchingConfig(step_tokens=64), Metrics())  # small steps: jobs run in pieces
+
+        def afresh() -> int:
+            return sum(job.progress.remaining_cost() for job in engine._jobs)
+
+        checks = []
+        finish = engine._finish
+
+        def checked_finish(*args) -> None:  # on the event loop, between steps
+            finish(*args)
+            checks.append((engine.admitted_cost, afresh()))
+
+        engine._finish = checked_finish  # type: ignore[method-assign]
+        drop = engine._drop
+
+        def checked_drop(job: Job) -> None:  # before a step
+            drop(job)
+            checks.append((engine.admitted_cost, afresh()))
+
+        engine._drop = checked_drop  # type: ignore[method-assign]
+        jobs = _jobs(registry, host)[:20]
+        waiting = [asyncio.ensure_future(engine.submit(job)) for job in jobs]
+        await asyncio.sleep(0)  # all admitted; no worker yet
+        checks.append((engine.admitted_cost, afresh()))
+        jobs[3].future.cancel()  # abandoned: dropped before the first step
+        engine.start()
+        try:
+            await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            await engine.close()
+        return checks
+
+    checks = asyncio.run(run())
+    assert len(checks) > 5 and checks[0][0] > checks[1][0] > 0 and checks[-1] == (0, 0)  # [1]: after the drop
+    assert all(kept == fresh for kept, fresh in checks)
+
+
 # ------------------------------------------------------------------- the step's size, from the base's speed
 
 
