@@ -122,8 +122,8 @@ class ModelHost:
         """Time this base and size the engine's step and the forwards' padding from it; sets :attr:`split_padding`.
 
         Two timed base forwards (1 and 8 rows of 32-token inputs, the fastest of ``repeats`` each) give the
-        marginal cost of a token (their difference over their difference in tokens) and the fixed cost of a
-        forward (Python, kernel launches: the 1-row forward less its tokens). The step holds what the base runs
+        marginal cost of a token (their difference over their difference in tokens); a third, of one 4-token
+        row, gives the fixed cost of a forward (Python, kernel launches). The step holds what the base runs
         in about ``step_ms`` at the marginal cost, so on a tiny model a step holds many requests, on a big one
         few; the adapters' per-row work is not in it (``max_batch_rows`` caps a step's rows as well). The step
         is never below the device's :data:`STEP_TOKENS` (the step measured against one costly request among
