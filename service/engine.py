@@ -9,8 +9,10 @@ The engine works in *steps* of at most ``step_tokens`` rows × tokens. A job's w
 slices, and input slices within one sample when one sample alone is too big); each step takes every waiting
 job that fits whole (small requests first, in arrival order), then pieces of the oldest unfinished job while
 the step has room (a step with nothing else runs one piece at least). So a big request progresses whenever
-small ones leave room, and never holds the worker for longer than a step. Between steps a job whose client
-gave up (timed out, or the request was abandoned) is dropped: it stops consuming the worker.
+small ones leave room, and never holds the worker for longer than a step; a job passed over for
+``MAX_PASSED_OVER`` steps in a row goes first, so a steady stream of small requests cannot starve it. Between
+steps a job whose client gave up (timed out, or the request was abandoned) is dropped: it stops consuming the
+worker.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from service.metrics import Metrics
 from service.registry import AdapterVersion
 
 log = logging.getLogger("caveat.serve")
+
+MAX_PASSED_OVER = 2  # steps a job may wait while smaller jobs fill them; then its pieces go first
 
 
 @dataclass(eq=False)
@@ -149,6 +153,7 @@ class _Progress:
         self.compute_seconds = 0.0
         self.batch_requests = 0
         self.batch_rows = 0
+        self.passed_over = 0  # steps formed since this job's last piece ran (or its admission)
         self._cost_at = (-1, 0)  # (next, remaining cost) when last computed
 
     def plan(self, step_tokens: int) -> None:
@@ -169,6 +174,10 @@ class _Progress:
     @property
     def remaining(self) -> list[_Piece]:
         return self.pieces[self.next :]
+
+    def piece_cost(self, piece: _Piece) -> int:
+        """Estimated cost of one of the job's pieces."""
+        return piece.rows * self.job.cost // max(self.job.rows, 1)
 
     def remaining_cost(self) -> int:
         """Estimated cost of the pieces not yet run (kept per ``next``: the engine asks for it on every step and
@@ -205,9 +214,7 @@ class Engine:
         up by admission (a sum over all waiting jobs per admission is quadratic under a long queue); during
         a step it still includes the pieces that step runs."""
         if self._admitted_cost is None:
-            self._admitted_cost = sum(
-                job.progress.remaining_cost() if job.progress.pieces else job.cost for job in self._jobs
-            )
+            self._admitted_cost = sum(job.progress.remaining_cost() for job in self._jobs)
         return self._admitted_cost
 
     def start(self) -> None:
@@ -269,21 +276,39 @@ class Engine:
         for job in [j for j in self._jobs if j.abandoned]:
             self._drop(job)
         jobs = self._jobs if self.config.enabled else self._jobs[:1]
-        budget, rows, pieces, whole = self.config.step_tokens, 0, [], set()
+        budget, rows, pieces, taken = self.config.step_tokens, 0, [], set()
+
+        def take(job: Job, whole: bool) -> None:
+            """The job's remaining pieces: all or none (``whole``), or as many as the step has room for (one at
+            least in an empty step)."""
+            nonlocal budget, rows
+            remaining = job.progress.remaining
+            if whole:
+                cost, job_rows = job.progress.remaining_cost(), sum(p.rows for p in remaining)
+                if cost <= budget and rows + job_rows <= self.config.max_batch_rows:
+                    pieces.extend(remaining)
+                    taken.add(id(job))
+                    budget, rows = budget - cost, rows + job_rows
+                return
+            for piece in remaining:
+                piece_cost = job.progress.piece_cost(piece)
+                if pieces and (piece_cost > budget or rows + piece.rows > self.config.max_batch_rows):
+                    break
+                pieces.append(piece)
+                taken.add(id(job))
+                budget, rows = budget - piece_cost, rows + piece.rows
+
+        overdue = next((job for job in jobs if job.progress.passed_over >= MAX_PASSED_OVER), None)
+        if overdue is not None:  # passed over by smaller jobs too often: first, so that no job starves
+            take(overdue, whole=False)
         for job in jobs:  # small jobs whole, in arrival order
-            cost, remaining = job.progress.remaining_cost(), job.progress.remaining
-            job_rows = sum(p.rows for p in remaining)
-            if remaining and cost <= budget and rows + job_rows <= self.config.max_batch_rows:
-                pieces += remaining
-                whole.add(id(job))
-                budget, rows = budget - cost, rows + job_rows
-        big = next((job for job in jobs if id(job) not in whole and job.progress.remaining), None)
-        for piece in big.progress.remaining if big is not None else []:
-            piece_cost = piece.rows * big.cost // max(big.rows, 1)
-            if pieces and (piece_cost > budget or rows + piece.rows > self.config.max_batch_rows):
-                break  # a step of small requests takes the big one's pieces only while it has room
-            pieces.append(piece)
-            budget, rows = budget - piece_cost, rows + piece.rows
+            if id(job) not in taken:
+                take(job, whole=True)
+        big = next((job for job in jobs if id(job) not in taken and job.progress.remaining), None)
+        if big is not None:  # the oldest job left out: its pieces while the step has room
+            take(big, whole=False)
+        for job in jobs:
+            job.progress.passed_over = 0 if id(job) in taken else job.progress.passed_over + 1
         self._had_company = len({id(p.job) for p in pieces}) > 1 or len(self._jobs) > 1
         self.metrics.queue_depth.set(self.pending)
         return pieces

@@ -4,6 +4,7 @@ answered alone with the same seed (per-batch sampling, row plan and predictive c
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,50 @@ def test_the_server_calibrates_its_step_unless_given_one(tiny_base: Path, tmp_pa
         assert app.post("/v1/predict", json={"adapter": "a", "inputs": ["fine"]}).status_code == 200
     finally:
         app.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------ who goes first, and at what cost
+
+
+def _step_by_step(engine: Engine, steps: int, arriving: Callable[[], list[Job]]) -> list[list[Job]]:
+    """The jobs of ``steps`` steps the engine forms (its pieces counted as run, without the model), with
+    ``arriving()`` admitted before each."""
+
+    async def run() -> list[list[Job]]:
+        formed = []
+        for _ in range(steps):
+            for job in arriving():
+                job.progress.plan(engine.config.step_tokens)
+                engine._jobs.append(job)
+            pieces = await engine._collect()
+            for piece in pieces:
+                piece.job.progress.next += 1
+            engine._jobs = [job for job in engine._jobs if job.progress.remaining]
+            formed.append(list(dict.fromkeys(piece.job for piece in pieces)))
+        return formed
+
+    return asyncio.run(run())
+
+
+def test_a_job_passed_over_by_smaller_ones_goes_first_after_two_steps(tiny_base: Path, fifty: Path) -> None:
+    """Small jobs fill each step whole; a bigger one waiting beside them used to get only the room they left,
+    none under a steady stream of them. Passed over twice, its pieces go first."""
+    host = ModelHost(str(tiny_base))
+    registry = AdapterRegistry(host, fifty, budget_bytes=1 << 30)
+    asyncio.run(registry.load_directory())
+    adapter = registry.entry("a1").resident
+    text = [TextInput("a gorgeous, witty, seductive movie.", None, adapter.max_length)]
+    tokens = max(host.token_counts(text))
+    engine = Engine(host, BatchingConfig(step_tokens=10 * tokens, max_wait_ms=0), Metrics())
+    big: list[Job] = []
+
+    def arriving() -> list[Job]:  # the big job first, then ten small ones before every step: a full step
+        small = [Job(adapter, text, 1, PredictiveMode.MAP, 0, [], tokens) for _ in range(10)]
+        if not big:
+            big.append(Job(adapter, text, 16, PredictiveMode.SAMPLE, 0, [], tokens))  # 16 rows: 2 pieces
+            return big + small
+        return small
+
+    formed = _step_by_step(engine, 6, arriving)
+    assert [big[0] in jobs for jobs in formed] == [False, False, True, True, False, False]
+    assert not big[0].progress.remaining and all(len(jobs) == 10 for jobs in formed[4:])  # then small ones fill
