@@ -45,8 +45,10 @@ class Settings(BaseModel):
     step_ms: float | None = Field(
         None,
         gt=0,
-        description="how long one engine step should take, for the calibrated step_tokens (default 250 on CPU, "
-        "50 on GPU); shorter steps serve small requests sooner, longer ones batch more",
+        description="how long the base model alone should take for one engine step, for the calibrated step_tokens "
+        "(default 250 on CPU, 50 on GPU); the adapters, the OOD score's base rows and the GLM's backward passes make "
+        "real steps longer (2.6-3x with MiniLM on a 2-core CPU, docs/benchmarks.md); shorter steps serve small "
+        "requests sooner, longer ones batch more",
     )
     max_request_tokens: int = Field(
         262_144,
