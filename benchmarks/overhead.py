@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -94,6 +94,22 @@ def prepare(model: str, samples: int, root: Path) -> tuple[Path, Path]:
         num_samples=samples, max_length=128, ood_method="mahalanobis",
     )  # fmt: skip
     return base, adapters
+
+
+def run_in_process(args: argparse.Namespace, measure: Callable[..., Awaitable[dict]], key: str | None = None) -> None:
+    """The frame of an in-process benchmark: ``measure(args, base, adapters, texts)`` on the prepared base and
+    adapter (``args.model``, ``args.samples``) and 256 review snippets, with the machine and its load before
+    and after; its results under ``key`` (``None``: merged) are printed and written to ``args.json``."""
+    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
+    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results["machine"] = {**machine(), "uptime_before": uptime()}
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters = prepare(args.model, args.samples, Path(tmp))
+        measured = asyncio.run(measure(args, base, adapters, texts))
+        results.update({key: measured} if key else measured)
+    results["machine"]["uptime_after"] = uptime()
+    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
+    write_results(args.json, results)
 
 
 def bodies(method: str, samples: int, texts: list[str]) -> list[str]:

@@ -13,11 +13,9 @@ machine hits both alike. Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,14 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
 from adapters.defaults import PredictiveMode
-from benchmarks.harness import write_results
-from benchmarks.overhead import batched_forward, bodies, make_job, prepare, step_of, uptime
-from benchmarks.serve import machine
+from benchmarks.overhead import batched_forward, bodies, make_job, run_in_process, step_of
 from service.engine import BatchingConfig, Engine
 from service.host import ModelHost
 from service.metrics import Metrics
 from service.registry import AdapterRegistry
-from training.data import rotten_tomatoes_snippets
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,16 +85,7 @@ async def measure(args: argparse.Namespace, base: Path, adapters: Path, texts: l
 
 
 def main() -> None:
-    args = parse_args()
-    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
-    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    results["machine"] = {**machine(), "uptime_before": uptime()}
-    with tempfile.TemporaryDirectory() as tmp:
-        base, adapters = prepare(args.model, args.samples, Path(tmp))
-        results["steps"] = asyncio.run(measure(args, base, adapters, texts))
-    results["machine"]["uptime_after"] = uptime()
-    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    write_results(args.json, results)
+    run_in_process(parse_args(), measure, "steps")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,15 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
 from adapters.defaults import PredictiveMode
-from benchmarks.harness import write_results
-from benchmarks.overhead import bodies, make_job, prepare, uptime
-from benchmarks.serve import machine
+from benchmarks.overhead import bodies, make_job, run_in_process
 from service import engine as engine_module
 from service.engine import BatchingConfig, Engine
 from service.host import ModelHost
 from service.metrics import Metrics
 from service.registry import AdapterRegistry, AdapterVersion
-from training.data import rotten_tomatoes_snippets
 
 SCENARIOS = ("starve", "mixed")
 ARMS = ("small_first", "aged")
@@ -172,16 +168,7 @@ async def measure(args: argparse.Namespace, base: Path, adapters: Path, texts: l
 
 
 def main() -> None:
-    args = parse_args()
-    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
-    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    results["machine"] = {**machine(), "uptime_before": uptime()}
-    with tempfile.TemporaryDirectory() as tmp:
-        base, adapters = prepare(args.model, args.samples, Path(tmp))
-        results.update(asyncio.run(measure(args, base, adapters, texts)))
-    results["machine"]["uptime_after"] = uptime()
-    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    write_results(args.json, results)
+    run_in_process(parse_args(), measure)
 
 
 if __name__ == "__main__":
