@@ -160,7 +160,7 @@ def test_the_server_calibrates_its_step_unless_given_one(tiny_base: Path, tmp_pa
         app.__exit__(None, None, None)
 
 
-# ------------------------------------------------------------------ who goes first, and at what cost
+# ---------------------------------------------------------------------------------------- who goes first
 
 
 def _step_by_step(engine: Engine, steps: int, arriving: Callable[[], list[Job]]) -> list[list[Job]]:
