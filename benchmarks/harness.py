@@ -48,6 +48,7 @@ from adapters.posteriors import (
     KronFactors,
     KronPosterior,
     MatrixNormalFactors,
+    MapPosterior,
     MatrixNormalPosterior,
     Posterior,
 )
@@ -75,10 +76,12 @@ def synthetic_bundle(
     base: torch.nn.Module | None = None,
     ood_method: str | None = None,
     projection: str = "svd",
+    text_pair: bool = False,
 ) -> Path:
     """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
     ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule;
-    ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never)."""
+    ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never);
+    ``text_pair``: the task takes text pairs."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
     config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed, projection=projection)
     names = target_names(base, targets)
@@ -98,7 +101,7 @@ def synthetic_bundle(
     manifest = BundleManifest(
         name=name,
         version=version,
-        task=TaskSpec(labels=list(labels), max_length=max_length),
+        task=TaskSpec(labels=list(labels), max_length=max_length, text_pair=text_pair),
         base_model=BaseModelSpec(
             name_or_path=str(base_dir), fingerprint=base_fingerprint(base, names), hidden_size=hidden
         ),
@@ -167,6 +170,8 @@ def _add_ood_score(bundle: Bundle, model: LoraXSClassifier, base_dir: str | Path
 
 
 def _posterior(family: str, mean: dict[str, torch.Tensor], variance: float) -> Posterior:
+    if family == "map":
+        return MapPosterior(mean)
     if family == "diag":
         return DiagPosterior(mean, {n: torch.full_like(t, variance) for n, t in mean.items()})
     if family == "kron":
@@ -175,7 +180,7 @@ def _posterior(family: str, mean: dict[str, torch.Tensor], variance: float) -> P
         return KronPosterior(mean, factors, scale=0.0, prior_precision=1.0 / variance)
     if family == "matrix_normal":  # half the variance correlated (lower-triangular factors), half isotropic
         return MatrixNormalPosterior(mean, {n: _correlated_factors(t, variance / 2) for n, t in mean.items()})
-    raise ValueError(f"synthetic bundles have diag, kron or matrix_normal posteriors, not {family!r}")
+    raise ValueError(f"synthetic bundles have map, diag, kron or matrix_normal posteriors, not {family!r}")
 
 
 def _correlated_factors(mean: torch.Tensor, variance: float) -> MatrixNormalFactors:
