@@ -47,8 +47,8 @@ from adapters.posteriors import (
     DiagPosterior,
     KronFactors,
     KronPosterior,
-    MatrixNormalFactors,
     MapPosterior,
+    MatrixNormalFactors,
     MatrixNormalPosterior,
     Posterior,
 )
