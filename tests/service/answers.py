@@ -6,9 +6,9 @@ two methods in one engine step — is answered by bundles of a tiny random BERT 
 score, diagonal, MAP, text pairs), a multiple-choice bundle trained by ``caveat-train`` on a tiny random LLaMA,
 and a synthetic Kronecker bundle with an OOD score on the embedded MiniLM. Every answer's body (less its request
 id, timings and the bundle's identity) is kept as exact JSON values. The bits depend on the CPU and the thread
-count, as the training bitwise reference's do (:mod:`tests.training.bitwise`), so ``fixtures/answers.json`` holds one set per machine
-class. Regenerate this machine's set (only when a change of the numbers is intended, and say so in the commit)
-with::
+count, as the training bitwise reference's do (:mod:`tests.training.bitwise`), so ``fixtures/answers.json``
+holds one set per machine class. Regenerate this machine's set (only when a change of the numbers is intended,
+and say so in the commit) with::
 
     CAVEAT_TEST_THREADS=2 .venv/bin/python -m tests.service.answers
 """
