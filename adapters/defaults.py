@@ -1,34 +1,14 @@
-"""Policy shared by training and serving, in one place: option names, default draws, token budgets, the core
-initialisation and how a tokenizer is prepared for batched rows."""
+"""Policy shared by training and serving, in one place (the names are in ``adapters.vocab``): default draws,
+token budgets, the core initialisation and how a tokenizer is prepared for batched rows."""
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import TYPE_CHECKING
+
+from adapters.vocab import PredictiveMode
 
 if TYPE_CHECKING:
     import torch
-
-
-class PredictiveMode(StrEnum):
-    """How a prediction is computed from a bundle."""
-
-    SAMPLE = "sample"  # posterior samples of the cores through the network
-    GLM = "glm"  # the linearised network: Gaussian logits, drawn in logit space (Laplace and other Gaussians)
-    MAP = "map"  # the trained cores alone
-
-
-class PosteriorFamily(StrEnum):
-    """The posterior families a bundle can hold (``adapters.posteriors``; ``family`` in ``bundle.json``)."""
-
-    MAP = "map"
-    DIAG = "diag"
-    FULL = "full"
-    KRON = "kron"
-    LOWRANK_DIAG = "lowrank_diag"
-    ENSEMBLE = "ensemble"
-    DROPOUT = "dropout"
-    MATRIX_NORMAL = "matrix_normal"  # Bayesian-LoRA on the cores
 
 
 # Draws per prediction when none are asked for: GLM draws are in logit space (no network passes), so many

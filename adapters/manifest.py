@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters.eval_card import EvalCard
-from adapters.predictive import AbstentionRule
+from adapters.predictive import ABSTENTION_SCORES, AbstentionRule
+from adapters.vocab import AbstentionKind, OodMethod, Pooling, PosteriorFamily, PredictiveMode, TaskType
 
 
 def _caveat_version() -> str:
@@ -43,9 +44,9 @@ class _Strict(BaseModel):
 class TaskSpec(_Strict):
     """What the classifier predicts and how its inputs are presented."""
 
-    type: Literal["sequence-classification", "multiple-choice"] = "sequence-classification"
+    type: TaskType = TaskType.SEQUENCE_CLASSIFICATION
     labels: list[str] = Field(min_length=2)
-    pooling: Literal["mean", "cls", "last"] = "mean"
+    pooling: Pooling = Pooling.MEAN
     text_pair: bool = False
     max_length: int = Field(default=128, gt=0)
     prompt_template: str | None = None
@@ -94,28 +95,32 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class PosteriorSpec(_Strict):
-    family: str
+    family: PosteriorFamily
     params: dict[str, Any] = Field(default_factory=dict)
     prior_precision: PositiveFloat | list[PositiveFloat] | None = None
     default_num_samples: int = Field(default=16, gt=0)
     covers_head: bool = False
-    predictive: Literal["sample", "glm"] = Field(
-        default="sample", description="how the bundle's predictive was evaluated and calibrated (the default)"
+    predictive: PredictiveMode = Field(
+        default=PredictiveMode.SAMPLE,
+        description="how the bundle's predictive was evaluated and calibrated (the default)",
     )
 
 
-# Each score's range, widened just enough for the trainer's "abstain on everything" (a max_prob threshold
-# just above 1, an entropy or mutual-information threshold of -1); finite always (a NaN disables the rule).
-THRESHOLD_RANGES = {
-    "max_prob": (0.0, math.nextafter(1.0, 2.0)),
-    "entropy": (-1.0, 1.0),
-    "mutual_information": (-1.0, math.inf),
-    "ood": (0.0, 1.0),
-}
+def _bundle_range(kind: AbstentionKind) -> tuple[float, float]:
+    """A score's range, widened just enough for the trainer's "abstain on everything" (a threshold just above
+    the top for a rule that fires below it, -1 for one that fires above it); the ``ood`` rule is not fitted that
+    way. Finite always (a NaN disables the rule)."""
+    score = ABSTENTION_SCORES[kind]
+    if kind == AbstentionKind.OOD:
+        return score.low, score.high
+    return (score.low, math.nextafter(score.high, math.inf)) if score.below else (-1.0, score.high)
+
+
+THRESHOLD_RANGES = {kind: _bundle_range(kind) for kind in AbstentionKind}
 
 
 class AbstentionSpec(_Strict):
-    kind: Literal["max_prob", "entropy", "mutual_information", "ood"]
+    kind: AbstentionKind
     threshold: float
     target: dict[str, float] | None = Field(default=None, description="e.g. {'risk': 0.05} it was fitted for")
 
@@ -138,9 +143,9 @@ class OodSpec(_Strict):
     dim, rank, ...: ``OodScore.state``).
     """
 
-    method: Literal["mahalanobis", "relative-mahalanobis", "knn"]
+    method: OodMethod
     layers: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
-    pooling: Literal["mean", "cls", "last"] = "mean"
+    pooling: Pooling = Pooling.MEAN
     budget_bytes: int = Field(gt=0)
     fraction: float = Field(gt=0, lt=1, description="of validation inputs the fitted ``ood`` rule abstains on")
     train_size: int = Field(gt=0, description="training inputs the score was fitted on")

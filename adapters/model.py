@@ -20,8 +20,9 @@ from adapters.injection import lora_xs_layers
 from adapters.layer import LoraXSLinear
 from adapters.linearisation import row_jacobians
 from adapters.ood.features import BaseFeatureTap
-from adapters.pooling import POOLINGS, pool
+from adapters.pooling import pool
 from adapters.projections import Projection
+from adapters.vocab import Pooling
 
 
 class LoraXSClassifier(nn.Module):
@@ -31,7 +32,7 @@ class LoraXSClassifier(nn.Module):
         base: a model whose forward returns ``last_hidden_state`` (``AutoModel.from_pretrained``).
         num_labels: size of this model's own head, or ``None`` for a serving host whose heads come with
             each adapter.
-        pooling: one of :data:`POOLINGS`.
+        pooling: a :class:`~adapters.vocab.Pooling` name.
         dropout: before the head, in training only.
         train_head: whether :meth:`freeze_base` leaves the head trainable (a multiple-choice head, the LM's
             answer-letter rows, stays fixed).
@@ -46,8 +47,8 @@ class LoraXSClassifier(nn.Module):
         train_head: bool = True,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        if pooling not in tuple(Pooling):
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {[str(p) for p in Pooling]}")
         self.base = base
         self.pooling = pooling
         self.train_head = train_head

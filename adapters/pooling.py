@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-POOLINGS = ("mean", "cls", "last")
+from adapters.vocab import Pooling
+
 DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma")
 
 
@@ -15,21 +16,21 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
     ``mean`` averages non-padding tokens (encoders such as MiniLM), ``cls`` takes the first token, ``last``
     the last non-padding token (decoders; right padding assumed).
     """
-    if pooling == "cls":
+    if pooling == Pooling.CLS:
         return hidden[:, 0]
     if attention_mask is None:
         attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-    if pooling == "mean":
+    if pooling == Pooling.MEAN:
         mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    if pooling == "last":
+    if pooling == Pooling.LAST:
         last = attention_mask.long().sum(dim=1).clamp_min(1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {[str(p) for p in Pooling]}")
 
 
 def default_pooling(config) -> str:
     """``last`` for decoders (causal LMs), ``mean`` for encoders."""
     causal = any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or [])
     decoder = getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES or causal
-    return "last" if decoder else "mean"
+    return Pooling.LAST if decoder else Pooling.MEAN

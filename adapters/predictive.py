@@ -10,14 +10,14 @@ distributions). All in nats.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-AbstentionKind = Literal["max_prob", "entropy", "mutual_information", "ood"]
-ABSTENTION_KINDS: tuple[AbstentionKind, ...] = ("max_prob", "entropy", "mutual_information", "ood")
+from adapters.vocab import AbstentionKind
+
 OOD_REASON = "out_of_distribution"  # the ``ood`` rule's reason (and its abstention counter's label)
 
 
@@ -87,6 +87,46 @@ def predictive(logits: Tensor, temperature: float = 1.0) -> Predictive:
 
 
 @dataclass(frozen=True)
+class AbstentionScore:
+    """What an abstention rule of one kind thresholds.
+
+    Attributes:
+        read: the score of each input ``(N,)`` from the predictive and the OOD p-values (``None``: no OOD score).
+        below: the rule fires when the score is below its threshold (else above it).
+        low, high: a threshold's range (a bundle's is widened for the trainer's "abstain on everything":
+            ``adapters.manifest.THRESHOLD_RANGES``).
+        description: what a request's threshold of this kind means (the OpenAPI document shows it).
+    """
+
+    read: Callable[[Predictive, Tensor | None], Tensor]
+    below: bool
+    low: float
+    high: float
+    description: str
+
+
+def _ood_pvalue(pred: Predictive, ood_pvalue: Tensor | None) -> Tensor:
+    return torch.full_like(pred.confidence, math.nan) if ood_pvalue is None else ood_pvalue
+
+
+ABSTENTION_SCORES: dict[AbstentionKind, AbstentionScore] = {
+    AbstentionKind.MAX_PROB: AbstentionScore(
+        lambda pred, _: pred.confidence, True, 0.0, 1.0, "abstain when the top probability is below"
+    ),
+    AbstentionKind.ENTROPY: AbstentionScore(
+        lambda pred, _: pred.entropy_normalized, False, 0.0, 1.0, "abstain when the normalised entropy is above"
+    ),
+    AbstentionKind.MUTUAL_INFORMATION: AbstentionScore(
+        lambda pred, _: pred.mutual_information, False, 0.0, math.inf, "abstain when MI (nats) is above"
+    ),
+    AbstentionKind.OOD: AbstentionScore(
+        _ood_pvalue, True, 0.0, 1.0,
+        "abstain (out_of_distribution) when the OOD p-value is below; no effect for an adapter without an OOD score",
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class AbstentionRule:
     """Abstain when a score crosses a threshold.
 
@@ -99,27 +139,21 @@ class AbstentionRule:
     threshold: float
 
     def __post_init__(self) -> None:
-        if self.kind not in ABSTENTION_KINDS:
-            raise ValueError(f"unknown abstention rule {self.kind!r}; choose one of {ABSTENTION_KINDS}")
+        if self.kind not in ABSTENTION_SCORES:
+            raise ValueError(f"unknown abstention rule {self.kind!r}; choose one of {[str(k) for k in AbstentionKind]}")
 
     def score(self, pred: Predictive, ood_pvalue: Tensor | None = None) -> Tensor:
         """The score this rule thresholds, for each input (``ood``: the p-value, NaN when there is none)."""
-        if self.kind == "max_prob":
-            return pred.confidence
-        if self.kind == "entropy":
-            return pred.entropy_normalized
-        if self.kind == "ood":
-            return torch.full_like(pred.confidence, math.nan) if ood_pvalue is None else ood_pvalue
-        return pred.mutual_information
+        return ABSTENTION_SCORES[self.kind].read(pred, ood_pvalue)
 
     def fires(self, pred: Predictive, ood_pvalue: Tensor | None = None) -> Tensor:
         score = self.score(pred, ood_pvalue).to(pred.confidence.device)
-        return score < self.threshold if self.kind in ("max_prob", "ood") else score > self.threshold
+        return score < self.threshold if ABSTENTION_SCORES[self.kind].below else score > self.threshold
 
     def reason(self) -> str:
-        if self.kind == "ood":
+        if self.kind == AbstentionKind.OOD:
             return f"{OOD_REASON} (ood_pvalue below {self.threshold:.4g})"
-        relation = "below" if self.kind == "max_prob" else "above"
+        relation = "below" if ABSTENTION_SCORES[self.kind].below else "above"
         return f"{self.kind} {relation} {self.threshold:.4g}"
 
 

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from adapters.batching import RowBlock, RowPlan
 from adapters.bundle import load_bundle, save_bundle
-from adapters.defaults import PredictiveMode
 from adapters.embedded import resolve_model
+from adapters.vocab import PredictiveMode
 from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle, write_results
 from benchmarks.serve import DEFAULT_TARGETS, machine
 from service.engine import BatchingConfig, Engine, Job, _results

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
-from adapters.defaults import PredictiveMode
+from adapters.vocab import PredictiveMode
 from benchmarks.overhead import batched_forward, bodies, make_job, run_in_process, step_of
 from service.engine import BatchingConfig, Engine
 from service.host import ModelHost

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from adapters.defaults import DEFAULT_DRAWS, PredictiveMode
+from adapters.defaults import DEFAULT_DRAWS
+from adapters.vocab import PredictiveMode
 from training.calibration import fit_temperature
 from training.cli import build_parser, parse
 from training.data import subset

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
-from adapters.defaults import PredictiveMode
+from adapters.vocab import PredictiveMode
 from benchmarks.overhead import bodies, make_job, run_in_process
 from service import engine as engine_module
 from service.engine import BatchingConfig, Engine

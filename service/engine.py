@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 
 from adapters.batching import RowBlock
-from adapters.defaults import PredictiveMode
 from adapters.ood.features import BaseFeatureTap
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule, Predictive, abstain, glm_logits_from_noise, predictive
 from adapters.tasks import mask_choices
+from adapters.vocab import PredictiveMode
 from service.errors import NonFiniteOutputError, NotReadyError, PredictionTimeoutError, QueueFullError
 from service.host import ModelHost, TextInput
 from service.metrics import Metrics

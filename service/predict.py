@@ -10,9 +10,9 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from adapters.defaults import PredictiveMode
 from adapters.predictive import AbstentionRule
 from adapters.tasks import format_prompt
+from adapters.vocab import PredictiveMode
 from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput

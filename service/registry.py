@@ -25,12 +25,13 @@ from torch import Tensor
 
 from adapters.batching import AdapterWeights
 from adapters.bundle import Bundle, load_bundle, parse_manifest
-from adapters.defaults import DEFAULT_DRAWS, PosteriorFamily, PredictiveMode
+from adapters.defaults import DEFAULT_DRAWS
 from adapters.errors import BundleError
 from adapters.manifest import MANIFEST_FILE, BundleManifest
 from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule
 from adapters.projections import Projection
+from adapters.vocab import PosteriorFamily, PredictiveMode
 from service.errors import (
     AdapterNotFoundError,
     BundleRejectedError,

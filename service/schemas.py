@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from adapters.predictive import ABSTENTION_SCORES
 
 SEED_LIMIT = 2**63  # torch generators take seeds below 2^63
 
@@ -76,17 +88,17 @@ class MultipleChoice(_Request):
     choices: list[Text] = Field(min_length=2, max_length=5)
 
 
-class AbstainOverride(_Request):
-    """Thresholds that replace the bundle's abstention rules for this request (only those given apply;
-    ``{}`` disables abstention)."""
-
-    max_prob: float | None = Field(None, ge=0, le=1, description="abstain when the top probability is below")
-    entropy: float | None = Field(None, ge=0, le=1, description="abstain when the normalised entropy is above")
-    mutual_information: float | None = Field(None, ge=0, description="abstain when MI (nats) is above")
-    ood: float | None = Field(
-        None, ge=0, le=1, description="abstain (out_of_distribution) when the OOD p-value is below; no effect for "
-        "an adapter without an OOD score",
-    )  # fmt: skip
+AbstainOverride = create_model(
+    "AbstainOverride",
+    __base__=_Request,
+    __doc__="Thresholds that replace the bundle's abstention rules for this request (only those given apply; ``{}`` "
+    "disables abstention).",
+    **{
+        str(kind): (float | None, Field(None, ge=score.low, le=score.high if math.isfinite(score.high) else None,
+                                        description=score.description))
+        for kind, score in ABSTENTION_SCORES.items()
+    },  # one field per abstention kind (adapters.predictive), its range and meaning
+)  # fmt: skip
 
 
 class PredictRequest(_Request):

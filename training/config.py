@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from adapters.defaults import PredictiveMode
 from adapters.errors import CaveatError
 from adapters.options import scalar_type
+from adapters.vocab import AbstentionKind, OodMethod, PredictiveMode
 
 
 class ConfigError(CaveatError, ValueError):
@@ -77,21 +77,11 @@ class MixedPrecision(StrEnum):
     BF16 = "bf16"
 
 
-class OodChoice(StrEnum):
-    """``--ood-method``: the feature-space OOD score the trainer fits (``adapters.ood``), or none."""
-
-    MAHALANOBIS = "mahalanobis"
-    RELATIVE_MAHALANOBIS = "relative-mahalanobis"
-    KNN = "knn"
-    NONE = "none"
-
-
-class AbstainOn(StrEnum):
-    """``--abstain-on``: the abstention rules fitted on validation."""
-
-    MAX_PROB = "max_prob"
-    ENTROPY = "entropy"
-    MUTUAL_INFORMATION = "mutual_information"
+# ``--ood-method``: the feature-space OOD scores (``adapters.vocab.OodMethod``), or none
+OodChoice = StrEnum("OodChoice", {**{m.name: m.value for m in OodMethod}, "NONE": "none"})
+NO_OOD = OodChoice.NONE  # no OOD score, no ood rule
+# ``--abstain-on``: the rules fitted on validation: every abstention kind but the OOD score's own rule
+AbstainOn = StrEnum("AbstainOn", {k.name: k.value for k in AbstentionKind if k != AbstentionKind.OOD})
 
 
 MULTIPLE_CHOICE_SETS = ("arc-easy", "openbookqa")  # embedded sets that are multiple choice (training.data)

@@ -18,7 +18,8 @@ from adapters.eval_card import Metrics
 from adapters.manifest import AbstentionSpec, OodSpec
 from adapters.ood import OodMethod, OodScore, fit_ood_score
 from adapters.ood.features import default_feature_layers
-from training.config import ConfigError, OodChoice
+from adapters.vocab import AbstentionKind
+from training.config import NO_OOD, ConfigError
 from training.data import subset
 from training.inference import base_features, labels_of
 from training.metrics import auroc, fpr_at_tpr
@@ -44,18 +45,17 @@ def fit_ood(session: Session) -> FittedOod | None:
     :class:`ConfigError` (exit 2)."""
     config, model = session.config, session.model
     options = config.ood
-    if options.method == OodChoice.NONE:
+    if options.method == NO_OOD:
         return None
     method = OodMethod(options.method)
     layers = default_feature_layers(model.base.config.num_hidden_layers)
     train = subset(session.train, options.train_size, config.split_seed)
     score = _fit(method, features_of(session, train, layers, "train"), labels_of(train), config)
     score.calibrate(features_of(session, session.validation, layers, "validation"))
-    rule = AbstentionSpec(
-        kind="ood", threshold=score.threshold(options.fraction), target={"validation_fraction": options.fraction}
-    )
+    threshold, target = score.threshold(options.fraction), {"validation_fraction": options.fraction}
+    rule = AbstentionSpec(kind=AbstentionKind.OOD, threshold=threshold, target=target)
     spec = OodSpec(
-        method=str(method), layers=list(layers), pooling=model.pooling, budget_bytes=options.budget,
+        method=method, layers=list(layers), pooling=model.pooling, budget_bytes=options.budget,
         fraction=options.fraction, train_size=len(train),
     )  # fmt: skip
     fitted = FittedOod(score, spec, rule)
@@ -78,10 +78,11 @@ def features_of(session: Session, examples: list, layers: tuple[int, ...], split
 
 def _fit(method: OodMethod, features: Tensor, labels: Tensor, config) -> OodScore:
     options = config.ood
-    if method == OodMethod.KNN:
-        kwargs = {"k": options.k, "budget_bytes": options.budget, "seed": config.seed}
-    else:
-        kwargs = {"shrinkage": options.shrinkage, "rank": options.rank, "budget_bytes": options.budget}
+    settings = {
+        "k": options.k, "shrinkage": options.shrinkage, "rank": options.rank, "budget_bytes": options.budget,
+        "seed": config.seed,
+    }  # fmt: skip
+    kwargs = {name: settings[name] for name in OodScore.registry[method].fit_options}  # each score's own options
     try:
         return fit_ood_score(method, features, labels, **kwargs)
     except OodFitError as exc:

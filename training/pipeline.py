@@ -13,7 +13,6 @@ from adapters import (
     Bundle,
     save_bundle,
 )
-from adapters.defaults import PosteriorFamily, PredictiveMode
 from adapters.eval_card import EvalCard, OodEval, SplitEval, TrainingRecord
 from adapters.heads import HEAD_WEIGHT
 from adapters.manifest import (
@@ -29,6 +28,7 @@ from adapters.manifest import (
     TaskSpec,
 )
 from adapters.tasks import DEFAULT_TEMPLATE
+from adapters.vocab import PosteriorFamily, PredictiveMode
 from training.calibration import abstention_warning, fit_abstention, fit_temperature
 from training.config import DEFAULT_TARGET_COVERAGE, AbstainOn, ConfigError, TrainConfig
 from training.data import Example

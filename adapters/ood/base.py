@@ -20,17 +20,12 @@ from torch import Tensor
 
 from adapters.errors import OodFitError, OodStateError
 from adapters.ood.pvalues import DEFAULT_FRACTION, ood_pvalue, pvalue_threshold, sorted_reference
+from adapters.vocab import OodMethod
 
 TensorDict = dict[str, Tensor]
 DEFAULT_BUDGET_BYTES = 2_000_000  # everything a fitted score stores, its validation reference included
 REFERENCE_RESERVE_BYTES = 16_000  # of the budget, kept for the reference: 2,000 float64 validation scores
 REFERENCE_KEY = "reference"
-
-
-class OodMethod(StrEnum):
-    MAHALANOBIS = "mahalanobis"  # class-conditional Gaussians, tied covariance: min over classes
-    RELATIVE_MAHALANOBIS = "relative-mahalanobis"  # minus the distance under one background Gaussian
-    KNN = "knn"  # distance to the k-th nearest training feature
 
 
 class FeatureNorm(StrEnum):
@@ -53,6 +48,8 @@ class OodScore(ABC):
 
     method: ClassVar[OodMethod]
     registry: ClassVar[dict[OodMethod, type[OodScore]]] = {}
+    # the keyword options of :meth:`fit` a caller may set (the trainer passes these of its ``--ood-*`` settings)
+    fit_options: ClassVar[tuple[str, ...]] = ("budget_bytes",)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

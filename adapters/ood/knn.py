@@ -33,6 +33,7 @@ class KnnScore(OodScore):
     """Distance to the ``k``-th nearest of the bank's features ``(M, D)``."""
 
     method = OodMethod.KNN
+    fit_options = ("k", "budget_bytes", "seed")
 
     def __init__(self, bank: Tensor, k: int, norm: FeatureNorm, reference: Tensor | None = None) -> None:
         super().__init__(norm, reference)

@@ -45,6 +45,7 @@ class MahalanobisScore(OodScore):
     """``min_c (x - μ_c)ᵀ Σ⁻¹ (x - μ_c)`` with a tied, shrunk ``Σ`` (:mod:`adapters.ood.gaussian`)."""
 
     method = OodMethod.MAHALANOBIS
+    fit_options = ("shrinkage", "rank", "budget_bytes")
     relative: ClassVar[bool] = False  # subtract a background Gaussian's distance (RelativeMahalanobisScore)
 
     def __init__(

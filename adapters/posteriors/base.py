@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from adapters.defaults import PosteriorFamily
 from adapters.errors import PosteriorValueError
 from adapters.finite import first_non_finite
+from adapters.vocab import PosteriorFamily
 
 TensorDict = dict[str, Tensor]
 KEY_SEP = "::"  # tensor keys in posterior.safetensors: "<block name>::<field>"

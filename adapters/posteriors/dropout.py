@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import Posterior, TensorDict, require
+from adapters.vocab import PosteriorFamily
 
 
 def drop_columns(cores: Tensor, rate: float, generator: torch.Generator | None = None) -> Tensor:

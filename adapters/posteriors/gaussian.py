@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, check_vector, flatten, require, split_samples
+from adapters.vocab import PosteriorFamily
 
 
 class DiagPosterior(Posterior):

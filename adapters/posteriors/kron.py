@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, inv_sqrt_clamped, require, split_samples
+from adapters.vocab import PosteriorFamily
 
 FACTOR_FIELDS = (("eigvecs_out", "eigvals_out"), ("eigvecs_in", "eigvals_in"))
 SINGLE_FIELDS = ("eigvecs", "eigvals")

@@ -42,9 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapters.defaults import PosteriorFamily
 from adapters.errors import PosteriorValueError
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict
+from adapters.vocab import PosteriorFamily
 
 FIELDS = ("row_factor", "col_factor", "noise_scale")  # posterior.safetensors: "<block>::<field>"
 

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from adapters.defaults import PosteriorFamily
 from adapters.posteriors.base import KEY_SEP, Posterior, TensorDict, flatten
+from adapters.vocab import PosteriorFamily
 
 
 class MapPosterior(Posterior):

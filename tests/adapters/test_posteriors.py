@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from adapters.defaults import PosteriorFamily
 from adapters.errors import PosteriorValueError
 from adapters.posteriors import (
     DiagPosterior,
@@ -23,6 +22,7 @@ from adapters.posteriors import (
     flatten,
     make_generator,
 )
+from adapters.vocab import PosteriorFamily
 from tests.adapters.test_matrix_normal import random_factors
 
 NUM_SAMPLES = 200_000

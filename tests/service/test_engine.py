@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.defaults import PredictiveMode
 from adapters.predictive import AbstentionRule
+from adapters.vocab import PredictiveMode
 from service.engine import BatchingConfig, Engine, Job, JobResult
 from service.host import MAX_STEP_TOKENS, STEP_TOKENS, ModelHost, TextInput
 from service.metrics import Metrics

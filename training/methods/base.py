@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from adapters import Posterior
-from adapters.defaults import DEFAULT_DRAWS, PredictiveMode
+from adapters.defaults import DEFAULT_DRAWS
+from adapters.vocab import PredictiveMode
 from training.config import ConfigError, PosteriorMethod, TrainConfig
 from training.objectives import Objective
 from training.scopes import Timer

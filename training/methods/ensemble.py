@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from adapters import EnsemblePosterior
-from adapters.defaults import PredictiveMode
+from adapters.vocab import PredictiveMode
 from training.config import ENSEMBLE_PROJECTIONS, ConfigError, PosteriorMethod
 from training.methods.base import Fitted, Method, register
 from training.scopes import restored, snapshot

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters import Posterior
-from adapters.defaults import PredictiveMode
+from adapters.vocab import PredictiveMode
 from training.config import ConfigError, PosteriorMethod, Prior
 from training.data import subset
 from training.encoding import make_loader

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adapters import MapPosterior
-from adapters.defaults import PredictiveMode
+from adapters.vocab import PredictiveMode
 from training.config import PosteriorMethod
 from training.methods.base import Fitted, Method, register
 from training.scopes import snapshot
