@@ -1,19 +1,14 @@
-"""Policy shared by training and serving, in one place (the names are in ``adapters.vocab``): default draws,
-token budgets, the core initialisation and how a tokenizer is prepared for batched rows."""
+"""Policy shared by training and serving, in one place (the names are in ``adapters.vocab``, each predictive
+mode's default draws in ``adapters.predictives``): token budgets, the core initialisation and how a tokenizer is
+prepared for batched rows."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from adapters.vocab import PredictiveMode
-
 if TYPE_CHECKING:
     import torch
 
-
-# Draws per prediction when none are asked for: GLM draws are in logit space (no network passes), so many
-# are cheap; network samples each cost a forward of the adapted layers.
-DEFAULT_DRAWS: dict[PredictiveMode, int] = {PredictiveMode.SAMPLE: 16, PredictiveMode.GLM: 256, PredictiveMode.MAP: 1}
 
 # Rows × padded tokens per batched-rows forward on a CPU: larger forwards fall out of cache
 # (docs/benchmarks.md). A GPU gets no cap.

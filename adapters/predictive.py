@@ -9,6 +9,7 @@ distributions). All in nats.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,21 @@ class Predictive:
     @property
     def num_samples(self) -> int:
         return self.sample_probs.shape[0]
+
+    def slice(self, start: int, stop: int) -> Predictive:
+        """Inputs ``start:stop`` (views)."""
+        fields = {f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)}
+        fields["sample_probs"] = self.sample_probs[:, start:stop]
+        return Predictive(**fields)
+
+    def select(self, index: Tensor) -> Predictive:
+        """Inputs ``index`` ``(n,)``."""
+        fields = {f.name: getattr(self, f.name).index_select(0, index) for f in dataclasses.fields(self)}
+        fields["sample_probs"] = self.sample_probs.index_select(1, index)
+        return Predictive(**fields)
+
+    def cpu(self) -> Predictive:
+        return Predictive(**{f.name: getattr(self, f.name).cpu() for f in dataclasses.fields(self)})
 
 
 def predictive(logits: Tensor, temperature: float = 1.0) -> Predictive:

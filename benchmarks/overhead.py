@@ -44,10 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from adapters.batching import RowBlock, RowPlan
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
+from adapters.predictives import get_predictor
 from adapters.vocab import PredictiveMode
 from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle, write_results
 from benchmarks.serve import DEFAULT_TARGETS, machine
-from service.engine import BatchingConfig, Engine, Job, _results
+from service.engine import BatchingConfig, Engine, Job
+from service.engine.answers import answer_jobs
 from service.host import ModelHost
 from service.metrics import Metrics
 from service.predict import Answer, _rules, _text_input, response_body
@@ -205,7 +207,7 @@ def make_job(adapter: AdapterVersion, host: ModelHost, body: str) -> Job:
     request = PredictRequest.model_validate(json.loads(body))
     texts = [_text_input(item, adapter) for item in request.inputs]
     method = request.method
-    samples = 1 if method == PredictiveMode.MAP else request.num_samples
+    samples = get_predictor(method).fixed_draws or request.num_samples
     tokens = max(host.token_counts(texts))
     return Job(adapter, texts, samples, method, 0, _rules(adapter, request.abstain), tokens)
 
@@ -227,10 +229,10 @@ def blocks_of(engine: Engine, pieces: list) -> tuple[dict, list[RowBlock], Calla
     blocks = []
     for piece in pieces:
         job = piece.job
-        samples = job.adapter.draw(job.num_samples, job.seed, job.method)
+        samples = job.adapter.draw(job.num_samples, job.seed, job.predictor)
         indices = [unique.setdefault(item, len(unique)) for item in job.inputs[piece.inputs]]
         blocks.append(RowBlock(job.adapter.weights, samples, torch.tensor(indices)))
-    return engine.host.encode(list(unique)), blocks, lambda: engine._feature_tap(pieces, unique)
+    return engine.host.encode(list(unique)), blocks, lambda: engine.worker._feature_tap(pieces, unique)
 
 
 def median_s(run: Callable[[], object], repeats: int) -> float:
@@ -246,9 +248,8 @@ def median_s(run: Callable[[], object], repeats: int) -> float:
 def batched_forward(host: ModelHost, method: str, pieces: list, engine: Engine) -> Callable[[], object]:
     """The batched forward of a step's pieces alone (row plan included; a fresh OOD tap each call)."""
     batch, blocks, tap = blocks_of(engine, pieces)
-    if method == PredictiveMode.GLM:
-        return lambda: host.linearise(batch, blocks, tap())
-    return lambda: host.forward(batch, blocks, tap())
+    predictor = get_predictor(method)
+    return lambda: host.run(predictor, batch, blocks, tap())
 
 
 async def inprocess_point(args: argparse.Namespace, engine: Engine, adapter: AdapterVersion, mix: list[str],
@@ -266,7 +267,7 @@ async def inprocess_point(args: argparse.Namespace, engine: Engine, adapter: Ada
     for _ in range(args.repeats + 1):
         step = await step_of(engine, fresh())
         start = time.perf_counter()
-        engine._run(step)
+        engine.worker.run(step)
         steps.append(time.perf_counter() - start)
     step_s = statistics.median(steps[1:])
     return {
@@ -294,8 +295,8 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
     done = [make_job(adapter, host, body) for body in chosen]  # run once: their predictive can be recomputed
     for job in done:
         job.progress.plan(engine.config.step_tokens)
-    engine._run([p for job in done for p in job.progress.pieces])
-    results = _results(done)
+    engine.worker.run([p for job in done for p in job.progress.pieces])
+    results = answer_jobs(done)
     answers = [Answer(job.adapter, method, job.num_samples, 0, results[id(job)], 0.0) for job in done]
     encoder = FastJSONResponse(None)
 
@@ -307,10 +308,10 @@ async def profile_method(args: argparse.Namespace, engine: Engine, adapter: Adap
         "parse": lambda: [PredictRequest.model_validate(json.loads(body)) for body in chosen],
         "admission": lambda: [make_job(adapter, host, body) for body in chosen],
         "encode": lambda: host.encode(list(dict.fromkeys(i for j in jobs for i in j.inputs))),
-        "sampling": lambda: [job.adapter.draw(job.num_samples, job.seed, job.method) for job in jobs],
+        "sampling": lambda: [job.adapter.draw(job.num_samples, job.seed, job.predictor) for job in jobs],
         "row_plan": lambda: RowPlan.build(blocks, list(host.classifier.lora_layers), base_inputs),
         "forward": batched_forward(host, method, pieces, engine),
-        "predictive": lambda: _results(done),
+        "predictive": lambda: answer_jobs(done),
         "serialisation": serialise,
     }
     times = {name: round(1000 * median_s(run, args.repeats), 3) for name, run in stages.items()}

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from adapters.defaults import DEFAULT_DRAWS
-from adapters.vocab import PredictiveMode
+from adapters.predictives import GLM
 from training.calibration import fit_temperature
 from training.cli import build_parser, parse
 from training.data import subset
@@ -184,7 +183,7 @@ def main() -> None:
     started = time.perf_counter()
     session = prepare(config)
     map_seconds = load_or_train_map(session, args.map_bundle)
-    num_samples = config.posterior.num_samples or DEFAULT_DRAWS[PredictiveMode.GLM]
+    num_samples = config.posterior.num_samples or GLM.default_draws
     rows, map_row, info = ladder(session, num_samples)
     text, chosen = table(rows, map_row)
     print(text)

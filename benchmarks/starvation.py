@@ -74,7 +74,7 @@ async def run_arm(args: argparse.Namespace, host: ModelHost, step_tokens: int, s
     throughput and latencies."""
     engine = Engine(host, BatchingConfig(step_tokens=step_tokens), Metrics())
     steps: list[tuple[float, float]] = []  # (when it ended, seconds)
-    run = engine._run_isolated
+    run = engine.worker.run_isolated
 
     def timed(pieces: list) -> dict:
         start = time.perf_counter()
@@ -84,7 +84,7 @@ async def run_arm(args: argparse.Namespace, host: ModelHost, step_tokens: int, s
             now = time.perf_counter()
             steps.append((now, now - start))
 
-    engine._run_isolated = timed  # type: ignore[method-assign]
+    engine.worker.run_isolated = timed  # type: ignore[method-assign]
     latencies: dict[str, list[float]] = {label: [] for label, _ in clients}
     longest: dict[str, float] = dict.fromkeys(latencies, 0.0)  # any request of the arm, warm-up and drain too
     rows: dict[str, int] = dict.fromkeys(latencies, 0)  # network rows of the requests answered in the window

@@ -24,6 +24,7 @@ from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
 from adapters.ood.features import BaseFeatureTap
 from adapters.pooling import default_pooling
+from adapters.predictives import Predictor, RowOutput
 
 log = logging.getLogger("caveat.serve")
 
@@ -194,23 +195,18 @@ class ModelHost:
                 batch[k][i, :length] = torch.tensor(row[k][:length])
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    @torch.inference_mode()
-    def forward(
-        self, batch: dict[str, Tensor], blocks: Sequence[RowBlock], tap: BaseFeatureTap | None = None
-    ) -> list[Tensor]:
-        """Batched-rows forwards (packed by length under the CPU token budget); logits ``(S_b, n_b, C_b)`` per
-        block. ``tap``: inputs whose frozen-base OOD features to collect, one extra row each."""
-        return self.classifier.forward_rows(
-            batch, blocks, token_budget=self.token_budget, tap=tap, split_padding=self.split_padding
-        )
-
-    def linearise(
-        self, batch: dict[str, Tensor], blocks: Sequence[RowBlock], tap: BaseFeatureTap | None = None
-    ) -> list[tuple[Tensor, dict]]:
-        """The GLM linearisation of each block (MAP logits and per-input Jacobians; needs autograd, so not
-        under inference mode); ``tap`` as for :meth:`forward`."""
-        return self.classifier.forward_rows_jacobians(
-            batch, blocks, token_budget=self.token_budget, tap=tap, split_padding=self.split_padding
+    def run(
+        self,
+        predictor: Predictor,
+        batch: dict[str, Tensor],
+        blocks: Sequence[RowBlock],
+        tap: BaseFeatureTap | None = None,
+    ) -> list[RowOutput]:
+        """``predictor``'s batched-rows forward of ``blocks`` (packed by length under the CPU token budget, split
+        where padding costs more than a forward): logits ``(S_b, n_b, C_b)`` per block, with Jacobians for a
+        linearised mode. ``tap``: inputs whose frozen-base OOD features to collect, one extra row each."""
+        return predictor.forward(
+            self.classifier, batch, blocks, token_budget=self.token_budget, tap=tap, split_padding=self.split_padding
         )
 
     def feature_tap(self, layers: Sequence[int], wanted: Sequence[int]) -> BaseFeatureTap:

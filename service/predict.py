@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 
 from adapters.predictive import AbstentionRule
+from adapters.predictives import PREDICTORS
 from adapters.tasks import format_prompt
-from adapters.vocab import PredictiveMode
 from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.host import TextInput
@@ -51,30 +51,29 @@ async def run_prediction(
     start = time.perf_counter()
     registry, engine = state.require_ready()
     settings = state.settings
-    if method not in (None, *PredictiveMode):
-        raise InvalidRequestError(f"method must be one of {[m.value for m in PredictiveMode]}, not {method!r}")
+    if method is not None and method not in PREDICTORS:
+        raise InvalidRequestError(f"method must be one of {[str(m) for m in PREDICTORS]}, not {method!r}")
     if num_samples is not None and num_samples < 1:
         raise InvalidRequestError("num_samples must be at least 1")
     _check_inputs(inputs, settings)
     adapter = await registry.acquire(adapter_ref)
     texts = [_text_input(item, adapter) for item in inputs]
-    method = adapter.default_method if method is None else method
-    if method == PredictiveMode.GLM and not adapter.has_glm:
-        family = adapter.manifest.posterior.family
-        raise InvalidRequestError(f"adapter {adapter.name!r} has a {family} posterior, which has no GLM predictive")
-    if method == PredictiveMode.MAP or not adapter.samples_posterior:
-        method, num_samples = PredictiveMode.MAP, 1
+    predictor = adapter.predictor(method)
+    if predictor.fixed_draws is not None:
+        num_samples = predictor.fixed_draws
     elif num_samples is None:
-        num_samples = adapter.default_num_samples(method)
-    limit = settings.max_glm_samples if method == PredictiveMode.GLM else settings.max_samples
+        num_samples = adapter.default_num_samples(predictor)
+    limit = settings.max_glm_samples if predictor.logit_space else settings.max_samples
     if num_samples > limit:
-        raise PayloadTooLargeError(f"num_samples {num_samples} exceeds this server's limit of {limit} for {method}")
+        raise PayloadTooLargeError(
+            f"num_samples {num_samples} exceeds this server's limit of {limit} for {predictor.mode}"
+        )
     seed = secrets.randbits(63) if seed is None else seed
     deadline = time.perf_counter() + settings.request_timeout_s
     count = registry.host.token_counts
     chars = sum(len(item.text) + len(item.text_pair or "") for item in texts)
     tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
-    job = Job(adapter, texts, num_samples, method, seed, _rules(adapter, abstain), tokens, deadline=deadline)
+    job = Job(adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), tokens, deadline=deadline)
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
             f"this request's cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
@@ -82,7 +81,7 @@ async def run_prediction(
             "texts"
         )
     result = await _answer(engine, job, settings.request_timeout_s, disconnected)
-    return Answer(adapter, method, num_samples, seed, result, time.perf_counter() - start)
+    return Answer(adapter, predictor.mode, num_samples, seed, result, time.perf_counter() - start)
 
 
 async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: asyncio.Event | None) -> JobResult:

@@ -17,7 +17,6 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -25,13 +24,11 @@ from torch import Tensor
 
 from adapters.batching import AdapterWeights
 from adapters.bundle import Bundle, load_bundle, parse_manifest
-from adapters.defaults import DEFAULT_DRAWS
 from adapters.errors import BundleError
 from adapters.manifest import MANIFEST_FILE, BundleManifest
-from adapters.posteriors.base import make_generator
 from adapters.predictive import AbstentionRule
+from adapters.predictives import Predictor, PredictorUnavailableError, predictor_for
 from adapters.projections import Projection
-from adapters.vocab import PosteriorFamily, PredictiveMode
 from service.errors import (
     AdapterNotFoundError,
     BundleRejectedError,
@@ -63,6 +60,7 @@ class AdapterVersion:
     path: Path
     own_bytes: int
     loaded_at: float = field(default_factory=time.time)
+    _points: dict = field(default_factory=dict, init=False, repr=False)  # the predictive modes' shared points
 
     @property
     def manifest(self) -> BundleManifest:
@@ -88,24 +86,25 @@ class AdapterVersion:
     def temperature(self) -> float:
         return self.manifest.calibration.temperature
 
-    @property
-    def default_method(self) -> str:
-        """The predictive the bundle was evaluated and calibrated with."""
-        return PredictiveMode.MAP if not self.samples_posterior else self.manifest.posterior.predictive
+    def predictor(self, method: str | None = None) -> Predictor:
+        """The predictive mode a request asking for ``method`` runs with (``None``: the one the bundle was evaluated
+        and calibrated with; a MAP bundle always predicts with the MAP).
 
-    def default_num_samples(self, method: str) -> int:
-        """The bundle's draws for its own predictive, else the shared default (``adapters.defaults``)."""
-        if method == self.manifest.posterior.predictive:
+        Raises:
+            InvalidRequestError: an unknown mode, or one the bundle's posterior does not have.
+        """
+        try:
+            return predictor_for(method, self.bundle.posterior, self.manifest.posterior.predictive)
+        except PredictorUnavailableError as exc:
+            raise InvalidRequestError(f"adapter {self.name!r}: {exc}") from None
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+
+    def default_num_samples(self, predictor: Predictor) -> int:
+        """The bundle's draws for its own predictive, else the mode's default."""
+        if predictor.mode == self.manifest.posterior.predictive:
             return self.manifest.posterior.default_num_samples
-        return DEFAULT_DRAWS[PredictiveMode(method)]
-
-    @property
-    def samples_posterior(self) -> bool:
-        return self.manifest.posterior.family != PosteriorFamily.MAP
-
-    @property
-    def has_glm(self) -> bool:
-        return self.samples_posterior and self.bundle.posterior.gaussian
+        return predictor.default_draws
 
     @property
     def ood_layers(self) -> list[int] | None:
@@ -115,29 +114,14 @@ class AdapterVersion:
     def abstention_rules(self) -> list[AbstentionRule]:
         return [AbstentionRule(rule.kind, rule.threshold) for rule in self.manifest.calibration.abstention]
 
-    def draw(self, num_samples: int, seed: int, method: str) -> dict[str, Tensor]:
-        """``(S, ...)`` samples of every posterior block; the MAP cores (S = 1) for ``map``; the posterior mean
-        for ``glm``, the linearisation point (the MAP for Laplace, the SWA or variational mean otherwise)."""
-        return self.draw_many([(num_samples, seed)], method)[0]
+    def draw(self, num_samples: int, seed: int, predictor: Predictor) -> dict[str, Tensor]:
+        """``(S_rows, ...)`` cores of every posterior block for one request (:meth:`Predictor.draw_many`)."""
+        return self.draw_many([(num_samples, seed)], predictor)[0]
 
-    def draw_many(self, requests: Sequence[tuple[int, int]], method: str) -> list[dict[str, Tensor]]:
-        """:meth:`draw` for several requests ``(S, seed)`` of one method at once: each request's noise comes from
-        its own seeded generator (the same samples as alone), the posterior's map is applied once for all
-        (``Posterior.sample_many``). The MAP and GLM points are one shared dict (a row plan gathers it once)."""
-        if method == PredictiveMode.MAP or not self.samples_posterior:
-            return [self._map_point] * len(requests)
-        if method == PredictiveMode.GLM:
-            return [self._glm_point] * len(requests)
-        device = self.bundle.posterior.device
-        return self.bundle.posterior.sample_many([(S, make_generator(seed, device)) for S, seed in requests])
-
-    @cached_property
-    def _map_point(self) -> dict[str, Tensor]:
-        return {name: core.unsqueeze(0) for name, core in self.bundle.cores.items()}
-
-    @cached_property
-    def _glm_point(self) -> dict[str, Tensor]:
-        return {name: value.unsqueeze(0) for name, value in self.bundle.posterior.mean().items()}
+    def draw_many(self, requests: Sequence[tuple[int, int]], predictor: Predictor) -> list[dict[str, Tensor]]:
+        """:meth:`draw` for several requests ``(S, seed)`` of one mode at once: each request's noise from its own
+        seeded generator (the same samples as alone); a shared point (MAP, GLM) is one dict for all."""
+        return predictor.draw_many(self.bundle.posterior, self.bundle.cores, requests, self._points)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from adapters.predictive import ABSTENTION_SCORES
+from adapters.predictives import PREDICTORS
 
 SEED_LIMIT = 2**63  # torch generators take seeds below 2^63
 
@@ -111,10 +112,10 @@ class PredictRequest(_Request):
     num_samples: int | None = Field(
         None, ge=1, description="network samples (sample) or logit draws (glm); default: the bundle's"
     )
-    method: Literal["sample", "glm", "map"] | None = Field(
+    method: Literal[tuple(PREDICTORS)] | None = Field(  # type: ignore[valid-type]
         None,
-        description="sample: posterior samples through the network; glm: the linearised network (Gaussian "
-        "logits, sampled in logit space); map: the MAP alone. Default: the predictive the bundle was calibrated with",
+        description="; ".join(f"{mode}: {p.description}" for mode, p in PREDICTORS.items())
+        + ". Default: the predictive the bundle was calibrated with",
     )
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="same seed, same samples (default: random)")
     return_samples: bool = Field(False, description="include each sample's probabilities")

@@ -17,7 +17,8 @@ from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_gen
 from adapters.batching import base_only
 from adapters.defaults import resolve_token_budget
 from adapters.ood.features import capture_states, pooled_features
-from adapters.predictive import glm_logit_draws, predictive
+from adapters.predictive import predictive
+from adapters.predictives import linearised_draws
 from adapters.tasks import mask_choices
 from training.data import Example
 from training.encoding import Encoder, LengthGroupedSampler, model_inputs
@@ -81,15 +82,9 @@ class Linearisation:
     logits: Tensor
     jacobians: dict[str, Tensor]
 
-    def outputs(self, posterior: Posterior, num_samples: int, seed: int, chunk: int = 256) -> Outputs:
-        """GLM logit draws ``(S, N, C)`` under ``posterior`` (``J Σ Jᵀ`` per input, MC in logit space)."""
-        generator, posterior = make_generator(seed), posterior.to("cpu", torch.float64)
-        draws = []
-        for start in range(0, self.logits.shape[0], chunk):
-            part = {name: t[start : start + chunk].double() for name, t in self.jacobians.items()}
-            covariance = posterior.jacobian_covariance(part)
-            draws.append(glm_logit_draws(self.logits[start : start + chunk], covariance, num_samples, generator))
-        return Outputs(torch.cat(draws, dim=1).float())
+    def outputs(self, posterior: Posterior, num_samples: int, seed: int) -> Outputs:
+        """GLM logit draws ``(S, N, C)`` under ``posterior`` (the ``glm`` predictive's, ``J Σ Jᵀ`` per input)."""
+        return Outputs(linearised_draws(self.logits, self.jacobians, posterior, num_samples, seed))
 
 
 def linearise(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from torch import Tensor
 
 from adapters import (
     Bundle,
@@ -27,8 +29,9 @@ from adapters.manifest import (
     ProjectionSpecRecord,
     TaskSpec,
 )
+from adapters.posteriors import Posterior
 from adapters.tasks import DEFAULT_TEMPLATE
-from adapters.vocab import PosteriorFamily, PredictiveMode
+from adapters.vocab import PosteriorFamily
 from training.calibration import abstention_warning, fit_abstention, fit_temperature
 from training.config import DEFAULT_TARGET_COVERAGE, AbstainOn, ConfigError, TrainConfig
 from training.data import Example
@@ -76,18 +79,36 @@ def calibrate(
     return temperature, rules
 
 
+@dataclass
+class SessionSplit:
+    """One of the session's splits as a predictive mode reads it (``adapters.predictives.EvaluationSplit``; the
+    session computes MAP logits and linearisations once)."""
+
+    session: Session
+    name: str
+    examples: list[Example]
+
+    def map_logits(self) -> Tensor:
+        return self.session.map_outputs(self.name, self.examples).logits[0]
+
+    def linearisation(self) -> tuple[Tensor, dict[str, Tensor]]:
+        linearised = self.session.linearisation(self.name, self.examples)
+        return linearised.logits, linearised.jacobians
+
+    def sampled_logits(self, posterior: Posterior, num_samples: int, seed: int) -> Tensor:
+        session, config = self.session, self.session.config
+        return predict(
+            session.model, self.examples, session.encoder, posterior=posterior, num_samples=num_samples, seed=seed,
+            batch_size=config.optimisation.batch_size, desc=f"{self.name} (posterior)", progress=config.progress,
+        ).logits  # fmt: skip
+
+
 def posterior_outputs(session: Session, fitted: Fitted, split: str, examples: list[Example]) -> Outputs:
     """The posterior predictive's per-draw logits, the way the bundle's server computes them."""
-    config = session.config
-    if fitted.mode == PredictiveMode.MAP:  # the model's own parameters: the cached MAP logits
-        return session.map_outputs(split, examples)
-    if fitted.mode == PredictiveMode.GLM:
-        return session.linearisation(split, examples).outputs(fitted.posterior, fitted.num_samples, config.seed)
-    return predict(
-        session.model, examples, session.encoder, posterior=fitted.posterior, num_samples=fitted.num_samples,
-        seed=config.seed, batch_size=config.optimisation.batch_size, desc=f"{split} (posterior)",
-        progress=config.progress,
-    )  # fmt: skip
+    draws = fitted.predictor.split_draws(
+        SessionSplit(session, split, examples), fitted.posterior, fitted.num_samples, session.config.seed
+    )
+    return Outputs(draws)
 
 
 def evaluate(
@@ -95,7 +116,7 @@ def evaluate(
 ) -> tuple[EvalCard, dict]:
     """MAP and posterior metrics on test, shift and OOD (with the OOD score's AUROCs when ``ood`` is given);
     the reliability-diagram panels."""
-    with_mi = fitted.mode != PredictiveMode.MAP
+    with_mi = fitted.predictor.epistemic
     card = EvalCard(
         method=fitted.method, num_samples=fitted.num_samples, predictive=fitted.mode, temperature=temperature
     )
@@ -198,7 +219,7 @@ def write_bundle(
             prior_precision=fitted.diagnostics.get("prior_precision"),
             default_num_samples=fitted.num_samples,
             covers_head=HEAD_WEIGHT in posterior.names and posterior.family != PosteriorFamily.MAP,
-            predictive=PredictiveMode.GLM if fitted.mode == PredictiveMode.GLM else PredictiveMode.SAMPLE,
+            predictive=fitted.mode,
         ),
         # the ood rule first: when an input is both unfamiliar and unsure, "out of distribution" is the reason
         calibration=CalibrationSpec(temperature=temperature, abstention=([ood.rule] if ood else []) + rules),

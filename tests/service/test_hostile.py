@@ -132,20 +132,20 @@ def test_a_timed_out_request_stops_using_the_worker(tiny_base: Path, tmp_path: P
     app = running_app(tiny_base, tmp_path / "adapters", step_tokens=64, request_timeout_s=0.5)
     try:
         host = app.app.state.caveat.host
-        calls, forward = [], host.forward
+        calls, forward = [], host.run
 
         def counted(*args, **kwargs):
             calls.append(time.perf_counter())
             time.sleep(0.05)  # a slow model: the request cannot finish in time
             return forward(*args, **kwargs)
 
-        host.forward = counted
+        host.run = counted
         response = app.post("/v1/predict", json={"adapter": "alpha", "inputs": [REVIEW] * 8, "num_samples": 64})
         assert response.status_code == 504
         ran = len(calls)
         time.sleep(0.5)
         assert len(calls) <= ran + 1  # at most the piece in flight: the rest of its 64+ pieces never ran
-        host.forward = forward
+        host.run = forward
         assert app.post("/v1/predict", json={"adapter": "alpha", "inputs": [REVIEW]}).status_code == 200
     finally:
         app.__exit__(None, None, None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from adapters import Posterior
-from adapters.defaults import DEFAULT_DRAWS
+from adapters.predictives import Predictor, get_predictor
 from adapters.vocab import PredictiveMode
 from training.config import ConfigError, PosteriorMethod, TrainConfig
 from training.objectives import Objective
@@ -41,6 +41,10 @@ class Fitted:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     train_seconds: float | None = None
+
+    @property
+    def predictor(self) -> Predictor:
+        return get_predictor(self.mode)
 
 
 class Method(Protocol):
@@ -86,7 +90,7 @@ def fit(session: Session, name: str) -> Fitted:
 
 def draws(config: TrainConfig, mode: PredictiveMode) -> int:
     """``--num-samples``, or the shared default of the predictive."""
-    return config.posterior.num_samples or DEFAULT_DRAWS[mode]
+    return config.posterior.num_samples or get_predictor(mode).default_draws
 
 
 def sampled(name: PosteriorMethod, config: TrainConfig, posterior: Posterior, diagnostics: dict[str, Any]) -> Fitted:

@@ -1,0 +1,156 @@
+"""The answers of finished jobs: one predictive per group of alike jobs, their OOD scores and abstention flags.
+
+Alike jobs (the same predictive mode's summary, draws, classes and temperature; for the GLM the same posterior)
+get one predictive over all their inputs, moved to the host once; a group that fails is answered job by job, so
+that one job's failure stays its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+from torch import Tensor
+
+from adapters.predictive import AbstentionRule, Predictive, abstain, predictive
+from adapters.tasks import mask_choices
+from service.engine.jobs import Job
+from service.errors import NonFiniteOutputError
+
+log = logging.getLogger("caveat.serve")
+
+
+@dataclass
+class JobResult:
+    """A job's predictive (on the CPU), its answer's fields as host lists, abstention flags and where its time
+    went.
+
+    Attributes:
+        values: :data:`ANSWER_FIELDS` → one value per input (``probs``: a list per input), read by the routes
+            and the metrics without touching a tensor.
+    """
+
+    pred: Predictive
+    values: dict[str, list]
+    abstain: list[bool]
+    reasons: list[str | None]
+    queue_seconds: float
+    compute_seconds: float
+    batch_requests: int
+    batch_rows: int
+    ood_score: list[float] | None = None
+    ood_pvalue: list[float] | None = None
+
+
+ANSWER_FIELDS = (
+    "probs", "label", "confidence", "entropy", "entropy_normalized", "expected_entropy", "mutual_information",
+    "mc_stderr",
+)  # fmt: skip
+
+
+def answer_jobs(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
+    """The results of jobs whose pieces have all run, by job id (an exception for a job whose answer failed)."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        adapter = job.adapter
+        key = (job.predictor.summary_key(adapter.bundle.posterior), job.num_samples, len(adapter.labels),
+               adapter.temperature)  # fmt: skip
+        groups.setdefault(key, []).append(job)
+    outcomes: dict[int, JobResult | BaseException] = {}
+    for group in groups.values():
+        try:
+            outcomes.update(AnswerGroup(group).results())
+        except Exception:
+            for job in group:
+                try:
+                    outcomes.update(AnswerGroup([job]).results())
+                except Exception as exc:  # this job's answer alone fails
+                    log.exception("prediction failed")
+                    outcomes[id(job)] = exc
+    return outcomes
+
+
+class AnswerGroup:
+    """Alike jobs answered together; inputs ``bounds[k]:bounds[k+1]`` are job ``k``'s."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self.bounds = list(accumulate((len(job.inputs) for job in jobs), initial=0))
+
+    def predictive(self) -> Predictive:
+        """One predictive of all the jobs' inputs (multiple-choice letters an item lacks masked to ``-inf``)."""
+        jobs, first = self.jobs, self.jobs[0]
+        logits = [
+            mask_choices(job.progress.network_logits(), [item.num_choices for item in job.inputs]) for job in jobs
+        ]
+        jacobians = [job.progress.network_jacobians() for job in jobs]
+        draws = first.predictor.logit_draws(logits, jacobians, first.adapter.bundle.posterior, jobs)
+        return predictive(draws, first.adapter.temperature).cpu()
+
+    def ood(self) -> tuple[Tensor, Tensor] | None:
+        """``(N,)`` OOD scores and p-values of the jobs' inputs, each adapter's score run once over all its jobs'
+        inputs (NaN for jobs whose bundle has no score); ``None`` when none has one."""
+        by_score: dict[int, list[int]] = {}
+        for index, job in enumerate(self.jobs):
+            if job.adapter.bundle.ood is not None:
+                by_score.setdefault(id(job.adapter.bundle.ood), []).append(index)
+        if not by_score:
+            return None
+        jobs, bounds = self.jobs, self.bounds
+        scores, pvalues = torch.full((bounds[-1],), math.nan), torch.full((bounds[-1],), math.nan)
+        for members in by_score.values():
+            score = jobs[members[0]].adapter.bundle.ood
+            features = [jobs[i].progress.ood_features[p] for i in members for p in range(len(jobs[i].inputs))]
+            values = score.score(torch.stack(features))
+            rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
+            scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values).float().cpu()
+        return scores, pvalues
+
+    def abstentions(self, pred: Predictive, pvalues: Tensor | None) -> tuple[list[bool], list[str | None]]:
+        """Abstention flags and reasons of every input, the rules of alike jobs applied once (``pvalues`` NaN: no
+        OOD score, so the ``ood`` rule never fires)."""
+        by_rules: dict[tuple[AbstentionRule, ...], list[int]] = {}
+        for index, job in enumerate(self.jobs):
+            by_rules.setdefault(tuple(job.rules), []).append(index)
+        total = self.bounds[-1]
+        flags: list[bool] = [False] * total
+        reasons: list[str | None] = [None] * total
+        for rules, members in by_rules.items():
+            rows = [r for i in members for r in range(self.bounds[i], self.bounds[i + 1])]
+            whole = len(rows) == total
+            index = torch.tensor(rows)
+            part = pred if whole else pred.select(index)
+            part_pvalues = None if pvalues is None else pvalues if whole else pvalues[index]
+            fired, why = abstain(part, list(rules), part_pvalues)
+            for row, flag, reason in zip(rows, fired.tolist(), why, strict=True):
+                flags[row], reasons[row] = flag, reason
+        return flags, reasons
+
+    def results(self) -> dict[int, JobResult | BaseException]:
+        """Each job's result; non-finite probabilities are an error of their job, never an answer."""
+        pred = self.predictive()
+        ood = self.ood()
+        flags, reasons = self.abstentions(pred, None if ood is None else ood[1])
+        values = {name: getattr(pred, name).tolist() for name in ANSWER_FIELDS}
+        finite = torch.isfinite(pred.probs).all(dim=-1).tolist()
+        ood_lists = [] if ood is None else [ood[0].tolist(), ood[1].tolist()]
+        outcomes: dict[int, JobResult | BaseException] = {}
+        for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:], strict=False):
+            if not all(finite[a:b]):
+                log.error("adapter %s version %s gave non-finite probabilities", job.adapter.name, job.adapter.version)
+                outcomes[id(job)] = NonFiniteOutputError(
+                    f"adapter {job.adapter.name!r} (version {job.adapter.version}) produced non-finite probabilities; "
+                    "the answer is withheld"
+                )
+                continue
+            progress = job.progress
+            queue_seconds = (progress.started or job.admitted) - job.admitted
+            scores = [values[a:b] for values in ood_lists] if job.adapter.bundle.ood is not None else []
+            outcomes[id(job)] = JobResult(
+                pred.slice(a, b), {name: v[a:b] for name, v in values.items()}, flags[a:b], reasons[a:b],
+                queue_seconds, progress.compute_seconds, progress.batch_requests, progress.batch_rows, *scores,
+            )  # fmt: skip
+        return outcomes
