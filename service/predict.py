@@ -15,6 +15,7 @@ from adapters.predictives import PREDICTORS
 from adapters.tasks import format_prompt
 from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
+from service.fields import encode_results
 from service.host import TextInput
 from service.registry import AdapterVersion
 from service.schemas import AbstainOverride, MultipleChoice, TextPair
@@ -169,29 +170,8 @@ def response_body(answer: Answer, request_id: str, return_samples: bool = False)
 
 
 def results_of(answer: Answer, return_samples: bool = False) -> list[dict]:
-    """The ``results`` of a response (:class:`~service.schemas.PredictResult` as plain JSON values), from the
+    """The ``results`` of a response (:class:`~service.fields.PredictResult` as plain JSON values), from the
     answer's host lists: no tensor is touched and nothing is validated again."""
-    result, labels = answer.result, answer.adapter.labels
-    values = result.values
-    ood_score, ood_pvalue = result.ood_score, result.ood_pvalue
+    result = answer.result
     samples = result.pred.sample_probs.transpose(0, 1).tolist() if return_samples else None
-    return [
-        {
-            "label": labels[label],
-            "probs": values["probs"][i],
-            "confidence": values["confidence"][i],
-            "uncertainty": {
-                "entropy": values["entropy"][i],
-                "entropy_normalized": values["entropy_normalized"][i],
-                "expected_entropy": values["expected_entropy"][i],
-                "mutual_information": values["mutual_information"][i],
-                "mc_stderr": values["mc_stderr"][i],
-                "ood_score": None if ood_score is None else ood_score[i],
-                "ood_pvalue": None if ood_pvalue is None else ood_pvalue[i],
-            },
-            "abstain": result.abstain[i],
-            "abstain_reason": result.reasons[i],
-            "samples": None if samples is None else samples[i],
-        }
-        for i, label in enumerate(values["label"])
-    ]
+    return encode_results(result.values, answer.adapter.labels, samples)

@@ -19,6 +19,7 @@ from pydantic import (
 
 from adapters.predictive import ABSTENTION_SCORES
 from adapters.predictives import PREDICTORS
+from service.fields import V2_OUTPUTS, PredictResult
 
 SEED_LIMIT = 2**63  # torch generators take seeds below 2^63
 
@@ -122,31 +123,6 @@ class PredictRequest(_Request):
     abstain: AbstainOverride | None = None
 
     _integral = field_validator("num_samples", "seed", mode="before")(integral)
-
-
-class Uncertainty(BaseModel):
-    entropy: float = Field(description="H[p̄] in nats (total)")
-    entropy_normalized: float = Field(description="H[p̄] / log C, in [0, 1]")
-    expected_entropy: float = Field(description="E_s H[p_s] (aleatoric)")
-    mutual_information: float = Field(description="H[p̄] − E_s H[p_s] (epistemic)")
-    mc_stderr: float = Field(description="Monte-Carlo standard error of the top probability")
-    ood_score: float | None = Field(
-        None, description="feature-space OOD score of the input (higher = further from the training data); null "
-        "for an adapter without one",
-    )  # fmt: skip
-    ood_pvalue: float | None = Field(
-        None, description="fraction of validation inputs whose OOD score is at least as high (small = unusual)"
-    )
-
-
-class PredictResult(BaseModel):
-    label: str
-    probs: list[float] = Field(description="aligned to the response's labels")
-    confidence: float
-    uncertainty: Uncertainty
-    abstain: bool
-    abstain_reason: str | None
-    samples: list[list[float]] | None = Field(None, description="per-sample probabilities (return_samples)")
 
 
 class AdapterRef(BaseModel):
@@ -269,9 +245,6 @@ class V2InputTensor(_Request):
     data: list[Text | list[Text]] = Field(
         min_length=1, description="row-major (with the binary tensor data extension, the raw bytes fill it)"
     )
-
-
-V2_OUTPUTS = ("probs", "entropy", "mutual_information", "abstain", "label", "ood_score")
 
 
 class V2RequestedOutput(_Request):

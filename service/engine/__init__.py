@@ -11,12 +11,11 @@ length). The engine's rooms:
 * ``answers.py``: the answers of finished jobs: predictive, OOD score, abstention.
 """
 
-from service.engine.answers import ANSWER_FIELDS, JobResult
+from service.engine.answers import JobResult
 from service.engine.jobs import Job, Piece, Progress
 from service.engine.scheduler import MAX_PASSED_OVER, BatchingConfig, Engine, Step
 
 __all__ = [
-    "ANSWER_FIELDS",
     "MAX_PASSED_OVER",
     "BatchingConfig",
     "Engine",

@@ -19,6 +19,7 @@ from adapters.predictive import AbstentionRule, Predictive, abstain, predictive
 from adapters.tasks import mask_choices
 from service.engine.jobs import Job
 from service.errors import NonFiniteOutputError
+from service.fields import PREDICTIVE_FIELDS
 
 log = logging.getLogger("caveat.serve")
 
@@ -29,26 +30,34 @@ class JobResult:
     went.
 
     Attributes:
-        values: :data:`ANSWER_FIELDS` → one value per input (``probs``: a list per input), read by the routes
-            and the metrics without touching a tensor.
+        values: field name (``service.fields.ANSWER_FIELDS``) → one value per input (``probs``: a list per
+            input), read by the encoders and the metrics without touching a tensor; the OOD fields only for an
+            adapter with an OOD score.
     """
 
     pred: Predictive
     values: dict[str, list]
-    abstain: list[bool]
-    reasons: list[str | None]
     queue_seconds: float
     compute_seconds: float
     batch_requests: int
     batch_rows: int
-    ood_score: list[float] | None = None
-    ood_pvalue: list[float] | None = None
 
+    @property
+    def abstain(self) -> list[bool]:
+        return self.values["abstain"]
 
-ANSWER_FIELDS = (
-    "probs", "label", "confidence", "entropy", "entropy_normalized", "expected_entropy", "mutual_information",
-    "mc_stderr",
-)  # fmt: skip
+    @property
+    def reasons(self) -> list[str | None]:
+        return self.values["abstain_reason"]
+
+    @property
+    def ood_score(self) -> list[float] | None:
+        """``None`` for an adapter without an OOD score."""
+        return self.values.get("ood_score")
+
+    @property
+    def ood_pvalue(self) -> list[float] | None:
+        return self.values.get("ood_pvalue")
 
 
 def answer_jobs(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
@@ -134,9 +143,11 @@ class AnswerGroup:
         pred = self.predictive()
         ood = self.ood()
         flags, reasons = self.abstentions(pred, None if ood is None else ood[1])
-        values = {name: getattr(pred, name).tolist() for name in ANSWER_FIELDS}
+        values = {name: getattr(pred, name).tolist() for name in PREDICTIVE_FIELDS}
+        values["abstain"], values["abstain_reason"] = flags, reasons
         finite = torch.isfinite(pred.probs).all(dim=-1).tolist()
-        ood_lists = [] if ood is None else [ood[0].tolist(), ood[1].tolist()]
+        if ood is not None:
+            values["ood_score"], values["ood_pvalue"] = ood[0].tolist(), ood[1].tolist()
         outcomes: dict[int, JobResult | BaseException] = {}
         for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:], strict=False):
             if not all(finite[a:b]):
@@ -148,9 +159,11 @@ class AnswerGroup:
                 continue
             progress = job.progress
             queue_seconds = (progress.started or job.admitted) - job.admitted
-            scores = [values[a:b] for values in ood_lists] if job.adapter.bundle.ood is not None else []
+            own = {name: column[a:b] for name, column in values.items()}
+            if job.adapter.bundle.ood is None:  # another job's adapter has a score: not this one's answer
+                own.pop("ood_score", None), own.pop("ood_pvalue", None)
             outcomes[id(job)] = JobResult(
-                pred.slice(a, b), {name: v[a:b] for name, v in values.items()}, flags[a:b], reasons[a:b],
-                queue_seconds, progress.compute_seconds, progress.batch_requests, progress.batch_rows, *scores,
+                pred.slice(a, b), own, queue_seconds, progress.compute_seconds, progress.batch_requests,
+                progress.batch_rows,
             )  # fmt: skip
         return outcomes

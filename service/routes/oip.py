@@ -25,11 +25,11 @@ from pydantic import ValidationError
 from adapters.manifest import CAVEAT_VERSION
 from service.deps import State, client_gone
 from service.errors import InvalidRequestError
+from service.fields import FIELDS, V2_DATATYPES, V2_OUTPUTS, Kind, v2_tensor
 from service.predict import run_prediction
 from service.responses import FastJSONResponse
 from service.schemas import (
     SEED_LIMIT,
-    V2_OUTPUTS,
     TextPair,
     V2InferRequest,
     V2InferResponse,
@@ -64,19 +64,15 @@ async def model_metadata(model: str, state: State) -> V2ModelMetadata:
     if entry.manifest.task.text_pair:
         inputs.append(V2TensorMetadata(name="text_pair", datatype="BYTES", shape=[-1]))
     classes = len(entry.manifest.task.labels)
+    outputs = [
+        V2TensorMetadata(
+            name=f.name, datatype=V2_DATATYPES[f.kind], shape=[-1, classes] if f.kind is Kind.PROBS else [-1]
+        )
+        for f in map(FIELDS.get, V2_OUTPUTS)
+        if not f.optional or entry.manifest.ood
+    ]
     return V2ModelMetadata(
-        name=entry.name,
-        versions=[entry.manifest.version],
-        platform="caveat",
-        inputs=inputs,
-        outputs=[
-            V2TensorMetadata(name="probs", datatype="FP32", shape=[-1, classes]),
-            V2TensorMetadata(name="entropy", datatype="FP32", shape=[-1]),
-            V2TensorMetadata(name="mutual_information", datatype="FP32", shape=[-1]),
-            V2TensorMetadata(name="abstain", datatype="BOOL", shape=[-1]),
-            V2TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
-            *([V2TensorMetadata(name="ood_score", datatype="FP32", shape=[-1])] if entry.manifest.ood else []),
-        ],
+        name=entry.name, versions=[entry.manifest.version], platform="caveat", inputs=inputs, outputs=outputs
     )
 
 
@@ -108,34 +104,20 @@ async def infer(model: str, request: Request, state: State) -> FastJSONResponse:
         state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
         method=method, disconnected=client_gone(request),
     )  # fmt: skip
-    result = answer.result
-    values, n = result.values, len(result.abstain)
-    classes = len(values["probs"][0])
-    tensors = {
-        "probs": _tensor("probs", "FP32", [n, classes], [p for row in values["probs"] for p in row]),
-        "entropy": _tensor("entropy", "FP32", [n], values["entropy"]),
-        "mutual_information": _tensor("mutual_information", "FP32", [n], values["mutual_information"]),
-        "abstain": _tensor("abstain", "BOOL", [n], result.abstain),
-        "label": _tensor("label", "BYTES", [n], [answer.adapter.labels[i] for i in values["label"]]),
-    }
-    if result.ood_score is not None:
-        tensors["ood_score"] = _tensor("ood_score", "FP32", [n], result.ood_score)
-    elif wanted is not None and "ood_score" in wanted:
+    values, labels = answer.result.values, answer.adapter.labels
+    if wanted is None:
+        wanted = [name for name in V2_OUTPUTS if name in values]
+    missing = next((name for name in wanted if name not in values), None)
+    if missing is not None:  # only an optional output can be missing: the OOD score's
         raise InvalidRequestError(
-            f"adapter {answer.adapter.name!r} has no OOD score (a schema-1 bundle or none fitted)"
+            f"adapter {answer.adapter.name!r} has no {missing}: it has no OOD score (a schema-1 bundle or none fitted)"
         )
-    wanted = [w for w in V2_OUTPUTS if w in tensors] if wanted is None else wanted
     response = {"model_name": answer.adapter.name, "model_version": answer.adapter.version}
     if body.id is not None:
         response["id"] = body.id
     response["parameters"] = {"num_samples": answer.num_samples, "seed": answer.seed, "sha256": answer.adapter.sha256}
-    response["outputs"] = [tensors[w] for w in wanted]
+    response["outputs"] = [v2_tensor(FIELDS[name], values[name], labels) for name in wanted]
     return FastJSONResponse(response)
-
-
-def _tensor(name: str, datatype: str, shape: list[int], data: list) -> dict[str, Any]:
-    """An output tensor of :class:`V2InferResponse` as plain JSON values."""
-    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
 
 
 def _parse(raw: bytes, header_length: str | None) -> V2InferRequest:
