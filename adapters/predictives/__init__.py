@@ -8,10 +8,14 @@ mode       :class:`Predictor`                 draws
 ``map``    :class:`~.map.MapPredictor`        the MAP cores alone
 =========  =================================  ==============================================================
 
-:func:`predictor_for` is the one place that decides which mode a request gets.
+:func:`predictor_for` is the one place that decides which mode a request gets. Each module of this package is
+imported with it and registers its mode, so a new mode is a new module (and its name in ``adapters.vocab``).
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from adapters.posteriors.base import Posterior
 from adapters.predictives.base import PREDICTORS, Draws, EvaluationSplit, Predictor, RowOutput, register
@@ -19,6 +23,9 @@ from adapters.predictives.glm import GLM, linearised_draws
 from adapters.predictives.map import MAP
 from adapters.predictives.sample import SAMPLE
 from adapters.vocab import PosteriorFamily, PredictiveMode
+
+for _module in pkgutil.iter_modules(__path__):  # every module of the package registers its mode on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 class PredictorUnavailableError(ValueError):
