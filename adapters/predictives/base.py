@@ -19,7 +19,7 @@ its :func:`register` call, plus its name in :class:`adapters.vocab.PredictiveMod
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -30,6 +30,8 @@ from adapters.posteriors.base import Posterior
 from adapters.vocab import PredictiveMode
 
 TensorDict = dict[str, Tensor]
+Requests = Sequence[tuple[int, int]]  # per request: its draws S and its seed
+Points = dict[Any, TensorDict]  # one bundle's shared points, by mode
 RowOutput = tuple[Tensor, TensorDict | None]  # a block's logits (S_rows, n, C) and, when linearised, its Jacobians
 
 
@@ -96,11 +98,7 @@ class Predictor(ABC):
 
     @abstractmethod
     def draw_many(
-        self,
-        posterior: Posterior,
-        cores: TensorDict,
-        requests: Sequence[tuple[int, int]],
-        points: dict[Any, TensorDict],
+        self, posterior: Posterior, cores: TensorDict, requests: Requests, points: Points
     ) -> list[TensorDict]:
         """The cores each request ``(S, seed)`` runs with: block → ``(S_rows, *shape)`` on the posterior's device.
 
@@ -109,6 +107,13 @@ class Predictor(ABC):
             points: a cache for one bundle's shared points (the same dict object for every request lets a row
                 plan gather it once).
         """
+
+    def shared_point(self, points: Points, count: int, make: Callable[[], TensorDict]) -> list[TensorDict]:
+        """One point for ``count`` requests, made once per bundle (``make``) and kept in ``points``: the same
+        dict object for every request lets a row plan gather it once."""
+        if self.mode not in points:
+            points[self.mode] = make()
+        return [points[self.mode]] * count
 
     # ------------------------------------------------------------------------------------------ forward
 

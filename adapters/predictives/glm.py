@@ -15,7 +15,16 @@ from torch import Tensor
 from adapters.model import LoraXSClassifier
 from adapters.posteriors.base import Posterior, make_generator
 from adapters.predictive import glm_logit_draws, glm_logits_from_noise
-from adapters.predictives.base import Draws, EvaluationSplit, Predictor, RowOutput, TensorDict, register
+from adapters.predictives.base import (
+    Draws,
+    EvaluationSplit,
+    Points,
+    Predictor,
+    Requests,
+    RowOutput,
+    TensorDict,
+    register,
+)
 from adapters.vocab import PredictiveMode
 
 
@@ -36,17 +45,13 @@ class GlmPredictor(Predictor):
         return 1 + num_classes
 
     def draw_many(
-        self,
-        posterior: Posterior,
-        cores: TensorDict,
-        requests: Sequence[tuple[int, int]],
-        points: dict[Any, TensorDict],
+        self, posterior: Posterior, cores: TensorDict, requests: Requests, points: Points
     ) -> list[TensorDict]:
         """The linearisation point, one shared dict: the posterior mean (the MAP for Laplace, the SWA or
         variational mean otherwise)."""
-        if self.mode not in points:
-            points[self.mode] = {name: value.unsqueeze(0) for name, value in posterior.mean().items()}
-        return [points[self.mode]] * len(requests)
+        return self.shared_point(
+            points, len(requests), lambda: {name: value.unsqueeze(0) for name, value in posterior.mean().items()}
+        )
 
     def forward(self, model: LoraXSClassifier, batch: TensorDict, blocks: Sequence, **options: Any) -> list[RowOutput]:
         """Logits ``(1, n, C)`` and Jacobians ``(n, C, *shape)`` of each block (needs autograd: not under inference

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from torch import Tensor
 
 from adapters.posteriors.base import Posterior
-from adapters.predictives.base import EvaluationSplit, Predictor, TensorDict, register
+from adapters.predictives.base import EvaluationSplit, Points, Predictor, Requests, TensorDict, register
 from adapters.vocab import PredictiveMode
 
 
@@ -20,16 +17,10 @@ class MapPredictor(Predictor):
     epistemic = False
 
     def draw_many(
-        self,
-        posterior: Posterior,
-        cores: TensorDict,
-        requests: Sequence[tuple[int, int]],
-        points: dict[Any, TensorDict],
+        self, posterior: Posterior, cores: TensorDict, requests: Requests, points: Points
     ) -> list[TensorDict]:
         """The MAP cores, one shared dict for every request."""
-        if self.mode not in points:
-            points[self.mode] = {name: core.unsqueeze(0) for name, core in cores.items()}
-        return [points[self.mode]] * len(requests)
+        return self.shared_point(points, len(requests), lambda: {name: c.unsqueeze(0) for name, c in cores.items()})
 
     def split_draws(self, split: EvaluationSplit, posterior: Posterior, num_samples: int, seed: int) -> Tensor:
         return split.map_logits().unsqueeze(0)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from torch import Tensor
 
 from adapters.posteriors.base import Posterior, make_generator
-from adapters.predictives.base import EvaluationSplit, Predictor, TensorDict, register
+from adapters.predictives.base import EvaluationSplit, Points, Predictor, Requests, TensorDict, register
 from adapters.vocab import PredictiveMode
 
 
@@ -18,11 +15,7 @@ class SamplePredictor(Predictor):
     default_draws = 16  # each sample costs a forward of the adapted layers
 
     def draw_many(
-        self,
-        posterior: Posterior,
-        cores: TensorDict,
-        requests: Sequence[tuple[int, int]],
-        points: dict[Any, TensorDict],
+        self, posterior: Posterior, cores: TensorDict, requests: Requests, points: Points
     ) -> list[TensorDict]:
         """Each request's samples from its own seeded generator (the same as alone), the posterior's map applied
         once for all (``Posterior.sample_many``)."""
