@@ -98,9 +98,23 @@ def test_answer_fields_are_the_predictive_s_and_the_documented_schema() -> None:
             PredictResult.model_validate(result, strict=True)  # the documented shape, field for field
             assert list(result) == ["label", "probs", "confidence", "uncertainty", "abstain", "abstain_reason",
                                     "samples"]  # fmt: skip
+        assert results == _plain_results(values | (ood or {}), ["neg", "pos"])  # the compiled encoder: a loop's
         assert results[0]["label"] == "neg" and results[1]["abstain_reason"] == "max_prob below 0.9"
         assert results[1]["uncertainty"]["ood_pvalue"] == (None if ood is None else 0.01)
     assert {f.name for f in ANSWER_FIELDS if f.optional} == {"ood_score", "ood_pvalue"}
+
+
+def _plain_results(values: dict[str, list], labels: list[str]) -> list[dict]:
+    """The oracle of ``encode_results``: a loop over the table, field by field."""
+    results = []
+    for i in range(len(values["label"])):
+        result: dict = {}
+        for field in ANSWER_FIELDS:
+            value = values[field.name][i] if field.name in values else None
+            value = labels[value] if field.name == "label" else value
+            (result.setdefault("uncertainty", {}) if field.uncertainty else result)[field.name] = value
+        results.append(result | {"samples": None})
+    return results
 
 
 def test_an_unknown_method_is_refused_for_a_map_bundle_too(tiny_base: Path, tmp_path: Path) -> None:
