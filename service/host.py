@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
 
+from adapters.architectures import default_pooling
 from adapters.batching import RowBlock
 from adapters.defaults import prepare_tokenizer, resolve_token_budget
 from adapters.embedded import resolve_model
@@ -23,7 +24,6 @@ from adapters.fingerprint import combine_digests, module_digests
 from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
 from adapters.ood.features import BaseFeatureTap
-from adapters.pooling import default_pooling
 
 log = logging.getLogger("caveat.serve")
 

@@ -28,13 +28,12 @@ from adapters import (
     load_bundle,
     target_names,
 )
-from adapters.config import DEFAULT_TARGETS
+from adapters.architectures import default_pooling, default_targets
 from adapters.defaults import CORE_INIT_STD, prepare_tokenizer
 from adapters.embedded import resolve_model
 from adapters.errors import CaveatError
 from adapters.eval_card import DataCard
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
-from adapters.pooling import default_pooling
 from adapters.projections import Projection, spec_needs_data
 from adapters.tasks import letter_token_ids
 from training import hub
@@ -118,14 +117,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="By default `link_approx`", category=UserWarning)
 
 
-def default_targets(base) -> list[str]:
-    model_type = base.config.model_type
-    if model_type not in DEFAULT_TARGETS:
+def targets_or_defaults(base, targets: list[str] | None) -> list[str]:
+    """``--targets`` if given, else the architecture's defaults; refused when it has none."""
+    patterns = targets or default_targets(base.config)
+    if not patterns:
         raise ConfigError(
-            f"no default --targets for a {model_type!r} model; name the linear layers to adapt with --targets. "
-            f"Linear module names end in: {linear_suffixes(base)}"
+            f"no default --targets for a {base.config.model_type!r} model; name the linear layers to adapt with "
+            f"--targets. Linear module names end in: {linear_suffixes(base)}"
         )
-    return list(DEFAULT_TARGETS[model_type])
+    return list(patterns)
 
 
 @dataclass
@@ -238,7 +238,7 @@ def prepare(config: TrainConfig) -> Session:
     stage.done("data")
 
     tokenizer, base, letter_head = load_base(adapter.base_model, config.multiple_choice)
-    patterns = adapter.targets or default_targets(base)
+    patterns = targets_or_defaults(base, adapter.targets)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)
     lora = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -16,6 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets.packaged_modules.csv.csv import Csv
 from huggingface_hub import constants
 
+from adapters.architectures import ARCHITECTURES
 from tests.training.test_cli import _fails
 from training import hub
 from training.data import DataError, SplitNames, fingerprint, load_ood, load_shift, load_task
@@ -225,7 +227,7 @@ def test_no_default_targets_lists_the_linear_layer_names(capsys, tmp_path: Path,
     from tests.service.bundles import save_tiny_base
 
     base = save_tiny_base(tmp_path / "base")
-    monkeypatch.setattr("training.session.DEFAULT_TARGETS", {})  # an architecture the table does not know
+    monkeypatch.setitem(ARCHITECTURES, "bert", replace(ARCHITECTURES["bert"], targets=()))  # none by default
     data = _write_csv(tmp_path / "d.csv", ROWS)
     _fails(
         capsys, _argv(tmp_path, data, "--base-model", str(base)),
