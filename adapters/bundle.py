@@ -118,6 +118,24 @@ class Bundle:
         """The fixed tensors a batched-rows forward needs (on the bundle's current device)."""
         return AdapterWeights(self.projections, self.manifest.adapter.scaling, self.head_weight, self.head_bias)
 
+    def to(self, device: torch.device | str, projections: Mapping[str, Projection] | None = None) -> Bundle:
+        """A copy with every tensor on ``device``; ``projections``, when given, are its projections already
+        there (the server shares one device copy between bundles). The OOD score stays on the CPU: it is
+        scored in float64 from features copied there."""
+        if projections is None:
+            projections = {n: p.to(device) for n, p in self.projections.items()}
+        return Bundle(
+            manifest=self.manifest,
+            projections=dict(projections),
+            cores={n: c.to(device) for n, c in self.cores.items()},
+            head_weight=self.head_weight.to(device),
+            head_bias=self.head_bias.to(device),
+            posterior=self.posterior.to(device),
+            path=self.path,
+            sha256=self.sha256,
+            ood=self.ood,
+        )
+
     def tensor_bytes(self) -> int:
         """Bytes of all tensors (what the bundle costs in device memory)."""
         posterior_tensors, _ = self.posterior.state()
@@ -387,18 +405,3 @@ def _check_against_base(
         raise ShapeMismatchError(
             where, f"head expects {bundle.head_weight.shape[1]} features, base gives {hidden_size}"
         )
-
-
-def tensors_to(bundle: Bundle, device: torch.device | str) -> Bundle:
-    """A copy of ``bundle`` with every tensor on ``device``."""
-    return Bundle(
-        manifest=bundle.manifest,
-        projections={n: p.to(device) for n, p in bundle.projections.items()},
-        cores={n: c.to(device) for n, c in bundle.cores.items()},
-        head_weight=bundle.head_weight.to(device),
-        head_bias=bundle.head_bias.to(device),
-        posterior=bundle.posterior.to(device),
-        path=bundle.path,
-        sha256=bundle.sha256,
-        ood=bundle.ood,  # scored on the CPU in float64, from features the host copies there
-    )

@@ -7,16 +7,6 @@ from dataclasses import dataclass, field
 from adapters.defaults import CORE_INIT_STD
 from adapters.projections import parse_spec
 
-# Module-name patterns that suit common architectures (docs/methods.md, LoRA-XS). Targets are always chosen by
-# pattern; this table only supplies defaults.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "key", "value", "intermediate.dense", "output.dense"),  # every attention and MLP map
-    "roberta": ("query", "key", "value", "intermediate.dense", "output.dense"),
-    "llama": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-}
-
 
 @dataclass
 class LoraXSConfig:

@@ -7,8 +7,6 @@ from torch import Tensor
 
 from adapters.vocab import Pooling
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma")
-
 
 def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
     """Sequence features ``(N, H)`` from hidden states ``(N, T, H)``.
@@ -27,10 +25,3 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
         last = attention_mask.long().sum(dim=1).clamp_min(1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {[str(p) for p in Pooling]}")
-
-
-def default_pooling(config) -> str:
-    """``last`` for decoders (causal LMs), ``mean`` for encoders."""
-    causal = any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or [])
-    decoder = getattr(config, "is_decoder", False) or config.model_type in DECODER_TYPES or causal
-    return Pooling.LAST if decoder else Pooling.MEAN

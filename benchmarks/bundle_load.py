@@ -21,10 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.harness importable
 
+from adapters.architectures import BERT_TARGETS
 from adapters.bundle import load_bundle
 from adapters.embedded import resolve_model
 from benchmarks.harness import synthetic_bundle, write_results
-from benchmarks.serve import DEFAULT_TARGETS, machine
+from benchmarks.serve import machine
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "main"
         synthetic_bundle(
-            resolve_model("minilm"), bundle, name="main", targets=DEFAULT_TARGETS, rank=16, family="kron",
+            resolve_model("minilm"), bundle, name="main", targets=BERT_TARGETS, rank=16, family="kron",
             variance=1e-3, num_samples=16, max_length=128, ood_method="mahalanobis",
         )  # fmt: skip
         load_bundle(bundle)  # warm: imports, page cache

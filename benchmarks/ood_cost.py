@@ -35,10 +35,11 @@ from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
+from adapters.architectures import BERT_TARGETS
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
 from benchmarks.harness import synthetic_bundle, write_results
-from benchmarks.serve import DEFAULT_TARGETS, machine
+from benchmarks.serve import machine
 from service.app import create_app
 from service.settings import Settings
 from training.data import rotten_tomatoes_snippets
@@ -64,7 +65,7 @@ def prepare_adapters(args: argparse.Namespace, root: Path) -> Path:
     adapters = root / "adapters"
     if args.bundle is None:
         synthetic_bundle(
-            resolve_model(args.base_model), adapters / ON, name=ON, targets=DEFAULT_TARGETS, rank=16, family="kron",
+            resolve_model(args.base_model), adapters / ON, name=ON, targets=BERT_TARGETS, rank=16, family="kron",
             variance=1e-3, max_length=128, ood_method="mahalanobis",
         )  # fmt: skip
     else:

@@ -41,13 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
+from adapters.architectures import BERT_TARGETS
 from adapters.batching import RowBlock, RowPlan
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
 from adapters.predictives import get_predictor
 from adapters.vocab import PredictiveMode
 from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle, write_results
-from benchmarks.serve import DEFAULT_TARGETS, machine
+from benchmarks.serve import machine
 from service.engine import BatchingConfig, Engine, Job
 from service.engine.answers import answer_jobs
 from service.host import ModelHost
@@ -92,7 +93,7 @@ def prepare(model: str, samples: int, root: Path) -> tuple[Path, Path]:
     base = save_tiny_bert(root / "tiny", 64, 128, 512) if model == "tiny" else Path(resolve_model("minilm"))
     adapters = root / "adapters"
     synthetic_bundle(
-        base, adapters / "main", name="main", targets=DEFAULT_TARGETS, rank=16, family="kron", variance=1e-3,
+        base, adapters / "main", name="main", targets=BERT_TARGETS, rank=16, family="kron", variance=1e-3,
         num_samples=samples, max_length=128, ood_method="mahalanobis",
     )  # fmt: skip
     return base, adapters
@@ -173,7 +174,7 @@ def adapters_sweep(args: argparse.Namespace, base: Path, adapters: Path, root: P
     sets["distinct"] = root / "distinct"
     for i in range(distinct_count):
         synthetic_bundle(
-            base, sets["distinct"] / f"d{i}", name=f"d{i}", targets=DEFAULT_TARGETS, rank=16, family="kron",
+            base, sets["distinct"] / f"d{i}", name=f"d{i}", targets=BERT_TARGETS, rank=16, family="kron",
             variance=1e-3, num_samples=args.samples, max_length=128, projection="random", seed=i,
         )  # fmt: skip
     method, concurrency = args.methods[0], max(args.concurrency)

@@ -38,9 +38,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
+from adapters.architectures import BERT_TARGETS
 from adapters.embedded import resolve_model
 from benchmarks.harness import ServerProcess, synthetic_bundle, write_results
-from benchmarks.serve import DEFAULT_TARGETS, machine
+from benchmarks.serve import machine
 from training.data import rotten_tomatoes_snippets
 
 SCENARIOS = {
@@ -126,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         synthetic_bundle(
-            resolve_model("minilm"), root / "adapters" / "main", name="main", targets=DEFAULT_TARGETS, rank=16,
+            resolve_model("minilm"), root / "adapters" / "main", name="main", targets=BERT_TARGETS, rank=16,
             family="kron", variance=1e-3, num_samples=args.small_samples, max_length=128,
         )  # fmt: skip
         for name in args.scenarios:

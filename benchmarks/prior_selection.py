@@ -31,8 +31,8 @@ from training.cli import build_parser, parse
 from training.data import subset
 from training.encoding import make_loader
 from training.inference import Outputs, labels_of, ood_metrics
-from training.laplace_fit import fit_laplace
 from training.methods.laplace import CHECK_STEP
+from training.methods.laplace_fit import fit_laplace
 from training.metrics import classification_metrics
 from training.session import Session, bundle_parameters, fit_map, prepare
 

@@ -34,12 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.harness importable
 
+from adapters.architectures import BERT_TARGETS  # MiniLM is a BERT: every attention and MLP map
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
 from benchmarks.harness import ServerProcess, synthetic_bundle, write_results
 from training.data import rotten_tomatoes_snippets
-
-DEFAULT_TARGETS = ("query", "key", "value", "intermediate.dense", "output.dense")
 
 
 def parse_args() -> argparse.Namespace:
@@ -146,7 +145,7 @@ def prepare_adapters(args: argparse.Namespace, root: Path) -> Path:
         rename(main, "main")
     else:
         synthetic_bundle(
-            resolve_model(args.base_model), main, name="main", targets=DEFAULT_TARGETS, rank=16, family="kron",
+            resolve_model(args.base_model), main, name="main", targets=BERT_TARGETS, rank=16, family="kron",
             variance=1e-3, num_samples=args.samples, max_length=128,
         )  # fmt: skip
     for name in [f"a{i}" for i in range(8)] + [f"load-{i}" for i in range(args.loads)]:

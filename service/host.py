@@ -14,16 +14,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
+from adapters.architectures import default_pooling
+from adapters.base_model import load_base
 from adapters.batching import RowBlock
-from adapters.defaults import prepare_tokenizer, resolve_token_budget
-from adapters.embedded import resolve_model
+from adapters.defaults import resolve_token_budget
 from adapters.fingerprint import combine_digests, module_digests
 from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
 from adapters.ood.features import BaseFeatureTap
-from adapters.pooling import default_pooling
 from adapters.predictives import Predictor, RowOutput
 
 log = logging.getLogger("caveat.serve")
@@ -90,12 +90,10 @@ class ModelHost:
         self.name = name
         self.device = resolve_device(device)
         self.dtype = DTYPES[dtype]
-        path = resolve_model(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        prepare_tokenizer(self.tokenizer)
-        self._counter = AutoTokenizer.from_pretrained(path)  # counts tokens at admission, beside the worker's
+        loaded = load_base(name)  # as the trainer loads it: the same float32 weights and tokenizer
+        self.tokenizer, base = loaded.tokenizer, loaded.model
+        self._counter = AutoTokenizer.from_pretrained(loaded.path)  # counts tokens at admission, beside the worker's
         self._counter.model_max_length = 1 << 30  # counts are capped per adapter, not warned about
-        base = AutoModel.from_pretrained(path, dtype=torch.float32)
         self._digests = module_digests(base)  # float32, before any cast
         inject_lora_xs(base, list(self._digests))
         base.to(device=self.device, dtype=self.dtype).eval()

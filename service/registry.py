@@ -368,17 +368,7 @@ class AdapterRegistry:
         """Move to the device: projections interned in the base's dtype, the rest in float32."""
         device, dtype = self.host.device, self.host.dtype
         projections = {module: self._intern(p, device, dtype) for module, p in bundle.projections.items()}
-        on_device = Bundle(
-            manifest=bundle.manifest,
-            projections=projections,
-            cores={n: c.to(device) for n, c in bundle.cores.items()},
-            head_weight=bundle.head_weight.to(device),
-            head_bias=bundle.head_bias.to(device),
-            posterior=bundle.posterior.to(device),
-            path=directory,
-            sha256=bundle.sha256,
-            ood=bundle.ood,  # stays on the CPU: scored in float64 from features the host copies there
-        )
+        on_device = bundle.to(device, projections)
         own_bytes = bundle.tensor_bytes() - sum(_projection_bytes(p) for p in bundle.projections.values())
         return AdapterVersion(name, on_device, on_device.adapter_weights(), directory, own_bytes)
 

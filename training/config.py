@@ -26,18 +26,40 @@ class ConfigError(CaveatError, ValueError):
     """The training configuration is inconsistent or points at something unusable."""
 
 
+class HeadCoverage(StrEnum):
+    """Whether a posterior method can cover the classifier head as well as the cores (``--posterior-head``)."""
+
+    OPTIONAL = "optional"  # --posterior-head decides
+    ALWAYS = "always"  # whatever --posterior-head says: every ensemble member trains its own head
+    NEVER = "never"  # cores only: --posterior-head is refused
+
+
 class PosteriorMethod(StrEnum):
-    """``--posterior``: how the posterior over the cores is obtained (one module each in ``training.methods``)."""
+    """``--posterior``: how the posterior over the cores is obtained (one module each in ``training.methods``).
+
+    Each member declares what the flags say about it: a description for the ``--posterior`` help (none where
+    the name says it) and its :class:`HeadCoverage`, so a new method needs no edit of the help or the checks.
+    """
+
+    description: str
+    head: HeadCoverage
+
+    def __new__(cls, value: str, description: str = "", head: HeadCoverage = HeadCoverage.OPTIONAL) -> PosteriorMethod:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.description = description
+        member.head = head
+        return member
 
     MAP = "map"
     LAPLACE_DIAG = "laplace-diag"
     LAPLACE_KRON = "laplace-kron"
     LAPLACE_FULL = "laplace-full"
     SWAG = "swag"
-    VI = "vi"
-    ENSEMBLE = "ensemble"
-    MC_DROPOUT = "mc-dropout"
-    BAYESIAN_LORA = "bayesian-lora"
+    VI = "vi", "mean-field variational", HeadCoverage.NEVER
+    ENSEMBLE = "ensemble", "", HeadCoverage.ALWAYS
+    MC_DROPOUT = "mc-dropout", "dropout on the adapter input, also during MAP training", HeadCoverage.NEVER
+    BAYESIAN_LORA = "bayesian-lora", "a matrix-normal variational posterior per core", HeadCoverage.NEVER
 
 
 class Task(StrEnum):
@@ -93,6 +115,26 @@ ENSEMBLE_PROJECTIONS = (
 # a risk, so the default bundle answers ordinary inputs (a 5% risk target left SST-2 answering 37%).
 DEFAULT_TARGET_COVERAGE = 0.90
 WSVD_BATCHES = 32  # batches of training inputs for the W-SVD input moments
+
+
+def _one_of(names: list[str]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _posterior_help() -> str:
+    """The ``--posterior`` help: every method, with its description where it has one."""
+    return _one_of([f"{m} ({m.description})" if m.description else str(m) for m in PosteriorMethod])
+
+
+def _posterior_head_help() -> str:
+    """The ``--posterior-head`` help: which methods always cover the head and which never can."""
+    always = [str(m) for m in PosteriorMethod if m.head == HeadCoverage.ALWAYS]
+    never = [str(m) for m in PosteriorMethod if m.head == HeadCoverage.NEVER]
+    return (
+        "include the classifier head in the posterior (always for "
+        f"{_one_of(always)}; not available for {_one_of(never)}: cores only)"
+    )
 
 
 def option(
@@ -303,24 +345,14 @@ class DropoutConfig:
 class PosteriorConfig:
     """Which posterior, how its predictive is computed, and one section per method."""
 
-    method: PosteriorMethod = option(
-        PosteriorMethod.LAPLACE_KRON,
-        "map, laplace-diag, laplace-kron, laplace-full, swag, vi (mean-field variational), ensemble, mc-dropout "
-        "(dropout on the adapter input, also during MAP training) or bayesian-lora (a matrix-normal variational "
-        "posterior per core)",
-        flag="posterior",
-    )
+    method: PosteriorMethod = option(PosteriorMethod.LAPLACE_KRON, _posterior_help(), flag="posterior")
     predictive: PredictiveMode = option(
         PredictiveMode.GLM,
         "glm (linearised network: one forward and C backward passes per input; the published Laplace predictive, "
         "default) or sample (posterior samples through the network)",
         choices=(PredictiveMode.GLM, PredictiveMode.SAMPLE),
     )
-    head: bool = option(
-        False,
-        "include the classifier head in the posterior (Laplace, SWAG; an ensemble always does)",
-        flag="posterior-head",
-    )
+    head: bool = option(False, _posterior_head_help(), flag="posterior-head")
     num_samples: int | None = option(
         None,
         "posterior draws for evaluation and the bundle's default (16 network samples; 256 GLM logit draws; an "
@@ -452,8 +484,7 @@ class TrainConfig:
             raise ConfigError("--prior-structure layerwise needs --prior marglik (the checks scale a scalar δ)")
         if self.multiple_choice and posterior.head:
             raise ConfigError("--posterior-head: a multiple-choice head is the frozen LM head (answer letters)")
-        cores_only = (PosteriorMethod.VI, PosteriorMethod.MC_DROPOUT, PosteriorMethod.BAYESIAN_LORA)
-        if posterior.method in cores_only and posterior.head:
+        if posterior.method.head == HeadCoverage.NEVER and posterior.head:
             raise ConfigError(f"--posterior-head is not available for --posterior {posterior.method} (cores only)")
         if not 0 < posterior.mc_dropout.rate < 1:
             raise ConfigError("--adapter-dropout must be in (0, 1)")

@@ -209,29 +209,6 @@ def run_epochs(
     return losses
 
 
-def train_variational(
-    model: torch.nn.Module,
-    train: list[Example],
-    encoder: Encoder,
-    groups: list[dict[str, Any]],
-    objective: Objective,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    name: str,
-    progress: bool = True,
-) -> list[float]:
-    """A variational phase after the MAP (VI, Bayesian-LoRA): Adam over the parameter ``groups`` with a
-    linear decay and no warm-up (it starts from the MAP), shuffled batches; returns each epoch's mean loss."""
-    optimizer = torch.optim.Adam(groups)
-    loader = make_loader(train, encoder, batch_size, shuffle=True, seed=seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(epochs * len(loader), 0.0))
-    return run_epochs(
-        model, loader, optimizer, scheduler, objective, epochs=epochs, seed=seed, name=name, progress=progress
-    )
-
-
 @torch.no_grad()
 def validation_scores(model: LoraXSClassifier, examples: list[Example], encoder: Encoder, batch_size: int) -> dict:
     """Accuracy and NLL of the MAP on a split."""

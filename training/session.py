@@ -15,7 +15,6 @@ import torch
 import transformers
 from accelerate import Accelerator
 from torch import Tensor
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from adapters import (
     InputMoments,
@@ -28,15 +27,13 @@ from adapters import (
     load_bundle,
     target_names,
 )
-from adapters.config import DEFAULT_TARGETS
-from adapters.defaults import CORE_INIT_STD, prepare_tokenizer
-from adapters.embedded import resolve_model
+from adapters.architectures import default_pooling, default_targets
+from adapters.base_model import BaseModelError, LoadedBase, load_base
+from adapters.defaults import CORE_INIT_STD
 from adapters.errors import CaveatError
 from adapters.eval_card import DataCard
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
-from adapters.pooling import default_pooling
 from adapters.projections import Projection, spec_needs_data
-from adapters.tasks import letter_token_ids
 from training import hub
 from training.config import WSVD_BATCHES, ConfigError, TrainConfig
 from training.data import (
@@ -69,45 +66,18 @@ class Stage:
         self._start = now
 
 
-def load_base(name_or_path: str, multiple_choice: bool = False) -> tuple[Any, torch.nn.Module, Tensor | None]:
-    """Tokenizer, base model and, for multiple choice, the answer letters' rows of the LM head ``(C, H)``.
+def load_training_base(name_or_path: str, multiple_choice: bool = False) -> LoadedBase:
+    """The base model as :func:`adapters.base_model.load_base` loads it for the server too; a hub id is looked
+    up only when the hub answers (else at once from the cache), and a problem names ``--base-model``."""
+    try:
+        return load_base(name_or_path, multiple_choice=multiple_choice, hub_offline=_hub_offline_reason)
+    except BaseModelError as exc:
+        raise ConfigError(f"--base-model {exc}") from exc
 
-    A multiple-choice base is loaded as a causal LM; its decoder is the base and the letters' output
-    embeddings become the (frozen) classifier head. Its prompts are truncated from the left, so the
-    ``Answer:`` they end with is always kept.
-    """
-    path = resolve_model(name_or_path)
-    local = Path(path).expanduser()
-    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not local.exists():
-        raise ConfigError(f"--base-model {name_or_path}: no such path")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise ConfigError(
-            f"--base-model {name_or_path}: the folder has no config.json (write the model there with save_pretrained)"
-        )
-    offline = not local.exists() and hub.offline()  # a hub id: fail at once rather than retry
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if multiple_choice:
-            causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        else:
-            base = AutoModel.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        if offline:
-            raise ConfigError(
-                f"--base-model {name_or_path}: not a local folder, not in the Hugging Face cache, and "
-                f"{hub.offline_reason()}"
-            ) from exc
-        raise ConfigError(f"--base-model {name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
-    prepare_tokenizer(tokenizer)
-    if not multiple_choice:
-        return tokenizer, base, None
-    tokenizer.truncation_side = "left"
-    try:
-        letters = letter_token_ids(tokenizer)
-    except ValueError as exc:
-        raise ConfigError(f"--base-model {name_or_path}: {exc}") from exc
-    head = causal.get_output_embeddings().weight.detach()[letters].clone()
-    return tokenizer, causal.base_model, head
+
+def _hub_offline_reason() -> str:
+    """Why the hub is not used (``""`` when it is); the libraries are switched offline when it is not."""
+    return hub.offline_reason() if hub.offline() else ""
 
 
 def quiet_libraries() -> None:
@@ -118,14 +88,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="By default `link_approx`", category=UserWarning)
 
 
-def default_targets(base) -> list[str]:
-    model_type = base.config.model_type
-    if model_type not in DEFAULT_TARGETS:
+def targets_or_defaults(base, targets: list[str] | None) -> list[str]:
+    """``--targets`` if given, else the architecture's defaults; refused when it has none."""
+    patterns = targets or default_targets(base.config)
+    if not patterns:
         raise ConfigError(
-            f"no default --targets for a {model_type!r} model; name the linear layers to adapt with --targets. "
-            f"Linear module names end in: {linear_suffixes(base)}"
+            f"no default --targets for a {base.config.model_type!r} model; name the linear layers to adapt with "
+            f"--targets. Linear module names end in: {linear_suffixes(base)}"
         )
-    return list(DEFAULT_TARGETS[model_type])
+    return list(patterns)
 
 
 @dataclass
@@ -237,8 +208,9 @@ def prepare(config: TrainConfig) -> Session:
         )
     stage.done("data")
 
-    tokenizer, base, letter_head = load_base(adapter.base_model, config.multiple_choice)
-    patterns = adapter.targets or default_targets(base)
+    loaded = load_training_base(adapter.base_model, config.multiple_choice)
+    tokenizer, base, letter_head = loaded.tokenizer, loaded.model, loaded.letter_head
+    patterns = targets_or_defaults(base, adapter.targets)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)
     lora = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)

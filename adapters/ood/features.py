@@ -19,22 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.architectures import transformer_blocks
 from adapters.pooling import pool
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, ...]:
     """A middle layer and the last: ``(L // 2, L)`` (``(L,)`` for a one-layer model)."""
     return tuple(sorted({max(1, num_layers // 2), num_layers}))
-
-
-def transformer_blocks(base: nn.Module) -> nn.ModuleList:
-    """The base's stack of transformer blocks: the ``ModuleList`` of ``config.num_hidden_layers`` modules
-    (``encoder.layer`` of BERT, ``layers`` of Llama, ``h`` of GPT-2)."""
-    count = base.config.num_hidden_layers
-    for module in base.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(f"cannot find the {count} transformer blocks of {type(base).__name__}")
 
 
 def check_layers(base: nn.Module, layers: Sequence[int]) -> None:

@@ -33,7 +33,6 @@ from adapters import (
     save_bundle,
     target_names,
 )
-from adapters.bundle import tensors_to
 from adapters.manifest import (
     ADAPTER_FILE,
     MANIFEST_FILE,
@@ -115,7 +114,7 @@ def test_round_trip_reproduces_tensors_exactly(saved) -> None:
 def test_loaded_bundle_serves_like_the_trained_model(saved) -> None:
     """MAP through the batched-rows path of a host model equals the trained model's own forward."""
     _, path, model, _ = saved
-    loaded = tensors_to(load_bundle(path), "cpu")
+    loaded = load_bundle(path).to("cpu")
     host_base = tiny_bert()
     inject_lora_xs(host_base, PATTERNS)
     host = LoraXSClassifier(host_base, num_labels=None).eval()

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -16,11 +17,12 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets.packaged_modules.csv.csv import Csv
 from huggingface_hub import constants
 
+from adapters.architectures import ARCHITECTURES
 from tests.training.test_cli import _fails
 from training import hub
 from training.data import DataError, SplitNames, fingerprint, load_ood, load_shift, load_task
 from training.data.splits import VALIDATION_CAP, VALIDATION_FLOOR, carved_size
-from training.session import load_base
+from training.session import load_training_base
 
 FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
 ROWS = [{"text": f"{'great fine' if i % 3 else 'awful poor'} review {i}", "label": "pos" if i % 3 else "neg"}
@@ -164,7 +166,7 @@ def test_an_unreachable_hub_switches_to_offline_and_fails_in_one_line(tmp_path: 
         load_task("someone/missing")
     assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE  # no request is retried from here on
     with pytest.raises(Exception, match=r"not a local folder, not in the Hugging Face cache, and the hub"):
-        load_base("someone/missing-model")
+        load_training_base("someone/missing-model")
 
 
 def test_validation_size_is_a_count_or_a_capped_fraction() -> None:
@@ -225,7 +227,7 @@ def test_no_default_targets_lists_the_linear_layer_names(capsys, tmp_path: Path,
     from tests.service.bundles import save_tiny_base
 
     base = save_tiny_base(tmp_path / "base")
-    monkeypatch.setattr("training.session.DEFAULT_TARGETS", {})  # an architecture the table does not know
+    monkeypatch.setitem(ARCHITECTURES, "bert", replace(ARCHITECTURES["bert"], targets=()))  # none by default
     data = _write_csv(tmp_path / "d.csv", ROWS)
     _fails(
         capsys, _argv(tmp_path, data, "--base-model", str(base)),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapters import load_bundle, predictive
-from adapters.config import DEFAULT_TARGETS
+from adapters.architectures import ARCHITECTURES
 from adapters.manifest import AbstentionSpec
 from adapters.predictive import Predictive
 from tests.service.bundles import save_tiny_base
@@ -46,7 +46,7 @@ def test_main_sh_and_the_readme_train_the_cli_default_model() -> None:
 def test_the_embedded_default_adapts_every_attention_and_mlp_map_at_128_tokens() -> None:
     config = TrainConfig()
     assert config.max_tokens == 128 and config.adapter.targets is None
-    assert DEFAULT_TARGETS["bert"] == ("query", "key", "value", "intermediate.dense", "output.dense")
+    assert ARCHITECTURES["bert"].targets == ("query", "key", "value", "intermediate.dense", "output.dense")
     assert config.posterior.laplace.prior == "marglik-checked"
     assert config.calibration.abstain_on == ["max_prob"] and config.calibration.target_risk is None
 

@@ -21,8 +21,8 @@ from adapters import (
 )
 from adapters.manifest import AdapterSpec, BaseModelSpec, BundleManifest, HeadSpec, PosteriorSpec, TaskSpec
 from tests.conftest import random_batch, tiny_bert
-from training.exact_ggn import exact_ggn, log_marginal_likelihood
-from training.laplace_fit import fit_laplace, laplace_torch
+from training.methods.exact_ggn import exact_ggn, log_marginal_likelihood
+from training.methods.laplace_fit import fit_laplace, laplace_torch
 from training.scopes import trainable
 
 PATTERNS = ("query", "value")

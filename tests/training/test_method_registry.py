@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import ConfigError, PosteriorMethod, TrainConfig
+from training.config import ConfigError, HeadCoverage, PosteriorMethod, TrainConfig, flags
 from training.methods import REGISTRY, get_method
 from training.objectives import AdapterDropout
 from training.scopes import restored, trainable
@@ -18,6 +18,20 @@ from training.scopes import restored, trainable
 def test_every_posterior_name_has_its_method() -> None:
     assert set(REGISTRY) == set(PosteriorMethod)
     assert all(method.name == name for name, method in REGISTRY.items())
+
+
+def test_the_posterior_help_and_the_head_check_follow_each_methods_declaration() -> None:
+    help = {flag.name: flag.help for flag in flags()}
+    assert all(str(method) in help["posterior"] for method in PosteriorMethod)
+    assert "vi (mean-field variational)" in help["posterior"]
+    for method in PosteriorMethod:
+        config = TrainConfig.from_flat(posterior=str(method), posterior_head=True)
+        if method.head == HeadCoverage.NEVER:
+            assert str(method) in help["posterior-head"]
+            with pytest.raises(ConfigError, match=f"not available for --posterior {method} \\(cores only\\)"):
+                config.validate(needs_out=False)
+        else:
+            config.validate(needs_out=False)
 
 
 def test_only_mc_dropout_trains_its_map_with_another_loss() -> None:

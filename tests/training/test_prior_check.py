@@ -16,8 +16,8 @@ from training.cli import main
 from training.config import TrainConfig
 from training.encoding import make_loader
 from training.inference import labels_of
-from training.laplace_fit import fit_laplace
 from training.methods.laplace import CHECKED_METHOD, MAP_LIMIT_DECADES, ValidationFit, _checked_prior, check_prior
+from training.methods.laplace_fit import fit_laplace
 from training.metrics import ece, nll
 from training.session import fit_map, prepare
 

@@ -1,6 +1,8 @@
 """Posterior methods behind one contract (:mod:`training.methods.base`): each module of this package is one
 method and registers itself under its ``--posterior`` name when the package is imported, so adding a method
-is adding a module (and its config section)."""
+is adding a module (and its config section). Beside them sit what a method needs alone or two share
+(``laplace_fit`` and ``exact_ggn`` for Laplace, ``variational`` for VI and Bayesian-LoRA); importing those
+registers nothing."""
 
 import importlib
 import pkgutil

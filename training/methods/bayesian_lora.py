@@ -20,8 +20,8 @@ from adapters.posteriors.matrix_normal import MatrixNormalFactors, MatrixNormalP
 from training.config import BayesianLoraConfig, PosteriorMethod
 from training.data import Example
 from training.encoding import Encoder, batch_logits
-from training.map_training import train_variational
 from training.methods.base import Fitted, Method, register, sampled
+from training.methods.variational import train_variational
 from training.objectives import row_cores
 from training.scopes import Timer, restored, trainable
 from training.session import Session

@@ -1,10 +1,11 @@
 """``--posterior laplace-diag | laplace-kron | laplace-full``: a Laplace approximation around the MAP.
 
 The curvature (GGN) is fitted on a subset of the training data and scaled to all N examples
-(:mod:`training.laplace_fit`). The prior precision δ maximises the marginal likelihood (``--prior marglik``),
-or the validation NLL of the predictive on a grid around that value (``--prior grid``), or, by default
-(``--prior marglik-checked``), is the marginal likelihood's raised on a half-decade ladder until the predictive's
-validation NLL is no worse than the MAP's and its validation ECE at most ``--prior-ece-slack`` above the MAP's.
+(:mod:`training.methods.laplace_fit`). The prior precision δ maximises the marginal likelihood
+(``--prior marglik``), or the validation NLL of the predictive on a grid around that value (``--prior grid``),
+or, by default (``--prior marglik-checked``), is the marginal likelihood's raised on a half-decade ladder until
+the predictive's validation NLL is no worse than the MAP's and its validation ECE at most ``--prior-ece-slack``
+above the MAP's.
 Raising δ only narrows the covariance and δ → ∞ is the MAP, so the check always ends: at the latest at
 ``MAP_LIMIT_DECADES``, where the posterior is the MAP to float precision.
 """
@@ -21,8 +22,8 @@ from training.config import ConfigError, PosteriorMethod, Prior
 from training.data import subset
 from training.encoding import make_loader
 from training.inference import Outputs, labels_of, predict
-from training.laplace_fit import LaplaceFit, fit_laplace
 from training.methods.base import Fitted, Method, draws, register
+from training.methods.laplace_fit import LaplaceFit, fit_laplace
 from training.metrics import ece, nll
 from training.session import Session
 

@@ -22,8 +22,8 @@ from adapters.posteriors.base import unflatten
 from training.config import PosteriorMethod, ViConfig
 from training.data import Example
 from training.encoding import Encoder
-from training.map_training import train_variational
 from training.methods.base import Fitted, Method, register, sampled
+from training.methods.variational import train_variational
 from training.objectives import cross_entropy, row_cores
 from training.scopes import Timer, restored, trainable
 from training.session import Session

@@ -3,9 +3,9 @@
 laplace-torch 0.3 (default curvlinops GGN backend) fits ``kron`` curvature on a model whose only trainable
 parameters are the posterior's (the cores, and the head when asked), and tunes the prior precision by
 maximising the marginal likelihood (docs/methods.md, Laplace). ``diag`` and ``full`` use the exact GGN from
-per-example Jacobians (:mod:`training.exact_ggn`), tested against laplace-torch's own ``diag`` and ``full``:
-laplace-torch computes them far more slowly on these models. The
-fitted posterior is then stored in the bundle's own families, so the server never refits anything.
+per-example Jacobians (:mod:`training.methods.exact_ggn`), tested against laplace-torch's own ``diag`` and
+``full``: laplace-torch computes them far more slowly on these models. The fitted posterior is then stored in
+the bundle's own families, so the server never refits anything.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from adapters import KronFactors, KronPosterior, LoraXSClassifier, Posterior
 from training.encoding import batch_logits
-from training.exact_ggn import fit_exact
+from training.methods.exact_ggn import fit_exact
 from training.scopes import Timer, trainable
 
 STRUCTURES = ("diag", "kron", "full")
@@ -69,7 +69,7 @@ def fit_laplace(
     if structure not in STRUCTURES:
         raise ValueError(f"unknown Laplace structure {structure!r}; choose one of {list(STRUCTURES)}")
     params = model.posterior_parameters(include_head=include_head)
-    if structure in EXACT:  # laplace-torch is far slower on these: see training.exact_ggn
+    if structure in EXACT:  # laplace-torch is far slower on these: see training.methods.exact_ggn
         if prior_structure != "scalar":
             raise ValueError(f"the {structure} structure supports a scalar prior precision only")
         with Timer() as curvature, trainable(model, params.values()):

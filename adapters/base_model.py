@@ -1,0 +1,84 @@
+"""The frozen base model, loaded one way for the trainer and the server: both must read the same float32
+weights (a bundle's fingerprint is checked against them) and tokenize the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from adapters.defaults import prepare_tokenizer
+from adapters.embedded import resolve_model
+from adapters.errors import CaveatError
+from adapters.tasks import letter_token_ids
+
+
+class BaseModelError(CaveatError, ValueError):
+    """The base model cannot be found or loaded; the message starts with the name it was given."""
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    """A base model ready for LoRA-XS.
+
+    Attributes:
+        path: where it was read from: an embedded model's folder, a local path or a hub id.
+        tokenizer: with a padding token and right padding (a multiple-choice one truncates from the left, so
+            the ``Answer:`` its prompts end with is kept).
+        model: float32; its forward returns ``last_hidden_state`` (``AutoModel``, or a causal LM's decoder).
+        letter_head: multiple choice: the answer letters' rows of the LM head ``(C, H)``; otherwise ``None``.
+    """
+
+    path: str
+    tokenizer: Any
+    model: nn.Module
+    letter_head: Tensor | None = None
+
+
+def load_base(
+    name_or_path: str, *, multiple_choice: bool = False, hub_offline: Callable[[], str] | None = None
+) -> LoadedBase:
+    """Load ``name_or_path`` (an embedded short name such as ``minilm``, a local folder or a hub id).
+
+    A multiple-choice base is loaded as a causal LM: its decoder is the model and the answer letters' output
+    embeddings become the (frozen) classifier head. ``hub_offline``, when given, is asked before a hub id is
+    looked up: why the hub is not used (``""`` when it is), so that a missing model says so.
+
+    Raises:
+        BaseModelError: no such path, a folder without ``config.json``, a model or tokenizer that cannot be
+            loaded, or (multiple choice) answer letters that are not one token each.
+    """
+    path = resolve_model(name_or_path)
+    local = Path(path).expanduser()
+    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not local.exists():
+        raise BaseModelError(f"{name_or_path}: no such path")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise BaseModelError(
+            f"{name_or_path}: the folder has no config.json (write the model there with save_pretrained)"
+        )
+    offline = "" if local.exists() or hub_offline is None else hub_offline()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model_class = AutoModelForCausalLM if multiple_choice else AutoModel
+        model = model_class.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        if offline:
+            raise BaseModelError(
+                f"{name_or_path}: not a local folder, not in the Hugging Face cache, and {offline}"
+            ) from exc
+        raise BaseModelError(f"{name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
+    prepare_tokenizer(tokenizer)
+    if not multiple_choice:
+        return LoadedBase(path, tokenizer, model)
+    tokenizer.truncation_side = "left"
+    try:
+        letters = letter_token_ids(tokenizer)
+    except ValueError as exc:
+        raise BaseModelError(f"{name_or_path}: {exc}") from exc
+    head = model.get_output_embeddings().weight.detach()[letters].clone()
+    return LoadedBase(path, tokenizer, model.base_model, head)
