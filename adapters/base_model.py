@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from adapters.architectures import is_decoder
 from adapters.defaults import prepare_tokenizer
 from adapters.embedded import resolve_model
 from adapters.errors import CaveatError
@@ -28,16 +29,29 @@ class LoadedBase:
 
     Attributes:
         path: where it was read from: an embedded model's folder, a local path or a hub id.
-        tokenizer: with a padding token and right padding (a multiple-choice one truncates from the left, so
-            the ``Answer:`` its prompts end with is kept).
+        tokenizer: with a padding token and right padding.
         model: float32; its forward returns ``last_hidden_state`` (``AutoModel``, or a causal LM's decoder).
-        letter_head: multiple choice: the answer letters' rows of the LM head ``(C, H)``; otherwise ``None``.
+        output_embeddings: a decoder's LM head ``(V, H)`` (cloze scoring reads it); ``None`` for an encoder.
     """
 
     path: str
     tokenizer: Any
     model: nn.Module
-    letter_head: Tensor | None = None
+    output_embeddings: Tensor | None = None
+
+    def letter_head(self) -> Tensor:
+        """The answer letters' rows of the LM head ``(C, H)``: letter-scored multiple choice's fixed head.
+
+        Raises:
+            BaseModelError: an encoder, or answer letters that are not one token each.
+        """
+        if self.output_embeddings is None:
+            raise BaseModelError(f"{self.path}: multiple choice needs a causal LM (a decoder with an LM head)")
+        try:
+            letters = letter_token_ids(self.tokenizer)
+        except ValueError as exc:
+            raise BaseModelError(f"{self.path}: {exc}") from exc
+        return self.output_embeddings[letters].clone()
 
 
 def load_base(
@@ -45,13 +59,13 @@ def load_base(
 ) -> LoadedBase:
     """Load ``name_or_path`` (an embedded short name such as ``minilm``, a local folder or a hub id).
 
-    A multiple-choice base is loaded as a causal LM: its decoder is the model and the answer letters' output
-    embeddings become the (frozen) classifier head. ``hub_offline``, when given, is asked before a hub id is
-    looked up: why the hub is not used (``""`` when it is), so that a missing model says so.
+    A decoder (or any base for multiple choice) is loaded as a causal LM: its decoder is the model, and its LM
+    head is kept for cloze and letter scoring. ``hub_offline``, when given, is asked before a hub id is looked
+    up: why the hub is not used (``""`` when it is), so that a missing model says so.
 
     Raises:
-        BaseModelError: no such path, a folder without ``config.json``, a model or tokenizer that cannot be
-            loaded, or (multiple choice) answer letters that are not one token each.
+        BaseModelError: no such path, a folder without ``config.json``, or a model or tokenizer that cannot be
+            loaded.
     """
     path = resolve_model(name_or_path)
     local = Path(path).expanduser()
@@ -64,7 +78,8 @@ def load_base(
     offline = "" if local.exists() or hub_offline is None else hub_offline()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model_class = AutoModelForCausalLM if multiple_choice else AutoModel
+        causal = multiple_choice or is_decoder(AutoConfig.from_pretrained(path))
+        model_class = AutoModelForCausalLM if causal else AutoModel
         model = model_class.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         if offline:
@@ -73,12 +88,6 @@ def load_base(
             ) from exc
         raise BaseModelError(f"{name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
     prepare_tokenizer(tokenizer)
-    if not multiple_choice:
+    if not causal:
         return LoadedBase(path, tokenizer, model)
-    tokenizer.truncation_side = "left"
-    try:
-        letters = letter_token_ids(tokenizer)
-    except ValueError as exc:
-        raise BaseModelError(f"{name_or_path}: {exc}") from exc
-    head = model.get_output_embeddings().weight.detach()[letters].clone()
-    return LoadedBase(path, tokenizer, model.base_model, head)
+    return LoadedBase(path, tokenizer, model.base_model, model.get_output_embeddings().weight.detach())

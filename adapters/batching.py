@@ -11,7 +11,7 @@ layers for the duration of one forward.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, pairwise
@@ -22,6 +22,8 @@ from torch import Tensor
 from adapters.layer import LoraXSLinear, RowGroup
 from adapters.projections import Projection
 
+Readout = Callable[[Tensor, Mapping[str, Tensor]], Tensor]  # hidden states (N, T, H) and their batch → features
+
 
 @dataclass
 class AdapterWeights:
@@ -31,14 +33,17 @@ class AdapterWeights:
         projections: adapted module name → its projection. Adapters that share a projection *object*
             share ``A x`` in a batched forward (the server interns identical projections).
         scaling: ``alpha / rank``.
-        head_weight: ``(C, H)`` classifier weight (the MAP value).
+        head_weight: ``(C, H)`` classifier weight (the MAP value); ``(K, K)`` identity for a cloze readout.
         head_bias: ``(C,)`` classifier bias.
+        readout: how the rows' hidden states become the head's features: ``None`` pools them (the host's
+            pooling); a :class:`~adapters.cloze.ClozeReadout` scores the choices of packed inputs.
     """
 
     projections: Mapping[str, Projection]
     scaling: float
     head_weight: Tensor
     head_bias: Tensor
+    readout: Readout | None = None
 
 
 @dataclass

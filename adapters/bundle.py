@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from adapters.batching import AdapterWeights
+from adapters.batching import AdapterWeights, Readout
 from adapters.errors import (
     ChecksumMismatchError,
     FingerprintMismatchError,
@@ -114,9 +114,11 @@ class Bundle:
             posterior=posterior.to("cpu"),
         )
 
-    def adapter_weights(self) -> AdapterWeights:
-        """The fixed tensors a batched-rows forward needs (on the bundle's current device)."""
-        return AdapterWeights(self.projections, self.manifest.adapter.scaling, self.head_weight, self.head_bias)
+    def adapter_weights(self, readout: Readout | None = None) -> AdapterWeights:
+        """The fixed tensors a batched-rows forward needs (on the bundle's current device); ``readout``: how its
+        rows' hidden states are read (``None``: pooled)."""
+        scaling = self.manifest.adapter.scaling
+        return AdapterWeights(self.projections, scaling, self.head_weight, self.head_bias, readout)
 
     def to(self, device: torch.device | str, projections: Mapping[str, Projection] | None = None) -> Bundle:
         """A copy with every tensor on ``device``; ``projections``, when given, are its projections already
@@ -401,7 +403,9 @@ def _check_against_base(
                 raise ShapeMismatchError(
                     where, f"{module}: bundle projects {got[1]}→{got[0]}, base layer is {expected[1]}→{expected[0]}"
                 )
-    if hidden_size is not None and bundle.head_weight.shape[1] != hidden_size:
+    choice_format = bundle.manifest.task.choice_format
+    reads_scores = choice_format is not None and choice_format.cloze  # its head reads the choices' scores
+    if hidden_size is not None and not reads_scores and bundle.head_weight.shape[1] != hidden_size:
         raise ShapeMismatchError(
             where, f"head expects {bundle.head_weight.shape[1]} features, base gives {hidden_size}"
         )

@@ -16,11 +16,12 @@ from adapters.batching import RowBlock, RowPlan, apply_row_plan
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT, head_logits
 from adapters.layer import LoraXSLinear
 
-Features = Callable[[Mapping[str, Tensor]], Tensor]  # tokenised rows → pooled features (N, H)
+# tokenised rows, each block's rows and the blocks → each block's head features (one forward, adapters applied)
+BlockFeatures = Callable[[Mapping[str, Tensor], Sequence[Tensor], Sequence[RowBlock]], list[Tensor]]
 
 
 def row_jacobians(
-    features: Features,
+    features: BlockFeatures,
     layers: Mapping[str, LoraXSLinear],
     batch: Mapping[str, Tensor],
     blocks: Sequence[RowBlock],
@@ -30,7 +31,8 @@ def row_jacobians(
     every core of its adapter, ``head.weight`` ``(n, C, C, H)`` and ``head.bias`` ``(n, C, C)`` (float32).
 
     Args:
-        features: the model's pooled features of tokenised rows.
+        features: the model's head features of each block's rows
+            (:meth:`adapters.model.LoraXSClassifier.block_features`).
         layers: the model's LoRA-XS layers by name.
         batch: tokenised unique inputs of this forward ``(N_inputs, T)``.
         blocks: row blocks with one sample, the point the network is linearised at.
@@ -42,8 +44,8 @@ def row_jacobians(
         group.cores = group.cores.detach().requires_grad_(True)
     rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
     with torch.enable_grad(), apply_row_plan(layers, plan):
-        pooled = features(rows_batch)
-        logits = [head_logits(pooled[r], b)[0] for r, b in zip(plan.block_rows, blocks, strict=True)]
+        pooled = features(rows_batch, plan.block_rows, blocks)
+        logits = [head_logits(part, b)[0] for part, b in zip(pooled, blocks, strict=True)]
     num_rows, num_classes = plan.row_inputs.shape[0], max(out.shape[-1] for out in logits)
     per_class = []  # per class: (layer, core shape) → (N_rows, r, r) gradient w.r.t. each row's (scaled) core
     for c in range(num_classes):
@@ -60,14 +62,14 @@ def row_jacobians(
                 per_layer[key][slice(None) if group.rows is None else group.rows] = grad.float()
         per_class.append(per_layer)
     results = []
-    for rows, block, out in zip(plan.block_rows, blocks, logits, strict=True):
+    for rows, block, out, phi in zip(plan.block_rows, blocks, logits, pooled, strict=True):
         C = out.shape[-1]
         jacobians = {
             name: block.adapter.scaling
             * torch.stack([per_class[c][name, block.samples[name].shape[1:]][rows] for c in range(C)], dim=1)
             for name in block.adapter.projections
         }  # the rows hold scaling · R, so ∂f/∂R = scaling · ∂f/∂(row core)
-        phi = pooled[rows].detach().float()
+        phi = phi.detach().float()
         eye = torch.eye(C, device=phi.device)
         jacobians[HEAD_WEIGHT] = torch.einsum("ij,nh->nijh", eye, phi)
         jacobians[HEAD_BIAS] = eye.expand(phi.shape[0], C, C)

@@ -15,7 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapters.eval_card import EvalCard
 from adapters.predictive import ABSTENTION_SCORES, AbstentionRule
-from adapters.vocab import AbstentionKind, OodMethod, Pooling, PosteriorFamily, PredictiveMode, TaskType
+from adapters.tasks import ChoiceFormat
+from adapters.vocab import (
+    AbstentionKind,
+    ChoiceScoring,
+    ClozeNormalisation,
+    OodMethod,
+    Pooling,
+    PosteriorFamily,
+    PredictiveMode,
+    TaskType,
+)
 
 
 def _caveat_version() -> str:
@@ -50,6 +60,18 @@ class TaskSpec(_Strict):
     text_pair: bool = False
     max_length: int = Field(default=128, gt=0)
     prompt_template: str | None = None
+    choice_scoring: ChoiceScoring | None = Field(
+        default=None, description="multiple choice: cloze or letter (a bundle without it: letter, the first format)"
+    )
+    cloze_normalisation: ClozeNormalisation | None = None
+
+    @property
+    def choice_format(self) -> ChoiceFormat | None:
+        """How this multiple-choice adapter's items are put to the LM; ``None`` for classification."""
+        if self.type != TaskType.MULTIPLE_CHOICE:
+            return None
+        scoring = self.choice_scoring or ChoiceScoring.LETTER
+        return ChoiceFormat(scoring, self.prompt_template, self.cloze_normalisation or ClozeNormalisation.CHARS)
 
 
 class BaseModelSpec(_Strict):

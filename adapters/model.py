@@ -14,7 +14,9 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from adapters.batching import AdapterWeights, RowBlock, RowPlan, apply_row_plan, pack_blocks
+from adapters import cloze
+from adapters.batching import AdapterWeights, Readout, RowBlock, RowPlan, apply_row_plan, pack_blocks
+from adapters.cloze import ClozeReadout
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT, head_logits
 from adapters.injection import lora_xs_layers
 from adapters.layer import LoraXSLinear
@@ -36,6 +38,9 @@ class LoraXSClassifier(nn.Module):
         dropout: before the head, in training only.
         train_head: whether :meth:`freeze_base` leaves the head trainable (a multiple-choice head, the LM's
             answer-letter rows, stays fixed).
+        readout: how this model's own forward reads the hidden states: ``None`` pools them; a
+            :class:`~adapters.cloze.ClozeReadout` scores packed multiple-choice inputs (the head is then the
+            fixed ``(K, K)`` identity, whatever ``num_labels`` and ``train_head`` say).
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class LoraXSClassifier(nn.Module):
         pooling: str = "mean",
         dropout: float = 0.1,
         train_head: bool = True,
+        readout: ClozeReadout | None = None,
     ) -> None:
         super().__init__()
         if pooling not in tuple(Pooling):
@@ -52,18 +58,60 @@ class LoraXSClassifier(nn.Module):
         self.base = base
         self.pooling = pooling
         self.train_head = train_head
+        self._readout_choices = None if readout is None else readout.num_choices
+        if readout is not None:  # a buffer, so that .to(device) moves the LM head with the model
+            self.register_buffer("output_embeddings", readout.output_embeddings, persistent=False)
         self.dropout = nn.Dropout(dropout)
-        hidden = base.config.hidden_size
-        self.head = nn.Linear(hidden, num_labels) if num_labels is not None else None
+        self.head = nn.Linear(base.config.hidden_size, num_labels) if num_labels is not None else None
+        if readout is not None and self.head is not None:  # the choices' scores are the logits: a fixed identity
+            self.train_head = False
+            self.head = nn.Linear(readout.num_choices, readout.num_choices)
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(readout.num_choices))
+                self.head.bias.zero_()
+
+    @property
+    def readout(self) -> ClozeReadout | None:
+        """This model's own readout (``None``: it pools)."""
+        if self._readout_choices is None:
+            return None
+        return ClozeReadout(self.output_embeddings, self._readout_choices)
 
     @property
     def lora_layers(self) -> dict[str, LoraXSLinear]:
         return lora_xs_layers(self.base)
 
+    def hidden_states(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The base's last hidden states ``(N, T, H)`` of a tokenised batch (``input_ids``, ``attention_mask``,
+        ...; a batch with packed multiple-choice inputs gets their block attention, :mod:`adapters.cloze`)."""
+        return self.base(**cloze.decoder_inputs(batch, self.base.dtype)).last_hidden_state
+
     def features(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Pooled features ``(N, H)`` of a tokenised batch (``input_ids``, ``attention_mask``, ...)."""
-        hidden = self.base(**batch).last_hidden_state
-        return pool(hidden, batch.get("attention_mask"), self.pooling)
+        """This model's head features of a tokenised batch: pooled ``(N, H)``, or its readout's (cloze
+        scores ``(N, K)``)."""
+        return self._read(self.hidden_states(batch), batch, self.readout)
+
+    def _read(self, hidden: Tensor, batch: Mapping[str, Tensor], readout: Readout | None) -> Tensor:
+        if readout is None:
+            return pool(hidden, batch.get("attention_mask"), self.pooling)
+        return readout(hidden, batch)
+
+    def block_features(
+        self, batch: Mapping[str, Tensor], block_rows: Sequence[Tensor], blocks: Sequence[RowBlock]
+    ) -> list[Tensor]:
+        """One forward of the rows ``batch`` (adapters applied): each block's head features, read its
+        adapter's way (pooled once for all the blocks that pool)."""
+        hidden = self.hidden_states(batch)
+        pooled: Tensor | None = None
+        out = []
+        for rows, block in zip(block_rows, blocks, strict=True):
+            readout = block.adapter.readout
+            if readout is None:
+                pooled = self._read(hidden, batch, None) if pooled is None else pooled
+                out.append(pooled[rows])
+            else:
+                out.append(readout(hidden[rows], {k: v[rows] for k, v in batch.items()}))
+        return out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **batch: Tensor) -> Tensor:
         """Single mode: logits ``(N, C)`` with each layer's own core and this model's head."""
@@ -136,7 +184,7 @@ class LoraXSClassifier(nn.Module):
             rows = {k: v.index_select(0, chunk.inputs)[:, : chunk.width] for k, v in batch.items()}
             parts = [part for _, part in chunk.parts]
             with _tapped(self.base, tap, chunk.inputs, rows) as base_inputs:
-                results = row_jacobians(self.features, self.lora_layers, rows, parts, base_inputs)
+                results = row_jacobians(self.block_features, self.lora_layers, rows, parts, base_inputs)
             for (index, _), result in zip(chunk.parts, results, strict=True):
                 outputs[index] = result
         return outputs
@@ -147,8 +195,8 @@ class LoraXSClassifier(nn.Module):
         plan = RowPlan.build(blocks, self.lora_layers.keys(), base_inputs)
         rows_batch = {k: v.index_select(0, plan.row_inputs) for k, v in batch.items()}
         with apply_row_plan(self.lora_layers, plan):
-            features = self.features(rows_batch)
-        return [head_logits(features[rows], block) for rows, block in zip(plan.block_rows, blocks, strict=True)]
+            features = self.block_features(rows_batch, plan.block_rows, blocks)
+        return [head_logits(part, block) for part, block in zip(features, blocks, strict=True)]
 
     def own_adapter(self) -> AdapterWeights:
         """This model's own projections, scaling and head as batched-rows adapter weights (on its device)."""
@@ -157,7 +205,7 @@ class LoraXSClassifier(nn.Module):
             raise ValueError("the classifier needs its own head and adapter cores")
         projections = {name: Projection(layer.lora_A, layer.lora_B) for name, layer in layers.items()}
         scaling = next(iter(layers.values())).scaling
-        return AdapterWeights(projections, scaling, self.head.weight.detach(), self.head.bias.detach())
+        return AdapterWeights(projections, scaling, self.head.weight.detach(), self.head.bias.detach(), self.readout)
 
     def freeze_base(self) -> list[str]:
         """Make only the cores and this model's head (unless ``train_head`` is off) trainable; returns the
@@ -183,7 +231,7 @@ class LoraXSClassifier(nn.Module):
 
 def _tapped(base: nn.Module, tap: BaseFeatureTap | None, inputs: Tensor, rows: Mapping[str, Tensor]):
     """The tap's context around one chunk's forward (``inputs`` its unique inputs, ``rows`` their tokens)."""
-    return nullcontext() if tap is None else tap.tapped(base, inputs, rows.get("attention_mask"))
+    return nullcontext() if tap is None else tap.tapped(base, inputs, cloze.prompt_mask(rows))
 
 
 def _input_lengths(batch: Mapping[str, Tensor]) -> list[int]:

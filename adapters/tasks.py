@@ -1,23 +1,56 @@
 """Multiple choice with a causal LM as a C-way classifier (docs/methods.md, predictive distributions),
 shared by training and serving.
 
-A question and its choices become one prompt; the logits of the answer-letter tokens at the prompt's last
-position are the classifier's logits. Letters are A, B, C, ... in the order of the item's own choices (an
-item keyed "1"–"4" is mapped through its labels), and an item with fewer choices than letters masks the
-letters it lacks.
+Two scorings (:class:`~adapters.vocab.ChoiceScoring`, chosen by :class:`ChoiceFormat`): **cloze** scores each
+choice's text after the question (:mod:`adapters.cloze`); **letter** renders the question and its choices as
+one prompt, and the logits of the answer-letter tokens at its last position are the classifier's logits.
+Choices keep the item's own order (letters A, B, C, ...; an item keyed "1"–"4" is mapped through its labels),
+and an item with fewer choices than the bundle's most masks the ones it lacks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from adapters.vocab import ChoiceScoring, ClozeNormalisation
 
 LETTERS = ("A", "B", "C", "D", "E")
 DEFAULT_TEMPLATE = (
     "Select one of the choices that answers the following question: {question} Choices: {choices} Answer:"
 )
+DEFAULT_CLOZE_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class ChoiceFormat:
+    """How multiple-choice items are put to a causal LM.
+
+    Attributes:
+        scoring: cloze (each choice's text after the question) or letter (one prompt, the answer letters).
+        template: the prompt, with ``{question}`` and ``{choices}`` (rendered ``A. … B. …``); ``None``: the
+            scoring's default (:data:`DEFAULT_CLOZE_TEMPLATE`, :data:`DEFAULT_TEMPLATE`).
+        normalisation: cloze: what a choice's log-likelihood is divided by.
+    """
+
+    scoring: ChoiceScoring = ChoiceScoring.CLOZE
+    template: str | None = None
+    normalisation: ClozeNormalisation = ClozeNormalisation.CHARS
+
+    @property
+    def prompt_template(self) -> str:
+        return self.template or (DEFAULT_CLOZE_TEMPLATE if self.cloze else DEFAULT_TEMPLATE)
+
+    @property
+    def cloze(self) -> bool:
+        return self.scoring == ChoiceScoring.CLOZE
+
+    def prompt(self, question: str, choices: Sequence[str]) -> str:
+        """The item's prompt (cloze: the text its choices continue)."""
+        return format_prompt(question, choices, self.prompt_template)
 
 
 def format_prompt(question: str, choices: Sequence[str], template: str | None = None) -> str:

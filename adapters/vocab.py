@@ -60,3 +60,18 @@ class TaskType(StrEnum):
 
     SEQUENCE_CLASSIFICATION = "sequence-classification"
     MULTIPLE_CHOICE = "multiple-choice"
+
+
+class ChoiceScoring(StrEnum):
+    """How a causal LM scores a multiple-choice item's choices (``adapters.cloze``, ``adapters.tasks``)."""
+
+    CLOZE = "cloze"  # each choice's text after the question: its length-normalised log-likelihood
+    LETTER = "letter"  # all choices in one prompt, lettered: the answer letters' next-token logits
+
+
+class ClozeNormalisation(StrEnum):
+    """What a cloze score's log-likelihood is divided by (``adapters.cloze``)."""
+
+    TOKENS = "tokens"  # the choice's token count: the mean log-likelihood per token
+    CHARS = "chars"  # the choice's character count (lm-eval's acc_norm)
+    NONE = "none"  # the summed log-likelihood: favours short choices

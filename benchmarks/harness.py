@@ -77,18 +77,19 @@ def synthetic_bundle(
     ood_method: str | None = None,
     projection: str = "svd",
     text_pair: bool = False,
+    pooling: str = "mean",
 ) -> Path:
     """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
     ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule;
     ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never);
-    ``text_pair``: the task takes text pairs."""
+    ``text_pair``: the task takes text pairs; ``pooling``: the base's (``last`` for a decoder)."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
     config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed, projection=projection)
     names = target_names(base, targets)
     adapted = copy.deepcopy(base)
     inject_lora_xs(adapted, targets, compute_projections(adapted, names, config), alpha=config.alpha, seed=seed)
     hidden = base.config.hidden_size
-    model = LoraXSClassifier(adapted, num_labels=len(labels))
+    model = LoraXSClassifier(adapted, num_labels=len(labels), pooling=pooling)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_xs_layers(adapted).values():
@@ -101,7 +102,7 @@ def synthetic_bundle(
     manifest = BundleManifest(
         name=name,
         version=version,
-        task=TaskSpec(labels=list(labels), max_length=max_length, text_pair=text_pair),
+        task=TaskSpec(labels=list(labels), max_length=max_length, text_pair=text_pair, pooling=pooling),
         base_model=BaseModelSpec(
             name_or_path=str(base_dir), fingerprint=base_fingerprint(base, names), hidden_size=hidden
         ),

@@ -56,8 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = TrainConfig.from_flat(
-        base_model=args.base_model, dataset="arc-easy", validation_size=300, train_limit=args.train_limit,
-        eval_limit=args.questions, rank=args.rank, batch_size=args.batch_size, epochs=1, progress=True,
+        base_model=args.base_model, dataset="arc-easy", mc_scoring="letter", validation_size=300,
+        train_limit=args.train_limit, eval_limit=args.questions, rank=args.rank, batch_size=args.batch_size,
+        epochs=1, progress=True,
     )  # fmt: skip
     session = prepare(config)
     model, device = session.model, next(session.model.parameters()).device

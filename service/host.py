@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer
 
+from adapters import cloze
 from adapters.architectures import default_pooling
 from adapters.base_model import load_base
 from adapters.batching import RowBlock
@@ -25,6 +26,7 @@ from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
 from adapters.ood.features import BaseFeatureTap
 from adapters.predictives import Predictor, RowOutput
+from adapters.vocab import ClozeNormalisation
 
 log = logging.getLogger("caveat.serve")
 
@@ -61,13 +63,21 @@ class TextInput:
     """One input as the model sees it: a text, an optional second text, and the adapter's max length.
 
     A multiple-choice input is its formatted prompt with ``num_choices`` set; it is truncated from the left,
-    so the ``Answer:`` at its end survives.
+    so the ``Answer:`` at its end survives. A cloze one also carries its ``choices``, packed after the prompt
+    (:mod:`adapters.cloze`), their ``normalisation`` and the adapter's ``max_choices``.
     """
 
     text: str
     text_pair: str | None
     max_length: int
     num_choices: int | None = None
+    choices: tuple[str, ...] | None = None
+    normalisation: str = ClozeNormalisation.CHARS
+    max_choices: int | None = None
+
+    def pack(self, tokenizer) -> dict[str, list]:
+        """A cloze input's packed tokens (:func:`adapters.cloze.pack`)."""
+        return cloze.pack(tokenizer, self.text, self.choices, self.max_length, self.normalisation, self.max_choices)
 
 
 class ModelHost:
@@ -92,6 +102,9 @@ class ModelHost:
         self.dtype = DTYPES[dtype]
         loaded = load_base(name)  # as the trainer loads it: the same float32 weights and tokenizer
         self.tokenizer, base = loaded.tokenizer, loaded.model
+        embeddings = loaded.output_embeddings
+        # a decoder's LM head, which cloze adapters read (a copy in the host's dtype, on its device)
+        self.output_embeddings = None if embeddings is None else embeddings.to(device=self.device, dtype=self.dtype)
         self._counter = AutoTokenizer.from_pretrained(loaded.path)  # counts tokens at admission, beside the worker's
         self._counter.model_max_length = 1 << 30  # counts are capped per adapter, not warned about
         self._digests = module_digests(base)  # float32, before any cast
@@ -164,15 +177,27 @@ class ModelHost:
         texts = [item.text for item in inputs]
         pairs = [item.text_pair or "" for item in inputs]
         counted = self._counter(texts, pairs if any(item.text_pair for item in inputs) else None)["input_ids"]
-        return [min(len(ids), item.max_length) for ids, item in zip(counted, inputs, strict=True)]
+        return [
+            self._packed_length(index, item) if item.choices is not None else min(len(ids), item.max_length)
+            for index, (ids, item) in enumerate(zip(counted, inputs, strict=True))
+        ]
+
+    def _packed_length(self, index: int, item: TextInput) -> int:
+        try:
+            return len(item.pack(self._counter)["input_ids"])
+        except cloze.ClozeInputError as exc:
+            raise cloze.ClozeInputError(f"inputs[{index}]: {exc}") from None
 
     def encode(self, inputs: Sequence[TextInput]) -> dict[str, Tensor]:
         """Tokenise unique inputs, each truncated at its own max length, into one right-padded batch."""
         groups: dict[tuple[int, bool, bool], list[int]] = {}
+        encoded: list[dict[str, list]] = [{}] * len(inputs)
         for index, item in enumerate(inputs):
+            if item.choices is not None:
+                encoded[index] = item.pack(self.tokenizer)
+                continue
             key = (item.max_length, item.text_pair is not None, item.num_choices is not None)
             groups.setdefault(key, []).append(index)
-        encoded: list[dict[str, Tensor]] = [{}] * len(inputs)
         for (max_length, paired, prompt), indices in groups.items():
             texts = [inputs[i].text for i in indices]
             pairs = [inputs[i].text_pair for i in indices] if paired else None
@@ -180,18 +205,8 @@ class ModelHost:
             batch = self.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True)
             for row, index in enumerate(indices):
                 encoded[index] = {k: batch[k][row] for k in batch}
-        return self._pad(encoded)
-
-    def _pad(self, rows: list[dict[str, list[int]]]) -> dict[str, Tensor]:
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows[0]]
-        lengths = [sum(r["attention_mask"]) for r in rows]
-        width = max(lengths)
-        pad_id = self.tokenizer.pad_token_id
-        batch = {k: torch.full((len(rows), width), pad_id if k == "input_ids" else 0) for k in keys}
-        for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            for k in keys:
-                batch[k][i, :length] = torch.tensor(row[k][:length])
-        return {k: v.to(self.device) for k, v in batch.items()}
+        unpadded = [{k: row[k][: sum(row["attention_mask"])] for k in row} for row in encoded]
+        return {k: v.to(self.device) for k, v in cloze.pad(unpadded, self.tokenizer.pad_token_id).items()}
 
     def run(
         self,

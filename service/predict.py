@@ -10,9 +10,9 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from adapters.cloze import ClozeInputError
 from adapters.predictive import AbstentionRule
 from adapters.predictives import PREDICTORS
-from adapters.tasks import format_prompt
 from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
 from service.fields import encode_results
@@ -58,7 +58,7 @@ async def run_prediction(
         raise InvalidRequestError("num_samples must be at least 1")
     _check_inputs(inputs, settings)
     adapter = await registry.acquire(adapter_ref)
-    texts = [_text_input(item, adapter) for item in inputs]
+    texts = [_text_input(index, item, adapter) for index, item in enumerate(inputs)]
     predictor = adapter.predictor(method)
     if predictor.fixed_draws is not None:
         num_samples = predictor.fixed_draws
@@ -72,8 +72,11 @@ async def run_prediction(
     seed = secrets.randbits(63) if seed is None else seed
     deadline = time.perf_counter() + settings.request_timeout_s
     count = registry.host.token_counts
-    chars = sum(len(item.text) + len(item.text_pair or "") for item in texts)
-    tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
+    chars = sum(len(item.text) + len(item.text_pair or "") + sum(map(len, item.choices or ())) for item in texts)
+    try:
+        tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
+    except ClozeInputError as exc:  # choices that leave no room for the question
+        raise InvalidRequestError(str(exc)) from None
     job = Job(adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), tokens, deadline=deadline)
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
@@ -123,16 +126,29 @@ def _check_inputs(inputs: list[Input], settings: Settings) -> None:
             )
 
 
-def _text_input(item: Input, adapter: AdapterVersion) -> TextInput:
+def _text_input(index: int, item: Input, adapter: AdapterVersion) -> TextInput:
     task = adapter.manifest.task
-    if task.type == "multiple-choice":
+    choice_format = task.choice_format
+    if choice_format is not None:
         if not isinstance(item, MultipleChoice):
-            raise InvalidRequestError(f"adapter {adapter.name!r} answers multiple choice: send {{question, choices}}")
-        prompt = format_prompt(item.question, item.choices, task.prompt_template)
-        return TextInput(prompt, None, adapter.max_length, num_choices=len(item.choices))
+            raise InvalidRequestError(
+                f"inputs[{index}]: adapter {adapter.name!r} answers multiple choice: send {{question, choices}}"
+            )
+        if len(item.choices) > len(task.labels):
+            raise InvalidRequestError(
+                f"inputs[{index}].choices: {len(item.choices)} choices; adapter {adapter.name!r} takes at most "
+                f"{len(task.labels)}"
+            )
+        prompt = choice_format.prompt(item.question, item.choices)
+        if not choice_format.cloze:
+            return TextInput(prompt, None, adapter.max_length, num_choices=len(item.choices))
+        return TextInput(
+            prompt, None, adapter.max_length, len(item.choices), tuple(item.choices), choice_format.normalisation,
+            len(task.labels),
+        )  # fmt: skip
     if isinstance(item, MultipleChoice):
         raise InvalidRequestError(
-            f"adapter {adapter.name!r} classifies texts; {{question, choices}} is for multiple choice"
+            f"inputs[{index}]: adapter {adapter.name!r} classifies texts; {{question, choices}} is for multiple choice"
         )
     text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
     if pair is not None and not adapter.manifest.task.text_pair:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from adapters.batching import AdapterWeights
 from adapters.bundle import Bundle, load_bundle, parse_manifest
+from adapters.cloze import ClozeReadout
 from adapters.errors import BundleError
 from adapters.manifest import MANIFEST_FILE, BundleManifest
 from adapters.predictive import AbstentionRule
@@ -358,6 +359,12 @@ class AdapterRegistry:
                 f"bundle {directory.name!r}'s OOD score reads layers {ood.layers} pooled by {ood.pooling!r}; this "
                 f"server's base has {self.host.num_layers} layers and pools by {self.host.pooling!r}"
             )
+        choice_format = manifest.task.choice_format
+        if choice_format is not None and choice_format.cloze and self.host.output_embeddings is None:
+            raise BundleRejectedError(
+                f"bundle {directory.name!r} scores multiple choice with the LM head (cloze); this server's base has "
+                "none (an encoder)"
+            )
         if manifest.task.pooling != self.host.pooling:
             raise BundleRejectedError(
                 f"bundle {directory.name!r} pools by {manifest.task.pooling!r}; this server's base pools by "
@@ -370,7 +377,14 @@ class AdapterRegistry:
         projections = {module: self._intern(p, device, dtype) for module, p in bundle.projections.items()}
         on_device = bundle.to(device, projections)
         own_bytes = bundle.tensor_bytes() - sum(_projection_bytes(p) for p in bundle.projections.values())
-        return AdapterVersion(name, on_device, on_device.adapter_weights(), directory, own_bytes)
+        return AdapterVersion(name, on_device, on_device.adapter_weights(self._readout(bundle)), directory, own_bytes)
+
+    def _readout(self, bundle: Bundle) -> ClozeReadout | None:
+        """A cloze adapter reads its choices' scores under the base's LM head; any other pools."""
+        choice_format = bundle.manifest.task.choice_format
+        if choice_format is None or not choice_format.cloze:
+            return None
+        return ClozeReadout(self.host.output_embeddings, len(bundle.manifest.task.labels))
 
     def _intern(self, projection: Projection, device: torch.device, dtype: torch.dtype) -> Projection:
         """One device copy per distinct projection (by digest of the float32 bytes)."""

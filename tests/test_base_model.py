@@ -25,7 +25,7 @@ def test_training_and_serving_load_the_same_base(tmp_path: Path) -> None:
     served_weights = {n.replace(".base.", "."): w for n, w in served.classifier.base.state_dict().items()}
     assert served_weights.keys() == trained.model.state_dict().keys()
     assert all(torch.equal(served_weights[n], w) for n, w in trained.model.state_dict().items())
-    assert trained.letter_head is None and served.pooling == "mean"
+    assert trained.output_embeddings is None and served.pooling == "mean"
     text = "a served input, tokenized"
     assert trained.tokenizer(text).input_ids == served.tokenizer(text).input_ids
     assert (trained.tokenizer.pad_token, trained.tokenizer.padding_side) == (served.tokenizer.pad_token, "right")

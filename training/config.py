@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 
 from adapters.errors import CaveatError
 from adapters.options import scalar_type
-from adapters.vocab import AbstentionKind, OodMethod, PredictiveMode
+from adapters.tasks import ChoiceFormat
+from adapters.vocab import AbstentionKind, ChoiceScoring, ClozeNormalisation, OodMethod, PredictiveMode
 
 
 class ConfigError(CaveatError, ValueError):
@@ -66,7 +67,7 @@ class Task(StrEnum):
     """``--task``: what the head predicts."""
 
     CLASSIFICATION = "classification"  # a pooled linear head over the labels
-    MULTIPLE_CHOICE = "multiple-choice"  # a causal LM's answer-letter logits
+    MULTIPLE_CHOICE = "multiple-choice"  # a causal LM scores each item's choices (--mc-scoring)
 
 
 class Prior(StrEnum):
@@ -89,6 +90,7 @@ class SelectBy(StrEnum):
 
     NLL = "nll"  # the lowest validation NLL (calibration-aware)
     ACCURACY = "accuracy"  # the highest validation accuracy
+    LAST = "last"  # the last epoch, no early stopping (the published long-run protocol)
 
 
 class MixedPrecision(StrEnum):
@@ -106,7 +108,11 @@ NO_OOD = OodChoice.NONE  # no OOD score, no ood rule
 AbstainOn = StrEnum("AbstainOn", {k.name: k.value for k in AbstentionKind if k != AbstentionKind.OOD})
 
 
-MULTIPLE_CHOICE_SETS = ("arc-easy", "openbookqa")  # embedded sets that are multiple choice (training.data)
+MULTIPLE_CHOICE_SETS = (
+    "arc-easy",
+    "arc-challenge",
+    "openbookqa",
+)  # embedded sets that are multiple choice (training.data)
 CLASSIFICATION_MAX_LENGTH, MC_MAX_LENGTH = 128, 256
 ENSEMBLE_PROJECTIONS = (
     "--train-projections with an ensemble: a bundle holds one set of projections, and each member would train its own"
@@ -172,10 +178,19 @@ class DataConfig:
     task: Task | None = option(
         None, "classification or multiple-choice (default: multiple-choice for arc-easy, else classification)"
     )
+    mc_scoring: ChoiceScoring = option(
+        ChoiceScoring.CLOZE,
+        "multiple choice: cloze (each choice's text after the question, its length-normalised log-likelihood) or "
+        "letter (the choices lettered in one prompt, the answer letters' next-token logits)",
+    )
+    cloze_normalisation: ClozeNormalisation = option(
+        ClozeNormalisation.CHARS,
+        "cloze: divide a choice's log-likelihood by its characters (chars), its tokens (tokens), or nothing (none)",
+    )
     prompt_template: str | None = option(
         None,
-        "multiple choice: the prompt, with {question} and {choices} (rendered 'A. … B. …'); the answer letter's "
-        "logit is read after it",
+        "multiple choice: the prompt, with {question} and {choices} (rendered 'A. … B. …'; default: "
+        "'Question: {question}\\nAnswer:' for cloze, a lettered prompt ending 'Answer:' for letter)",
     )
     text_column: str = option("text", "text column")
     text_pair_column: str | None = option(None, "second text column for sentence-pair tasks")
@@ -190,7 +205,7 @@ class DataConfig:
     shift: str | None = option(
         None,
         "labelled set in the same label space, only for evaluation under shift (embedded: drugreviews; openbookqa "
-        "for multiple choice)",
+        "or arc-challenge for multiple choice)",
     )
     ood: str | None = option(
         None, "texts only for out-of-distribution detection (embedded: bbcnews; openbookqa for multiple choice)"
@@ -235,7 +250,14 @@ class OptimisationConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     batch_size: int = option(32, "examples per batch", at_least=1)
     patience: int = option(2, "stop after this many epochs without validation improvement")
-    select_by: SelectBy = option(SelectBy.NLL, "validation score that picks the checkpoint")
+    select_by: SelectBy = option(
+        SelectBy.NLL, "validation score that picks the checkpoint: nll, accuracy, or last (train every epoch)"
+    )
+    checkpoint_epochs: list[int] | None = option(
+        None,
+        "comma-separated epochs (e.g. 10,25): train to --epochs without early stopping and fit the posterior, "
+        "calibration and evaluation at each of them, one bundle per epoch under --out (epoch-10, epoch-25)",
+    )
     mixed_precision: MixedPrecision = option(MixedPrecision.NO, "autocast precision (GPU)")
     train_projections: bool = option(
         False,
@@ -459,6 +481,24 @@ class TrainConfig:
         task = self.data.task or (Task.MULTIPLE_CHOICE if self.data.dataset in MULTIPLE_CHOICE_SETS else None)
         return task == Task.MULTIPLE_CHOICE
 
+    def _check_checkpoint_epochs(self) -> None:
+        optimisation = self.optimisation
+        epochs = optimisation.checkpoint_epochs
+        if epochs is None:
+            return
+        if not epochs or len(set(epochs)) != len(epochs) or min(epochs) < 1:
+            raise ConfigError(f"--checkpoint-epochs must name distinct epochs from 1 on, got {epochs}")
+        if max(epochs) > optimisation.epochs:
+            raise ConfigError(f"--checkpoint-epochs {max(epochs)} is beyond --epochs {optimisation.epochs}")
+        if self.posterior.method == PosteriorMethod.ENSEMBLE:
+            raise ConfigError("--checkpoint-epochs: an ensemble trains its members to their own selected epochs")
+
+    @property
+    def choice_format(self) -> ChoiceFormat:
+        """How multiple-choice items are put to the LM (``--mc-scoring``, ``--prompt-template``, normalisation)."""
+        data = self.data
+        return ChoiceFormat(data.mc_scoring, data.prompt_template, data.cloze_normalisation)
+
     @property
     def max_tokens(self) -> int:
         """The maximum input length in effect (``--max-length`` or the task's default)."""
@@ -480,6 +520,7 @@ class TrainConfig:
         if calibration.target_risk is not None and calibration.target_coverage is not None:
             raise ConfigError("give --target-risk or --target-coverage, not both")
         laplace = posterior.laplace
+        self._check_checkpoint_epochs()
         if laplace.prior_structure == PriorStructure.LAYERWISE and laplace.prior != Prior.MARGLIK:
             raise ConfigError("--prior-structure layerwise needs --prior marglik (the checks scale a scalar δ)")
         if self.multiple_choice and posterior.head:
@@ -556,6 +597,12 @@ class Flag:
     def check(self, value: Any) -> None:
         """A clear error for a value outside the choices or below the bound."""
         values = value if self.is_list and value is not None else [value]
+        if self.is_list and self.kind in (int, float):  # a comma-separated list arrives as strings
+            for v in (v for v in values if v is not None):
+                try:
+                    self.kind(v)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"--{self.name} takes {self.kind.__name__}s, got {v!r}") from None
         if self.choices is not None:
             bad = [v for v in values if v is not None and v not in self.choices]
             if bad:
@@ -564,7 +611,7 @@ class Flag:
             raise ConfigError(f"--{self.name} must be at least {self.at_least:g}")
 
     def coerce(self, value: Any) -> Any:
-        if self.choices is None or value is None:
+        if value is None or (self.choices is None and not (self.is_list and self.kind in (int, float))):
             return value
         return [self.kind(v) for v in value] if self.is_list else self.kind(value)
 

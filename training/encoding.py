@@ -15,33 +15,63 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from adapters import cloze
 from adapters.tasks import choice_mask
+from adapters.vocab import ClozeNormalisation
 from training.data import Example
 
 MEGA_BATCH = 50  # batches per shuffled mega-batch when grouping by length
 
 
 class Encoder:
-    """Turns examples into a padded batch: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), ``labels``."""
+    """Turns examples into a padded batch: ``input_ids``, ``attention_mask`` (+ ``token_type_ids``), ``labels``;
+    cloze multiple-choice examples (with ``choices``) packed (:mod:`adapters.cloze`).
 
-    def __init__(self, tokenizer, max_length: int) -> None:
+    Args:
+        tokenizer: the base's.
+        max_length: tokens of an input (a packed item's prompt and choices together).
+        normalisation: cloze: what a choice's log-likelihood is divided by.
+        max_choices: cloze: the most choices an item may have (the task's labels).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        max_length: int,
+        normalisation: str = ClozeNormalisation.CHARS,
+        max_choices: int | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.normalisation = normalisation
+        self.max_choices = max_choices
 
     def __call__(self, examples: Sequence[Example]) -> UserDict:
-        texts = [e.text for e in examples]
-        pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
-        batch = self.tokenizer(
-            texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        if any(e.choices is not None for e in examples):
+            batch = cloze.pad([self._pack(e) for e in examples], self.tokenizer.pad_token_id)
+        else:
+            texts = [e.text for e in examples]
+            pairs = [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None
+            batch = self.tokenizer(
+                texts, pairs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
         batch = UserDict(dict(batch))  # laplace-torch recognises a MutableMapping as a Hugging Face batch
         batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
         if any(e.num_choices is not None for e in examples):
             batch["num_choices"] = torch.tensor([e.num_choices for e in examples], dtype=torch.long)
         return batch
 
+    def _pack(self, example: Example) -> dict[str, list]:
+        if example.choices is None:
+            raise ValueError("a batch mixes cloze multiple-choice examples with others")
+        return cloze.pack(
+            self.tokenizer, example.text, example.choices, self.max_length, self.normalisation, self.max_choices
+        )
+
     def lengths(self, examples: Sequence[Example]) -> list[int]:
         """Token counts (truncated at max_length) used to group batches."""
+        if any(e.choices is not None for e in examples):
+            return [len(self._pack(e)["input_ids"]) for e in examples]
         encoded = self.tokenizer(
             [e.text for e in examples],
             [e.text_pair or "" for e in examples] if any(e.text_pair is not None for e in examples) else None,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, make_generator
+from adapters import LoraXSClassifier, Posterior, Predictive, RowBlock, cloze, make_generator
 from adapters.batching import base_only
 from adapters.defaults import resolve_token_budget
 from adapters.ood.features import capture_states, pooled_features
@@ -133,8 +133,8 @@ def base_features(
     with base_only(model.lora_layers):
         for indices, batch in _batches(model, examples, encoder, batch_size, desc, progress):
             with capture_states(model.base, layers, slice(None)) as states:
-                model.base(**batch)
-            features = pooled_features(states, batch.get("attention_mask"), model.pooling).cpu()
+                model.hidden_states(batch)
+            features = pooled_features(states, cloze.prompt_mask(batch), model.pooling).cpu()
             if out is None:
                 out = torch.empty(len(examples), features.shape[1])
             out[torch.tensor(indices)] = features

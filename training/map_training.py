@@ -2,7 +2,9 @@
 
 Runs on the CPU, one GPU (bf16 autocast when asked) or several (``accelerate launch``). The checkpoint with
 the best validation score is kept (in memory) and restored at the end; training stops early when the
-validation score has not improved for ``patience`` epochs. The test split is never looked at here.
+validation score has not improved for ``patience`` epochs. With ``--select-by last`` (or ``--checkpoint-epochs``)
+every epoch runs and the last is kept, as the published long-run protocol trains. The test split is never
+looked at here.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ WARMUP_FRACTION = 0.06  # of the steps, a linear warm-up of the learning rate
 
 @dataclass
 class MapResult:
+    """What MAP training did: the epoch kept, each epoch's validation scores, and the trainable state at each
+    of ``--checkpoint-epochs`` (parameter name → tensor)."""
+
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def train_map(
@@ -48,7 +54,8 @@ def train_map(
     progress: bool = True,
     objective: Objective | None = None,
 ) -> MapResult:
-    """Train in place; on return ``model`` holds the best checkpoint (by validation ``select_by``).
+    """Train in place; on return ``model`` holds the best checkpoint (by validation ``select_by``; the last
+    epoch for ``last`` or with ``checkpoint_epochs``, which also keeps the states at those epochs).
 
     ``objective`` is the per-batch loss (cross-entropy by default; :class:`AdapterDropout` for MC dropout).
     With ``settings.train_projections`` (L-LoRA-S) every layer's ``A`` and ``B`` train too, and are frozen
@@ -89,6 +96,8 @@ def _train(
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     result, best_score, best_state, stale = MapResult(best_epoch=0), -math.inf, None, 0
+    keep_last = settings.select_by == SelectBy.LAST or settings.checkpoint_epochs is not None
+    checkpoint_epochs = set(settings.checkpoint_epochs or ())
     with Timer() as timer:
         for epoch in range(1, settings.epochs + 1):
             sampler.set_epoch(epoch)
@@ -105,7 +114,11 @@ def _train(
                 f"epoch {epoch}: train loss {scores['train_loss']:.4f}, validation accuracy {scores['accuracy']:.4f}, "
                 f"NLL {scores['nll']:.4f}"
             )
-            if score > best_score:
+            if epoch in checkpoint_epochs:
+                result.checkpoints[epoch] = _trainable_state(model)
+            if keep_last:  # every epoch runs; the model ends at the last
+                result.best_epoch = epoch
+            elif score > best_score:
                 best_score, best_state, stale, result.best_epoch = score, _trainable_state(model), 0, epoch
             else:
                 stale += 1

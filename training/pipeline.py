@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -30,12 +31,12 @@ from adapters.manifest import (
     TaskSpec,
 )
 from adapters.posteriors import Posterior
-from adapters.tasks import DEFAULT_TEMPLATE
 from adapters.vocab import PosteriorFamily
 from training.calibration import abstention_warning, fit_abstention, fit_temperature
-from training.config import DEFAULT_TARGET_COVERAGE, AbstainOn, ConfigError, TrainConfig
+from training.config import DEFAULT_TARGET_COVERAGE, AbstainOn, ConfigError, SelectBy, TrainConfig
 from training.data import Example
 from training.inference import Outputs, labels_of, ood_metrics, predict, split_metrics
+from training.map_training import MapResult
 from training.methods import Fitted, fit, get_method
 from training.ood import FittedOod, fit_ood
 from training.report import render_report, summary_lines, write_reliability_png
@@ -190,7 +191,7 @@ def write_bundle(
             pooling=model.pooling,
             text_pair=session.task.text_pair,
             max_length=config.max_tokens,
-            prompt_template=(config.data.prompt_template or DEFAULT_TEMPLATE) if config.multiple_choice else None,
+            **_choice_fields(config),
         ),
         base_model=BaseModelSpec(
             name_or_path=adapter.base_model,
@@ -212,7 +213,7 @@ def write_bundle(
             ),
         ),
         head=HeadSpec(
-            trained=model.train_head, in_features=base.config.hidden_size, num_labels=len(session.task.labels)
+            trained=model.train_head, in_features=model.head.in_features, num_labels=len(session.task.labels)
         ),
         posterior=PosteriorSpec(
             family=posterior.family,
@@ -255,12 +256,11 @@ def write_bundle(
 def _training_record(session: Session, fitted: Fitted) -> TrainingRecord:
     map_result, seconds = session.map_result, session.stage.seconds
     return TrainingRecord(
-        map=asdict(map_result) if map_result else None,
+        map=_map_record(map_result) if map_result else None,
         posterior={"method": fitted.method, "seconds": fitted.seconds, **fitted.diagnostics},
         stage_seconds=seconds,
         summary=(
-            f"{map_result.best_epoch} of {len(map_result.history)} epochs kept "
-            f"(validation {session.config.optimisation.select_by}); "
+            f"epoch {map_result.best_epoch} of {len(map_result.history)} kept ({_kept_by(session.config)}); "
             f"{sum(seconds.values()):.0f} s in all ({_stage_list(seconds)})."
         ),
     )
@@ -285,20 +285,39 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
     processes other than the main one under ``accelerate launch``)."""
     config.validate()
     out = Path(config.bundle.out)
-    prepare_output(out, config.bundle.overwrite)
+    targets = checkpoint_outputs(out, config.optimisation.checkpoint_epochs)
+    for target in targets.values():
+        prepare_output(target, config.bundle.overwrite)
     session = prepare(config)
     ood = fit_ood(session)  # the frozen base's features: before training, so a score that cannot fit fails fast
     session.stage.done("ood_score")
-    fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
+    map_result = fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
         return out, session, None
-    fitted = fit(session, config.posterior.method)
-    session.stage.done("posterior")
-    calibration = calibrate(session, fitted)
-    session.stage.done("calibration")
-    evaluation, panels = evaluate(session, fitted, calibration[0], ood)
-    session.stage.done("evaluation")
-    return write_bundle(session, out, fitted, calibration, evaluation, panels, ood), session, fitted
+    written, fitted = out, None
+    for epoch, target in targets.items():
+        if epoch is not None:  # the MAP as it was at the end of that epoch
+            session.model.load_state_dict(map_result.checkpoints[epoch], strict=False)
+            map_result.best_epoch = epoch
+            session.accelerator.print(f"checkpoint epoch {epoch}: posterior, calibration and evaluation → {target}")
+        fitted = fit(session, config.posterior.method)
+        session.stage.done("posterior")
+        calibration = calibrate(session, fitted)
+        session.stage.done("calibration")
+        evaluation, panels = evaluate(session, fitted, calibration[0], ood)
+        session.stage.done("evaluation")
+        written = write_bundle(session, target, fitted, calibration, evaluation, panels, ood)
+    return written, session, fitted
+
+
+def checkpoint_outputs(out: Path, epochs: list[int] | None) -> dict[int | None, Path]:
+    """Where each bundle goes: ``out`` itself, or with ``--checkpoint-epochs`` one ``out/epoch-<E>`` per epoch
+    (``out`` then holds only those)."""
+    if epochs is None:
+        return {None: out}
+    if (out / MANIFEST_FILE).is_file():
+        raise ConfigError(f"--out {out} holds a bundle; --checkpoint-epochs writes one bundle per epoch below it")
+    return {epoch: out / f"epoch-{epoch}" for epoch in sorted(epochs)}
 
 
 def _stage_list(seconds: dict[str, float]) -> str:
@@ -316,3 +335,31 @@ def bundle_size_kb(directory: Path, projections: bool = False) -> float:
     files = ["bundle.json", "adapter.safetensors", "posterior.safetensors", "ood.safetensors"]
     files += ["projections.safetensors"] if projections else []
     return sum((directory / f).stat().st_size for f in files if (directory / f).is_file()) / 1024
+
+
+def _choice_fields(config: TrainConfig) -> dict[str, Any]:
+    """The manifest's record of how multiple-choice items are put to the LM (nothing for classification)."""
+    if not config.multiple_choice:
+        return {}
+    choice_format = config.choice_format
+    fields = {"prompt_template": choice_format.prompt_template, "choice_scoring": choice_format.scoring}
+    return fields | ({"cloze_normalisation": choice_format.normalisation} if choice_format.cloze else {})
+
+
+def _map_record(result: MapResult) -> dict[str, Any]:
+    """The MAP training as the bundle records it (the checkpoints' tensors are not kept, only their epochs)."""
+    return {
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "seconds": result.seconds,
+        "checkpoint_epochs": sorted(result.checkpoints) or None,
+    }
+
+
+def _kept_by(config: TrainConfig) -> str:
+    optimisation = config.optimisation
+    if optimisation.checkpoint_epochs is not None:
+        return "a named checkpoint epoch"
+    if optimisation.select_by == SelectBy.LAST:
+        return "the last epoch, no early stopping"
+    return f"validation {optimisation.select_by}"

@@ -21,6 +21,7 @@ from adapters import (
     LoraXSClassifier,
     LoraXSConfig,
     base_fingerprint,
+    cloze,
     compute_projections,
     inject_lora_xs,
     linear_suffixes,
@@ -29,6 +30,7 @@ from adapters import (
 )
 from adapters.architectures import default_pooling, default_targets
 from adapters.base_model import BaseModelError, LoadedBase, load_base
+from adapters.cloze import ClozeReadout
 from adapters.defaults import CORE_INIT_STD
 from adapters.errors import CaveatError
 from adapters.eval_card import DataCard
@@ -182,12 +184,12 @@ def prepare(config: TrainConfig) -> Session:
         test_file=data.test_file,
         validation_size=data.validation_size,
         seed=seed,
-        prompt_template=data.prompt_template,
+        choice_format=config.choice_format,
         dataset_config=data.dataset_config,
         splits=SplitNames(data.train_split, data.validation_split, data.test_split),
     )
-    shift = load_shift(data.shift, task.labels, columns, data.prompt_template) if data.shift else None
-    ood = load_ood(data.ood, data.text_column, data.prompt_template) if data.ood else None
+    shift = load_shift(data.shift, task.labels, columns, config.choice_format) if data.shift else None
+    ood = load_ood(data.ood, data.text_column, config.choice_format) if data.ood else None
     if config.multiple_choice != all(e.num_choices is not None for e in task.train):
         kind = "multiple-choice" if config.multiple_choice else "classification"
         raise ConfigError(f"--dataset {data.dataset} is not a {kind} task (--task)")
@@ -209,23 +211,17 @@ def prepare(config: TrainConfig) -> Session:
     stage.done("data")
 
     loaded = load_training_base(adapter.base_model, config.multiple_choice)
-    tokenizer, base, letter_head = loaded.tokenizer, loaded.model, loaded.letter_head
+    tokenizer, base = loaded.tokenizer, loaded.model
     patterns = targets_or_defaults(base, adapter.targets)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)
     lora = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)
-    encoder = Encoder(tokenizer, config.max_tokens)
+    encoder = Encoder(tokenizer, config.max_tokens, config.choice_format.normalisation, len(task.labels))
     moments, projection_data = _input_moments(base, names, train, encoder, config)
     projections = compute_projections(base, names, lora, moments)
     report = inject_lora_xs(base, patterns, projections, alpha=adapter.alpha, init_std=CORE_INIT_STD, seed=config.seed)
     pooling = adapter.pooling or default_pooling(base.config)
-    if letter_head is None:
-        model = LoraXSClassifier(base, num_labels=len(task.labels), pooling=pooling)
-    else:  # the LM's own next-token logits of the answer letters: a fixed head, no dropout in front of it
-        model = LoraXSClassifier(base, num_labels=len(task.labels), pooling="last", dropout=0.0, train_head=False)
-        with torch.no_grad():
-            model.head.weight.copy_(letter_head)
-            model.head.bias.zero_()
+    model = _classifier(loaded, config, len(task.labels), pooling)
     model = model.to(accelerator.device)
     accelerator.print(f"LoRA-XS: {report}, rank {adapter.rank}, {len(names) * adapter.rank**2} core parameters")
     stage.done("setup")
@@ -235,6 +231,25 @@ def prepare(config: TrainConfig) -> Session:
     )  # fmt: skip
     session.initial_projections = projections
     return session
+
+
+def _classifier(loaded: LoadedBase, config: TrainConfig, num_labels: int, pooling: str) -> LoraXSClassifier:
+    """The training model: a pooled head for classification; for multiple choice, the LM's own scores of the
+    choices (cloze) or of the answer letters (a fixed head of the LM's letter rows), no dropout in front."""
+    if not config.multiple_choice:
+        return LoraXSClassifier(loaded.model, num_labels=num_labels, pooling=pooling)
+    if config.choice_format.cloze:
+        readout = ClozeReadout(loaded.output_embeddings, num_labels)
+        return LoraXSClassifier(loaded.model, num_labels, pooling="last", dropout=0.0, readout=readout)
+    try:
+        letter_head = loaded.letter_head()
+    except BaseModelError as exc:
+        raise ConfigError(f"--mc-scoring letter: {exc}") from exc
+    model = LoraXSClassifier(loaded.model, num_labels, pooling="last", dropout=0.0, train_head=False)
+    with torch.no_grad():
+        model.head.weight.copy_(letter_head)
+        model.head.bias.zero_()
+    return model
 
 
 def fit_map(
@@ -280,7 +295,7 @@ def _input_moments(base, names, train: list[Example], encoder: Encoder, config: 
     with InputMoments(base, names) as moments, torch.no_grad():
         for batch in make_loader(examples, encoder, batch_size, shuffle=False):
             moments.set_mask(batch["attention_mask"])
-            base(**model_inputs(batch))
+            base(**cloze.decoder_inputs(model_inputs(batch), base.dtype))
         result = moments.moments()
         tokens = max(moments.num_tokens.values())
     return result, {"dataset": config.data.dataset, "examples": len(examples), "tokens": tokens}

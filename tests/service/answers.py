@@ -56,7 +56,8 @@ QUESTIONS = [
     {"question": "What is frozen water called?", "choices": ["ice", "steam", "fog", "rain", "snow"]},
 ]
 MC_FLAGS = [
-    "--dataset", "arc-easy", "--train-limit", "24", "--eval-limit", "8", "--validation-size", "24", "--max-length",
+    "--dataset", "arc-easy", "--mc-scoring", "letter",
+    "--train-limit", "24", "--eval-limit", "8", "--validation-size", "24", "--max-length",
     "96", "--epochs", "1", "--rank", "2", "--num-samples", "3", "--laplace-limit", "16", "--seed", "0", "--no-progress",
 ]  # fmt: skip
 

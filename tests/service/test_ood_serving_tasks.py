@@ -30,7 +30,8 @@ from training.session import prepare
 
 SMALL = ["--epochs", "1", "--rank", "2", "--num-samples", "3", "--laplace-limit", "24", "--no-progress"]
 MC_FLAGS = [
-    "--dataset", "arc-easy", "--train-limit", "40", "--eval-limit", "16", "--validation-size", "40",
+    "--dataset", "arc-easy", "--mc-scoring", "letter",
+    "--train-limit", "40", "--eval-limit", "16", "--validation-size", "40",
     "--max-length", "96", *SMALL,
 ]  # fmt: skip
 PAIR_FLAGS = ["--text-pair-column", "text_pair", "--train-limit", "60", "--eval-limit", "24", "--validation-size", "40",

@@ -18,6 +18,8 @@ from datasets.packaged_modules.csv.csv import Csv
 from huggingface_hub import constants
 
 from adapters.architectures import ARCHITECTURES
+from adapters.tasks import ChoiceFormat
+from adapters.vocab import ChoiceScoring
 from tests.training.test_cli import _fails
 from training import hub
 from training.data import DataError, SplitNames, fingerprint, load_ood, load_shift, load_task
@@ -66,9 +68,10 @@ EMBEDDED_HASHES = {
 
 
 def test_embedded_sets_keep_the_hashes_they_had_before_datasets() -> None:
-    sst2, arc = load_task("sst2", seed=0), load_task("arc-easy", seed=0, validation_size=1000)
+    letter = ChoiceFormat(ChoiceScoring.LETTER)  # the hashes were taken of the lettered prompts
+    sst2, arc = load_task("sst2", seed=0), load_task("arc-easy", seed=0, validation_size=1000, choice_format=letter)
     splits = {("drugreviews", "shift"): load_shift("drugreviews", sst2.labels)[1],
-              ("openbookqa", "shift"): load_shift("openbookqa", arc.labels)[1],
+              ("openbookqa", "shift"): load_shift("openbookqa", arc.labels, choice_format=letter)[1],
               ("bbcnews", "ood"): load_ood("bbcnews")[1]}  # fmt: skip
     for name, task in (("sst2", sst2), ("arc-easy", arc)):
         splits.update({(name, split): getattr(task, split) for split in ("train", "validation", "test")})

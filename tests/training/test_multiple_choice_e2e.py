@@ -23,7 +23,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 SLICE = [
-    "--dataset", "arc-easy", "--shift", "openbookqa", "--ood", "openbookqa", "--train-limit", "40",
+    "--dataset", "arc-easy", "--mc-scoring", "letter",
+    "--shift", "openbookqa", "--ood", "openbookqa", "--train-limit", "40",
     "--eval-limit", "16", "--validation-size", "40", "--shift-limit", "16", "--ood-limit", "16", "--epochs", "1",
     "--rank", "2", "--num-samples", "3", "--laplace-limit", "24", "--max-length", "96", "--no-progress",
 ]  # fmt: skip

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.embedded import resolve_model
-from adapters.tasks import LETTERS, choice_mask, format_prompt, letter_token_ids
+from adapters.tasks import LETTERS, ChoiceFormat, choice_mask, format_prompt, letter_token_ids
+from adapters.vocab import ChoiceScoring
 from training.data.multiple_choice import arc_easy_train, arc_easy_validation, as_examples, openbookqa_validation
 
 
@@ -31,8 +32,12 @@ def test_prompt_letters_and_mask() -> None:
     )
     with pytest.raises(ValueError, match="2 to 5 choices"):
         format_prompt("q", ["only one"])
-    examples = as_examples(arc_easy_validation()[:3])
-    assert examples[0].num_choices == 4 and examples[0].text.endswith("Answer:")
+    examples = as_examples(arc_easy_validation()[:3], ChoiceFormat(ChoiceScoring.LETTER))
+    assert examples[0].num_choices == 4 and examples[0].text.endswith("Answer:") and examples[0].choices is None
+    cloze = as_examples(arc_easy_validation()[:3], ChoiceFormat())  # the question alone; the choices beside it
+    assert cloze[0].text.startswith("Question: ") and cloze[0].text.endswith("\nAnswer:")
+    assert cloze[0].choices is not None and len(cloze[0].choices) == cloze[0].num_choices == 4
+    assert cloze[0].choices[0] not in cloze[0].text
     mask = choice_mask([3, 5])
     assert mask.shape == (2, 5) and torch.isinf(mask[0, 3:]).all() and (mask[1] == 0).all()
     probs = torch.softmax(torch.zeros(2, 5) + mask, -1)

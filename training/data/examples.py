@@ -21,6 +21,7 @@ class Example:
     label: int
     text_pair: str | None = None
     num_choices: int | None = None  # multiple choice: the item's choices (its prompt is ``text``)
+    choices: tuple[str, ...] | None = None  # cloze multiple choice: the texts ``text`` is continued with
 
 
 @dataclass

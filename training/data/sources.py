@@ -15,6 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from adapters.tasks import ChoiceFormat
 from training.config import MULTIPLE_CHOICE_SETS
 from training.data.embedded import bbc_news, drug_reviews, sst2_task
 from training.data.examples import DataError, Example, TaskData
@@ -33,7 +34,7 @@ from training.data.multiple_choice import arc_easy_task, multiple_choice_set
 from training.data.splits import carve, carved_size
 
 EMBEDDED_TASKS = ("sst2", "arc-easy")
-EMBEDDED_SHIFT = ("drugreviews", "openbookqa")
+EMBEDDED_SHIFT = ("drugreviews", "openbookqa", "arc-challenge")
 EMBEDDED_OOD = ("bbcnews", "openbookqa")
 DEFAULT_COLUMNS = Columns()
 DEFAULT_VALIDATION_SIZE = 0.1
@@ -58,7 +59,7 @@ def load_task(
     test_file: str | None = None,
     validation_size: float = DEFAULT_VALIDATION_SIZE,
     seed: int = 0,
-    prompt_template: str | None = None,
+    choice_format: ChoiceFormat | None = None,
     dataset_config: str | None = None,
     splits: SplitNames | None = None,
 ) -> TaskData:
@@ -66,7 +67,7 @@ def load_task(
     if dataset == "sst2":
         task = sst2_task(validation_size, seed)
     elif dataset == "arc-easy":
-        task = arc_easy_task(validation_size, seed, prompt_template)
+        task = arc_easy_task(validation_size, seed, choice_format or ChoiceFormat())
     else:
         data = open_dataset(dataset, dataset_config)
         files = (Path(validation_file) if validation_file else None, Path(test_file) if test_file else None)
@@ -133,22 +134,22 @@ def dataset_task(
 
 
 def load_shift(
-    name: str, labels: list[str], columns: Columns = DEFAULT_COLUMNS, prompt_template: str | None = None
+    name: str, labels: list[str], columns: Columns = DEFAULT_COLUMNS, choice_format: ChoiceFormat | None = None
 ) -> tuple[str, list[Example]]:
     """A labelled set in the task's label space, for evaluation under domain shift."""
     if name == "drugreviews":
         return name, drug_reviews(labels)
     if name in MULTIPLE_CHOICE_SETS:
-        return name, multiple_choice_set(name, prompt_template)
+        return name, multiple_choice_set(name, choice_format or ChoiceFormat())
     if not Path(name).suffix:
         raise DataError(f"unknown shift dataset {name!r}: use {', '.join(EMBEDDED_SHIFT)} or a local file")
     return Path(name).stem, to_examples(read_file(Path(name)), columns, labels, name)
 
 
-def load_ood(name: str, column: str = "text", prompt_template: str | None = None) -> tuple[str, list[Example]]:
+def load_ood(name: str, column: str = "text", choice_format: ChoiceFormat | None = None) -> tuple[str, list[Example]]:
     """Inputs for out-of-distribution detection (labels are not used: texts get label 0)."""
     if name in MULTIPLE_CHOICE_SETS:
-        return name, multiple_choice_set(name, prompt_template)
+        return name, multiple_choice_set(name, choice_format or ChoiceFormat())
     if name == "bbcnews":
         texts = bbc_news()
     elif Path(name).suffix:

@@ -1,0 +1,75 @@
+"""The published long-run protocol on a tiny random BERT: ``--select-by last`` trains every epoch and keeps the
+last; ``--checkpoint-epochs`` writes one bundle per named epoch, each fitted on the MAP as it was then; bad
+values exit 2 with one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import load_bundle
+from tests.service.bundles import save_tiny_base
+from training.cli import main
+
+SLICE = [
+    "--train-limit", "64", "--eval-limit", "16", "--validation-size", "64", "--rank", "2", "--targets",
+    "query,value", "--laplace-limit", "16", "--max-length", "32", "--ood-method", "none", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def _map_record(bundle_dir: Path) -> dict:
+    return load_bundle(bundle_dir).manifest.eval.training.map
+
+
+def test_select_by_last_trains_every_epoch_and_keeps_the_last(tiny_base: Path, tmp_path: Path) -> None:
+    """With patience 1 and a learning rate that makes validation NLL worse, early stopping would end after
+    epoch 2 and keep epoch 1; ``last`` runs all four and keeps the fourth."""
+    flags = ["--base-model", str(tiny_base), *SLICE, "--epochs", "4", "--patience", "1", "--lr", "3.0", "--seed", "1"]
+    assert main([*flags, "--out", str(tmp_path / "early")]) == 0
+    early = _map_record(tmp_path / "early")
+    assert early["best_epoch"] < len(early["history"]) < 4  # the setting does stop early
+    assert main([*flags, "--select-by", "last", "--out", str(tmp_path / "last")]) == 0
+    last = _map_record(tmp_path / "last")
+    assert last["best_epoch"] == len(last["history"]) == 4
+
+
+def test_checkpoint_epochs_fit_a_bundle_at_each_named_epoch(tiny_base: Path, tmp_path: Path) -> None:
+    """Epochs 1 and 3 of a 3-epoch run: two bundles; the epoch-3 one has exactly the cores of a plain
+    ``--select-by last`` run of 3 epochs (same seed), the epoch-1 one others, and each records its epoch."""
+    flags = ["--base-model", str(tiny_base), *SLICE, "--epochs", "3", "--seed", "2"]
+    assert main([*flags, "--checkpoint-epochs", "3,1", "--out", str(tmp_path / "run")]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch-1", "epoch-3"]
+    assert main([*flags, "--select-by", "last", "--out", str(tmp_path / "last")]) == 0
+    first, third, last = (load_bundle(tmp_path / p) for p in ("run/epoch-1", "run/epoch-3", "last"))
+    assert all(torch.equal(third.cores[n], last.cores[n]) for n in last.cores)
+    assert not any(torch.equal(first.cores[n], third.cores[n]) for n in third.cores)
+    for bundle, epoch in ((first, 1), (third, 3)):
+        record = bundle.manifest.eval.training.map
+        assert record["best_epoch"] == epoch and record["checkpoint_epochs"] == [1, 3]
+        assert len(record["history"]) == 3
+    assert first.manifest.posterior.prior_precision != third.manifest.posterior.prior_precision  # fitted apart
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--select-by", "best"], "--select-by"),
+        (["--epochs", "3", "--checkpoint-epochs", "2,5"], "--checkpoint-epochs 5 is beyond --epochs 3"),
+        (["--checkpoint-epochs", "1,1"], "--checkpoint-epochs must name distinct epochs"),
+        (["--checkpoint-epochs", "0"], "--checkpoint-epochs must name distinct epochs from 1 on"),
+        (["--checkpoint-epochs", "2,x"], "--checkpoint-epochs takes ints, got 'x'"),
+        (["--mc-scoring", "word"], "--mc-scoring"),
+    ],
+)
+def test_bad_long_run_flags_exit_2_with_a_message(capsys, tmp_path: Path, flags: list[str], message: str) -> None:
+    assert main(["--out", str(tmp_path / "b"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "b").exists()
