@@ -177,6 +177,14 @@ class OodSpec(_Strict):
 class CalibrationSpec(_Strict):
     temperature: float = Field(default=1.0, gt=0)
     abstention: list[AbstentionSpec] = Field(default_factory=list)
+    choice: str | None = Field(
+        default=None,
+        description="the predictive the trainer's validation rule chose to serve (map, map+temperature, posterior, "
+        "posterior+temperature); None when the calibration was fixed",
+    )
+    candidates: dict[str, dict[str, float]] | None = Field(
+        default=None, description="every candidate's validation figures (nll, ece, accuracy, temperature, gain, ...)"
+    )
 
 
 class BundleManifest(_Strict):

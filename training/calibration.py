@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from adapters.manifest import AbstentionSpec
-from adapters.predictive import AbstentionKind, AbstentionRule, Predictive
-from training.metrics import risk_coverage
+from adapters.predictive import AbstentionKind, AbstentionRule, Predictive, predictive
+from training.metrics import accuracy, ece, risk_coverage
 
 ABOVE_ANY_PROBABILITY = math.nextafter(1.0, 2.0)  # a max_prob threshold that abstains on every input
 # A rule that answers less than this fraction of validation has not reached a usable target: warn.
@@ -19,15 +20,20 @@ LOW_COVERAGE = 0.5
 def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200) -> float:
     """The temperature minimising the NLL of the sample-averaged predictive; logits ``(S, N, C)``."""
     logits = logits.detach().double()
+    masked = torch.isneginf(logits)  # multiple-choice items' missing choices
+    finite = logits.masked_fill(masked, 0.0)  # so that no -inf / T reaches the gradient (inf · 0 = NaN)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
     log_s = torch.log(torch.tensor(float(logits.shape[0]), dtype=torch.float64))
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        log_probs = torch.log_softmax(logits / log_t.exp(), dim=-1)
-        mixture = torch.logsumexp(log_probs, dim=0) - log_s  # log of the averaged probabilities
-        loss = -mixture.gather(-1, labels.unsqueeze(-1)).mean()
+        scaled = (finite / log_t.exp()).masked_fill(masked, float("-inf"))
+        log_probs = torch.log_softmax(scaled, dim=-1)
+        # the label's log-probability per draw, then their average: gathered first, so that the masked
+        # choices' -inf never enter the logsumexp (its gradient there is NaN)
+        picked = log_probs.gather(-1, labels.reshape(1, -1, 1).expand(log_probs.shape[0], -1, 1)).squeeze(-1)
+        loss = -(torch.logsumexp(picked, dim=0) - log_s).mean()
         loss.backward()
         return loss
 
@@ -91,3 +97,89 @@ def abstention_warning(spec: AbstentionSpec) -> str | None:
         f"rule abstains on {1 - coverage:.1%} of in-distribution inputs; fit it for a coverage instead "
         "(--target-coverage) or relax --target-risk"
     )
+
+
+# The predictives the default calibration chooses among, simplest first: a candidate replaces the one chosen so
+# far only when it beats it on validation by more than its noise (:func:`choose_predictive`).
+CANDIDATES = ("map", "map+temperature", "posterior", "posterior+temperature")
+MARGIN_STANDARD_ERRORS = 2.0  # one-sided: a mean NLL gain this many standard errors above zero
+FOLDS = 2  # a temperature is scored on the validation half it was not fitted on
+
+
+@dataclass(frozen=True)
+class PredictiveChoice:
+    """What the validation rule chose, and every candidate's validation figures.
+
+    Attributes:
+        choice: one of :data:`CANDIDATES`.
+        candidates: candidate → ``nll`` (per example, temperatures cross-fitted), ``ece``, ``accuracy``,
+            ``gain`` (mean NLL gain over the candidate chosen before it was considered) and ``standard_error``.
+    """
+
+    choice: str
+    candidates: dict[str, dict[str, float]]
+
+    @property
+    def uses_posterior(self) -> bool:
+        return self.choice.startswith("posterior")
+
+    @property
+    def uses_temperature(self) -> bool:
+        return self.choice.endswith("temperature")
+
+
+def example_nll(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-example NLL ``(N,)`` of the sample-averaged predictive of logits ``(S, N, C)`` at ``temperature``."""
+    log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
+    mixture = torch.logsumexp(log_probs, dim=0) - math.log(logits.shape[0])
+    return -mixture.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def cross_fitted_nll(logits: Tensor, labels: Tensor, folds: int = FOLDS, seed: int = 0) -> Tensor:
+    """Per-example NLL ``(N,)`` under a temperature fitted on the other folds: an honest validation score for
+    temperature scaling (fitted and scored on the same examples, a temperature never loses)."""
+    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
+    out = torch.empty(labels.shape[0], dtype=torch.float64)
+    for part in order.chunk(folds):
+        rest = order[~torch.isin(order, part)]
+        temperature = fit_temperature(logits[:, rest], labels[rest])
+        out[part] = example_nll(logits[:, part], labels[part], temperature)
+    return out
+
+
+def choose_predictive(
+    map_logits: Tensor, posterior_logits: Tensor | None, labels: Tensor, seed: int = 0
+) -> PredictiveChoice:
+    """The validation rule of the default calibration (docs/design.md, calibration).
+
+    Candidates, simplest first: the MAP, the MAP with a temperature, the posterior predictive, the posterior
+    with a temperature (without ``posterior_logits``, the MAP's two only). Each is scored by its per-example
+    validation NLL (a temperature cross-fitted over :data:`FOLDS` halves); walking the list, a candidate
+    replaces the one chosen so far when its mean NLL gain is more than :data:`MARGIN_STANDARD_ERRORS` standard
+    errors of the paired difference — so a small validation set keeps the simpler predictive unless the
+    evidence is clear.
+
+    Args:
+        map_logits: ``(1, N, C)`` the MAP's validation logits; posterior_logits: ``(S, N, C)`` the posterior
+            predictive's draws; labels: ``(N,)``.
+    """
+    logits = {"map": map_logits, "posterior": posterior_logits}
+    chosen, records = "map", {}
+    nll: dict[str, Tensor] = {}
+    for name in CANDIDATES:
+        base = logits[name.split("+")[0]]
+        if base is None:
+            continue
+        scaled = name.endswith("temperature")
+        nll[name] = cross_fitted_nll(base, labels, seed=seed) if scaled else example_nll(base, labels)
+        difference = nll[chosen] - nll[name]  # > 0 where the candidate is better
+        error = float(difference.std() / math.sqrt(len(difference))) if len(difference) > 1 else math.inf
+        temperature = fit_temperature(base, labels) if scaled else 1.0  # the one the bundle would keep
+        probs = predictive(base, temperature).probs
+        records[name] = {
+            "nll": float(nll[name].mean()), "ece": ece(probs, labels), "accuracy": accuracy(probs, labels),
+            "temperature": temperature, "gain": float(difference.mean()), "standard_error": error,
+        }  # fmt: skip
+        if name != chosen and records[name]["gain"] > MARGIN_STANDARD_ERRORS * error:
+            chosen = name
+    return PredictiveChoice(chosen, records)

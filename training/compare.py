@@ -88,7 +88,7 @@ def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | Non
     fitted = fit(session, PosteriorMethod.MAP if method in (TEMPERATURE, ZERO_SHOT) else method)
     validation = posterior_outputs(session, fitted, "validation", session.validation)
     scale = method == TEMPERATURE or config.calibration.temperature_scaling
-    temperature, _ = calibrate(session, fitted, scale, validation)
+    temperature = calibrate(session, fitted, scale, validation).temperature
     evaluation, _ = evaluate(session, fitted, temperature, ood)
     train_seconds = map_seconds + fitted.seconds if fitted.train_seconds is None else fitted.train_seconds
     row: dict[str, Any] = {

@@ -93,6 +93,13 @@ class SelectBy(StrEnum):
     LAST = "last"  # the last epoch, no early stopping (the published long-run protocol)
 
 
+class CalibrationChoice(StrEnum):
+    """``--calibration``: which predictive the bundle serves by default, and with which temperature."""
+
+    AUTO = "auto"  # the validation rule: MAP, MAP + temperature, posterior or posterior + temperature
+    POSTERIOR = "posterior"  # the posterior predictive as fitted (a temperature only with --temperature-scaling)
+
+
 class MixedPrecision(StrEnum):
     """``--mixed-precision``: accelerate's autocast (GPU)."""
 
@@ -393,7 +400,16 @@ class PosteriorConfig:
 class CalibrationConfig:
     """Temperature and abstention thresholds, fitted on validation."""
 
-    temperature_scaling: bool = option(False, "fit a temperature on the validation split")
+    choice: CalibrationChoice = option(
+        CalibrationChoice.AUTO,
+        "auto: serve whichever of the MAP, the MAP with a temperature, the posterior and the posterior with a "
+        "temperature is best on validation NLL by more than twice its standard error (simplest first); posterior: "
+        "the posterior predictive as fitted",
+        flag="calibration",
+    )
+    temperature_scaling: bool = option(
+        False, "fit a temperature on the validation split to the posterior predictive (implies --calibration posterior)"
+    )
     target_risk: float | None = option(
         None, "fit the max_prob and entropy thresholds for this selective risk on validation instead of a coverage"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,22 @@ from adapters.manifest import (
     TaskSpec,
 )
 from adapters.posteriors import Posterior
-from adapters.vocab import PosteriorFamily
-from training.calibration import abstention_warning, fit_abstention, fit_temperature
-from training.config import DEFAULT_TARGET_COVERAGE, AbstainOn, ConfigError, SelectBy, TrainConfig
+from adapters.vocab import PosteriorFamily, PredictiveMode
+from training.calibration import (
+    PredictiveChoice,
+    abstention_warning,
+    choose_predictive,
+    fit_abstention,
+    fit_temperature,
+)
+from training.config import (
+    DEFAULT_TARGET_COVERAGE,
+    AbstainOn,
+    CalibrationChoice,
+    ConfigError,
+    SelectBy,
+    TrainConfig,
+)
 from training.data import Example
 from training.inference import Outputs, labels_of, ood_metrics, predict, split_metrics
 from training.map_training import MapResult
@@ -54,17 +67,45 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             raise ConfigError(f"--out {out} already holds a bundle; pass --overwrite to replace it")
 
 
+@dataclass
+class Calibrated:
+    """What calibration chose on validation.
+
+    Attributes:
+        temperature: applied to the served predictive's logits.
+        rules: the abstention rules, fitted on the served predictive.
+        served: the fit whose predictive the bundle serves by default: the posterior's, or (when the rule chose
+            the MAP) the same posterior with the ``map`` predictive.
+        choice: the validation rule's record (``--calibration auto``); ``None`` when the calibration was fixed.
+    """
+
+    temperature: float
+    rules: list[AbstentionSpec]
+    served: Fitted
+    choice: PredictiveChoice | None = None
+
+
 def calibrate(
     session: Session, fitted: Fitted, temperature_scaling: bool | None = None, outputs: Outputs | None = None
-) -> tuple[float, list[AbstentionSpec]]:
-    """Temperature (``--temperature-scaling``, or as asked) and abstention thresholds, fitted on validation
-    (``outputs``: the posterior's validation outputs when the caller has them already)."""
+) -> Calibrated:
+    """The served predictive and its temperature (``--calibration``; ``temperature_scaling``, when given, fixes
+    the posterior predictive with or without a temperature), and abstention thresholds, all fitted on
+    validation (``outputs``: the posterior's validation outputs when the caller has them already)."""
     config = session.config.calibration
-    scale = config.temperature_scaling if temperature_scaling is None else temperature_scaling
+    if temperature_scaling is None and config.temperature_scaling:
+        temperature_scaling = True
     if outputs is None:
         outputs = posterior_outputs(session, fitted, "validation", session.validation)
     labels = labels_of(session.validation)
-    temperature = fit_temperature(outputs.logits, labels) if scale else 1.0
+    served, choice = fitted, None
+    if temperature_scaling is None and config.choice == CalibrationChoice.AUTO:
+        map_logits = session.map_outputs("validation", session.validation).logits
+        posterior_logits = None if fitted.mode == PredictiveMode.MAP else outputs.logits
+        choice = choose_predictive(map_logits, posterior_logits, labels, seed=session.config.seed)
+        temperature_scaling = choice.uses_temperature
+        if not choice.uses_posterior:
+            served, outputs = replace(fitted, mode=PredictiveMode.MAP), Outputs(map_logits)
+    temperature = fit_temperature(outputs.logits, labels) if temperature_scaling else 1.0
     pred = outputs.distribution(temperature)
     target_coverage = config.target_coverage
     if config.target_risk is None and target_coverage is None:
@@ -77,7 +118,7 @@ def calibrate(
             rules.append(
                 fit_abstention(pred, labels, kind, target_risk=config.target_risk, target_coverage=target_coverage)
             )
-    return temperature, rules
+    return Calibrated(temperature, rules, served, choice)
 
 
 @dataclass
@@ -173,14 +214,14 @@ def write_bundle(
     session: Session,
     out: Path,
     fitted: Fitted,
-    calibration: tuple[float, list[AbstentionSpec]],
+    calibration: Calibrated,
     evaluation: EvalCard,
     panels: dict,
     ood: FittedOod | None = None,
 ) -> Path:
     config, model, base = session.config, session.model, session.model.base
     posterior = fitted.posterior
-    temperature, rules = calibration
+    temperature, rules = calibration.temperature, calibration.rules
     adapter = config.adapter
     manifest = BundleManifest(
         name=config.bundle.name or _bundle_name(out),
@@ -220,10 +261,14 @@ def write_bundle(
             prior_precision=fitted.diagnostics.get("prior_precision"),
             default_num_samples=fitted.num_samples,
             covers_head=HEAD_WEIGHT in posterior.names and posterior.family != PosteriorFamily.MAP,
-            predictive=fitted.mode,
+            predictive=calibration.served.mode,
         ),
         # the ood rule first: when an input is both unfamiliar and unsure, "out of distribution" is the reason
-        calibration=CalibrationSpec(temperature=temperature, abstention=([ood.rule] if ood else []) + rules),
+        calibration=CalibrationSpec(
+            temperature=temperature,
+            abstention=([ood.rule] if ood else []) + rules,
+            **_choice_record(calibration.choice),
+        ),
         ood=ood.spec if ood else None,
         eval=evaluation.model_copy(
             update={
@@ -304,7 +349,7 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
         session.stage.done("posterior")
         calibration = calibrate(session, fitted)
         session.stage.done("calibration")
-        evaluation, panels = evaluate(session, fitted, calibration[0], ood)
+        evaluation, panels = evaluate(session, calibration.served, calibration.temperature, ood)
         session.stage.done("evaluation")
         written = write_bundle(session, target, fitted, calibration, evaluation, panels, ood)
     return written, session, fitted
@@ -363,3 +408,10 @@ def _kept_by(config: TrainConfig) -> str:
     if optimisation.select_by == SelectBy.LAST:
         return "the last epoch, no early stopping"
     return f"validation {optimisation.select_by}"
+
+
+def _choice_record(choice: PredictiveChoice | None) -> dict[str, Any]:
+    """The calibration rule's record for the manifest (nothing when the calibration was fixed)."""
+    if choice is None:
+        return {}
+    return {"choice": choice.choice, "candidates": choice.candidates}

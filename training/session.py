@@ -212,6 +212,8 @@ def prepare(config: TrainConfig) -> Session:
 
     loaded = load_training_base(adapter.base_model, config.multiple_choice)
     tokenizer, base = loaded.tokenizer, loaded.model
+    if config.multiple_choice and not config.choice_format.cloze:
+        tokenizer.truncation_side = "left"  # a long lettered prompt keeps the "Answer:" its letters follow
     patterns = targets_or_defaults(base, adapter.targets)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)

@@ -55,8 +55,8 @@ QUESTIONS = [
     {"question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide", "helium"]},
     {"question": "What is frozen water called?", "choices": ["ice", "steam", "fog", "rain", "snow"]},
 ]
-MC_FLAGS = [
-    "--dataset", "arc-easy", "--mc-scoring", "letter",
+MC_FLAGS = [  # the letter bundle as first recorded: fixed calibration (the posterior, T = 1)
+    "--dataset", "arc-easy", "--mc-scoring", "letter", "--calibration", "posterior",
     "--train-limit", "24", "--eval-limit", "8", "--validation-size", "24", "--max-length",
     "96", "--epochs", "1", "--rank", "2", "--num-samples", "3", "--laplace-limit", "16", "--seed", "0", "--no-progress",
 ]  # fmt: skip

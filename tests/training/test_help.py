@@ -97,7 +97,10 @@ FLAT_FLAGS = [
     "progress",
 ]
 # flags added since, each once
-ADDED_FLAGS = ["dataset-config", "train-split", "validation-split", "test-split", "prior-ece-slack"]
+ADDED_FLAGS = [
+    "dataset-config", "train-split", "validation-split", "test-split", "prior-ece-slack", "mc-scoring",
+    "cloze-normalisation", "checkpoint-epochs", "calibration",
+]  # fmt: skip
 
 
 def _help(*command: str) -> str:
@@ -143,4 +146,4 @@ def test_enum_options_are_checked_with_a_clear_message(capsys) -> None:
 
     assert main(["--out", "x", "--select-by", "loss"]) == 2
     err = capsys.readouterr().err
-    assert "unknown --select-by 'loss'; choose one of ['nll', 'accuracy']" in err and "Traceback" not in err
+    assert "unknown --select-by 'loss'; choose one of ['nll', 'accuracy', 'last']" in err and "Traceback" not in err
