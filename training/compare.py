@@ -22,9 +22,12 @@ from training.ood import FittedOod, fit_ood
 from training.pipeline import calibrate, evaluate, posterior_outputs
 from training.session import Session, fit_map, prepare, reinitialise
 
-# Rows beyond the posterior methods: the base before any training, and the MAP with temperature scaling.
-ZERO_SHOT, TEMPERATURE = "zero-shot", "temperature"
-COMPARED = (ZERO_SHOT, PosteriorMethod.MAP, TEMPERATURE, *[m for m in PosteriorMethod if m != PosteriorMethod.MAP])
+# Rows beyond the posterior methods: the base before any training, the MAP with temperature scaling, and what
+# caveat-train ships by default — ``--posterior`` under ``--calibration auto`` (the validation rule's choice).
+ZERO_SHOT, TEMPERATURE, DEFAULT = "zero-shot", "temperature", "default"
+COMPARED = (
+    ZERO_SHOT, PosteriorMethod.MAP, TEMPERATURE, DEFAULT, *[m for m in PosteriorMethod if m != PosteriorMethod.MAP]
+)  # fmt: skip
 
 COLUMNS = [
     ("test", "accuracy", "test acc"),
@@ -64,7 +67,7 @@ def compare(config: TrainConfig, methods: list[str], json_path: Path | None = No
         return []
     map_seconds = session.map_result.seconds
     # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
-    own_map = [m for m in others if m != TEMPERATURE and get_method(m).map_objective(config) is not None]
+    own_map = [m for m in others if m not in (TEMPERATURE, DEFAULT) and get_method(m).map_objective(config) is not None]
     for method in [m for m in others if m not in own_map] + own_map:
         if method in own_map:
             reinitialise(session.model, config.seed, session.initial_projections)
@@ -85,11 +88,14 @@ def _report(session: Session, rows: list[dict[str, Any]], json_path: Path | None
 def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | None = None) -> dict[str, Any]:
     """Fit, calibrate and evaluate one method on the session's current model."""
     config = session.config
-    fitted = fit(session, PosteriorMethod.MAP if method in (TEMPERATURE, ZERO_SHOT) else method)
+    fitted = fit(session, _posterior_of(method, config))
     validation = posterior_outputs(session, fitted, "validation", session.validation)
-    scale = method == TEMPERATURE or config.calibration.temperature_scaling
-    temperature = calibrate(session, fitted, scale, validation).temperature
-    evaluation, _ = evaluate(session, fitted, temperature, ood)
+    scale = None if method == DEFAULT else method == TEMPERATURE or config.calibration.temperature_scaling
+    calibrated = calibrate(session, fitted, scale, validation)
+    temperature, served = calibrated.temperature, calibrated.served
+    if served is not fitted:  # the rule chose the MAP: its validation outputs are the MAP's
+        validation = posterior_outputs(session, served, "validation", session.validation)
+    evaluation, _ = evaluate(session, served, temperature, ood)
     train_seconds = map_seconds + fitted.seconds if fitted.train_seconds is None else fitted.train_seconds
     row: dict[str, Any] = {
         "posterior": str(method),
@@ -97,8 +103,10 @@ def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | Non
         "fit_seconds": fitted.seconds,
         "bundle_kb": round(_tensor_kb(session, fitted), 1),
         "num_samples": fitted.num_samples,
-        "predictive": str(fitted.mode),
+        "predictive": str(served.mode),
         "temperature": temperature,
+        "calibration": None if calibrated.choice is None else calibrated.choice.choice,
+        "candidates": None if calibrated.choice is None else calibrated.choice.candidates,
         "prior_precision": fitted.diagnostics.get("prior_precision"),
         "fit": fitted.diagnostics,
         # the predictive on validation (temperature included): what a method's settings may be tuned on
@@ -109,6 +117,13 @@ def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | Non
         if metrics is not None:
             row[split] = metrics.posterior
     return row
+
+
+def _posterior_of(method: str, config: TrainConfig) -> str:
+    """The posterior a row fits: the MAP's for zero-shot and temperature, ``--posterior`` for the default."""
+    if method in (TEMPERATURE, ZERO_SHOT):
+        return PosteriorMethod.MAP
+    return config.posterior.method if method == DEFAULT else method
 
 
 def _tensor_kb(session: Session, fitted: Fitted) -> float:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from adapters import load_bundle
+from training.calibration import CANDIDATES
 from training.cli import main, parse_config
 
 
@@ -99,7 +100,14 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
                 "aurc",
                 "risk_at_80_coverage",
             }
-    assert set(ev.ood.posterior) >= {"max_prob", "entropy", "mutual_information"}
+    # the default calibration's rule: its choice and every candidate's validation figures; the served default
+    # and the evaluated predictive follow the choice (the MAP's has no mutual information)
+    calibration = manifest.calibration
+    assert calibration.choice in CANDIDATES and list(calibration.candidates) == list(CANDIDATES)
+    posterior_chosen = calibration.choice.startswith("posterior")
+    assert manifest.posterior.predictive == ("glm" if posterior_chosen else "map") == ev.predictive
+    assert (calibration.temperature != 1.0) == calibration.choice.endswith("temperature")
+    assert ("mutual_information" in ev.ood.posterior) == posterior_chosen
     assert ev.shift.dataset == "drugreviews" and ev.ood.dataset == "bbcnews"
     assert ev.training.posterior["curvature_examples"] == 64 and ev.training.posterior["n_data"] == 200
     assert [r.kind for r in manifest.calibration.abstention] == ["ood", "max_prob"]  # ood names the reason first

@@ -4,6 +4,7 @@ values exit 2 with one line."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from adapters import load_bundle
 from tests.service.bundles import save_tiny_base
+from training.calibration import CANDIDATES
 from training.cli import main
 
 SLICE = [
@@ -73,3 +75,20 @@ def test_bad_long_run_flags_exit_2_with_a_message(capsys, tmp_path: Path, flags:
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "b").exists()
+
+
+def test_compare_has_the_shipped_default_beside_the_map_and_temperature(tiny_base: Path, tmp_path: Path) -> None:
+    """``default`` is ``--posterior`` under the validation rule: its row names the choice and every candidate,
+    and its metrics are the chosen predictive's (the MAP row's or the temperature row's when the MAP is chosen)."""
+    out = tmp_path / "rows.json"
+    argv = ["compare", "--posteriors", "map,temperature,default", "--json", str(out), "--base-model", str(tiny_base)]
+    assert main([*argv, *SLICE, "--epochs", "2", "--posterior", "laplace-kron"]) == 0
+    rows = {row["posterior"]: row for row in json.loads(out.read_text())["rows"]}
+    default = rows["default"]
+    assert default["calibration"] in CANDIDATES and list(default["candidates"]) == list(CANDIDATES)
+    assert rows["map"]["calibration"] is None  # fixed rows record no choice
+    same = {"map": "map", "map+temperature": "temperature"}.get(default["calibration"])
+    if same is not None:
+        assert default["test"] == rows[same]["test"] and default["predictive"] == "map"
+    else:
+        assert default["predictive"] == "glm"

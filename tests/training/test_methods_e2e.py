@@ -20,10 +20,30 @@ from training.inference import predict
 from training.pipeline import train
 
 SLICE = [
-    "--train-limit", "120", "--eval-limit", "40", "--validation-size", "120", "--epochs", "1", "--rank", "2",
-    "--targets", "query,value", "--num-samples", "3", "--laplace-limit", "48", "--swag-snapshots", "4",
-    "--swag-rank", "2", "--no-progress",
-]  # fmt: skip
+    "--train-limit",
+    "120",
+    "--eval-limit",
+    "40",
+    "--validation-size",
+    "120",
+    "--epochs",
+    "1",
+    "--rank",
+    "2",
+    "--targets",
+    "query,value",
+    "--num-samples",
+    "3",
+    "--laplace-limit",
+    "48",
+    "--swag-snapshots",
+    "4",
+    "--swag-rank",
+    "2",
+    "--no-progress",
+    "--calibration",
+    "posterior",
+]  # fmt: skip  (--calibration posterior: the posteriors' own predictives are served by default)
 
 
 @pytest.mark.slow

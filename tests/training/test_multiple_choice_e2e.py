@@ -27,6 +27,7 @@ SLICE = [
     "--shift", "openbookqa", "--ood", "openbookqa", "--train-limit", "40",
     "--eval-limit", "16", "--validation-size", "40", "--shift-limit", "16", "--ood-limit", "16", "--epochs", "1",
     "--rank", "2", "--num-samples", "3", "--laplace-limit", "24", "--max-length", "96", "--no-progress",
+    "--calibration", "posterior",  # the posterior's own predictive served by default
 ]  # fmt: skip
 
 
