@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adapters.defaults import DEFAULT_CLOZE_NORMALISATION
 from adapters.vocab import ClozeNormalisation
 
 CLOZE_KEYS = ("cloze_segments", "position_ids", "cloze_weights")
@@ -44,7 +45,7 @@ def pack(
     prompt: str,
     choices: Sequence[str],
     max_length: int,
-    normalisation: str = ClozeNormalisation.CHARS,
+    normalisation: str = DEFAULT_CLOZE_NORMALISATION,
     max_choices: int | None = None,
 ) -> dict[str, list]:
     """One item as one packed input: lists of ``input_ids``, ``attention_mask`` and :data:`CLOZE_KEYS`.

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapters.defaults import DEFAULT_CLOZE_NORMALISATION
 from adapters.eval_card import EvalCard
 from adapters.predictive import ABSTENTION_SCORES, AbstentionRule
 from adapters.tasks import ChoiceFormat
@@ -71,7 +72,7 @@ class TaskSpec(_Strict):
         if self.type != TaskType.MULTIPLE_CHOICE:
             return None
         scoring = self.choice_scoring or ChoiceScoring.LETTER
-        return ChoiceFormat(scoring, self.prompt_template, self.cloze_normalisation or ClozeNormalisation.CHARS)
+        return ChoiceFormat(scoring, self.prompt_template, self.cloze_normalisation or DEFAULT_CLOZE_NORMALISATION)
 
 
 class BaseModelSpec(_Strict):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adapters.defaults import DEFAULT_CLOZE_NORMALISATION
 from adapters.vocab import ChoiceScoring, ClozeNormalisation
 
 LETTERS = ("A", "B", "C", "D", "E")
@@ -38,7 +39,7 @@ class ChoiceFormat:
 
     scoring: ChoiceScoring = ChoiceScoring.CLOZE
     template: str | None = None
-    normalisation: ClozeNormalisation = ClozeNormalisation.CHARS
+    normalisation: ClozeNormalisation = DEFAULT_CLOZE_NORMALISATION
 
     @property
     def prompt_template(self) -> str:

@@ -20,13 +20,12 @@ from adapters import cloze
 from adapters.architectures import default_pooling
 from adapters.base_model import load_base
 from adapters.batching import RowBlock
-from adapters.defaults import resolve_token_budget
+from adapters.defaults import DEFAULT_CLOZE_NORMALISATION, resolve_token_budget
 from adapters.fingerprint import combine_digests, module_digests
 from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
 from adapters.ood.features import BaseFeatureTap
 from adapters.predictives import Predictor, RowOutput
-from adapters.vocab import ClozeNormalisation
 
 log = logging.getLogger("caveat.serve")
 
@@ -72,7 +71,7 @@ class TextInput:
     max_length: int
     num_choices: int | None = None
     choices: tuple[str, ...] | None = None
-    normalisation: str = ClozeNormalisation.CHARS
+    normalisation: str = DEFAULT_CLOZE_NORMALISATION
     max_choices: int | None = None
 
     def pack(self, tokenizer) -> dict[str, list]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from adapters.defaults import DEFAULT_CLOZE_NORMALISATION
 from adapters.errors import CaveatError
 from adapters.options import scalar_type
 from adapters.tasks import ChoiceFormat
@@ -191,8 +192,9 @@ class DataConfig:
         "letter (the choices lettered in one prompt, the answer letters' next-token logits)",
     )
     cloze_normalisation: ClozeNormalisation = option(
-        ClozeNormalisation.CHARS,
-        "cloze: divide a choice's log-likelihood by its characters (chars), its tokens (tokens), or nothing (none)",
+        DEFAULT_CLOZE_NORMALISATION,
+        "cloze: divide a choice's log-likelihood by nothing (none: the summed log-likelihood), its tokens (tokens) "
+        "or its characters (chars)",
     )
     prompt_template: str | None = option(
         None,

@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adapters import cloze
+from adapters.defaults import DEFAULT_CLOZE_NORMALISATION
 from adapters.tasks import choice_mask
-from adapters.vocab import ClozeNormalisation
 from training.data import Example
 
 MEGA_BATCH = 50  # batches per shuffled mega-batch when grouping by length
@@ -38,7 +38,7 @@ class Encoder:
         self,
         tokenizer,
         max_length: int,
-        normalisation: str = ClozeNormalisation.CHARS,
+        normalisation: str = DEFAULT_CLOZE_NORMALISATION,
         max_choices: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer

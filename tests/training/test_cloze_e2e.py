@@ -82,7 +82,7 @@ def test_served_cloze_answers_equal_the_trainers(trained) -> None:
     llama, adapters, path, session, fitted = trained
     bundle = load_bundle(path)
     task = bundle.manifest.task
-    assert (task.type, task.choice_scoring, task.cloze_normalisation) == ("multiple-choice", "cloze", "chars")
+    assert (task.type, task.choice_scoring, task.cloze_normalisation) == ("multiple-choice", "cloze", "none")
     assert task.prompt_template == DEFAULT_CLOZE_TEMPLATE and task.labels == ["A", "B", "C", "D", "E"]
     assert torch.equal(bundle.head_weight, torch.eye(5)) and not bundle.manifest.posterior.covers_head
     assert bundle.manifest.eval.shift.dataset == "arc-challenge"
@@ -173,7 +173,8 @@ def test_bad_multiple_choice_requests_are_4xx_naming_the_field(trained) -> None:
 @pytest.mark.slow
 def test_a_zero_shot_cloze_bundle_serves_the_lms_own_log_likelihoods(trained, tmp_path: Path) -> None:
     """The trained bundle with its cores zeroed (the LM as it is) and temperature 1: the served probabilities
-    are the softmax of each choice's log-likelihood per character, computed here one forward per choice."""
+    are the softmax of each choice's summed log-likelihood (the default normalisation), computed here one forward
+    per choice."""
     llama, _, path, *_ = trained
     bundle = load_bundle(path)
     zeros = {name: torch.zeros_like(core) for name, core in bundle.cores.items()}
@@ -197,7 +198,7 @@ def test_a_zero_shot_cloze_bundle_serves_the_lms_own_log_likelihoods(trained, tm
             ids = tokenizer(" " + choice, add_special_tokens=False).input_ids
             with torch.no_grad():
                 log_probs = lm(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
-            scores.append(sum(log_probs[len(prompt) + j - 1, t] for j, t in enumerate(ids)) / len(" " + choice))
+            scores.append(sum(log_probs[len(prompt) + j - 1, t] for j, t in enumerate(ids)))  # the default: summed
         expected[i, : len(scores)] = torch.stack(scores).softmax(-1)
     client = running_app(llama, tmp_path)
     try:

@@ -13,8 +13,9 @@ import torch
 from adapters import load_bundle
 from tests.service.bundles import save_tiny_base
 from training.calibration import CANDIDATES
-from training.cli import main
+from training.cli import main, parse_config
 
+CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 SLICE = [
     "--train-limit", "64", "--eval-limit", "16", "--validation-size", "64", "--rank", "2", "--targets",
     "query,value", "--laplace-limit", "16", "--max-length", "32", "--ood-method", "none", "--no-progress",
@@ -92,3 +93,12 @@ def test_compare_has_the_shipped_default_beside_the_map_and_temperature(tiny_bas
         assert default["test"] == rows[same]["test"] and default["predictive"] == "map"
     else:
         assert default["predictive"] == "glm"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_checked_in_setting_parses_and_validates(path: Path) -> None:
+    """The published-protocol settings stay in step with the flags: every key known, every value valid."""
+    config = parse_config(["--config", str(path)])
+    config.validate(needs_out=False)
+    longrun = path.stem.startswith("longrun-")
+    assert (config.optimisation.select_by == "last") == longrun

@@ -1,0 +1,88 @@
+"""Render the published-protocol table (docs/results.md) from scripts/seeds_table.sh's JSONs: per method, test
+and shift ACC / ECE / NLL / Brier as mean ± std over the seeds found, the change of ECE and NLL from the same
+run's MAP, and beside the Laplace rows the published MAP → Laplace change of the nearest setting.
+
+Usage::
+
+    python scripts/seeds_table.py SETTING            # e.g. longrun-glue-sst2-minilm-2000
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "seeds"
+METRICS = ("accuracy", "ece", "nll", "brier")
+# The published MAP → Laplace changes (ECE, NLL) of the nearest setting (docs/methods.md, published results)
+PUBLISHED = {
+    "sst2": ("RoBERTa-large SST-2, r=16, Laplace at epoch 20", (0.026, 0.141),
+             {"laplace-diag": (0.017, 0.137), "laplace-kron": (0.015, 0.136)}),
+    "arc": ("LLaMA-2-7B ARC-C, r=64", (0.228, 1.406),
+            {"laplace-diag": (0.064, 1.000), "laplace-kron": (0.070, 1.001)}),
+}  # fmt: skip
+
+
+def load(setting: str) -> dict[str, list[dict]]:
+    """Variant-qualified method name → its row in every seed's JSON."""
+    rows: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(RESULTS.glob(f"{setting}*-seed*.json")):
+        variant = path.stem[len(setting) :].rsplit("-seed", 1)[0].lstrip("-")
+        for row in json.loads(path.read_text())["rows"]:
+            name = row["posterior"] if not variant else f"{row['posterior']} ({variant})"
+            rows[name].append(row)
+    return rows
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def change(values: list[float], reference: list[float]) -> str:
+    """The mean relative change from the same seed's MAP."""
+    ratios = [v / r - 1 for v, r in zip(values, reference, strict=False) if r]
+    return f"{100 * statistics.mean(ratios):+.0f}%" if ratios else "—"
+
+
+def render(setting: str) -> str:
+    rows = load(setting)
+    if "map" not in rows:
+        raise SystemExit(f"no MAP row for {setting} in {RESULTS}")
+    published = next((v for k, v in PUBLISHED.items() if k in setting), None)
+    seeds = len(rows["map"])
+    lines = [
+        f"{setting}: {seeds} seed{'s' if seeds > 1 else ''} (mean ± std); ΔECE and ΔNLL from the same seed's MAP"
+        + (f"; published: {published[0]}" if published else ""),
+        "",
+        "| method | test acc | ECE | NLL | Brier | ΔECE | ΔNLL | shift acc | shift ECE | shift NLL "
+        "| published ΔECE / ΔNLL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    map_test = {m: [r["test"][m] for r in rows["map"]] for m in METRICS}
+    for name, found in rows.items():
+        test = {m: [r["test"][m] for r in found] for m in METRICS}
+        shift = {m: [r["shift"][m] for r in found if "shift" in r] for m in METRICS}
+        base = name.split(" (")[0]
+        cited = "—"
+        if published and base in published[2]:
+            (map_ece, map_nll), (ece, nll) = published[1], published[2][base]
+            cited = f"{100 * (ece / map_ece - 1):+.0f}% / {100 * (nll / map_nll - 1):+.0f}%"
+        shift_cells = [cell(shift[m]) if shift[m] else "—" for m in ("accuracy", "ece", "nll")]
+        label = name if base != "default" else f"default → {', '.join(sorted({r['calibration'] for r in found}))}"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cell(test[m]) for m in METRICS)
+            + f" | {change(test['ece'], map_test['ece'])} | {change(test['nll'], map_test['nll'])} | "
+            + " | ".join(shift_cells)
+            + f" | {cited} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(sys.argv[1]))
