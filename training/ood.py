@@ -50,7 +50,7 @@ def fit_ood(session: Session) -> FittedOod | None:
     method = OodMethod(options.method)
     layers = default_feature_layers(model.base.config.num_hidden_layers)
     train = subset(session.train, options.train_size, config.split_seed)
-    score = _fit(method, features_of(session, train, layers, "train"), labels_of(train), config)
+    score = _fit(method, features_of(session, train, layers, "train"), _groups(train, config), config)
     score.calibrate(features_of(session, session.validation, layers, "validation"))
     threshold, target = score.threshold(options.fraction), {"validation_fraction": options.fraction}
     rule = AbstentionSpec(kind=AbstentionKind.OOD, threshold=threshold, target=target)
@@ -66,6 +66,14 @@ def fit_ood(session: Session) -> FittedOod | None:
             fitted.metrics[name] = {"auroc": auroc(inside, outside), "fpr_at_95_tpr": fpr_at_tpr(inside, outside)}
     session.log(f"OOD score: {method} on {len(train)} training inputs, {score!r}; AUROC {fitted.metrics}")
     return fitted
+
+
+def _groups(train: list, config) -> Tensor:
+    """The classes a class-conditional score fits: the labels; for multiple choice one class, all questions
+    together (an answer's position, A or E, says nothing of what a question is about, and ARC's rare fifth
+    choice leaves its class a single example)."""
+    labels = labels_of(train)
+    return labels.zero_() if config.multiple_choice else labels
 
 
 def features_of(session: Session, examples: list, layers: tuple[int, ...], split: str) -> Tensor:

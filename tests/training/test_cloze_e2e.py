@@ -86,6 +86,9 @@ def test_served_cloze_answers_equal_the_trainers(trained) -> None:
     assert task.prompt_template == DEFAULT_CLOZE_TEMPLATE and task.labels == ["A", "B", "C", "D", "E"]
     assert torch.equal(bundle.head_weight, torch.eye(5)) and not bundle.manifest.posterior.covers_head
     assert bundle.manifest.eval.shift.dataset == "arc-challenge"
+    # the OOD score fits one Gaussian of all questions: an answer's letter is no class of the question (ARC's
+    # rare fifth choice left a class of one example, and the fit failed)
+    assert bundle.manifest.ood.method == "mahalanobis" and bundle.ood.gaussian.means.shape[0] == 1
     expected = _trainer_probs(session, fitted, bundle.manifest.calibration.temperature)
     client = running_app(llama, adapters)
     try:
