@@ -102,6 +102,8 @@ def calibrate(
         map_logits = session.map_outputs("validation", session.validation).logits
         posterior_logits = None if fitted.mode == PredictiveMode.MAP else outputs.logits
         choice = choose_predictive(map_logits, posterior_logits, labels, seed=session.config.seed)
+        figures = ", ".join(f"{name} {record['nll']:.4f}" for name, record in choice.candidates.items())
+        session.log(f"calibration: serving {choice.choice} (validation NLL {figures}; --calibration auto)")
         temperature_scaling = choice.uses_temperature
         if not choice.uses_posterior:
             served, outputs = replace(fitted, mode=PredictiveMode.MAP), Outputs(map_logits)

@@ -98,12 +98,13 @@ def render_report(manifest: BundleManifest) -> str:
     prior_choice = (ev.training.posterior.get("prior_choice") if ev.training else None) or ""
     if prior_choice:
         parts.append(f"Prior precision: {prior_choice}\n")
+    served = _served_label(manifest)
     if ev.test is not None:
-        parts += ["## Test split\n", _table({"MAP": ev.test.map, "posterior": ev.test.posterior}, METRIC_ROWS)]
+        parts += ["## Test split\n", _table({"MAP": ev.test.map, served: ev.test.posterior}, METRIC_ROWS)]
     if ev.shift is not None:
         parts += [
             f"## Domain shift: {ev.shift.dataset} ({ev.shift.size} examples)\n",
-            _table({"MAP": ev.shift.map, "posterior": ev.shift.posterior}, METRIC_ROWS),
+            _table({"MAP": ev.shift.map, served: ev.shift.posterior}, METRIC_ROWS),
         ]
     if ev.ood is not None:
         rows = [
@@ -114,7 +115,7 @@ def render_report(manifest: BundleManifest) -> str:
         ]
         parts += [
             f"## Out-of-distribution detection: {ev.ood.dataset} ({ev.ood.size} texts) vs the test split\n",
-            _table({"MAP": ev.ood.map, "posterior": ev.ood.posterior}, rows),
+            _table({"MAP": ev.ood.map, served: ev.ood.posterior}, rows),
         ]
     if manifest.ood is not None:
         parts.append(_describe_ood(manifest))
@@ -123,9 +124,31 @@ def render_report(manifest: BundleManifest) -> str:
     parts += [
         "## Calibration (fitted on the validation split)\n",
         f"Temperature {calibration.temperature:.4f}. Abstention: {rules or 'none'}.\n",
+        *_describe_choice(manifest),
         "![reliability](reliability.png)\n",
     ]
     return "\n".join(parts)
+
+
+def _served_label(manifest: BundleManifest) -> str:
+    """The column of the predictive the bundle serves: the posterior's, or what the validation rule chose."""
+    choice = manifest.calibration.choice
+    return "posterior" if choice is None else f"served ({choice})"
+
+
+def _describe_choice(manifest: BundleManifest) -> list[str]:
+    """The validation rule's candidates, as a table, and its choice."""
+    calibration = manifest.calibration
+    if calibration.choice is None or not calibration.candidates:
+        return []
+    rows = [("nll", "validation NLL (temperatures cross-fitted)"), ("ece", "validation ECE"),
+            ("temperature", "temperature"), ("gain", "NLL gain over the choice before"),
+            ("standard_error", "its standard error")]  # fmt: skip
+    return [
+        f"Served predictive: **{calibration.choice}**, the simplest candidate that no later one beat on validation "
+        "NLL by more than twice the standard error of the gain.\n",
+        _table(calibration.candidates, rows),
+    ]
 
 
 def summary_lines(card: EvalCard) -> list[str]:

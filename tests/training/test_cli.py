@@ -108,6 +108,8 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     assert manifest.posterior.predictive == ("glm" if posterior_chosen else "map") == ev.predictive
     assert (calibration.temperature != 1.0) == calibration.choice.endswith("temperature")
     assert ("mutual_information" in ev.ood.posterior) == posterior_chosen
+    report = (out / "report.md").read_text()
+    assert f"Served predictive: **{calibration.choice}**" in report and f"| served ({calibration.choice}) |" in report
     assert ev.shift.dataset == "drugreviews" and ev.ood.dataset == "bbcnews"
     assert ev.training.posterior["curvature_examples"] == 64 and ev.training.posterior["n_data"] == 200
     assert [r.kind for r in manifest.calibration.abstention] == ["ood", "max_prob"]  # ood names the reason first
