@@ -4,6 +4,7 @@ values exit 2 with one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -102,3 +103,31 @@ def test_every_checked_in_setting_parses_and_validates(path: Path) -> None:
     config.validate(needs_out=False)
     longrun = path.stem.startswith("longrun-")
     assert (config.optimisation.select_by == "last") == longrun
+
+
+def test_the_seeds_table_renders_mean_std_changes_and_the_published_change(tmp_path: Path, monkeypatch) -> None:
+    """scripts/seeds_table.py over two seeds' compare JSONs (and a variant's): mean ± std, the change from the
+    same seed's MAP, and the published Laplace change beside the Laplace rows."""
+    spec = importlib.util.spec_from_file_location(
+        "seeds_table", Path(__file__).parents[2] / "scripts" / "seeds_table.py"
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+
+    def row(name: str, ece: float, nll: float, **extra) -> dict:
+        metrics = {"accuracy": 0.9, "ece": ece, "nll": nll, "brier": 0.1}
+        return {"posterior": name, "test": metrics, "shift": metrics, **extra}
+
+    for seed, (map_ece, kron_ece) in enumerate(((0.10, 0.05), (0.20, 0.10))):
+        rows = [row("map", map_ece, 0.4), row("laplace-kron", kron_ece, 0.3),
+                row("default", kron_ece, 0.3, calibration="posterior")]  # fmt: skip
+        (tmp_path / f"longrun-sst2-seed{seed}.json").write_text(json.dumps({"rows": rows}))
+        (tmp_path / f"longrun-sst2-marglik-seed{seed}.json").write_text(
+            json.dumps({"rows": [row("laplace-kron", 0.3, 0.5)]})
+        )
+    lines = table.render("longrun-sst2").splitlines()
+    kron = next(line for line in lines if line.startswith("| laplace-kron |"))
+    assert "| 0.075 ± 0.035 |" in kron and "| -50% | -25% |" in kron and kron.endswith("| -42% / -4% |")
+    assert any(line.startswith("| laplace-kron (marglik) |") for line in lines)
+    assert any(line.startswith("| default → posterior |") for line in lines)
