@@ -31,8 +31,7 @@ from adapters.vocab import ClozeNormalisation
 
 CLOZE_KEYS = ("cloze_segments", "position_ids", "cloze_weights")
 PROMPT_SEGMENT, PADDING_SEGMENT = 0, -1
-PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0, "cloze_segments": PADDING_SEGMENT, "position_ids": 0}
-DEFAULT_PROMPT = "Question: {question}\nAnswer:"
+PAD_VALUES = {"cloze_segments": PADDING_SEGMENT}  # what padding holds beside 0 (input_ids: the pad token)
 LOGIT_CHUNK = 1024  # choice tokens per LM-head product: bounds the (tokens, vocabulary) logits in memory
 
 

@@ -173,12 +173,13 @@ class ModelHost:
     def token_counts(self, inputs: Sequence[TextInput]) -> list[int]:
         """Tokens of each input after truncation at its max length (thread-safe: never truncates or pads, so
         the counting tokenizer's settings never change)."""
-        texts = [item.text for item in inputs]
-        pairs = [item.text_pair or "" for item in inputs]
-        counted = self._counter(texts, pairs if any(item.text_pair for item in inputs) else None)["input_ids"]
+        plain = [item for item in inputs if item.choices is None]  # packed (cloze) inputs count by packing
+        texts = [item.text for item in plain]
+        pairs = [item.text_pair or "" for item in plain] if any(item.text_pair for item in plain) else None
+        counted = iter(self._counter(texts, pairs)["input_ids"] if plain else [])
         return [
-            self._packed_length(index, item) if item.choices is not None else min(len(ids), item.max_length)
-            for index, (ids, item) in enumerate(zip(counted, inputs, strict=True))
+            self._packed_length(index, item) if item.choices is not None else min(len(next(counted)), item.max_length)
+            for index, item in enumerate(inputs)
         ]
 
     def _packed_length(self, index: int, item: TextInput) -> int:

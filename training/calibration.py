@@ -123,10 +123,6 @@ class PredictiveChoice:
     def uses_posterior(self) -> bool:
         return self.choice.startswith("posterior")
 
-    @property
-    def uses_temperature(self) -> bool:
-        return self.choice.endswith("temperature")
-
 
 def example_nll(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-example NLL ``(N,)`` of the sample-averaged predictive of logits ``(S, N, C)`` at ``temperature``."""

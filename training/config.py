@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from adapters.defaults import DEFAULT_CLOZE_NORMALISATION
 from adapters.errors import CaveatError
 from adapters.options import scalar_type
 from adapters.tasks import ChoiceFormat
@@ -187,12 +186,12 @@ class DataConfig:
         None, "classification or multiple-choice (default: multiple-choice for arc-easy, else classification)"
     )
     mc_scoring: ChoiceScoring = option(
-        ChoiceScoring.CLOZE,
+        ChoiceFormat().scoring,
         "multiple choice: cloze (each choice's text after the question, its length-normalised log-likelihood) or "
         "letter (the choices lettered in one prompt, the answer letters' next-token logits)",
     )
     cloze_normalisation: ClozeNormalisation = option(
-        DEFAULT_CLOZE_NORMALISATION,
+        ChoiceFormat().normalisation,
         "cloze: divide a choice's log-likelihood by nothing (none: the summed log-likelihood), its tokens (tokens) "
         "or its characters (chars)",
     )

@@ -104,10 +104,11 @@ def calibrate(
         choice = choose_predictive(map_logits, posterior_logits, labels, seed=session.config.seed)
         figures = ", ".join(f"{name} {record['nll']:.4f}" for name, record in choice.candidates.items())
         session.log(f"calibration: serving {choice.choice} (validation NLL {figures}; --calibration auto)")
-        temperature_scaling = choice.uses_temperature
         if not choice.uses_posterior:
             served, outputs = replace(fitted, mode=PredictiveMode.MAP), Outputs(map_logits)
-    temperature = fit_temperature(outputs.logits, labels) if temperature_scaling else 1.0
+        temperature = choice.candidates[choice.choice]["temperature"]  # fitted on all of validation by the rule
+    else:
+        temperature = fit_temperature(outputs.logits, labels) if temperature_scaling else 1.0
     pred = outputs.distribution(temperature)
     target_coverage = config.target_coverage
     if config.target_risk is None and target_coverage is None:
