@@ -8,6 +8,8 @@ Layout (docs/design.md §2)::
     posterior.safetensors     the posterior family's tensors ("<block>::<field>", see adapters.posteriors)
     ood.safetensors           schema 2, optional: the OOD score's tensors (adapters.ood; its parameters in
                               bundle.json "ood")
+    conformal.safetensors     schema 3, optional: "scores" (n,), "labels" (n,) of the conformal calibration
+                              examples (adapters.conformal; its record in bundle.json "conformal")
     report.md, reliability.png    optional, written by the trainer
 
 Projections have a file of their own so that bundles sharing them (same base, rank and spec) are
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -34,6 +37,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from adapters.batching import AdapterWeights, Readout
+from adapters.conformal import ConformalCalibration
 from adapters.errors import (
     ChecksumMismatchError,
     FingerprintMismatchError,
@@ -52,6 +56,7 @@ from adapters.finite import first_non_finite
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import (
     ADAPTER_FILE,
+    CONFORMAL_FILE,
     MANIFEST_FILE,
     OOD_FILE,
     POSTERIOR_FILE,
@@ -59,6 +64,7 @@ from adapters.manifest import (
     SCHEMA_VERSIONS,
     TENSOR_FILES,
     BundleManifest,
+    ConformalSpec,
 )
 from adapters.model import LoraXSClassifier
 from adapters.ood import OodScore
@@ -81,6 +87,7 @@ class Bundle:
         sha256: sha256 of bundle.json's bytes, which include every tensor file's checksum: the identity of
             this exact bundle.
         ood: the feature-space OOD score (on the CPU; ``manifest.ood`` says which features), or ``None``.
+        conformal: the conformal calibration of the served predictive (on the CPU), or ``None``.
     """
 
     manifest: BundleManifest
@@ -92,6 +99,7 @@ class Bundle:
     path: Path | None = None
     sha256: str = field(default="")
     ood: OodScore | None = None
+    conformal: ConformalCalibration | None = None
 
     @property
     def name(self) -> str:
@@ -136,6 +144,7 @@ class Bundle:
             path=self.path,
             sha256=self.sha256,
             ood=self.ood,
+            conformal=self.conformal,
         )
 
     def tensor_bytes(self) -> int:
@@ -174,6 +183,10 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
         if manifest.ood is None:
             raise ValueError("a bundle with an OOD score needs its manifest's ood record (which features)")
         payloads[OOD_FILE], manifest.ood.params = bundle.ood.state()
+    if bundle.conformal is not None:
+        if manifest.conformal is None:
+            raise ValueError("a bundle with conformal calibration needs its manifest's conformal record")
+        payloads[CONFORMAL_FILE] = bundle.conformal.state()
     files = {}
     for file_name, tensors in payloads.items():
         data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
@@ -235,6 +248,7 @@ def load_bundle(
             f"(fingerprint {base_fingerprint[:12]}…)",
         )
     names = [*TENSOR_FILES, *((OOD_FILE,) if manifest.ood is not None else ())]
+    names += [CONFORMAL_FILE] if manifest.conformal is not None else []
     tensors = {name: _read_tensor_file(directory, name, manifest.files, root) for name in names}
     bundle = _assemble(manifest, tensors, directory)
     bundle.path, bundle.sha256 = directory, hashlib.sha256(manifest_bytes).hexdigest()
@@ -326,7 +340,39 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
             raise ShapeMismatchError(directory, f"posterior block {block!r} {tuple(shape)} matches no adapter tensor")
     _check_values(built, values, posterior, directory)
     ood = _load_ood(manifest, tensors.get(OOD_FILE), directory)
-    return Bundle(manifest, built, cores, head_weight, head_bias, posterior, ood=ood)
+    conformal = _load_conformal(manifest, tensors.get(CONFORMAL_FILE), directory)
+    return Bundle(manifest, built, cores, head_weight, head_bias, posterior, ood=ood, conformal=conformal)
+
+
+def conformal_spec(calibration: ConformalCalibration, alpha: float) -> ConformalSpec:
+    """The manifest's record of a conformal calibration at the bundle's level ``alpha``."""
+    thresholds = [None if math.isinf(t) else t for t in calibration.thresholds(alpha).tolist()]
+    return ConformalSpec(
+        score=calibration.score, alpha=alpha, class_conditional=calibration.class_conditional,
+        size=calibration.scores.numel(), thresholds=thresholds,
+    )  # fmt: skip
+
+
+def _load_conformal(
+    manifest: BundleManifest, tensors: dict[str, Tensor] | None, directory: Path
+) -> ConformalCalibration | None:
+    """The conformal calibration, checked against its record (the thresholds it gives must be the recorded ones)."""
+    spec = manifest.conformal
+    if spec is None or tensors is None:
+        return None
+    scores, labels = tensors.get("scores"), tensors.get("labels")
+    if scores is None or labels is None or scores.shape != (spec.size,) or labels.shape != (spec.size,):
+        raise ShapeMismatchError(directory, f"{CONFORMAL_FILE} must hold scores and labels of {spec.size} examples")
+    if not scores.is_floating_point() or not torch.isfinite(scores).all() or labels.is_floating_point():
+        raise InvalidValueError(directory, f"{CONFORMAL_FILE}: scores must be finite numbers and labels integers")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(manifest.task.labels):
+        raise InvalidValueError(directory, f"{CONFORMAL_FILE}: a label index is outside the bundle's labels")
+    calibration = ConformalCalibration(
+        spec.score, scores.double(), labels.long(), len(manifest.task.labels), spec.class_conditional
+    )
+    if conformal_spec(calibration, spec.alpha).thresholds != spec.thresholds:
+        raise InvalidValueError(directory, f"{CONFORMAL_FILE} gives other thresholds than bundle.json records")
+    return calibration
 
 
 def _load_ood(manifest: BundleManifest, tensors: dict[str, Tensor] | None, directory: Path) -> OodScore | None:

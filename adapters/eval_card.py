@@ -30,6 +30,11 @@ class SplitEval(_Card):
     map: Metrics
     posterior: Metrics
     dataset: str | None = Field(default=None, description="the shift set's name (test: the task's)")
+    conformal: Metrics | None = Field(
+        default=None,
+        description="the served predictive's conformal sets: coverage against its target (a guarantee only for "
+        "inputs exchangeable with validation), mean set size, singleton and empty shares",
+    )
 
 
 class OodEval(_Card):
@@ -74,3 +79,7 @@ class EvalCard(_Card):
     data: DataCard | None = None
     training: TrainingRecord | None = None
     warnings: list[str] | None = Field(default=None, description="what the user should know, e.g. a target missed")
+    recalibration: dict[str, Any] | None = Field(
+        default=None,
+        description="caveat-train recalibrate: the labels it refitted on and before/after on held-out ones",
+    )

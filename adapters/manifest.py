@@ -1,4 +1,5 @@
-"""``bundle.json``: the typed manifest of a bundle (schema version 2; version 1, without an OOD score, still reads).
+"""``bundle.json``: the typed manifest of a bundle (schema version 3; versions 1, without an OOD score, and 2, without
+conformal calibration, still read).
 
 The manifest says what the tensors are, what they were trained on and how to use them; the tensor files
 hold the numbers. See docs/design.md §2 for the directory layout.
@@ -21,6 +22,7 @@ from adapters.vocab import (
     AbstentionKind,
     ChoiceScoring,
     ClozeNormalisation,
+    ConformalScore,
     OodMethod,
     Pooling,
     PosteriorFamily,
@@ -37,12 +39,15 @@ def _caveat_version() -> str:
 
 
 CAVEAT_VERSION = _caveat_version()
-SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, 2)  # what this library reads: 2 added the optional OOD score (``ood``, ood.safetensors)
+SCHEMA_VERSION = 3
+# what this library reads: 2 added the optional OOD score (``ood``, ood.safetensors), 3 the optional conformal
+# calibration (``conformal``, conformal.safetensors)
+SCHEMA_VERSIONS = (1, 2, 3)
 PROJECTIONS_FILE = "projections.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 POSTERIOR_FILE = "posterior.safetensors"
 OOD_FILE = "ood.safetensors"
+CONFORMAL_FILE = "conformal.safetensors"
 MANIFEST_FILE = "bundle.json"
 TENSOR_FILES = (PROJECTIONS_FILE, ADAPTER_FILE, POSTERIOR_FILE)
 
@@ -134,7 +139,7 @@ def _bundle_range(kind: AbstentionKind) -> tuple[float, float]:
     the top for a rule that fires below it, -1 for one that fires above it); the ``ood`` rule is not fitted that
     way. Finite always (a NaN disables the rule)."""
     score = ABSTENTION_SCORES[kind]
-    if kind == AbstentionKind.OOD:
+    if not score.fitted:
         return score.low, score.high
     return (score.low, math.nextafter(score.high, math.inf)) if score.below else (-1.0, score.high)
 
@@ -175,6 +180,19 @@ class OodSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class ConformalSpec(_Strict):
+    """Split-conformal prediction sets (``adapters.conformal``): the calibration examples' scores are in
+    conformal.safetensors; a request may ask for another level."""
+
+    score: ConformalScore
+    alpha: float = Field(gt=0, lt=1, description="the bundle's miscoverage: sets hold the label w.p. ≥ 1 − alpha")
+    class_conditional: bool = False
+    size: int = Field(gt=0, description="calibration examples (the validation split)")
+    thresholds: list[float | None] = Field(
+        description="per label, the threshold at alpha (null: infinite, too few examples: every label)"
+    )
+
+
 class CalibrationSpec(_Strict):
     temperature: float = Field(default=1.0, gt=0)
     abstention: list[AbstentionSpec] = Field(default_factory=list)
@@ -189,7 +207,7 @@ class CalibrationSpec(_Strict):
 
 
 class BundleManifest(_Strict):
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field(min_length=1, max_length=64)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -201,6 +219,9 @@ class BundleManifest(_Strict):
     posterior: PosteriorSpec
     calibration: CalibrationSpec = CalibrationSpec()
     ood: OodSpec | None = Field(default=None, description="the OOD score (schema 2); null: the bundle has none")
+    conformal: ConformalSpec | None = Field(
+        default=None, description="conformal prediction sets (schema 3); null: the bundle has none"
+    )
     eval: EvalCard = Field(default_factory=EvalCard)
     files: dict[str, str] = Field(default_factory=dict, description="tensor file name → sha256")
 
@@ -216,12 +237,17 @@ class BundleManifest(_Strict):
     def _ood_needs_schema_2(self) -> BundleManifest:
         if self.ood is not None and self.schema_version < 2:
             raise ValueError("an OOD score (ood) needs schema version 2")
+        if self.conformal is not None and self.schema_version < 3:
+            raise ValueError("conformal calibration (conformal) needs schema version 3")
+        if self.conformal is not None and len(self.conformal.thresholds) != len(self.task.labels):
+            raise ValueError("conformal.thresholds needs one threshold per label")
         return self
 
 
 __all__ = [
     "ADAPTER_FILE",
     "CAVEAT_VERSION",
+    "CONFORMAL_FILE",
     "MANIFEST_FILE",
     "OOD_FILE",
     "POSTERIOR_FILE",
@@ -234,6 +260,7 @@ __all__ = [
     "BaseModelSpec",
     "BundleManifest",
     "CalibrationSpec",
+    "ConformalSpec",
     "HeadSpec",
     "OodSpec",
     "PosteriorSpec",

@@ -20,6 +20,7 @@ from torch import Tensor
 from adapters.vocab import AbstentionKind
 
 OOD_REASON = "out_of_distribution"  # the ``ood`` rule's reason (and its abstention counter's label)
+AMBIGUOUS_REASON = "ambiguous"  # the ``ambiguous`` rule's
 
 
 def entropy(probs: Tensor, dim: int = -1) -> Tensor:
@@ -103,26 +104,53 @@ def predictive(logits: Tensor, temperature: float = 1.0) -> Predictive:
 
 
 @dataclass(frozen=True)
+class InputSignals:
+    """What abstention rules read about each input besides its predictive; ``None``: the adapter computes no such
+    value, and the rules that read it never fire.
+
+    Attributes:
+        ood_pvalue: ``(N,)`` the feature-space OOD score's p-values (``adapters.ood``).
+        set_size: ``(N,)`` labels in each input's conformal prediction set (``adapters.conformal``).
+    """
+
+    ood_pvalue: Tensor | None = None
+    set_size: Tensor | None = None
+
+    def select(self, index: Tensor) -> InputSignals:
+        """Inputs ``index`` ``(n,)``."""
+        return InputSignals(*(None if v is None else v[index] for v in (self.ood_pvalue, self.set_size)))
+
+
+@dataclass(frozen=True)
 class AbstentionScore:
     """What an abstention rule of one kind thresholds.
 
     Attributes:
-        read: the score of each input ``(N,)`` from the predictive and the OOD p-values (``None``: no OOD score).
+        read: the score of each input ``(N,)`` from the predictive and the input's other signals (NaN where the
+            adapter has no such signal: the rule never fires).
         below: the rule fires when the score is below its threshold (else above it).
         low, high: a threshold's range (a bundle's is widened for the trainer's "abstain on everything":
             ``adapters.manifest.THRESHOLD_RANGES``).
         description: what a request's threshold of this kind means (the OpenAPI document shows it).
+        fitted: the trainer fits its threshold on validation (``--abstain-on``); the others are set by a rule.
     """
 
-    read: Callable[[Predictive, Tensor | None], Tensor]
+    read: Callable[[Predictive, InputSignals], Tensor]
     below: bool
     low: float
     high: float
     description: str
+    fitted: bool = True
 
 
-def _ood_pvalue(pred: Predictive, ood_pvalue: Tensor | None) -> Tensor:
-    return torch.full_like(pred.confidence, math.nan) if ood_pvalue is None else ood_pvalue
+def _signal(pred: Predictive, value: Tensor | None) -> Tensor:
+    return torch.full_like(pred.confidence, math.nan) if value is None else value.to(pred.confidence)
+
+
+def _ambiguity(pred: Predictive, signals: InputSignals) -> Tensor:
+    """The conformal set's size, an empty set counted as every label (neither answers the question)."""
+    size = _signal(pred, signals.set_size)
+    return size.masked_fill(size == 0, pred.probs.shape[-1])
 
 
 ABSTENTION_SCORES: dict[AbstentionKind, AbstentionScore] = {
@@ -136,10 +164,18 @@ ABSTENTION_SCORES: dict[AbstentionKind, AbstentionScore] = {
         lambda pred, _: pred.mutual_information, False, 0.0, math.inf, "abstain when MI (nats) is above"
     ),
     AbstentionKind.OOD: AbstentionScore(
-        _ood_pvalue, True, 0.0, 1.0,
+        lambda pred, signals: _signal(pred, signals.ood_pvalue), True, 0.0, 1.0,
         "abstain (out_of_distribution) when the OOD p-value is below; no effect for an adapter without an OOD score",
+        fitted=False,
+    ),
+    AbstentionKind.AMBIGUOUS: AbstentionScore(
+        _ambiguity, False, 0.0, math.inf,
+        "abstain when the conformal prediction set holds more labels than this (an empty set counts as all; 1: "
+        "answer only single-label sets); no effect for an adapter without conformal calibration",
+        fitted=False,
     ),
 }  # fmt: skip
+AMBIGUOUS_THRESHOLD = 1.0  # the trainer's ``ambiguous`` rule: answer only when the set is one label
 
 
 @dataclass(frozen=True)
@@ -148,7 +184,9 @@ class AbstentionRule:
 
     ``max_prob`` abstains when the confidence is *below* the threshold; ``entropy`` (normalised to
     [0, 1]) and ``mutual_information`` (nats) abstain when the score is *above* it; ``ood`` abstains when the
-    input's OOD p-value (``adapters.ood``) is *below* it, and never for a bundle without an OOD score.
+    input's OOD p-value (``adapters.ood``) is *below* it, and never for a bundle without an OOD score;
+    ``ambiguous`` abstains when the input's conformal prediction set holds more labels than the threshold, or
+    none, and never for a bundle without conformal calibration.
     """
 
     kind: AbstentionKind
@@ -158,32 +196,35 @@ class AbstentionRule:
         if self.kind not in ABSTENTION_SCORES:
             raise ValueError(f"unknown abstention rule {self.kind!r}; choose one of {[str(k) for k in AbstentionKind]}")
 
-    def score(self, pred: Predictive, ood_pvalue: Tensor | None = None) -> Tensor:
-        """The score this rule thresholds, for each input (``ood``: the p-value, NaN when there is none)."""
-        return ABSTENTION_SCORES[self.kind].read(pred, ood_pvalue)
+    def score(self, pred: Predictive, signals: InputSignals | None = None) -> Tensor:
+        """The score this rule thresholds, for each input (NaN where the adapter lacks the signal it reads)."""
+        return ABSTENTION_SCORES[self.kind].read(pred, signals or InputSignals())
 
-    def fires(self, pred: Predictive, ood_pvalue: Tensor | None = None) -> Tensor:
-        score = self.score(pred, ood_pvalue).to(pred.confidence.device)
+    def fires(self, pred: Predictive, signals: InputSignals | None = None) -> Tensor:
+        score = self.score(pred, signals).to(pred.confidence.device)
         return score < self.threshold if ABSTENTION_SCORES[self.kind].below else score > self.threshold
 
     def reason(self) -> str:
         if self.kind == AbstentionKind.OOD:
             return f"{OOD_REASON} (ood_pvalue below {self.threshold:.4g})"
+        if self.kind == AbstentionKind.AMBIGUOUS:
+            return f"{AMBIGUOUS_REASON} (conformal set of more than {self.threshold:.4g} labels, or none)"
         relation = "below" if ABSTENTION_SCORES[self.kind].below else "above"
         return f"{self.kind} {relation} {self.threshold:.4g}"
 
 
 def abstain(
-    pred: Predictive, rules: list[AbstentionRule], ood_pvalue: Tensor | None = None
+    pred: Predictive, rules: list[AbstentionRule], signals: InputSignals | None = None
 ) -> tuple[Tensor, list[str | None]]:
     """Apply rules (abstain when any fires). Returns ``(N,)`` flags and, per input, the first reason.
 
-    ``ood_pvalue``: ``(N,)`` the inputs' OOD p-values, for the ``ood`` rule (``None``: it never fires).
+    ``signals``: the inputs' OOD p-values and conformal set sizes, for the rules that read them (``None``: those
+    rules never fire).
     """
     flags = torch.zeros_like(pred.confidence, dtype=torch.bool)
     reasons: list[str | None] = [None] * flags.shape[0]
     for rule in rules:
-        fired = rule.fires(pred, ood_pvalue)
+        fired = rule.fires(pred, signals)
         for i in torch.nonzero(fired & ~flags).flatten().tolist():
             reasons[i] = rule.reason()
         flags |= fired

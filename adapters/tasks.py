@@ -85,6 +85,15 @@ def mask_choices(logits: Tensor, num_choices: Sequence[int | None]) -> Tensor:
     return logits + mask.to(logits.device, logits.dtype)
 
 
+def valid_labels(num_choices: Sequence[int | None], classes: int) -> Tensor | None:
+    """``(N, classes)`` bool: the labels each input can take (a multiple-choice item's own letters, every label of
+    a classification input); ``None`` when no input is multiple choice."""
+    if all(count is None for count in num_choices):
+        return None
+    counts = torch.tensor([classes if count is None else count for count in num_choices]).reshape(-1, 1)
+    return torch.arange(classes).reshape(1, -1) < counts
+
+
 def choice_mask(num_choices: Tensor | Sequence[int], num_letters: int = len(LETTERS)) -> Tensor:
     """Additive logit mask ``(N, num_letters)``: 0 for an item's own letters, ``-inf`` for the rest."""
     counts = torch.as_tensor(num_choices).reshape(-1, 1)

@@ -45,6 +45,7 @@ class AbstentionKind(StrEnum):
     ENTROPY = "entropy"  # normalised entropy in [0, 1]: abstain above
     MUTUAL_INFORMATION = "mutual_information"  # nats: abstain above
     OOD = "ood"  # the OOD p-value: abstain below (never fires for a bundle without a score)
+    AMBIGUOUS = "ambiguous"  # the conformal set's size: abstain above (an empty set counts as every label)
 
 
 class Pooling(StrEnum):
@@ -75,3 +76,10 @@ class ClozeNormalisation(StrEnum):
     TOKENS = "tokens"  # the choice's token count: the mean log-likelihood per token
     CHARS = "chars"  # the choice's character count (lm-eval's acc_norm)
     NONE = "none"  # the summed log-likelihood: favours short choices
+
+
+class ConformalScore(StrEnum):
+    """How a label's nonconformity is scored for conformal prediction sets (``adapters.conformal``)."""
+
+    LAC = "lac"  # 1 − p_y: the smallest sets on average
+    APS = "aps"  # the probability mass of the labels ranked at or above y: sets that adapt to the input

@@ -25,7 +25,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from adapters import LoraXSClassifier, LoraXSConfig, compute_projections, inject_lora_xs, target_names
-from adapters.bundle import Bundle, save_bundle
+from adapters.bundle import Bundle, conformal_spec, save_bundle
+from adapters.conformal import DEFAULT_ALPHA, ConformalCalibration
 from adapters.embedded import resolve_model
 from adapters.fingerprint import base_fingerprint
 from adapters.injection import lora_xs_layers
@@ -52,6 +53,7 @@ from adapters.posteriors import (
     MatrixNormalPosterior,
     Posterior,
 )
+from adapters.vocab import ConformalScore
 from training.data import Example
 from training.encoding import Encoder
 from training.inference import base_features
@@ -78,11 +80,13 @@ def synthetic_bundle(
     projection: str = "svd",
     text_pair: bool = False,
     pooling: str = "mean",
+    conformal: str | None = None,
 ) -> Path:
     """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
     ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule;
     ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never);
-    ``text_pair``: the task takes text pairs; ``pooling``: the base's (``last`` for a decoder)."""
+    ``text_pair``: the task takes text pairs; ``pooling``: the base's (``last`` for a decoder); ``conformal``: a
+    conformal score (lac, aps) calibrated on random probabilities, for prediction sets at α = 0.1."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
     config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed, projection=projection)
     names = target_names(base, targets)
@@ -121,6 +125,11 @@ def synthetic_bundle(
     bundle = Bundle.from_classifier(model, posterior, manifest)
     if ood_method is not None:
         _add_ood_score(bundle, model, base_dir, ood_method, len(labels))
+    if conformal is not None:
+        probs = torch.softmax(2 * torch.randn(200, len(labels), generator=generator), dim=-1)
+        truth = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        bundle.conformal = ConformalCalibration.fit(probs, truth, ConformalScore(conformal))
+        manifest.conformal = conformal_spec(bundle.conformal, DEFAULT_ALPHA)
     return save_bundle(bundle, out)
 
 

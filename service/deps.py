@@ -35,8 +35,7 @@ async def require_admin(request: Request, state: State) -> None:
     """Admin routes need ``Authorization: Bearer <token>``; with no token configured they are disabled."""
     if state.admin_token is None:
         raise AdminDisabledError("the admin API is disabled: start the server with CAVEAT_ADMIN_TOKEN set")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), state.admin_token.encode()):
+    if not _bearer_matches(request, state.admin_token):
         raise UnauthorizedError(
             "admin routes need the header 'Authorization: Bearer <admin token>'",
             headers={"WWW-Authenticate": 'Bearer realm="caveat-admin"'},
@@ -44,3 +43,24 @@ async def require_admin(request: Request, state: State) -> None:
 
 
 Admin = Depends(require_admin)
+
+
+async def require_feedback(request: Request, state: State) -> None:
+    """``POST /v1/feedback`` takes the feedback token when one is set, else the admin token."""
+    token = state.settings.feedback_token
+    if token is None:
+        await require_admin(request, state)
+        return
+    if not _bearer_matches(request, token):
+        raise UnauthorizedError(
+            "feedback needs the header 'Authorization: Bearer <feedback token>'",
+            headers={"WWW-Authenticate": 'Bearer realm="caveat-feedback"'},
+        )
+
+
+def _bearer_matches(request: Request, expected: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected.encode())
+
+
+FeedbackAuth = Depends(require_feedback)

@@ -33,8 +33,18 @@ class AdapterNotFoundError(ServiceError):
     status = 404
 
 
+class NotFoundError(ServiceError):
+    status = 404
+
+
 class ConflictError(ServiceError):
     status = 409
+
+
+class GoneError(ServiceError):
+    """What was asked for existed but is no longer held (an answer dropped from the feedback store)."""
+
+    status = 410
 
 
 class PayloadTooLargeError(ServiceError):
@@ -43,6 +53,12 @@ class PayloadTooLargeError(ServiceError):
 
 class BundleRejectedError(ServiceError):
     """A bundle that cannot be served: damaged, incomplete, or made for another base model."""
+
+    status = 422
+
+
+class InvalidLabelError(ServiceError):
+    """A label the answer's adapter does not have."""
 
     status = 422
 
@@ -67,6 +83,12 @@ class NonFiniteOutputError(ServiceError):
 
 
 class NotReadyError(ServiceError):
+    status = 503
+
+
+class FeedbackLogError(ServiceError):
+    """The durable feedback log cannot be written: nothing of the batch was recorded."""
+
     status = 503
 
 

@@ -3,13 +3,20 @@
 Besides the usual request, latency, queue and batch series, every answered input feeds per-adapter
 histograms of confidence, entropy, mutual information and the OOD p-value, and abstention counters by rule
 (``rule="out_of_distribution"`` for the ``ood`` rule): a falling OOD p-value is the drift alarm of an adapter.
+Labels that come back (``POST /v1/feedback``) feed per adapter-version counters of accuracy, NLL, calibration
+bins and prediction-set coverage (:meth:`Metrics.observe_feedback`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from adapters.bins import NLL_FLOOR, bin_index
+from adapters.feedback import LabelledAnswer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -88,6 +95,74 @@ class Metrics:
             "caveat_prediction_ood_pvalue", "OOD p-value: the fraction of validation inputs at least as far out",
             ["adapter"], buckets=PVALUE_BUCKETS, registry=r,
         )  # fmt: skip
+
+        self._feedback_series(r)
+
+    def _feedback_series(self, r: CollectorRegistry) -> None:
+        """Per adapter and version, what labelled answers say: counters, so that Prometheus can sum replicas and
+        compute accuracy, NLL, ECE (over :data:`adapters.bins.NUM_BINS` bins) and coverage over any window."""
+        version = ["adapter", "version"]
+        self.feedback_labelled = Counter(
+            "caveat_feedback_labelled_total", "Answers whose label came back", [*version, "abstained"], registry=r
+        )
+        self.feedback_correct = Counter(
+            "caveat_feedback_correct_total", "Labelled answers whose top label was the true one",
+            [*version, "abstained"], registry=r,
+        )  # fmt: skip
+        self.feedback_nll = Counter(
+            "caveat_feedback_nll_total", "Sum of −log p(true label) over labelled answers (nats)", version, registry=r
+        )
+        bins = "(bin b: top probability in (b/15, (b+1)/15])"
+        self.feedback_bin_labelled = Counter(
+            "caveat_feedback_bin_labelled_total", f"Labelled answers per confidence bin {bins}", [*version, "bin"],
+            registry=r,
+        )  # fmt: skip
+        self.feedback_bin_correct = Counter(
+            "caveat_feedback_bin_correct_total", f"Correct labelled answers per confidence bin {bins}",
+            [*version, "bin"], registry=r,
+        )  # fmt: skip
+        self.feedback_bin_confidence = Counter(
+            "caveat_feedback_bin_confidence_total", f"Sum of the top probability per confidence bin {bins}",
+            [*version, "bin"], registry=r,
+        )  # fmt: skip
+        self.feedback_sets = Counter(
+            "caveat_feedback_sets_total", "Labelled answers with a prediction set, by the coverage it was served at",
+            [*version, "target"], registry=r,
+        )  # fmt: skip
+        self.feedback_covered = Counter(
+            "caveat_feedback_covered_total", "Labelled answers whose prediction set held the true label",
+            [*version, "target"], registry=r,
+        )  # fmt: skip
+        self.feedback_target = Gauge(
+            "caveat_feedback_coverage_target", "The coverage prediction sets were served at (for alerts: the series' "
+            "own target as a number)", [*version, "target"], registry=r,
+        )  # fmt: skip
+        self.feedback_store = Gauge("caveat_feedback_store_answers", "Answers held for feedback", registry=r)
+        self.feedback_dropped = Counter(
+            "caveat_feedback_dropped_total", "Answers dropped from the feedback store before a label came", registry=r
+        )
+
+    def observe_feedback(self, answer: LabelledAnswer, label_name: str) -> None:
+        """One labelled answer (``adapters.feedback.LabelledAnswer``)."""
+        key = (answer.adapter, answer.version)
+        abstained = "true" if answer.abstained else "false"
+        correct = answer.predicted == answer.label
+        self.feedback_labelled.labels(*key, abstained).inc()
+        if correct:
+            self.feedback_correct.labels(*key, abstained).inc()
+        self.feedback_nll.labels(*key).inc(-math.log(max(answer.probs[answer.label], NLL_FLOOR)))
+        confidence = max(answer.probs)
+        index = f"{int(bin_index(torch.tensor([confidence], dtype=torch.float64))[0]):02d}"
+        self.feedback_bin_labelled.labels(*key, index).inc()
+        self.feedback_bin_confidence.labels(*key, index).inc(confidence)
+        if correct:
+            self.feedback_bin_correct.labels(*key, index).inc()
+        if answer.prediction_set is not None and answer.coverage is not None:
+            target = f"{answer.coverage:g}"
+            self.feedback_target.labels(*key, target).set(answer.coverage)
+            self.feedback_sets.labels(*key, target).inc()
+            if answer.label in answer.prediction_set:
+                self.feedback_covered.labels(*key, target).inc()
 
     def observe_predictions(
         self, adapter: str, values: Mapping[str, list], reasons: list[str | None], ood_pvalue: list[float] | None = None

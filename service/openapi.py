@@ -12,22 +12,24 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import Match
 
-from service.schemas import V2InferRequest
+from service.schemas import SEED_LIMIT, V2InferRequest
 from service.settings import Settings
 
 BEARER = "adminToken"
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 ERROR_TEXT = {
     400: "Bad request: the body is well-formed but cannot be served as asked",
-    401: "Missing or wrong admin token",
+    401: "Missing or wrong admin token (feedback: the feedback token when one is set)",
     403: "The admin API is disabled (no admin token configured)",
-    404: "No such adapter (or version)",
-    409: "Conflicts with the adapters loaded (name taken, memory budget, bundle changed on disk)",
+    404: "No such adapter (or version); feedback: no answer has that id",
+    409: "Conflicts with the adapters loaded (name taken, memory budget, bundle changed on disk); feedback: the "
+    "answer already has a label, or an id appears twice",
+    410: "Feedback: the answer is no longer held (dropped from the store, or past its time)",
     413: "Over one of this server's limits (body bytes, inputs, characters, samples, estimated cost)",
-    422: "The body does not validate (or a bundle is refused)",
+    422: "The body does not validate (or a bundle is refused, or a label is not the adapter's)",
     429: "The queue is full (by requests or estimated cost); retry after Retry-After seconds",
     500: "The adapter produced non-finite probabilities, or an unexpected error; see the server log",
-    503: "Not ready (starting, failed start, or shutting down)",
+    503: "Not ready (starting, failed start, or shutting down); feedback: the log cannot be written",
     504: "No answer within the request timeout; the work was stopped",
 }
 BODY = (413, 422)
@@ -35,6 +37,7 @@ PREDICT = (400, 404, *BODY, 429, 500, 503, 504)
 ADMIN = (400, 401, 403, 404, 409, *BODY, 503)
 STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/predict"): PREDICT,
+    ("post", "/v1/feedback"): (401, 403, 404, 409, 410, *BODY, 503),
     ("get", "/v1/adapters"): (503,),
     ("post", "/v1/adapters"): ADMIN,
     ("get", "/v1/adapters/{name}"): (404, 503),
@@ -45,6 +48,7 @@ STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v2/models/{model}/infer"): PREDICT,
 }
 ADMIN_OPERATIONS = {("post", "/v1/adapters"), ("put", "/v1/adapters/{name}"), ("delete", "/v1/adapters/{name}")}
+TOKEN_OPERATIONS = ADMIN_OPERATIONS | {("post", "/v1/feedback")}  # a bearer token: admin's, or feedback's
 
 
 def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
@@ -59,7 +63,7 @@ def document(app: FastAPI, settings: Settings) -> dict[str, Any]:
             responses.pop("422", None)  # FastAPI's {detail} shape: this server answers {error: {...}}
             for status in statuses:
                 responses[str(status)] = _error_response(status, path.startswith("/v2/"))
-            if (method, path) in ADMIN_OPERATIONS:
+            if (method, path) in TOKEN_OPERATIONS:
                 operation["security"] = [{BEARER: []}]
         _state_limits(schema, settings)
         for name in ("HTTPValidationError", "ValidationError"):
@@ -147,6 +151,10 @@ def _state_limits(schema: dict[str, Any], settings: Settings) -> None:
     for branch in request["num_samples"]["anyOf"]:
         if branch.get("type") == "integer":
             branch["maximum"] = max(settings.max_samples, settings.max_glm_samples)
+    for branch in request["seed"]["anyOf"]:  # FastAPI writes bounds as floats: 2^63 - 1 would round to 2^63
+        if branch.get("type") == "integer":
+            branch.pop("exclusiveMaximum", None)
+            branch.update(minimum=0, maximum=SEED_LIMIT - 1)
     request["num_samples"]["description"] += (
         f" (at most {settings.max_samples} network samples, {settings.max_glm_samples} GLM logit draws; 413 beyond)"
     )

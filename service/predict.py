@@ -15,6 +15,7 @@ from adapters.predictive import AbstentionRule
 from adapters.predictives import PREDICTORS
 from service.engine import Engine, Job, JobResult
 from service.errors import ClientGoneError, InvalidRequestError, PayloadTooLargeError, PredictionTimeoutError
+from service.feedback import ServedAnswer, answer_ids
 from service.fields import encode_results
 from service.host import TextInput
 from service.registry import AdapterVersion
@@ -45,10 +46,12 @@ async def run_prediction(
     method: str | None = None,
     seed: int | None = None,
     abstain: AbstainOverride | None = None,
+    coverage: float | None = None,
     disconnected: asyncio.Event | None = None,
 ) -> Answer:
     """Check limits, pin the adapter version, run the job through the engine (with the request timeout; a
-    client that ``disconnected`` abandons its job)."""
+    client that ``disconnected`` abandons its job). ``coverage``: the prediction sets' level (default: the
+    bundle's)."""
     start = time.perf_counter()
     registry, engine = state.require_ready()
     settings = state.settings
@@ -59,6 +62,10 @@ async def run_prediction(
     _check_inputs(inputs, settings)
     adapter = await registry.acquire(adapter_ref)
     texts = [_text_input(index, item, adapter) for index, item in enumerate(inputs)]
+    if coverage is not None and adapter.bundle.conformal is None:
+        raise InvalidRequestError(
+            f"coverage: adapter {adapter.name!r} has no conformal calibration (a bundle written before schema 3)"
+        )
     predictor = adapter.predictor(method)
     if predictor.fixed_draws is not None:
         num_samples = predictor.fixed_draws
@@ -77,7 +84,11 @@ async def run_prediction(
         tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
     except ClozeInputError as exc:  # choices that leave no room for the question
         raise InvalidRequestError(str(exc)) from None
-    job = Job(adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), tokens, deadline=deadline)
+    alpha = None if coverage is None else 1 - coverage
+    job = Job(
+        adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), tokens, deadline=deadline,
+        alpha=alpha,
+    )  # fmt: skip
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
             f"this request's cost is {job.cost} rows × tokens ({job.rows} rows of up to {job.tokens} "
@@ -85,7 +96,35 @@ async def run_prediction(
             "texts"
         )
     result = await _answer(engine, job, settings.request_timeout_s, disconnected)
+    result.values["id"] = ids = answer_ids(len(inputs))
+    state.feedback.remember(ids, _served(adapter, inputs, texts, result, predictor.mode, coverage))
     return Answer(adapter, predictor.mode, num_samples, seed, result, time.perf_counter() - start)
+
+
+def _served(
+    adapter: AdapterVersion,
+    inputs: list[Input],
+    texts: list[TextInput],
+    result: JobResult,
+    method: str,
+    coverage: float | None,
+) -> list[ServedAnswer]:
+    """What the feedback store keeps of each answer (its input as sent, for recalibration)."""
+    values, now = result.values, time.time()
+    sets = values.get("prediction_set") or [None] * len(inputs)
+    if coverage is None and adapter.manifest.conformal is not None:
+        coverage = 1 - adapter.manifest.conformal.alpha
+    served = []
+    for i, item in enumerate(inputs):
+        answer = ServedAnswer(
+            adapter=adapter.name, version=adapter.version, sha256=adapter.sha256, labels=adapter.labels,
+            input=item if isinstance(item, str) else item.model_dump(exclude_none=True),
+            probs=values["probs"][i], predicted=values["label"][i], prediction_set=sets[i],
+            coverage=None if sets[i] is None else coverage, abstained=values["abstain"][i], method=method,
+            served_at=now, num_choices=texts[i].num_choices,
+        )  # fmt: skip
+        served.append(answer)
+    return served
 
 
 async def _answer(engine: Engine, job: Job, timeout_s: float, disconnected: asyncio.Event | None) -> JobResult:

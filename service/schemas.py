@@ -121,8 +121,28 @@ class PredictRequest(_Request):
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="same seed, same samples (default: random)")
     return_samples: bool = Field(False, description="include each sample's probabilities")
     abstain: AbstainOverride | None = None
+    coverage: float | None = Field(
+        None, gt=0, lt=1,
+        description="the prediction sets' coverage level 1 − α (default: the bundle's, e.g. 0.9); it also sets the "
+        "ambiguous abstention rule's sets",
+    )  # fmt: skip
 
     _integral = field_validator("num_samples", "seed", mode="before")(integral)
+
+
+class FeedbackItem(_Request):
+    id: str = Field(min_length=1, max_length=128, description="an answer's id (its result's ``id``)")
+    label: str = Field(min_length=1, description="the true label, one of the adapter's labels")
+
+
+class FeedbackRequest(_Request):
+    feedback: list[FeedbackItem] = Field(
+        min_length=1, description="labels for served answers (at most the server's max_feedback per request)"
+    )
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="labels joined to their answers, logged and counted")
 
 
 class AdapterRef(BaseModel):

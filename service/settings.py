@@ -69,6 +69,19 @@ class Settings(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     warmup: bool = Field(True, description="run a warm-up forward before turning ready")
     drain_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing")
+    feedback_store_size: int = Field(
+        20_000, ge=1, description="recent answers kept for POST /v1/feedback to join labels to (oldest dropped)"
+    )
+    feedback_ttl_s: float = Field(86_400.0, gt=0, description="how long an answer waits for its label")
+    feedback_dir: Path = Field(
+        Path("feedback"), description="directory of the durable log of labelled answers (JSONL, fsync'd per batch)"
+    )
+    feedback_log_max_mb: float = Field(64.0, gt=0, description="size at which a feedback log file is rotated")
+    feedback_token: str | None = Field(
+        None, description="bearer token of POST /v1/feedback (unset: the admin token); lets label sources in "
+        "without admin rights",
+    )  # fmt: skip
+    max_feedback: int = Field(1000, ge=1, description="labels per feedback request")
     log_level: str = Field("info", description="uvicorn log level")
     loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="uvicorn event loop (asyncio: the standard one)")
     http: Literal["httptools", "h11"] = Field("httptools", description="uvicorn HTTP parser (h11: pure Python)")

@@ -13,6 +13,7 @@ import torch
 
 from service.engine import BatchingConfig, Engine
 from service.errors import NotReadyError
+from service.feedback import Feedback
 from service.host import ModelHost
 from service.metrics import Metrics
 from service.registry import AdapterRegistry
@@ -26,6 +27,10 @@ class ServiceState:
         self.settings = settings
         self.metrics = Metrics()
         self.admin_token = settings.resolved_admin_token()
+        self.feedback = Feedback.from_settings(
+            settings.feedback_store_size, settings.feedback_ttl_s, settings.feedback_dir,
+            int(settings.feedback_log_max_mb * 2**20), self.metrics,
+        )  # fmt: skip
         self.host: ModelHost | None = None
         self.registry: AdapterRegistry | None = None
         self.engine: Engine | None = None

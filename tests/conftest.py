@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,11 @@ def bert() -> torch.nn.Module:
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT with a tokenizer, saved as a model directory (``tests.service.bundles``)."""
+    from tests.service.bundles import save_tiny_base  # the test helpers import this module's models
+
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))

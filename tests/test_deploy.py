@@ -12,6 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import promql_parser
 import pytest
 import yaml
 
@@ -105,5 +106,39 @@ def test_monitoring_asks_for_series_the_server_exports(exported) -> None:
     used = {m for panel in dashboard["panels"] for t in panel["targets"] for m in re.findall(r"caveat_\w+", t["expr"])}
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("requests", "latency", "queue", "rows", "abstention", "mutual information"):
+    for topic in ("requests", "latency", "queue", "rows", "abstention", "mutual information", "coverage", "accuracy"):
         assert topic in titles, topic
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            promql_parser.parse(target["expr"])  # raises on a query Prometheus would refuse
+
+
+def _alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load((ROOT / "docker" / "alerts.yml").read_text())["groups"]
+            for rule in group["rules"]]  # fmt: skip
+
+
+def test_alert_rules_parse_and_ask_for_exported_series(exported) -> None:
+    prometheus = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    assert prometheus["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    mounts = _compose("docker-compose.yml")["services"]["prometheus"]["volumes"]
+    assert "./docker/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    rules = _alert_rules()
+    assert {rule["alert"] for rule in rules} == {"CaveatCoverageBelowTarget", "CaveatCalibrationErrorHigh"}
+    for rule in rules:
+        promql_parser.parse(rule["expr"])
+        used = set(re.findall(r"caveat_\w+", rule["expr"]))
+        assert used and used <= exported, used - exported
+
+
+def test_promtool_checks_the_rules_and_their_unit_tests_pass() -> None:
+    """``promtool check rules`` and ``promtool test rules docker/alerts.test.yml``: the coverage alert fires when
+    coverage falls 5 points under target over an hour of labels, and not before enough labels came in. promtool
+    ships with Prometheus (Debian: ``apt-get install prometheus``, which scripts/install.sh does where it can);
+    without it, the rules are still parsed by the test above."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus): the alert rules' unit tests did not run")
+    for command in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]):
+        result = subprocess.run([promtool, *command], cwd=ROOT / "docker", capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr

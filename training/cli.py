@@ -19,7 +19,7 @@ import yaml
 
 from adapters.errors import CaveatError
 from adapters.options import add_flag, comma_list
-from training import compare, pipeline
+from training import compare, pipeline, recalibrate
 from training.config import ConfigError, Flag, TrainConfig, flags
 
 DESCRIPTION = (
@@ -116,11 +116,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``caveat-train [flags]`` trains a bundle; ``caveat-train compare [flags]`` compares posteriors."""
+    """``caveat-train [flags]`` trains a bundle; ``caveat-train compare [flags]`` compares posteriors;
+    ``caveat-train recalibrate BUNDLE --labels LOG --out NEW`` refits its calibration on production labels."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["compare"]:
+        if argv[:1] == ["recalibrate"]:
+            recalibrate.main(argv[1:])
+        elif argv[:1] == ["compare"]:
             config, own = parse(argv[1:], build_parser("compare"))
             compare.run(config, own["posteriors"], own["json"])
         else:

@@ -17,10 +17,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from adapters.conformal import DEFAULT_ALPHA
 from adapters.errors import CaveatError
 from adapters.options import scalar_type
 from adapters.tasks import ChoiceFormat
-from adapters.vocab import AbstentionKind, ChoiceScoring, ClozeNormalisation, OodMethod, PredictiveMode
+from adapters.vocab import (
+    AbstentionKind,
+    ChoiceScoring,
+    ClozeNormalisation,
+    ConformalScore,
+    OodMethod,
+    PredictiveMode,
+)
 
 
 class ConfigError(CaveatError, ValueError):
@@ -111,7 +119,8 @@ class MixedPrecision(StrEnum):
 # ``--ood-method``: the feature-space OOD scores (``adapters.vocab.OodMethod``), or none
 OodChoice = StrEnum("OodChoice", {**{m.name: m.value for m in OodMethod}, "NONE": "none"})
 NO_OOD = OodChoice.NONE  # no OOD score, no ood rule
-# ``--abstain-on``: the rules fitted on validation: every abstention kind but the OOD score's own rule
+# ``--abstain-on``: the rules the trainer adds: those fitted on validation, and ``ambiguous`` (the conformal set's
+# size; the OOD score's own rule comes with --ood-method)
 AbstainOn = StrEnum("AbstainOn", {k.name: k.value for k in AbstentionKind if k != AbstentionKind.OOD})
 
 
@@ -420,9 +429,29 @@ class CalibrationConfig:
         f"{DEFAULT_TARGET_COVERAGE})",
     )
     abstain_on: list[AbstainOn] = option(
-        [AbstainOn.MAX_PROB], "comma-separated rules: max_prob, entropy, mutual_information"
+        [AbstainOn.MAX_PROB],
+        "comma-separated rules: max_prob, entropy, mutual_information (thresholds fitted on validation); ambiguous "
+        "(abstain unless the conformal set at --conformal-alpha is one label)",
     )
     mi_coverage: float = option(0.95, "the mutual-information rule answers this fraction of validation inputs")
+
+
+@dataclass
+class ConformalConfig:
+    """Split-conformal prediction sets over the served predictive, calibrated on validation."""
+
+    flag_prefix: ClassVar[str] = "conformal-"
+    alpha: float = option(
+        DEFAULT_ALPHA,
+        "the sets' miscoverage: they hold the true label with probability ≥ 1 − alpha (exchangeable "
+        "inputs); requests may ask for another level",
+    )
+    score: ConformalScore = option(
+        ConformalScore.LAC, "lac (1 − p_y: the smallest sets) or aps (the mass ranked at or above y: adaptive sets)"
+    )
+    class_conditional: bool = option(
+        False, "one threshold per label, from that label's validation examples (coverage per label, larger sets)"
+    )
 
 
 @dataclass
@@ -467,6 +496,7 @@ class TrainConfig:
     optimisation: OptimisationConfig = section(OptimisationConfig)
     posterior: PosteriorConfig = section(PosteriorConfig)
     calibration: CalibrationConfig = section(CalibrationConfig)
+    conformal: ConformalConfig = section(ConformalConfig)
     ood: OodConfig = section(OodConfig)
     bundle: BundleConfig = section(BundleConfig)
     seed: int = option(0, "seed of data splits, initialisation, shuffling and sampling")
@@ -559,6 +589,8 @@ class TrainConfig:
             raise ConfigError(ENSEMBLE_PROJECTIONS)
         if not 0 < self.ood.fraction < 1:
             raise ConfigError("--ood-fraction must be in (0, 1)")
+        if not 0 < self.conformal.alpha < 1:
+            raise ConfigError("--conformal-alpha must be in (0, 1)")
         if self.ood.shrinkage is not None and not 0 <= self.ood.shrinkage <= 1:
             raise ConfigError("--ood-shrinkage must be in [0, 1]")
         fractions = {

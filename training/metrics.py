@@ -10,25 +10,11 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
-NUM_BINS = 15
-NLL_FLOOR = 1e-12
+from adapters.bins import NLL_FLOOR, NUM_BINS, calibration_bins
 
 
 def accuracy(probs: Tensor, labels: Tensor) -> float:
     return (probs.argmax(dim=-1) == labels).double().mean().item()
-
-
-def calibration_bins(probs: Tensor, labels: Tensor, num_bins: int = NUM_BINS) -> tuple[Tensor, Tensor, Tensor]:
-    """Per bin: count, accuracy and mean confidence of the top label (``(num_bins,)`` each; empty bins 0)."""
-    confidence, predicted = probs.double().max(dim=-1)
-    correct = (predicted == labels).double()
-    # bin b holds confidences in (b/B, (b+1)/B]; a confidence of exactly 0 goes to the first bin
-    index = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
-    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
-    hits = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, correct)
-    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
-    safe = count.clamp_min(1)
-    return count, hits / safe, conf_sum / safe
 
 
 def ece(probs: Tensor, labels: Tensor, num_bins: int = NUM_BINS) -> float:

@@ -14,8 +14,11 @@ from torch import Tensor
 
 from adapters import (
     Bundle,
+    Predictive,
     save_bundle,
 )
+from adapters.bundle import conformal_spec
+from adapters.conformal import DEFAULT_ALPHA, ConformalCalibration, set_metrics
 from adapters.eval_card import EvalCard, OodEval, SplitEval, TrainingRecord
 from adapters.heads import HEAD_WEIGHT
 from adapters.manifest import (
@@ -31,6 +34,8 @@ from adapters.manifest import (
     TaskSpec,
 )
 from adapters.posteriors import Posterior
+from adapters.predictive import AMBIGUOUS_THRESHOLD
+from adapters.tasks import valid_labels
 from adapters.vocab import PosteriorFamily, PredictiveMode
 from training.calibration import (
     PredictiveChoice,
@@ -77,12 +82,15 @@ class Calibrated:
         served: the fit whose predictive the bundle serves by default: the posterior's, or (when the rule chose
             the MAP) the same posterior with the ``map`` predictive.
         choice: the validation rule's record (``--calibration auto``); ``None`` when the calibration was fixed.
+        conformal: the served predictive's conformal calibration on validation, at ``--conformal-alpha``.
     """
 
     temperature: float
     rules: list[AbstentionSpec]
     served: Fitted
     choice: PredictiveChoice | None = None
+    conformal: ConformalCalibration | None = None
+    alpha: float = DEFAULT_ALPHA
 
 
 def calibrate(
@@ -113,15 +121,20 @@ def calibrate(
     target_coverage = config.target_coverage
     if config.target_risk is None and target_coverage is None:
         target_coverage = DEFAULT_TARGET_COVERAGE
+    conformal = session.config.conformal
+    calibration = ConformalCalibration.fit(pred.probs, labels, conformal.score, conformal.class_conditional)
     rules = []
     for kind in config.abstain_on:
-        if kind == AbstainOn.MUTUAL_INFORMATION:  # an epistemic alarm: answer the usual in-distribution range
+        if kind == AbstainOn.AMBIGUOUS:  # a fixed rule: answer single-label sets
+            target = {"alpha": conformal.alpha}
+            rules.append(AbstentionSpec(kind=kind, threshold=AMBIGUOUS_THRESHOLD, target=target))
+        elif kind == AbstainOn.MUTUAL_INFORMATION:  # an epistemic alarm: answer the usual in-distribution range
             rules.append(fit_abstention(pred, labels, kind, target_coverage=config.mi_coverage))
         else:
             rules.append(
                 fit_abstention(pred, labels, kind, target_risk=config.target_risk, target_coverage=target_coverage)
             )
-    return Calibrated(temperature, rules, served, choice)
+    return Calibrated(temperature, rules, served, choice, calibration, conformal.alpha)
 
 
 @dataclass
@@ -157,10 +170,15 @@ def posterior_outputs(session: Session, fitted: Fitted, split: str, examples: li
 
 
 def evaluate(
-    session: Session, fitted: Fitted, temperature: float, ood: FittedOod | None = None
+    session: Session,
+    fitted: Fitted,
+    temperature: float,
+    ood: FittedOod | None = None,
+    conformal: tuple[ConformalCalibration, float] | None = None,
 ) -> tuple[EvalCard, dict]:
-    """MAP and posterior metrics on test, shift and OOD (with the OOD score's AUROCs when ``ood`` is given);
-    the reliability-diagram panels."""
+    """MAP and posterior metrics on test, shift and OOD (with the OOD score's AUROCs when ``ood`` is given, the
+    conformal sets' coverage and size at level ``alpha`` when ``conformal = (calibration, alpha)`` is); the
+    reliability-diagram panels."""
     with_mi = fitted.predictor.epistemic
     card = EvalCard(
         method=fitted.method, num_samples=fitted.num_samples, predictive=fitted.mode, temperature=temperature
@@ -178,6 +196,7 @@ def evaluate(
             size=len(examples),
             map=split_metrics(preds[split]["MAP"], labels),
             posterior=split_metrics(preds[split]["posterior"], labels),
+            conformal=None if conformal is None else conformal_metrics(preds[split]["posterior"], examples, *conformal),
         )
         if split == "test":
             card.test = metrics
@@ -195,6 +214,14 @@ def evaluate(
     if ood is not None:
         add_ood_score_metrics(card, ood)
     return card, panels
+
+
+def conformal_metrics(
+    pred: Predictive, examples: list[Example], calibration: ConformalCalibration, alpha: float
+) -> dict[str, float]:
+    """The served predictive's conformal sets on a labelled split: coverage against its target, mean size."""
+    valid = valid_labels([e.num_choices for e in examples], pred.probs.shape[-1])
+    return set_metrics(calibration.sets(pred.probs, alpha, valid), labels_of(examples), alpha)
 
 
 def add_ood_score_metrics(card: EvalCard, ood: FittedOod) -> None:
@@ -267,6 +294,7 @@ def write_bundle(
             predictive=calibration.served.mode,
         ),
         # the ood rule first: when an input is both unfamiliar and unsure, "out of distribution" is the reason
+        conformal=None if calibration.conformal is None else conformal_spec(calibration.conformal, calibration.alpha),
         calibration=CalibrationSpec(
             temperature=temperature,
             abstention=([ood.rule] if ood else []) + rules,
@@ -283,6 +311,7 @@ def write_bundle(
     )
     bundle = Bundle.from_classifier(model, posterior, manifest)
     bundle.ood = ood.score if ood else None
+    bundle.conformal = calibration.conformal
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # the old bundle survives a failed write
     shutil.rmtree(staging, ignore_errors=True)
     save_bundle(bundle, staging)
@@ -290,7 +319,7 @@ def write_bundle(
     (staging / "report.md").write_text(render_report(manifest))
     record = {"config": config.flat(), **manifest.eval.training.model_dump(mode="json")}
     (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    _replace_directory(staging, out)
+    replace_directory(staging, out)
     trained = config.optimisation.train_projections
     size = bundle_size_kb(out, projections=trained)
     session.log(f"bundle written to {out} ({size:.0f} kB {'with its trained' if trained else 'without'} projections)")
@@ -314,7 +343,7 @@ def _training_record(session: Session, fitted: Fitted) -> TrainingRecord:
     )
 
 
-def _replace_directory(new: Path, target: Path) -> None:
+def replace_directory(new: Path, target: Path) -> None:
     """Move ``new`` to ``target``; an existing (empty or bundle) ``target`` is removed only after the move."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
@@ -352,7 +381,8 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
         session.stage.done("posterior")
         calibration = calibrate(session, fitted)
         session.stage.done("calibration")
-        evaluation, panels = evaluate(session, calibration.served, calibration.temperature, ood)
+        conformal = None if calibration.conformal is None else (calibration.conformal, calibration.alpha)
+        evaluation, panels = evaluate(session, calibration.served, calibration.temperature, ood, conformal)
         session.stage.done("evaluation")
         written = write_bundle(session, target, fitted, calibration, evaluation, panels, ood)
     return written, session, fitted

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from adapters.bins import calibration_bins
 from adapters.eval_card import EvalCard
 from adapters.manifest import AbstentionSpec, BundleManifest
-from training.metrics import calibration_bins
 
 METRIC_ROWS = [
     ("accuracy", "accuracy ↑"),
@@ -72,6 +72,8 @@ def _describe_rule(rule: AbstentionSpec) -> str:
     target = rule.target or {}
     if rule.kind == "ood":
         return f"ood: p-value below {rule.threshold:.4g} ({target.get('validation_fraction', 0):.3g} of validation)"
+    if rule.kind == "ambiguous":
+        return f"ambiguous: a conformal set of more than {rule.threshold:.4g} label, or none"
     goal = ", ".join(f"{k} {v:.3g}" for k, v in target.items() if not k.startswith("validation_"))
     fitted = (
         f"validation coverage {target.get('validation_coverage', 0):.3f}, risk {target.get('validation_risk', 0):.3f}"
@@ -119,6 +121,8 @@ def render_report(manifest: BundleManifest) -> str:
         ]
     if manifest.ood is not None:
         parts.append(_describe_ood(manifest))
+    if manifest.conformal is not None:
+        parts.append(_describe_conformal(manifest))
     calibration = manifest.calibration
     rules = "; ".join(_describe_rule(r) for r in calibration.abstention)
     parts += [
@@ -128,6 +132,24 @@ def render_report(manifest: BundleManifest) -> str:
         "![reliability](reliability.png)\n",
     ]
     return "\n".join(parts)
+
+
+def _describe_conformal(manifest: BundleManifest) -> str:
+    """The prediction sets' guarantee, its condition, and what they did on test and under shift."""
+    spec, ev = manifest.conformal, manifest.eval
+    kind = "class-conditional (per label) " if spec.class_conditional else ""
+    lines = [
+        f"## Conformal prediction sets\n\n{spec.score.upper()} {kind}sets at α = {spec.alpha:g}, calibrated on "
+        f"{spec.size} validation examples: each holds the true label with probability at least {1 - spec.alpha:g} "
+        "for inputs exchangeable with the validation data (under shift this is measured, not promised).\n"
+    ]
+    splits = (("test", ev.test), ("shift", ev.shift))
+    measured = {name: split.conformal for name, split in splits if split is not None and split.conformal}
+    if measured:
+        rows = [("coverage", "coverage"), ("mean_set_size", "mean set size"), ("singleton", "single-label sets"),
+                ("empty", "empty sets")]  # fmt: skip
+        lines.append(_table(measured, rows))
+    return "\n".join(lines)
 
 
 def _served_label(manifest: BundleManifest) -> str:
@@ -156,8 +178,14 @@ def summary_lines(card: EvalCard) -> list[str]:
     lines = []
     for split, metrics in (("test", card.test), ("shift", card.shift)):
         if metrics is not None:
+            sets = metrics.conformal
+            coverage = "" if sets is None else (
+                f"; sets cover {sets['coverage']:.3f} (target {sets['target_coverage']:g}), mean size "
+                f"{sets['mean_set_size']:.2f}"
+            )  # fmt: skip
             lines.append(
                 f"{split} ({metrics.size}): posterior {_headline(metrics.posterior)}; MAP {_headline(metrics.map)}"
+                f"{coverage}"
             )
     if card.ood is not None:
         scores = ", ".join(f"{name} {value:.4f}" for name, value in card.ood.posterior.items() if "_fpr_" not in name)

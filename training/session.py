@@ -167,15 +167,13 @@ class Session:
         return self._linearisations[split]
 
 
-def prepare(config: TrainConfig) -> Session:
-    """Load data and base model, inject LoRA-XS (projections fitted on the pretrained weights)."""
-    config.validate(needs_out=False)
-    if not config.progress:
-        quiet_libraries()
-    torch.manual_seed(config.seed)  # the head's initialisation draws from the global generator
-    stage = Stage()
-    accelerator = Accelerator(mixed_precision=config.optimisation.mixed_precision)
-    data, adapter, seed = config.data, config.adapter, config.split_seed
+Splits = tuple[TaskData, list[Example], list[Example], list[Example], tuple | None, tuple | None]
+
+
+def load_splits(config: TrainConfig) -> Splits:
+    """The task and the run's splits, limits applied: ``(task, train, validation, test, shift, ood)`` (shift and
+    ood as ``(name, examples)`` or ``None``)."""
+    data, seed = config.data, config.split_seed
     columns = Columns(data.text_column, data.label_column, data.text_pair_column)
     task = load_task(
         data.dataset,
@@ -198,6 +196,18 @@ def prepare(config: TrainConfig) -> Session:
     test = subset(task.test, data.eval_limit, seed)
     shift = (shift[0], subset(shift[1], data.shift_limit, seed)) if shift else None
     ood = (ood[0], subset(ood[1], data.ood_limit, seed)) if ood else None
+    return task, train, validation, test, shift, ood
+
+
+def prepare(config: TrainConfig) -> Session:
+    """Load data and base model, inject LoRA-XS (projections fitted on the pretrained weights)."""
+    config.validate(needs_out=False)
+    if not config.progress:
+        quiet_libraries()
+    torch.manual_seed(config.seed)  # the head's initialisation draws from the global generator
+    stage = Stage()
+    accelerator = Accelerator(mixed_precision=config.optimisation.mixed_precision)
+    task, train, validation, test, shift, ood = load_splits(config)
     accelerator.print(
         f"data: {task.name} train {len(train)}, validation {len(validation)}, test {len(test)}, labels {task.labels}"
     )
@@ -206,10 +216,11 @@ def prepare(config: TrainConfig) -> Session:
         accelerator.print(
             "carved from the training data: "
             + ", ".join(f"{split} {size}" for split, size in carved.items())
-            + f" (--validation-size {data.validation_size:g}; --validation-file/--test-file to give your own)"
+            + f" (--validation-size {config.data.validation_size:g}; --validation-file/--test-file to give your own)"
         )
     stage.done("data")
 
+    adapter = config.adapter
     loaded = load_training_base(adapter.base_model, config.multiple_choice)
     tokenizer, base = loaded.tokenizer, loaded.model
     if config.multiple_choice and not config.choice_format.cloze:

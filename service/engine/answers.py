@@ -15,11 +15,13 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from adapters.predictive import AbstentionRule, Predictive, abstain, predictive
-from adapters.tasks import mask_choices
+from adapters.predictive import AbstentionRule, InputSignals, Predictive, abstain, predictive
+from adapters.tasks import mask_choices, valid_labels
 from service.engine.jobs import Job
 from service.errors import NonFiniteOutputError
-from service.fields import PREDICTIVE_FIELDS
+from service.fields import ANSWER_FIELDS, PREDICTIVE_FIELDS
+
+OPTIONAL_FIELDS = tuple(field for field in ANSWER_FIELDS if field.optional)
 
 log = logging.getLogger("caveat.serve")
 
@@ -31,8 +33,9 @@ class JobResult:
 
     Attributes:
         values: field name (``service.fields.ANSWER_FIELDS``) → one value per input (``probs``: a list per
-            input), read by the encoders and the metrics without touching a tensor; the OOD fields only for an
-            adapter with an OOD score.
+            input; ``prediction_set``: label indices), read by the encoders and the metrics without touching a
+            tensor; the OOD fields only for an adapter with an OOD score, the prediction set for one with conformal
+            calibration.
     """
 
     pred: Predictive
@@ -118,9 +121,29 @@ class AnswerGroup:
             scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values).float().cpu()
         return scores, pvalues
 
-    def abstentions(self, pred: Predictive, pvalues: Tensor | None) -> tuple[list[bool], list[str | None]]:
-        """Abstention flags and reasons of every input, the rules of alike jobs applied once (``pvalues`` NaN: no
-        OOD score, so the ``ood`` rule never fires)."""
+    def prediction_sets(self, pred: Predictive) -> Tensor | None:
+        """``(N, C)`` the inputs' conformal prediction sets, each at its job's level (a job without one: empty, and
+        no answer field); one computation per calibration and level; ``None`` when no job's adapter has one."""
+        by_level: dict[tuple[int, float], list[int]] = {}
+        for index, job in enumerate(self.jobs):
+            conformal = job.adapter.bundle.conformal
+            if conformal is not None:
+                alpha = job.alpha if job.alpha is not None else job.adapter.manifest.conformal.alpha
+                by_level.setdefault((id(conformal), alpha), []).append(index)
+        if not by_level:
+            return None
+        jobs, bounds = self.jobs, self.bounds
+        sets = torch.zeros(pred.probs.shape, dtype=torch.bool)
+        for (_, alpha), members in by_level.items():
+            rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
+            counts = [item.num_choices for i in members for item in jobs[i].inputs]
+            valid = valid_labels(counts, pred.probs.shape[-1])
+            sets[rows] = jobs[members[0]].adapter.bundle.conformal.sets(pred.probs[rows], alpha, valid)
+        return sets
+
+    def abstentions(self, pred: Predictive, signals: InputSignals) -> tuple[list[bool], list[str | None]]:
+        """Abstention flags and reasons of every input, the rules of alike jobs applied once (a signal NaN for an
+        input: its adapter lacks it, so the rule that reads it never fires)."""
         by_rules: dict[tuple[AbstentionRule, ...], list[int]] = {}
         for index, job in enumerate(self.jobs):
             by_rules.setdefault(tuple(job.rules), []).append(index)
@@ -131,23 +154,34 @@ class AnswerGroup:
             rows = [r for i in members for r in range(self.bounds[i], self.bounds[i + 1])]
             whole = len(rows) == total
             index = torch.tensor(rows)
-            part = pred if whole else pred.select(index)
-            part_pvalues = None if pvalues is None else pvalues if whole else pvalues[index]
-            fired, why = abstain(part, list(rules), part_pvalues)
+            part, part_signals = (pred, signals) if whole else (pred.select(index), signals.select(index))
+            fired, why = abstain(part, list(rules), part_signals)
             for row, flag, reason in zip(rows, fired.tolist(), why, strict=True):
                 flags[row], reasons[row] = flag, reason
         return flags, reasons
+
+    def _set_sizes(self, sets: Tensor) -> Tensor:
+        """``(N,)`` labels in each set, NaN for the inputs of jobs whose adapter has no conformal calibration."""
+        sizes = sets.sum(dim=-1).double()
+        for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:], strict=False):
+            if job.adapter.bundle.conformal is None:
+                sizes[a:b] = math.nan
+        return sizes
 
     def results(self) -> dict[int, JobResult | BaseException]:
         """Each job's result; non-finite probabilities are an error of their job, never an answer."""
         pred = self.predictive()
         ood = self.ood()
-        flags, reasons = self.abstentions(pred, None if ood is None else ood[1])
+        sets = self.prediction_sets(pred)
+        set_size = None if sets is None else self._set_sizes(sets)
+        flags, reasons = self.abstentions(pred, InputSignals(None if ood is None else ood[1], set_size))
         values = {name: getattr(pred, name).tolist() for name in PREDICTIVE_FIELDS}
         values["abstain"], values["abstain_reason"] = flags, reasons
         finite = torch.isfinite(pred.probs).all(dim=-1).tolist()
         if ood is not None:
             values["ood_score"], values["ood_pvalue"] = ood[0].tolist(), ood[1].tolist()
+        if sets is not None:
+            values["prediction_set"] = [row.nonzero().flatten().tolist() for row in sets]
         outcomes: dict[int, JobResult | BaseException] = {}
         for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:], strict=False):
             if not all(finite[a:b]):
@@ -160,8 +194,9 @@ class AnswerGroup:
             progress = job.progress
             queue_seconds = (progress.started or job.admitted) - job.admitted
             own = {name: column[a:b] for name, column in values.items()}
-            if job.adapter.bundle.ood is None:  # another job's adapter has a score: not this one's answer
-                own.pop("ood_score", None), own.pop("ood_pvalue", None)
+            for field in OPTIONAL_FIELDS:  # another job's adapter computes it: not this one's answer
+                if not field.available(job.adapter.manifest):
+                    own.pop(field.name, None)
             outcomes[id(job)] = JobResult(
                 pred.slice(a, b), own, queue_seconds, progress.compute_seconds, progress.batch_requests,
                 progress.batch_rows,

@@ -24,6 +24,7 @@ class Job:
         method: the predictive mode (:mod:`adapters.predictives`), resolved for the adapter already.
         tokens: tokens of the longest input after truncation (every row of a forward pays for its width).
         deadline: ``time.perf_counter()`` value after which nobody waits for the answer.
+        alpha: the miscoverage of its conformal prediction sets (``None``: the bundle's).
     """
 
     adapter: AdapterVersion
@@ -34,6 +35,7 @@ class Job:
     rules: list[AbstentionRule]
     tokens: int
     deadline: float = float("inf")
+    alpha: float | None = None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     admitted: float = field(default_factory=time.perf_counter)
     progress: Progress = field(init=False)

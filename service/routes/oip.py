@@ -1,10 +1,11 @@
 """Open Inference Protocol (KServe V2) routes, so that standard V2 clients can call Caveat adapters.
 
 An adapter is a V2 *model*. ``infer`` takes a BYTES input ``text`` (shape ``[N]`` or ``[N, 1]``), an
-optional BYTES ``text_pair``, and the parameters ``num_samples``, ``seed`` and ``method``; it returns
-``probs`` (FP32 ``[N, C]``), ``entropy``, ``mutual_information`` and, for a bundle with an OOD score,
-``ood_score`` (FP32 ``[N]``), ``abstain`` (BOOL ``[N]``) and ``label`` (BYTES ``[N]``). Errors follow the
-protocol's ``{"error": "<message>"}``.
+optional BYTES ``text_pair``, and the parameters ``num_samples``, ``seed``, ``method`` and ``coverage`` (the
+prediction sets' level); it returns ``probs`` (FP32 ``[N, C]``), ``entropy``, ``mutual_information``, for a
+bundle with an OOD score ``ood_score`` (FP32 ``[N]``), ``abstain`` (BOOL ``[N]``), ``label`` (BYTES ``[N]``)
+and, for a bundle with conformal calibration, ``prediction_set`` (BOOL ``[N, C]``: label ``c`` in input ``n``'s
+set). Errors follow the protocol's ``{"error": "<message>"}``.
 
 The body is JSON, with or without a ``Content-Type`` header, or uses the protocol's binary tensor data
 extension: an ``Inference-Header-Content-Length`` header gives the length of the JSON header, and the raw
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from adapters.manifest import CAVEAT_VERSION
 from service.deps import State, client_gone
 from service.errors import InvalidRequestError
-from service.fields import FIELDS, V2_DATATYPES, V2_OUTPUTS, Kind, v2_tensor
+from service.fields import FIELDS, V2_DATATYPES, V2_MATRICES, V2_OUTPUTS, Source, v2_tensor
 from service.predict import run_prediction
 from service.responses import FastJSONResponse
 from service.schemas import (
@@ -66,10 +67,10 @@ async def model_metadata(model: str, state: State) -> V2ModelMetadata:
     classes = len(entry.manifest.task.labels)
     outputs = [
         V2TensorMetadata(
-            name=f.name, datatype=V2_DATATYPES[f.kind], shape=[-1, classes] if f.kind is Kind.PROBS else [-1]
+            name=f.name, datatype=V2_DATATYPES[f.kind], shape=[-1, classes] if f.kind in V2_MATRICES else [-1]
         )
         for f in map(FIELDS.get, V2_OUTPUTS)
-        if not f.optional or entry.manifest.ood
+        if f.available(entry.manifest)
     ]
     return V2ModelMetadata(
         name=entry.name, versions=[entry.manifest.version], platform="caveat", inputs=inputs, outputs=outputs
@@ -102,15 +103,15 @@ async def infer(model: str, request: Request, state: State) -> FastJSONResponse:
         raise InvalidRequestError("parameter 'method' must be a string")
     answer = await run_prediction(
         state, model, inputs, num_samples=_int_param(params, "num_samples"), seed=_int_param(params, "seed"),
-        method=method, disconnected=client_gone(request),
+        method=method, coverage=_level_param(params, "coverage"), disconnected=client_gone(request),
     )  # fmt: skip
     values, labels = answer.result.values, answer.adapter.labels
     if wanted is None:
         wanted = [name for name in V2_OUTPUTS if name in values]
     missing = next((name for name in wanted if name not in values), None)
-    if missing is not None:  # only an optional output can be missing: the OOD score's
+    if missing is not None:  # only an optional output can be missing
         raise InvalidRequestError(
-            f"adapter {answer.adapter.name!r} has no {missing}: it has no OOD score (a schema-1 bundle or none fitted)"
+            f"adapter {answer.adapter.name!r} has no {missing}: {MISSING[FIELDS[missing].source]}"
         )
     response = {"model_name": answer.adapter.name, "model_version": answer.adapter.version}
     if body.id is not None:
@@ -194,6 +195,21 @@ def _bytes_input(body: V2InferRequest, name: str, required: bool) -> list[str] |
                 [{"loc": ("body", "inputs", name, "data", index), "msg": str(exc), "type": "value_error"}]
             ) from None
     return data
+
+
+MISSING = {
+    Source.OOD: "it has no OOD score (a schema-1 bundle or none fitted)",
+    Source.CONFORMAL: "it has no conformal calibration (a bundle written before schema 3)",
+}
+
+
+def _level_param(params: dict[str, Any], name: str) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise InvalidRequestError(f"parameter {name!r} must be a number in (0, 1)")
+    return float(value)
 
 
 def _int_param(params: dict[str, Any], name: str) -> int | None:

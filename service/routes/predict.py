@@ -19,6 +19,6 @@ async def predict(body: PredictRequest, request: Request, state: State) -> FastJ
     request.state.adapter = body.adapter.partition("@")[0]
     answer = await run_prediction(
         state, body.adapter, body.inputs, num_samples=body.num_samples, method=body.method, seed=body.seed,
-        abstain=body.abstain, disconnected=client_gone(request),
+        abstain=body.abstain, coverage=body.coverage, disconnected=client_gone(request),
     )  # fmt: skip
     return FastJSONResponse(response_body(answer, request.state.request_id, body.return_samples))

@@ -69,6 +69,7 @@ TINY_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "kron-map": ("kron", {"inputs": [*TEXTS, FAMILIAR, NEWS], "method": "map", "seed": 0}),
     "diag-default": ("diag", {"inputs": TEXTS, "seed": 3}),
     "diag-override": ("diag", {"inputs": TEXTS, "seed": 4, "abstain": {"entropy": 0.5, "mutual_information": 0.01}}),
+    "diag-coverage": ("diag", {"inputs": TEXTS, "seed": 4, "coverage": 0.6, "abstain": {"ambiguous": 1}}),
     "map-bundle": ("map", {"inputs": TEXTS, "seed": 5}),
     "pair": ("pair", {"inputs": PAIRS, "seed": 6, "num_samples": 4}),
 }  # fmt: skip
@@ -91,7 +92,9 @@ V2_REQUEST = {
 def tiny_bundles(base: Path, adapters: Path) -> None:
     """The tiny BERT's bundles: Kronecker with an OOD score, diagonal, MAP, and text pairs."""
     make_bundle(base, adapters / "kron", name="kron", family="kron", seed=1, variance=0.3, ood_method="mahalanobis")
-    make_bundle(base, adapters / "diag", name="diag", family="diag", seed=2, variance=0.5, abstain_mi=0.02)
+    make_bundle(
+        base, adapters / "diag", name="diag", family="diag", seed=2, variance=0.5, abstain_mi=0.02, conformal="aps"
+    )
     make_bundle(base, adapters / "map", name="map", family="map", seed=3, labels=("a", "b", "c"))
     make_bundle(base, adapters / "pair", name="pair", family="diag", seed=4, text_pair=True)
 
@@ -106,9 +109,13 @@ def _answers(client, requests: dict[str, tuple[str, dict[str, Any]]]) -> dict[st
 
 
 def _answer_only(body: dict[str, Any]) -> dict[str, Any]:
-    """A response less what names the request or the bundle's bytes rather than the answer: request id, timings,
-    the bundle's sha256 and version (``bundle.json`` holds its creation time)."""
+    """A response less what names the request or the bundle's bytes rather than the answer: request id, answer ids,
+    timings, the bundle's sha256 and version (``bundle.json`` holds its creation time)."""
     body = {k: v for k, v in body.items() if k not in ("request_id", "timing", "model_version")}
+    if "results" in body:  # each answer's id is fresh: not the answer
+        body["results"] = [{k: v for k, v in result.items() if k != "id"} for result in body["results"]]
+    if "outputs" in body:
+        body["outputs"] = [output for output in body["outputs"] if output["name"] != "id"]
     if "adapter" in body:
         body["adapter"] = body["adapter"]["name"]
     if "parameters" in body:
@@ -147,6 +154,7 @@ def _one_step(base: Path, adapters: Path) -> dict[str, Any]:
             "values": {field: result.values[field] for field in PREDICTIVE_VALUES}, "abstain": result.abstain,
             "reasons": result.reasons,
             "ood_score": result.ood_score, "ood_pvalue": result.ood_pvalue,
+            "prediction_set": result.values.get("prediction_set"),
             "sample_probs": result.pred.sample_probs.tolist(),
         }  # fmt: skip
     return out

@@ -45,6 +45,7 @@ def make_bundle(base_dir: Path, out: Path, *, name: str = "tiny", **options) -> 
 
 def running_app(base: Path, adapter_dir: Path, **settings) -> TestClient:
     """The server app in process (lifespan entered), ready; admin routes take ``TOKEN``."""
+    settings.setdefault("feedback_dir", Path(adapter_dir).parent / "feedback-log")  # never the working directory
     app = create_app(Settings(base_model=str(base), adapter_dir=adapter_dir, admin_token=TOKEN, **settings))
     client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
     client.__enter__()

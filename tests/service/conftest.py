@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness import ServerProcess
-from tests.service.bundles import make_bundle, save_tiny_base
+from tests.service.bundles import make_bundle
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 Server = ServerProcess

@@ -57,6 +57,14 @@ def test_every_operation_answers_as_documented_and_never_5xx(app) -> None:
         assert answered[label, 200] > 0, [(k, v) for k, v in answered.items() if k[0] == label]
 
 
+def test_the_documented_seed_bound_is_an_exact_integer(app) -> None:
+    """FastAPI wrote ``lt=2**63`` as the float 9.223372036854776e18, which schema-valid generators read as allowing
+    2^63 itself; the server then refused it (found by the fuzzing above)."""
+    seed = app.openapi()["components"]["schemas"]["PredictRequest"]["properties"]["seed"]
+    (branch,) = [b for b in seed["anyOf"] if b.get("type") == "integer"]
+    assert branch["maximum"] == 2**63 - 1 and isinstance(branch["maximum"], int) and "exclusiveMaximum" not in branch
+
+
 def _fuzz(operation) -> None:
     label = f"{operation.method.upper()} {operation.path}"
     # a schema-valid path that holds no loadable bundle is refused with the documented 422

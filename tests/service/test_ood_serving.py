@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from adapters import LoraXSClassifier, RowBlock, inject_lora_xs
 from adapters.bundle import load_bundle
-from adapters.manifest import MANIFEST_FILE
+from adapters.manifest import MANIFEST_FILE, SCHEMA_VERSION
 from adapters.ood.features import BaseFeatureTap, default_feature_layers
 from adapters.predictive import OOD_REASON
 from benchmarks.harness import synthetic_texts
@@ -126,7 +126,7 @@ def test_adapters_without_a_score_serve_null_and_schema_1_still_loads(served, ti
     client, root = served
     manifest_path = root / "adapters" / "plain" / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["schema_version"] == 2 and manifest["ood"] is None
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["ood"] is None
     manifest["schema_version"] = 1
     manifest.pop("ood")
     old = root / "adapters" / "old"

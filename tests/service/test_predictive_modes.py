@@ -87,21 +87,23 @@ def test_glm_draws_of_requests_together_equal_the_formula_for_each_alone() -> No
 def test_answer_fields_are_the_predictive_s_and_the_documented_schema() -> None:
     names = {f.name for f in dataclasses.fields(Predictive)}
     assert set(PREDICTIVE_FIELDS) <= names  # the engine reads them by name
-    assert V2_OUTPUTS == ("probs", "entropy", "mutual_information", "abstain", "label", "ood_score")
+    assert V2_OUTPUTS == (
+        "probs", "entropy", "mutual_information", "abstain", "label", "ood_score", "prediction_set", "id"
+    )  # fmt: skip
     assert set(AbstainOverride.model_fields) == set(AbstentionKind)
     pred = predictive(torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.5], [0.2, 0.1]]]))
     values = {name: getattr(pred, name).tolist() for name in PREDICTIVE_FIELDS}
-    values |= {"abstain": [False, True], "abstain_reason": [None, "max_prob below 0.9"]}
+    values |= {"abstain": [False, True], "abstain_reason": [None, "max_prob below 0.9"], "id": ["r-0", "r-1"]}
     for ood in (None, {"ood_score": [1.5, 9.0], "ood_pvalue": [0.5, 0.01]}):
         results = encode_results(values | (ood or {}), ["neg", "pos"])
         for result in results:
             PredictResult.model_validate(result, strict=True)  # the documented shape, field for field
-            assert list(result) == ["label", "probs", "confidence", "uncertainty", "abstain", "abstain_reason",
-                                    "samples"]  # fmt: skip
+            assert list(result) == ["id", "label", "probs", "confidence", "uncertainty", "prediction_set", "abstain",
+                                    "abstain_reason", "samples"]  # fmt: skip
         assert results == _plain_results(values | (ood or {}), ["neg", "pos"])  # the compiled encoder: a loop's
         assert results[0]["label"] == "neg" and results[1]["abstain_reason"] == "max_prob below 0.9"
         assert results[1]["uncertainty"]["ood_pvalue"] == (None if ood is None else 0.01)
-    assert {f.name for f in ANSWER_FIELDS if f.optional} == {"ood_score", "ood_pvalue"}
+    assert {f.name for f in ANSWER_FIELDS if f.optional} == {"ood_score", "ood_pvalue", "prediction_set"}
 
 
 def _plain_results(values: dict[str, list], labels: list[str]) -> list[dict]:
@@ -127,6 +129,8 @@ def test_an_unknown_method_is_refused_for_a_map_bundle_too(tiny_base: Path, tmp_
         glm = client.post("/v1/predict", json={"adapter": "point", "inputs": ["fine"], "method": "glm"}).json()
         assert (glm["method"], glm["num_samples"]) == ("map", 1)
         metadata = client.get("/v2/models/point").json()
-        assert [o["name"] for o in metadata["outputs"]] == list(V2_OUTPUTS[:-1])  # no OOD score: no ood_score
+        # no OOD score, no conformal calibration: neither ood_score nor prediction_set
+        expected = [name for name in V2_OUTPUTS if name not in ("ood_score", "prediction_set")]
+        assert [o["name"] for o in metadata["outputs"]] == expected
     finally:
         client.__exit__(None, None, None)

@@ -15,13 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.manifest import TENSOR_FILES
-from tests.service.bundles import save_tiny_base
 from tests.training.bitwise import RUNS, machine_class, references, tensor_hashes, train
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.mark.slow

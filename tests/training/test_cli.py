@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from adapters import load_bundle
+from adapters.manifest import SCHEMA_VERSION
 from training.calibration import CANDIDATES
 from training.cli import main, parse_config
 
@@ -113,7 +114,11 @@ def test_pipeline_on_a_small_slice_writes_a_loadable_bundle(tmp_path) -> None:
     assert ev.shift.dataset == "drugreviews" and ev.ood.dataset == "bbcnews"
     assert ev.training.posterior["curvature_examples"] == 64 and ev.training.posterior["n_data"] == 200
     assert [r.kind for r in manifest.calibration.abstention] == ["ood", "max_prob"]  # ood names the reason first
-    assert manifest.schema_version == 2 and manifest.ood.method == "mahalanobis" and manifest.ood.layers == [3, 6]
+    assert (
+        manifest.schema_version == SCHEMA_VERSION
+        and manifest.ood.method == "mahalanobis"
+        and manifest.ood.layers == [3, 6]
+    )
     assert bundle.ood is not None and bundle.ood.nbytes <= manifest.ood.budget_bytes
     assert 0 <= ev.ood.posterior["ood_score"] <= 1 and 0 <= ev.shift.posterior["ood_score_auroc"] <= 1
     assert "## OOD score" in (out / "report.md").read_text()

@@ -108,6 +108,14 @@ def test_served_cloze_answers_equal_the_trainers(trained) -> None:
         torch.testing.assert_close(probs, expected[method], atol=1e-5, rtol=1e-4, msg=method)
         assert [sum(p > 0 for p in r["probs"]) for r in results] == [3, 5, 2]  # missing choices get 0
         assert all("ood_score" in r["uncertainty"] for r in results)
+        # prediction sets over each item's own letters: the calibration's sets of the served probabilities
+        valid = torch.tensor([[i < n for i in range(5)] for n in (3, 5, 2)])
+        sets = bundle.conformal.sets(
+            torch.tensor([r["probs"] for r in results]), bundle.manifest.conformal.alpha, valid
+        )
+        labels = task.labels
+        assert [r["prediction_set"] for r in results] == [[labels[i] for i in row.nonzero().flatten()] for row in sets]
+        assert all(set(r["prediction_set"]) <= set(labels[:n]) for r, n in zip(results, (3, 5, 2), strict=True))
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from adapters import load_bundle, predictive
 from adapters.architectures import ARCHITECTURES
 from adapters.manifest import AbstentionSpec
 from adapters.predictive import Predictive
-from tests.service.bundles import save_tiny_base
 from training.calibration import abstention_warning, fit_abstention
 from training.cli import main, parse_config
 from training.config import DEFAULT_TARGET_COVERAGE, TrainConfig
@@ -68,11 +67,6 @@ def test_an_unreachable_target_risk_warns_and_a_coverage_target_does_not() -> No
     assert abstention_warning(fit_abstention(pred, labels, "entropy", target_risk=0.6)) is None
     nothing = AbstentionSpec(kind="max_prob", threshold=1.0, target={"risk": 0.01, "validation_coverage": 0.0})
     assert "is not reached at any coverage" in abstention_warning(nothing)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 TINY = [

@@ -99,7 +99,8 @@ FLAT_FLAGS = [
 # flags added since, each once
 ADDED_FLAGS = [
     "dataset-config", "train-split", "validation-split", "test-split", "prior-ece-slack", "mc-scoring",
-    "cloze-normalisation", "checkpoint-epochs", "calibration",
+    "cloze-normalisation", "checkpoint-epochs", "calibration", "conformal-alpha", "conformal-score",
+    "conformal-class-conditional",
 ]  # fmt: skip
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from adapters import load_bundle
-from tests.service.bundles import save_tiny_base
 from training.calibration import CANDIDATES
 from training.cli import main, parse_config
 
@@ -21,11 +20,6 @@ SLICE = [
     "--train-limit", "64", "--eval-limit", "16", "--validation-size", "64", "--rank", "2", "--targets",
     "query,value", "--laplace-limit", "16", "--max-length", "32", "--ood-method", "none", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 def _map_record(bundle_dir: Path) -> dict:

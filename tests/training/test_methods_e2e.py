@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
-from tests.service.bundles import running_app, save_tiny_base
+from tests.service.bundles import running_app
 from training.cli import main, parse_config
 from training.data import Example
 from training.inference import predict
@@ -67,11 +67,6 @@ def test_compare_every_method_on_a_small_slice(tmp_path: Path) -> None:
     assert rows["bayesian-lora"]["predictive"] == "sample" and rows["bayesian-lora"]["fit"]["kl"] > 0
     assert rows["laplace-kron"]["predictive"] == "glm"
     assert len(rows["ensemble"]["fit"]["member_training_seconds"]) == 2  # one MAP training per member
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 def _train(tiny_base: Path, out: Path, *flags: str) -> Path:

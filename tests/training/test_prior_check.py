@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from adapters import load_bundle
-from tests.service.bundles import save_tiny_base
 from training.cli import main
 from training.config import TrainConfig
 from training.encoding import make_loader
@@ -25,11 +24,6 @@ TINY = [
     "--train-limit", "96", "--eval-limit", "32", "--validation-size", "96", "--epochs", "1", "--rank", "2",
     "--targets", "query,value", "--laplace-limit", "32", "--max-length", "32", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="module")

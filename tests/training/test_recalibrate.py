@@ -1,0 +1,125 @@
+"""The serve → labels → recalibrate → swap loop: the new version's temperature reproduces a temperature over the
+served probabilities exactly, its thresholds and conformal sets are refitted on the labels, the server takes it by
+hot swap; bad logs exit 2 and write nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import load_bundle
+from adapters.feedback import LabelledAnswer, read_feedback
+from adapters.predictive import predictive
+from benchmarks.harness import synthetic_texts
+from tests.service.bundles import make_bundle, running_app
+from training.calibration import fit_temperature
+from training.cli import main
+
+TEXTS = synthetic_texts(60, seed=5)
+
+
+@pytest.fixture(scope="module")
+def loop(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A MAP bundle served, its answers labelled through the server (labels that disagree with it often: an
+    overconfident model), the log the server wrote, and the recalibrated version."""
+    root = tmp_path_factory.mktemp("loop")
+    make_bundle(tiny_base, root / "adapters" / "m", name="m", family="map", seed=1, conformal="lac", core_scale=3.0)
+    client = running_app(tiny_base, root / "adapters", feedback_dir=root / "log")
+    results = client.post("/v1/predict", json={"adapter": "m", "inputs": TEXTS}).json()["results"]
+    generator = torch.Generator().manual_seed(0)
+    labels = [
+        int(torch.bernoulli(torch.tensor(0.35), generator=generator)) ^ (r["label"] == "positive") for r in results
+    ]
+    items = [{"id": r["id"], "label": ["negative", "positive"][y]} for r, y in zip(results, labels, strict=True)]
+    assert client.post("/v1/feedback", json={"feedback": items}).status_code == 200
+    out = root / "adapters" / "m-recalibrated"
+    assert main(["recalibrate", str(root / "adapters" / "m"), "--labels", str(root / "log"), "--out", str(out),
+                 "--version", "2"]) == 0  # fmt: skip
+    yield client, root, results, out
+    client.__exit__(None, None, None)
+
+
+def test_the_new_temperature_is_the_one_fitted_over_the_served_probabilities(loop) -> None:
+    _, root, _, out = loop
+    records, _ = read_feedback(root / "log")
+    new, old = load_bundle(out), load_bundle(root / "adapters" / "m")
+    record = new.manifest.eval.recalibration
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))
+    fitted = [records[i] for i in order[: record["fitted_on"]]]
+    log_p = torch.tensor([r.probs for r in fitted], dtype=torch.float64).log()
+    tau = fit_temperature(log_p.unsqueeze(0), torch.tensor([r.label for r in fitted]))
+    assert record["temperature_over_served"] == pytest.approx(tau, rel=1e-12)
+    assert new.manifest.calibration.temperature == pytest.approx(old.manifest.calibration.temperature * tau)
+    assert tau > 1  # the labels disagree with a confident model: it gets cooler
+    assert new.manifest.version == "2" and record["from_version"] == old.version
+    assert torch.equal(new.cores[next(iter(new.cores))], old.cores[next(iter(old.cores))])  # never the cores
+    assert record["after"]["nll"] < record["before"]["nll"]
+    assert "## Recalibration on production labels" in (out / "report.md").read_text()
+
+
+def test_the_server_swaps_to_the_new_version_and_serves_the_recalibrated_probabilities(loop) -> None:
+    client, _, results, out = loop
+    tau = load_bundle(out).manifest.eval.recalibration["temperature_over_served"]
+    swapped = client.put("/v1/adapters/m", json={"path": "m-recalibrated"})
+    assert swapped.status_code == 200, swapped.text
+    assert swapped.json()["adapter"]["version"] == "2"
+    after = client.post("/v1/predict", json={"adapter": "m", "inputs": TEXTS}).json()["results"]
+    old = torch.tensor([r["probs"] for r in results], dtype=torch.float64)
+    expected = predictive(old.log(), tau).probs.double()
+    served = torch.tensor([r["probs"] for r in after], dtype=torch.float64)
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+    new = load_bundle(out)
+    sets = new.conformal.sets(served, new.manifest.conformal.alpha)
+    served_sets = [r["prediction_set"] for r in after]
+    assert served_sets == [[["negative", "positive"][i] for i in row.nonzero().flatten()] for row in sets]
+
+
+def write_log(path: Path, records: list[LabelledAnswer]) -> Path:
+    path.write_text("".join(r.model_dump_json() + "\n" for r in records))
+    return path
+
+
+def labelled(adapter: str = "m", version: str = "1", label: str = "negative", count: int = 40) -> list[LabelledAnswer]:
+    return [
+        LabelledAnswer(id=f"x-{i}", adapter=adapter, version=version, input="good film", label=0, label_name=label,
+                       probs=[0.9, 0.1], predicted=0, served_at=0, labelled_at=1)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([], "holds no labelled answers"),
+        (labelled(adapter="other"), "no labels for m@1; the log holds other@1"),
+        (labelled(version="7"), "no labels for m@1; the log holds m@7"),
+        (labelled(label="maybe"), "has label 'maybe', unknown here"),
+        (labelled(count=10), "at least 20"),
+    ],
+)
+def test_bad_logs_exit_2_and_write_nothing(loop, records, message, tmp_path: Path, capsys) -> None:
+    _, root, _, _ = loop
+    log = write_log(tmp_path / "log.jsonl", records)
+    out = tmp_path / "new"
+    assert main(["recalibrate", str(root / "adapters" / "m"), "--labels", str(log), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".new*"))
+
+
+def test_a_bundle_that_serves_a_posterior_is_refused(tiny_base: Path, tmp_path: Path, capsys) -> None:
+    make_bundle(tiny_base, tmp_path / "d", name="m", family="diag", seed=2)
+    log = write_log(tmp_path / "log.jsonl", labelled())
+    assert main(["recalibrate", str(tmp_path / "d"), "--labels", str(log), "--out", str(tmp_path / "new")]) == 2
+    assert "serves the sample posterior predictive" in capsys.readouterr().err
+
+
+def test_a_log_line_that_is_not_a_record_is_named(loop, tmp_path: Path, capsys) -> None:
+    _, root, _, _ = loop
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"id": "x"}) + "\n")
+    assert main(["recalibrate", str(root / "adapters" / "m"), "--labels", str(log), "--out", str(tmp_path / "n")]) == 2
+    assert "log.jsonl:1: not a feedback record" in capsys.readouterr().err

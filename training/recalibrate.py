@@ -1,0 +1,237 @@
+"""``caveat-train recalibrate``: refit a bundle's calibration on labels that came back from production.
+
+The serve → labels → recalibrate → swap loop (docs/design.md, feedback): the server logs each labelled answer with
+the probabilities it served (``adapters.feedback``); this command splits those of one bundle version into a fitting
+part and a held-out part, refits on the fitting part the temperature over the served predictive, the abstention
+thresholds (same kinds and targets) and the conformal thresholds (same score and level) — never the cores — and
+writes a new bundle version that the server takes by the usual hot swap, with before/after figures on the held-out
+part in its manifest and report.
+
+The temperature is exact for a bundle that serves its MAP (the default when the posterior does not beat it):
+``softmax(log p / τ)`` of the served ``p = softmax(f / T)`` is ``softmax(f / (T τ))``, so the new bundle serves
+temperature ``T τ``. A bundle that serves a posterior predictive mixes draws, which a temperature over the
+mixture does not reproduce; it is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adapters import load_bundle, save_bundle
+from adapters.bundle import Bundle, conformal_spec
+from adapters.conformal import ConformalCalibration, set_metrics
+from adapters.errors import CaveatError
+from adapters.feedback import LabelledAnswer, read_feedback
+from adapters.manifest import AbstentionSpec
+from adapters.predictive import Predictive, predictive
+from adapters.tasks import valid_labels
+from adapters.vocab import AbstentionKind, PosteriorFamily, PredictiveMode
+from training.calibration import fit_abstention, fit_temperature
+from training.config import ConfigError
+from training.metrics import classification_metrics
+from training.pipeline import prepare_output, replace_directory
+from training.report import render_report
+
+MIN_LABELS = 20  # fewer labelled answers to fit on cannot move a threshold honestly
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+@dataclass
+class Recalibration:
+    """What recalibration fitted and what it did on the held-out labels."""
+
+    temperature: float  # over the served predictive (τ); the bundle's new temperature is T τ
+    rules: list[AbstentionSpec]
+    conformal: ConformalCalibration | None
+    before: dict[str, float]
+    after: dict[str, float]
+    fitted_on: int
+    held_out: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caveat-train recalibrate", description=DESCRIPTION)
+    parser.add_argument("bundle", type=Path, help="the bundle whose answers were labelled")
+    parser.add_argument(
+        "--labels", type=Path, required=True, help="the server's feedback log: a feedback-*.jsonl file or its directory"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="directory for the new bundle version")
+    parser.add_argument("--holdout", type=float, default=0.3, help="fraction of the labels kept out for the report")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    parser.add_argument("--version", default=None, help="the new version (default: a UTC timestamp)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a bundle in --out")
+    return parser
+
+
+def main(argv: list[str]) -> Path:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.holdout < 1:
+        raise ConfigError("--holdout must be in (0, 1)")
+    prepare_output(args.out, args.overwrite)
+    try:
+        bundle = load_bundle(args.bundle)
+    except (CaveatError, OSError) as exc:
+        raise ConfigError(f"{args.bundle}: {exc}") from exc
+    records = labelled_answers(bundle, args.labels)
+    result = recalibrate(bundle, records, args.holdout, args.seed)
+    path = write(bundle, result, args.out, args.version, args.labels)
+    print(summary(result, path))
+    return path
+
+
+def labelled_answers(bundle: Bundle, path: Path) -> list[LabelledAnswer]:
+    """The log's records of this bundle version, checked against its labels (``ConfigError``: exit 2)."""
+    if not path.exists():
+        raise ConfigError(f"--labels {path}: no such file or directory")
+    try:
+        records, torn = read_feedback(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--labels {path}: {exc}") from exc
+    if not records:
+        raise ConfigError(f"--labels {path}: holds no labelled answers")
+    name, version, labels = bundle.name, bundle.version, bundle.manifest.task.labels
+    own = [r for r in records if r.adapter == name and r.version == version]
+    if not own:
+        held = sorted({f"{r.adapter}@{r.version}" for r in records})
+        raise ConfigError(f"--labels {path}: no labels for {name}@{version}; the log holds {', '.join(held[:5])}")
+    for record in own:
+        if record.label >= len(labels) or labels[record.label] != record.label_name:
+            raise ConfigError(f"--labels {path}: answer {record.id!r} has label {record.label_name!r}, unknown here")
+        if len(record.probs) != len(labels):
+            raise ConfigError(f"--labels {path}: answer {record.id!r} has {len(record.probs)} probabilities")
+    if torn:
+        print(f"recalibrate: skipped {torn} torn line(s) of an interrupted write in {path}")
+    return own
+
+
+def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, seed: int) -> Recalibration:
+    """Fit on a seeded ``1 − holdout`` share of ``records``, report on the rest."""
+    posterior = bundle.manifest.posterior
+    if posterior.predictive != PredictiveMode.MAP and posterior.family != PosteriorFamily.MAP:
+        raise ConfigError(
+            f"{bundle.name}: it serves the {bundle.manifest.posterior.predictive} posterior predictive; recalibration "
+            "refits a temperature exactly only for a bundle that serves its MAP (see docs/design.md, feedback)"
+        )
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
+    cut = len(records) - max(1, round(holdout * len(records)))
+    fit_part, held = [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
+    if len(fit_part) < MIN_LABELS:
+        raise ConfigError(f"{len(records)} labelled answers leave {len(fit_part)} to fit on; at least {MIN_LABELS}")
+    log_p, labels = _served(fit_part)
+    tau = fit_temperature(log_p.unsqueeze(0), labels)
+    fitted = predictive(log_p, tau)
+    rules = [_refit(rule, fitted, labels) for rule in bundle.manifest.calibration.abstention]
+    conformal, alpha = None, None
+    if bundle.conformal is not None:
+        spec = bundle.manifest.conformal
+        conformal = ConformalCalibration.fit(fitted.probs, labels, spec.score, spec.class_conditional)
+        alpha = spec.alpha
+    held_log_p, held_labels = _served(held)
+    before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha)
+    after = _figures(predictive(held_log_p, tau), held_labels, held, conformal, alpha)
+    return Recalibration(tau, rules, conformal, before, after, len(fit_part), len(held))
+
+
+def _served(records: list[LabelledAnswer]) -> tuple[Tensor, Tensor]:
+    """Log-probabilities ``(N, C)`` as served (the floor keeps a 0 finite) and labels ``(N,)``."""
+    probs = torch.tensor([r.probs for r in records], dtype=torch.float64)
+    return probs.clamp_min(1e-300).log(), torch.tensor([r.label for r in records])
+
+
+def _refit(rule: AbstentionSpec, pred: Predictive, labels: Tensor) -> AbstentionSpec:
+    """The same rule refitted on the recalibrated predictive, for the same target; rules not fitted on labels
+    (the OOD score's, ``ambiguous``, an epistemic one that a MAP never fires) stay as they are."""
+    target = rule.target or {}
+    if rule.kind not in (AbstentionKind.MAX_PROB, AbstentionKind.ENTROPY) or not target:
+        return rule
+    if "risk" in target:
+        return fit_abstention(pred, labels, rule.kind, target_risk=target["risk"])
+    return fit_abstention(pred, labels, rule.kind, target_coverage=target["coverage"])
+
+
+def _figures(
+    pred: Predictive,
+    labels: Tensor,
+    records: list[LabelledAnswer],
+    conformal: ConformalCalibration | None,
+    alpha: float | None,
+) -> dict[str, float]:
+    metrics = classification_metrics(pred.probs, labels)
+    figures = {k: metrics[k] for k in ("accuracy", "ece", "nll", "brier")}
+    if conformal is not None and alpha is not None:
+        counts = [
+            len(r.input["choices"]) if isinstance(r.input, dict) and "choices" in r.input else None for r in records
+        ]
+        sets = conformal.sets(pred.probs, alpha, valid_labels(counts, pred.probs.shape[-1]))
+        figures |= {f"set_{k}": v for k, v in set_metrics(sets, labels, alpha).items()}
+    return figures
+
+
+def _choice_count(record: LabelledAnswer) -> int | None:
+    """A multiple-choice answer's number of choices (its set never holds a letter beyond them)."""
+    return len(record.input["choices"]) if isinstance(record.input, dict) and "choices" in record.input else None
+
+
+def write(bundle: Bundle, result: Recalibration, out: Path, version: str | None, source: Path) -> Path:
+    """The new bundle version: the old one's tensors, the refitted calibration, the record of what was done."""
+    manifest = bundle.manifest.model_copy(deep=True)
+    manifest.version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
+    manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest.calibration.temperature = manifest.calibration.temperature * result.temperature
+    manifest.calibration.abstention = result.rules
+    if result.conformal is not None:
+        manifest.conformal = conformal_spec(result.conformal, manifest.conformal.alpha)
+    record: dict[str, Any] = {
+        "from_version": bundle.version, "labels": str(source), "fitted_on": result.fitted_on,
+        "held_out": result.held_out, "temperature_over_served": result.temperature, "before": result.before,
+        "after": result.after,
+    }  # fmt: skip
+    manifest.eval = manifest.eval.model_copy(update={"recalibration": record})
+    new = Bundle(
+        manifest, bundle.projections, bundle.cores, bundle.head_weight, bundle.head_bias, bundle.posterior,
+        ood=bundle.ood, conformal=result.conformal or bundle.conformal,
+    )  # fmt: skip
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_bundle(new, staging)
+    report = render_report(manifest) + _report_section(record)
+    (staging / "report.md").write_text(report)
+    (staging / "recalibration.json").write_text(json.dumps(record, indent=2) + "\n")
+    replace_directory(staging, out)
+    return out
+
+
+def _report_section(record: dict[str, Any]) -> str:
+    rows = sorted(set(record["before"]) | set(record["after"]))
+    lines = [
+        "\n## Recalibration on production labels\n",
+        f"Refitted on {record['fitted_on']} labelled answers of version {record['from_version']} "
+        f"({record['labels']}); a temperature of {record['temperature_over_served']:.4f} over the served "
+        f"predictive; the figures are on the {record['held_out']} held-out labels.\n",
+        "| metric | before | after |\n|---|---:|---:|",
+        *(f"| {k} | {record['before'].get(k, math.nan):.4f} | {record['after'].get(k, math.nan):.4f} |" for k in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: Recalibration, path: Path) -> str:
+    b, a = result.before, result.after
+    line = (
+        f"recalibrated on {result.fitted_on} labels (held out {result.held_out}): ECE {b['ece']:.4f} → "
+        f"{a['ece']:.4f}, NLL {b['nll']:.4f} → {a['nll']:.4f}"
+    )
+    if "set_coverage" in a:
+        line += (
+            f", set coverage {b['set_coverage']:.3f} → {a['set_coverage']:.3f} (target {a['set_target_coverage']:g})"
+        )
+    return f"{line}; new bundle at {path}"
