@@ -192,6 +192,7 @@ def test_v2_json_without_content_type_and_binary_tensor_data(client) -> None:
     no_type = client.post("/v2/models/alpha/infer", content=json.dumps(plain).encode())
     assert as_binary.status_code == 200, as_binary.text
     assert no_type.status_code == 200, no_type.text  # before: 422 "Input should be a valid dictionary"
+
     def answer(response) -> list[dict]:  # less the answers' ids, fresh per request
         return [output for output in response.json()["outputs"] if output["name"] != "id"]
 
