@@ -117,21 +117,27 @@ class Feedback:
             self.metrics.feedback_dropped.inc(self.store.dropped - dropped)
 
     async def record(self, items: Sequence[tuple[str, str]]) -> int:
-        """Join ``(id, label)`` pairs to their answers, all checked first; log them (fsync'd), then count them."""
+        """Join ``(id, label)`` pairs to their answers, all checked first; log them (fsync'd), then count them.
+
+        The answers are marked labelled before the log is written, so that a concurrent batch with the same id is
+        refused (409) rather than counted twice; a failed write unmarks them."""
         joined = self._join(items)
+        for _, answer, _ in joined:
+            answer.labelled = True
         now = time.time()
         records = [_labelled(answer_id, answer, label, now) for answer_id, answer, label in joined]
         async with self._writing:
             try:
                 await asyncio.to_thread(self.log.append, records)
             except OSError as exc:
+                for _, answer, _ in joined:
+                    answer.labelled = False
                 log.error("feedback log %s: %s", self.log.directory, exc)
                 raise FeedbackLogError(
                     f"the feedback log cannot be written ({exc.strerror or exc}); nothing of this batch was recorded"
                 ) from None
-        for (_, answer, label), record in zip(joined, records, strict=True):
-            answer.labelled = True
-            self.metrics.observe_feedback(record, answer.labels[label])
+        for record in records:
+            self.metrics.observe_feedback(record)
         return len(records)
 
     def _join(self, items: Sequence[tuple[str, str]]) -> list[tuple[str, ServedAnswer, int]]:

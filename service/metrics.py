@@ -142,7 +142,7 @@ class Metrics:
             "caveat_feedback_dropped_total", "Answers dropped from the feedback store before a label came", registry=r
         )
 
-    def observe_feedback(self, answer: LabelledAnswer, label_name: str) -> None:
+    def observe_feedback(self, answer: LabelledAnswer) -> None:
         """One labelled answer (``adapters.feedback.LabelledAnswer``)."""
         key = (answer.adapter, answer.version)
         abstained = "true" if answer.abstained else "false"

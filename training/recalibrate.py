@@ -196,7 +196,12 @@ def write(bundle: Bundle, result: Recalibration, out: Path, version: str | None,
         "held_out": result.held_out, "temperature_over_served": result.temperature, "before": result.before,
         "after": result.after,
     }  # fmt: skip
-    manifest.eval = manifest.eval.model_copy(update={"recalibration": record})
+    stale = (
+        f"the test, shift and OOD figures are version {bundle.version}'s, measured before recalibration; the "
+        "held-out labels' before/after figures are in the recalibration record"
+    )
+    warnings = [*(manifest.eval.warnings or []), stale]
+    manifest.eval = manifest.eval.model_copy(update={"recalibration": record, "warnings": warnings})
     new = Bundle(
         manifest, bundle.projections, bundle.cores, bundle.head_weight, bundle.head_bias, bundle.posterior,
         ood=bundle.ood, conformal=result.conformal or bundle.conformal,

@@ -3,6 +3,7 @@ against an offline recomputation, and the durable log."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -16,8 +17,9 @@ import pytest
 import torch
 
 from adapters.feedback import FeedbackLog, LabelledAnswer, read_feedback
-from service.errors import GoneError, NotFoundError
-from service.feedback import AnswerStore, ServedAnswer
+from service.errors import ConflictError, GoneError, NotFoundError
+from service.feedback import AnswerStore, Feedback, ServedAnswer
+from service.metrics import Metrics
 from tests.service.bundles import TOKEN, make_bundle, running_app
 from training.metrics import accuracy, ece, nll
 
@@ -233,3 +235,23 @@ def test_a_log_that_cannot_be_written_answers_503_and_counts_nothing(tiny_base: 
         assert send(client, [{"id": result["id"], "label": "positive"}]).status_code == 503  # still unlabelled
     finally:
         client.__exit__(None, None, None)
+
+
+def test_two_concurrent_batches_with_one_id_count_it_once(tmp_path: Path) -> None:
+    """The second batch arrives while the first is being written (fsync): it is refused, not counted twice."""
+
+    class SlowLog(FeedbackLog):
+        def append(self, answers):
+            time.sleep(0.2)
+            return super().append(answers)
+
+    feedback = Feedback(AnswerStore(10, 100), Metrics(), SlowLog(tmp_path))
+    feedback.remember(["a-0"], [answer()])
+
+    async def both():
+        return await asyncio.gather(feedback.record([("a-0", "x")]), feedback.record([("a-0", "y")]),
+                                    return_exceptions=True)  # fmt: skip
+
+    first, second = asyncio.run(both())
+    assert first == 1 and isinstance(second, ConflictError)
+    assert [r.label_name for r in read_feedback(tmp_path)[0]] == ["x"]
