@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from fastapi.testclient import TestClient
 from adapters import load_bundle
 from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.vocab import ConformalScore
+from benchmarks.serve import machine
 from service.app import create_app
 from service.settings import Settings
 from training.cli import main as train_main
@@ -120,7 +120,7 @@ def main() -> None:
             while client.get("/health/ready").status_code != 200:
                 pass
             result = {
-                "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+                "machine": {**machine(), "torch_threads": torch.get_num_threads()},
                 "bundle": str(args.bundle),
                 "coverage": coverage_table(client, validation, test, labels),
                 "loop": loop(client, root, shift[1], test, labels, args.labels, args.seed),

