@@ -13,8 +13,9 @@ py="$venv/bin/python"
 "$py" -m pip install --quiet --no-deps -r requirements/nodeps.txt
 # promtool (Debian's prometheus package) runs the alert rules' unit tests (tests/test_deploy.py); best effort
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+  timeout 300 apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { timeout 120 apt-get update -qq >/dev/null 2>&1 \
+         && timeout 300 apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
     || echo "note: promtool not installed (apt-get install prometheus); the alert rules' unit tests will be skipped"
 fi
 echo "installed into $venv ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
