@@ -33,14 +33,13 @@ from training.metrics import classification_metrics
 from training.session import load_splits
 
 TOKEN = "loop"
-ADAPTER = "sst2"
 
 
-def serve(client: TestClient, examples: list[Example], coverage: float | None = None) -> list[dict]:
-    """The server's answers (MAP or whatever the bundle serves by default), 64 inputs per request."""
+def serve(client: TestClient, adapter: str, examples: list[Example], coverage: float | None = None) -> list[dict]:
+    """The adapter's answers (the predictive the bundle serves by default), 64 inputs per request."""
     results = []
     for start in range(0, len(examples), 64):
-        body = {"adapter": ADAPTER, "inputs": [e.text for e in examples[start : start + 64]], "seed": 0}
+        body = {"adapter": adapter, "inputs": [e.text for e in examples[start : start + 64]], "seed": 0}
         if coverage is not None:
             body["coverage"] = coverage
         response = client.post("/v1/predict", json=body)
@@ -61,15 +60,17 @@ def figures(results: list[dict], examples: list[Example], labels: list[str]) -> 
     return out
 
 
-def coverage_table(client: TestClient, validation: list[Example], test: list[Example], labels: list[str]) -> dict:
+def coverage_table(
+    client: TestClient, adapter: str, validation: list[Example], test: list[Example], labels: list[str]
+) -> dict:
     """Coverage on test of each score and grouping at α = 0.1 and 0.05, calibrated on the served validation
     predictive (the served LAC sets are the bundle's own)."""
-    val_probs = torch.tensor([r["probs"] for r in serve(client, validation)], dtype=torch.float64)
+    val_probs = torch.tensor([r["probs"] for r in serve(client, adapter, validation)], dtype=torch.float64)
     val_labels = torch.tensor([e.label for e in validation])
     test_labels = torch.tensor([e.label for e in test])
     table = {}
     for coverage in (0.9, 0.95):
-        served = serve(client, test, coverage)
+        served = serve(client, adapter, test, coverage)
         table[f"served lac @{coverage}"] = figures(served, test, labels)
         test_probs = torch.tensor([r["probs"] for r in served], dtype=torch.float64)
         for score in ConformalScore:
@@ -81,22 +82,25 @@ def coverage_table(client: TestClient, validation: list[Example], test: list[Exa
     return table
 
 
-def loop(client: TestClient, root: Path, drugs: list[Example], test: list[Example], labels: list[str], count: int,
-         seed: int) -> dict:  # fmt: skip
+def loop(
+    client: TestClient, adapter: str, root: Path, drugs: list[Example], test: list[Example], labels: list[str],
+    count: int, seed: int,
+) -> dict:  # fmt: skip
     order = torch.randperm(len(drugs), generator=torch.Generator().manual_seed(seed)).tolist()
     production, held_out = [drugs[i] for i in order[:count]], [drugs[i] for i in order[count:]]
-    answers = serve(client, production)
+    answers = serve(client, adapter, production)
     items = [{"id": r["id"], "label": labels[e.label]} for r, e in zip(answers, production, strict=True)]
     for start in range(0, len(items), 500):
         client.post("/v1/feedback", json={"feedback": items[start : start + 500]}).raise_for_status()
-    before = {"drug reviews (held out)": figures(serve(client, held_out), held_out, labels),
-              "sst2 test": figures(serve(client, test), test, labels)}  # fmt: skip
-    out = root / "adapters" / f"{ADAPTER}-recalibrated"
-    argv = ["recalibrate", str(root / "adapters" / ADAPTER), "--labels", str(root / "feedback"), "--out", str(out)]
+    before = {"drug reviews (held out)": figures(serve(client, adapter, held_out), held_out, labels),
+              "sst2 test": figures(serve(client, adapter, test), test, labels)}  # fmt: skip
+    out = root / "adapters" / f"{adapter}-recalibrated"
+    source = root / "adapters" / adapter
+    argv = ["recalibrate", str(source), "--labels", str(root / "feedback"), "--out", str(out)]
     assert train_main(argv) == 0, "recalibrate failed"
-    client.put(f"/v1/adapters/{ADAPTER}", json={"path": out.name}).raise_for_status()
-    after = {"drug reviews (held out)": figures(serve(client, held_out), held_out, labels),
-             "sst2 test": figures(serve(client, test), test, labels)}  # fmt: skip
+    client.put(f"/v1/adapters/{adapter}", json={"path": out.name}).raise_for_status()
+    after = {"drug reviews (held out)": figures(serve(client, adapter, held_out), held_out, labels),
+             "sst2 test": figures(serve(client, adapter, test), test, labels)}  # fmt: skip
     record = load_bundle(out).manifest.eval.recalibration
     return {"labels": count, "held_out": len(held_out), "before": before, "after": after, "recalibration": record}
 
@@ -113,7 +117,8 @@ def main() -> None:
     labels = task.labels
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shutil.copytree(args.bundle, root / "adapters" / ADAPTER)
+        name = load_bundle(args.bundle).name  # the registry's name for it
+        shutil.copytree(args.bundle, root / "adapters" / name)
         settings = Settings(base_model="minilm", adapter_dir=root / "adapters", admin_token=TOKEN,
                             feedback_dir=root / "feedback", max_inputs=64)  # fmt: skip
         with TestClient(create_app(settings), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
@@ -122,8 +127,8 @@ def main() -> None:
             result = {
                 "machine": {**machine(), "torch_threads": torch.get_num_threads()},
                 "bundle": str(args.bundle),
-                "coverage": coverage_table(client, validation, test, labels),
-                "loop": loop(client, root, shift[1], test, labels, args.labels, args.seed),
+                "coverage": coverage_table(client, name, validation, test, labels),
+                "loop": loop(client, name, root, shift[1], test, labels, args.labels, args.seed),
             }
     print(json.dumps(result, indent=2))
     if args.json:
