@@ -23,9 +23,11 @@ def main() -> None:
     for text, result in zip(args.texts, answer["results"], strict=True):
         u = result["uncertainty"]
         flag = f"ABSTAIN ({result['abstain_reason']})" if result["abstain"] else "answer"
+        members = result.get("prediction_set")
+        chosen = "" if members is None else "  set={" + ",".join(members) + "}"
         print(
             f"  {text[:58]!r:62} {result['label']:>8}  p={result['confidence']:.3f}  "
-            f"entropy={u['entropy']:.3f}  MI={u['mutual_information']:.4f}  {flag}"
+            f"entropy={u['entropy']:.3f}  MI={u['mutual_information']:.4f}{chosen}  {flag}"
         )
     adapter, timing = answer["adapter"], answer["timing"]
     print(f"  served by {adapter['name']}@{adapter['version']}, S={answer['num_samples']}, {timing['total_ms']:.0f} ms")
