@@ -110,6 +110,8 @@ class Feedback:
         return cls(AnswerStore(size, ttl_s), metrics, FeedbackLog(directory, max_bytes))
 
     def remember(self, ids: Sequence[str], answers: Sequence[ServedAnswer]) -> None:
+        if self.store.size == 0:  # feedback switched off
+            return
         dropped = self.store.dropped
         self.store.add(ids, answers)
         self.metrics.feedback_store.set(len(self.store))
@@ -141,6 +143,8 @@ class Feedback:
         return len(records)
 
     def _join(self, items: Sequence[tuple[str, str]]) -> list[tuple[str, ServedAnswer, int]]:
+        if self.store.size == 0:
+            raise NotFoundError("this server keeps no answers for feedback (feedback_store_size is 0)")
         seen: set[str] = set()
         joined = []
         for index, (answer_id, label) in enumerate(items):

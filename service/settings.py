@@ -70,7 +70,10 @@ class Settings(BaseModel):
     warmup: bool = Field(True, description="run a warm-up forward before turning ready")
     drain_s: float = Field(0.0, ge=0, description="on SIGTERM, report not-ready this long before closing")
     feedback_store_size: int = Field(
-        20_000, ge=1, description="recent answers kept for POST /v1/feedback to join labels to (oldest dropped)"
+        20_000,
+        ge=0,
+        description="recent answers kept for POST /v1/feedback to join labels to (oldest dropped; 0: "
+        "none kept, feedback is refused)",
     )
     feedback_ttl_s: float = Field(86_400.0, gt=0, description="how long an answer waits for its label")
     feedback_dir: Path = Field(

@@ -255,3 +255,15 @@ def test_two_concurrent_batches_with_one_id_count_it_once(tmp_path: Path) -> Non
     first, second = asyncio.run(both())
     assert first == 1 and isinstance(second, ConflictError)
     assert [r.label_name for r in read_feedback(tmp_path)[0]] == ["x"]
+
+
+def test_a_store_of_size_0_keeps_nothing_and_says_so(tiny_base: Path, tmp_path: Path) -> None:
+    make_bundle(tiny_base, tmp_path / "adapters" / "plain", name="plain", seed=3)
+    client = running_app(tiny_base, tmp_path / "adapters", feedback_store_size=0, feedback_dir=tmp_path / "log")
+    try:
+        result = predict(client, "plain", TEXTS[:1])[0]
+        response = send(client, [{"id": result["id"], "label": "positive"}])
+        assert response.status_code == 404 and "keeps no answers" in response.text
+        assert not (tmp_path / "log").exists()
+    finally:
+        client.__exit__(None, None, None)
