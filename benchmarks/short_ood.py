@@ -76,9 +76,15 @@ def main() -> None:
     val_lengths = lengths["validation"].double()
     edges = torch.quantile(val_lengths, torch.linspace(0, 1, BUCKETS + 1)[1:-1].double()).round()
     result = {"machine": machine(), "edges": edges.tolist(), "rows": []}
-    for name, bucket_edges in (("pooled", None), ("per length", edges)):
-        p = {s: pvalues(scores[s], lengths[s].double(), scores["validation"], val_lengths, bucket_edges)
-             for s in ("validation", "test", "bbc_titles", "bbc_first_sentences")}  # fmt: skip
+    splits = ("validation", "test", "bbc_titles", "bbc_first_sentences")
+    by_kind = {
+        name: {s: pvalues(scores[s], lengths[s].double(), scores["validation"], val_lengths, bucket_edges)
+               for s in splits}
+        for name, bucket_edges in (("pooled", None), ("per length", edges))
+    }  # fmt: skip
+    # either: the smaller of the two p-values (flag when either reference finds the input unusual)
+    by_kind["either"] = {s: torch.minimum(by_kind["pooled"][s], by_kind["per length"][s]) for s in splits}
+    for name, p in by_kind.items():
         for fraction in FRACTIONS:
             threshold = torch.quantile(p["validation"], fraction).item()  # abstain when p < τ on ~fraction of val
             flagged = {s: float((values < threshold).double().mean()) for s, values in p.items()}
