@@ -5,6 +5,7 @@ module ranks and alphas (rank_pattern, alpha_pattern) and rsLoRA included."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 from adapters import Projection, inject_lora_xs, lora_xs_layers, target_names
 from adapters.lora_conversion import XsFactors, lora_scaling, lora_to_xs, xs_to_lora
+from adapters.peft_lora import read_peft_lora
 from tests.conftest import tiny_bert
 
 
@@ -54,7 +56,7 @@ def test_a_rank_that_cannot_hold_the_lora_is_refused(bad: dict) -> None:
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_a_peft_lora_converted_computes_peft_outputs(rslora: bool) -> None:
+def test_a_peft_lora_converted_computes_peft_outputs(rslora: bool, tmp_path: Path) -> None:
     base = tiny_bert(seed=1)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["query", "value", "dense"], rank_pattern={"value": 2},
@@ -65,15 +67,11 @@ def test_a_peft_lora_converted_computes_peft_outputs(rslora: bool) -> None:
     with torch.no_grad():
         expected = peft_model(input_ids=ids).last_hidden_state
     rank, xs_alpha = 4, 4.0  # the bundle's rank (the largest), LoRA-XS scaling 1
+    peft_model.save_pretrained(tmp_path / "lora")  # converted from the directory PEFT writes, as a user's would be
     projections, cores = {}, {}
-    for name, module in peft_model.base_model.model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:
-            r = module.r["default"]
-            scale = module.scaling["default"]
-            assert scale == lora_scaling(r, module.lora_alpha["default"], rslora)
-            factors = lora_to_xs(module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach(),
-                                 scale, xs_alpha / rank, rank=rank)  # fmt: skip
-            projections[name], cores[name] = Projection(factors.A, factors.B), factors.core
+    for name, module in read_peft_lora(tmp_path / "lora").modules.items():
+        factors = lora_to_xs(module.A, module.B, module.scale, xs_alpha / rank, rank=rank)
+        projections[name], cores[name] = Projection(factors.A, factors.B), factors.core
     assert {p.rank for p in projections.values()} == {4}  # every module padded to the bundle's rank
     assert set(projections) == set(target_names(base, ["query", "value", "dense"]))  # PEFT's modules are ours
     ours = copy.deepcopy(base)
