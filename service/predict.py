@@ -84,10 +84,9 @@ async def run_prediction(
         tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
     except ClozeInputError as exc:  # choices that leave no room for the question
         raise InvalidRequestError(str(exc)) from None
-    alpha = None if coverage is None else 1 - coverage
     job = Job(
         adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), tokens, deadline=deadline,
-        alpha=alpha,
+        coverage=coverage,
     )  # fmt: skip
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(
@@ -97,31 +96,23 @@ async def run_prediction(
         )
     result = await _answer(engine, job, settings.request_timeout_s, disconnected)
     result.values["id"] = ids = answer_ids(len(inputs))
-    state.feedback.remember(ids, _served(adapter, inputs, texts, result, predictor.mode, coverage))
+    state.feedback.remember(ids, _served(job, inputs, result))
     return Answer(adapter, predictor.mode, num_samples, seed, result, time.perf_counter() - start)
 
 
-def _served(
-    adapter: AdapterVersion,
-    inputs: list[Input],
-    texts: list[TextInput],
-    result: JobResult,
-    method: str,
-    coverage: float | None,
-) -> list[ServedAnswer]:
+def _served(job: Job, inputs: list[Input], result: JobResult) -> list[ServedAnswer]:
     """What the feedback store keeps of each answer (its input as sent, for recalibration)."""
-    values, now = result.values, time.time()
+    adapter, values, now = job.adapter, result.values, time.time()
     sets = values.get("prediction_set") or [None] * len(inputs)
-    if coverage is None and adapter.manifest.conformal is not None:
-        coverage = 1 - adapter.manifest.conformal.alpha
+    coverage = job.conformal_coverage
     served = []
     for i, item in enumerate(inputs):
         answer = ServedAnswer(
             adapter=adapter.name, version=adapter.version, sha256=adapter.sha256, labels=adapter.labels,
             input=item if isinstance(item, str) else item.model_dump(exclude_none=True),
             probs=values["probs"][i], predicted=values["label"][i], prediction_set=sets[i],
-            coverage=None if sets[i] is None else coverage, abstained=values["abstain"][i], method=method,
-            served_at=now, num_choices=texts[i].num_choices,
+            coverage=None if sets[i] is None else coverage, abstained=values["abstain"][i], method=job.method,
+            served_at=now, num_choices=job.inputs[i].num_choices,
         )  # fmt: skip
         served.append(answer)
     return served

@@ -18,7 +18,7 @@ from adapters import (
     save_bundle,
 )
 from adapters.bundle import conformal_spec
-from adapters.conformal import DEFAULT_ALPHA, ConformalCalibration, set_metrics
+from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.eval_card import EvalCard, OodEval, SplitEval, TrainingRecord
 from adapters.heads import HEAD_WEIGHT
 from adapters.manifest import (
@@ -81,16 +81,17 @@ class Calibrated:
         rules: the abstention rules, fitted on the served predictive.
         served: the fit whose predictive the bundle serves by default: the posterior's, or (when the rule chose
             the MAP) the same posterior with the ``map`` predictive.
+        conformal: the served predictive's conformal calibration on validation; alpha: the bundle's level
+            (``--conformal-alpha``).
         choice: the validation rule's record (``--calibration auto``); ``None`` when the calibration was fixed.
-        conformal: the served predictive's conformal calibration on validation, at ``--conformal-alpha``.
     """
 
     temperature: float
     rules: list[AbstentionSpec]
     served: Fitted
+    conformal: ConformalCalibration
+    alpha: float
     choice: PredictiveChoice | None = None
-    conformal: ConformalCalibration | None = None
-    alpha: float = DEFAULT_ALPHA
 
 
 def calibrate(
@@ -134,7 +135,7 @@ def calibrate(
             rules.append(
                 fit_abstention(pred, labels, kind, target_risk=config.target_risk, target_coverage=target_coverage)
             )
-    return Calibrated(temperature, rules, served, choice, calibration, conformal.alpha)
+    return Calibrated(temperature, rules, served, calibration, conformal.alpha, choice)
 
 
 @dataclass
@@ -294,7 +295,7 @@ def write_bundle(
             predictive=calibration.served.mode,
         ),
         # the ood rule first: when an input is both unfamiliar and unsure, "out of distribution" is the reason
-        conformal=None if calibration.conformal is None else conformal_spec(calibration.conformal, calibration.alpha),
+        conformal=conformal_spec(calibration.conformal, calibration.alpha),
         calibration=CalibrationSpec(
             temperature=temperature,
             abstention=([ood.rule] if ood else []) + rules,
@@ -381,7 +382,7 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
         session.stage.done("posterior")
         calibration = calibrate(session, fitted)
         session.stage.done("calibration")
-        conformal = None if calibration.conformal is None else (calibration.conformal, calibration.alpha)
+        conformal = (calibration.conformal, calibration.alpha)
         evaluation, panels = evaluate(session, calibration.served, calibration.temperature, ood, conformal)
         session.stage.done("evaluation")
         written = write_bundle(session, target, fitted, calibration, evaluation, panels, ood)

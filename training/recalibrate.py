@@ -119,7 +119,7 @@ def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, s
     posterior = bundle.manifest.posterior
     if posterior.predictive != PredictiveMode.MAP and posterior.family != PosteriorFamily.MAP:
         raise ConfigError(
-            f"{bundle.name}: it serves the {bundle.manifest.posterior.predictive} posterior predictive; recalibration "
+            f"{bundle.name}: it serves the {posterior.predictive} posterior predictive; recalibration "
             "refits a temperature exactly only for a bundle that serves its MAP (see docs/design.md, feedback)"
         )
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
@@ -169,9 +169,7 @@ def _figures(
     metrics = classification_metrics(pred.probs, labels)
     figures = {k: metrics[k] for k in ("accuracy", "ece", "nll", "brier")}
     if conformal is not None and alpha is not None:
-        counts = [
-            len(r.input["choices"]) if isinstance(r.input, dict) and "choices" in r.input else None for r in records
-        ]
+        counts = [_choice_count(r) for r in records]
         sets = conformal.sets(pred.probs, alpha, valid_labels(counts, pred.probs.shape[-1]))
         figures |= {f"set_{k}": v for k, v in set_metrics(sets, labels, alpha).items()}
     return figures

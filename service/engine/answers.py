@@ -121,25 +121,26 @@ class AnswerGroup:
             scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values).float().cpu()
         return scores, pvalues
 
-    def prediction_sets(self, pred: Predictive) -> Tensor | None:
-        """``(N, C)`` the inputs' conformal prediction sets, each at its job's level (a job without one: empty, and
-        no answer field); one computation per calibration and level; ``None`` when no job's adapter has one."""
+    def prediction_sets(self, pred: Predictive) -> tuple[Tensor, Tensor] | None:
+        """``(N, C)`` the inputs' conformal prediction sets, each at its job's level, and ``(N,)`` their sizes (a job
+        without calibration: an empty set, no answer field, size NaN so the ``ambiguous`` rule never fires); one
+        computation per calibration and level; ``None`` when no job's adapter has one."""
         by_level: dict[tuple[int, float], list[int]] = {}
         for index, job in enumerate(self.jobs):
-            conformal = job.adapter.bundle.conformal
-            if conformal is not None:
-                alpha = job.alpha if job.alpha is not None else job.adapter.manifest.conformal.alpha
-                by_level.setdefault((id(conformal), alpha), []).append(index)
+            if job.conformal_alpha is not None:
+                by_level.setdefault((id(job.adapter.bundle.conformal), job.conformal_alpha), []).append(index)
         if not by_level:
             return None
         jobs, bounds = self.jobs, self.bounds
         sets = torch.zeros(pred.probs.shape, dtype=torch.bool)
+        sizes = torch.full((bounds[-1],), math.nan, dtype=torch.float64)
         for (_, alpha), members in by_level.items():
             rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
             counts = [item.num_choices for i in members for item in jobs[i].inputs]
             valid = valid_labels(counts, pred.probs.shape[-1])
             sets[rows] = jobs[members[0]].adapter.bundle.conformal.sets(pred.probs[rows], alpha, valid)
-        return sets
+            sizes[rows] = sets[rows].sum(dim=-1).double()
+        return sets, sizes
 
     def abstentions(self, pred: Predictive, signals: InputSignals) -> tuple[list[bool], list[str | None]]:
         """Abstention flags and reasons of every input, the rules of alike jobs applied once (a signal NaN for an
@@ -160,28 +161,20 @@ class AnswerGroup:
                 flags[row], reasons[row] = flag, reason
         return flags, reasons
 
-    def _set_sizes(self, sets: Tensor) -> Tensor:
-        """``(N,)`` labels in each set, NaN for the inputs of jobs whose adapter has no conformal calibration."""
-        sizes = sets.sum(dim=-1).double()
-        for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:], strict=False):
-            if job.adapter.bundle.conformal is None:
-                sizes[a:b] = math.nan
-        return sizes
-
     def results(self) -> dict[int, JobResult | BaseException]:
         """Each job's result; non-finite probabilities are an error of their job, never an answer."""
         pred = self.predictive()
         ood = self.ood()
         sets = self.prediction_sets(pred)
-        set_size = None if sets is None else self._set_sizes(sets)
-        flags, reasons = self.abstentions(pred, InputSignals(None if ood is None else ood[1], set_size))
+        signals = InputSignals(None if ood is None else ood[1], None if sets is None else sets[1])
+        flags, reasons = self.abstentions(pred, signals)
         values = {name: getattr(pred, name).tolist() for name in PREDICTIVE_FIELDS}
         values["abstain"], values["abstain_reason"] = flags, reasons
         finite = torch.isfinite(pred.probs).all(dim=-1).tolist()
         if ood is not None:
             values["ood_score"], values["ood_pvalue"] = ood[0].tolist(), ood[1].tolist()
         if sets is not None:
-            values["prediction_set"] = [row.nonzero().flatten().tolist() for row in sets]
+            values["prediction_set"] = [row.nonzero().flatten().tolist() for row in sets[0]]
         outcomes: dict[int, JobResult | BaseException] = {}
         for job, a, b in zip(self.jobs, self.bounds, self.bounds[1:], strict=False):
             if not all(finite[a:b]):

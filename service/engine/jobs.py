@@ -24,7 +24,7 @@ class Job:
         method: the predictive mode (:mod:`adapters.predictives`), resolved for the adapter already.
         tokens: tokens of the longest input after truncation (every row of a forward pays for its width).
         deadline: ``time.perf_counter()`` value after which nobody waits for the answer.
-        alpha: the miscoverage of its conformal prediction sets (``None``: the bundle's).
+        coverage: the level its request asked of the conformal prediction sets (``None``: the bundle's).
     """
 
     adapter: AdapterVersion
@@ -35,7 +35,7 @@ class Job:
     rules: list[AbstentionRule]
     tokens: int
     deadline: float = float("inf")
-    alpha: float | None = None
+    coverage: float | None = None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     admitted: float = field(default_factory=time.perf_counter)
     progress: Progress = field(init=False)
@@ -61,6 +61,23 @@ class Job:
     def cost(self) -> int:
         """Estimated rows × tokens × the passes each row costs (the GLM's Jacobian: a backward pass per class)."""
         return self.rows * self.tokens * self.predictor.passes(len(self.adapter.labels))
+
+    @property
+    def conformal_alpha(self) -> float | None:
+        """The miscoverage its prediction sets are made at: one minus the request's coverage, else its bundle's
+        level; ``None`` for an adapter without conformal calibration."""
+        spec = self.adapter.manifest.conformal
+        if spec is None:
+            return None
+        return spec.alpha if self.coverage is None else 1 - self.coverage
+
+    @property
+    def conformal_coverage(self) -> float | None:
+        """The coverage its prediction sets are made for (the request's, else one minus the bundle's level)."""
+        spec = self.adapter.manifest.conformal
+        if spec is None:
+            return None
+        return 1 - spec.alpha if self.coverage is None else self.coverage
 
     @property
     def abandoned(self) -> bool:
