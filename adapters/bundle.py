@@ -4,7 +4,8 @@ Layout (docs/design.md §2)::
 
     bundle.json               manifest (adapters.manifest.BundleManifest), with the sha256 of each tensor file
     projections.safetensors   "<module>::A" (r×d_in), "<module>::B" (d_out×r)
-    adapter.safetensors       "<module>::core" (r×r) MAP cores, "head.weight" (C×H), "head.bias" (C)
+    adapter.safetensors       "<module>::core" (r×r) MAP cores, "head.weight" (C×H), "head.bias" (C); schema 4,
+                              with task.pooling "pooler": "pooler.weight" (H×H), "pooler.bias" (H)
     posterior.safetensors     the posterior family's tensors ("<block>::<field>", see adapters.posteriors)
     ood.safetensors           schema 2, optional: the OOD score's tensors (adapters.ood; its parameters in
                               bundle.json "ood")
@@ -68,9 +69,11 @@ from adapters.manifest import (
 )
 from adapters.model import LoraXSClassifier
 from adapters.ood import OodScore
+from adapters.pooling import POOLER_BIAS, POOLER_WEIGHT, DenseTanhPooler
 from adapters.posteriors import Posterior
 from adapters.posteriors.base import KEY_SEP
 from adapters.projections import Projection
+from adapters.vocab import Pooling
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Bundle:
             this exact bundle.
         ood: the feature-space OOD score (on the CPU; ``manifest.ood`` says which features), or ``None``.
         conformal: the conformal calibration of the served predictive (on the CPU), or ``None``.
+        pooler: the frozen dense layer the head reads the first token through (``task.pooling`` ``pooler``), or
+            ``None``.
     """
 
     manifest: BundleManifest
@@ -100,6 +105,7 @@ class Bundle:
     sha256: str = field(default="")
     ood: OodScore | None = None
     conformal: ConformalCalibration | None = None
+    pooler: DenseTanhPooler | None = None
 
     @property
     def name(self) -> str:
@@ -120,12 +126,14 @@ class Bundle:
             head_weight=own.head_weight.cpu().clone(),
             head_bias=own.head_bias.cpu().clone(),
             posterior=posterior.to("cpu"),
+            pooler=model.readout.to("cpu") if isinstance(model.readout, DenseTanhPooler) else None,
         )
 
     def adapter_weights(self, readout: Readout | None = None) -> AdapterWeights:
         """The fixed tensors a batched-rows forward needs (on the bundle's current device); ``readout``: how its
-        rows' hidden states are read (``None``: pooled)."""
+        rows' hidden states are read (``None``: pooled, or through the bundle's own pooler)."""
         scaling = self.manifest.adapter.scaling
+        readout = self.pooler if readout is None else readout
         return AdapterWeights(self.projections, scaling, self.head_weight, self.head_bias, readout)
 
     def to(self, device: torch.device | str, projections: Mapping[str, Projection] | None = None) -> Bundle:
@@ -145,6 +153,7 @@ class Bundle:
             sha256=self.sha256,
             ood=self.ood,
             conformal=self.conformal,
+            pooler=None if self.pooler is None else self.pooler.to(device),
         )
 
     def tensor_bytes(self) -> int:
@@ -152,6 +161,7 @@ class Bundle:
         posterior_tensors, _ = self.posterior.state()
         tensors = [*self.cores.values(), self.head_weight, self.head_bias, *posterior_tensors.values()]
         tensors += [t for p in self.projections.values() for t in (p.A, p.B)]
+        tensors += [] if self.pooler is None else list(self.pooler.state().values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -175,10 +185,13 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
             **{f"{name}{KEY_SEP}core": t for name, t in bundle.cores.items()},
             HEAD_WEIGHT: bundle.head_weight,
             HEAD_BIAS: bundle.head_bias,
+            **({} if bundle.pooler is None else bundle.pooler.state()),
         },
         POSTERIOR_FILE: posterior_tensors,
     }
     manifest = bundle.manifest
+    if (bundle.pooler is not None) != (manifest.task.pooling == Pooling.POOLER):
+        raise ValueError("a bundle has a pooler exactly when its manifest's task.pooling is 'pooler'")
     if bundle.ood is not None:
         if manifest.ood is None:
             raise ValueError("a bundle with an OOD score needs its manifest's ood record (which features)")
@@ -341,7 +354,27 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
     _check_values(built, values, posterior, directory)
     ood = _load_ood(manifest, tensors.get(OOD_FILE), directory)
     conformal = _load_conformal(manifest, tensors.get(CONFORMAL_FILE), directory)
-    return Bundle(manifest, built, cores, head_weight, head_bias, posterior, ood=ood, conformal=conformal)
+    pooler = _load_pooler(manifest, adapter, directory)
+    bundle = Bundle(manifest, built, cores, head_weight, head_bias, posterior, ood=ood, conformal=conformal)
+    bundle.pooler = pooler
+    return bundle
+
+
+def _load_pooler(manifest: BundleManifest, adapter: Mapping[str, Tensor], directory: Path) -> DenseTanhPooler | None:
+    """The head's pooler when the task pools by one (shapes and values checked), else ``None``."""
+    if manifest.task.pooling != Pooling.POOLER:
+        return None
+    size = manifest.head.in_features
+    weight, bias = adapter.get(POOLER_WEIGHT), adapter.get(POOLER_BIAS)
+    if weight is None or bias is None or tuple(weight.shape) != (size, size) or tuple(bias.shape) != (size,):
+        raise ShapeMismatchError(
+            directory, f"task.pooling 'pooler' needs {ADAPTER_FILE} tensors {POOLER_WEIGHT} ({size}×{size}) and "
+            f"{POOLER_BIAS} ({size})",
+        )  # fmt: skip
+    bad = first_non_finite({POOLER_WEIGHT: weight, POOLER_BIAS: bias})
+    if bad is not None:
+        raise InvalidValueError(directory, f"{ADAPTER_FILE} {bad} holds NaN or infinite values")
+    return DenseTanhPooler(weight, bias)
 
 
 def conformal_spec(calibration: ConformalCalibration, alpha: float) -> ConformalSpec:

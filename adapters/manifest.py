@@ -39,10 +39,11 @@ def _caveat_version() -> str:
 
 
 CAVEAT_VERSION = _caveat_version()
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # what this library reads: 2 added the optional OOD score (``ood``, ood.safetensors), 3 the optional conformal
-# calibration (``conformal``, conformal.safetensors)
-SCHEMA_VERSIONS = (1, 2, 3)
+# calibration (``conformal``, conformal.safetensors), 4 the head's pooler (task.pooling "pooler") and the record of
+# an imported adapter (``imported``)
+SCHEMA_VERSIONS = (1, 2, 3, 4)
 PROJECTIONS_FILE = "projections.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 POSTERIOR_FILE = "posterior.safetensors"
@@ -193,6 +194,18 @@ class ConformalSpec(_Strict):
     )
 
 
+class ImportSpec(_Strict):
+    """Where an imported adapter came from, and how exactly its conversion reproduces the original."""
+
+    format: Literal["peft-lora"] = "peft-lora"
+    source: str = Field(description="the directory it was read from")
+    config: dict[str, Any] = Field(description="the original's own settings (r, lora_alpha, target_modules, ...)")
+    max_abs_logit_diff: float = Field(
+        ge=0, description="largest |converted − original| logit on the checked validation inputs"
+    )
+    checked_inputs: int = Field(gt=0, description="validation inputs the logits were compared on")
+
+
 class CalibrationSpec(_Strict):
     temperature: float = Field(default=1.0, gt=0)
     abstention: list[AbstentionSpec] = Field(default_factory=list)
@@ -207,7 +220,7 @@ class CalibrationSpec(_Strict):
 
 
 class BundleManifest(_Strict):
-    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     version: str = Field(min_length=1, max_length=64)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -221,6 +234,9 @@ class BundleManifest(_Strict):
     ood: OodSpec | None = Field(default=None, description="the OOD score (schema 2); null: the bundle has none")
     conformal: ConformalSpec | None = Field(
         default=None, description="conformal prediction sets (schema 3); null: the bundle has none"
+    )
+    imported: ImportSpec | None = Field(
+        default=None, description="schema 4: the adapter was imported (e.g. a PEFT LoRA), not trained by Caveat"
     )
     eval: EvalCard = Field(default_factory=EvalCard)
     files: dict[str, str] = Field(default_factory=dict, description="tensor file name → sha256")
@@ -239,6 +255,8 @@ class BundleManifest(_Strict):
             raise ValueError("an OOD score (ood) needs schema version 2")
         if self.conformal is not None and self.schema_version < 3:
             raise ValueError("conformal calibration (conformal) needs schema version 3")
+        if (self.task.pooling == Pooling.POOLER or self.imported is not None) and self.schema_version < 4:
+            raise ValueError("a head pooler (task.pooling 'pooler') or an import record (imported) needs schema 4")
         if self.conformal is not None and len(self.conformal.thresholds) != len(self.task.labels):
             raise ValueError("conformal.thresholds needs one threshold per label")
         return self
@@ -262,6 +280,7 @@ __all__ = [
     "CalibrationSpec",
     "ConformalSpec",
     "HeadSpec",
+    "ImportSpec",
     "OodSpec",
     "PosteriorSpec",
     "ProjectionSpecRecord",

@@ -22,9 +22,11 @@ from adapters.injection import lora_xs_layers
 from adapters.layer import LoraXSLinear
 from adapters.linearisation import row_jacobians
 from adapters.ood.features import BaseFeatureTap
-from adapters.pooling import pool
+from adapters.pooling import DenseTanhPooler, pool
 from adapters.projections import Projection
 from adapters.vocab import Pooling
+
+TOKEN_POOLINGS = [str(p) for p in Pooling if p != Pooling.POOLER]
 
 
 class LoraXSClassifier(nn.Module):
@@ -39,8 +41,10 @@ class LoraXSClassifier(nn.Module):
         train_head: whether :meth:`freeze_base` leaves the head trainable (a multiple-choice head, the LM's
             answer-letter rows, stays fixed).
         readout: how this model's own forward reads the hidden states: ``None`` pools them; a
-            :class:`~adapters.cloze.ClozeReadout` scores packed multiple-choice inputs (the head is then the
-            fixed ``(K, K)`` identity, whatever ``num_labels`` and ``train_head`` say).
+            :class:`~adapters.pooling.DenseTanhPooler` reads the first token through its frozen dense layer and
+            tanh (the architecture's own sequence-classification head; ``pooling`` still serves the OOD
+            features); a :class:`~adapters.cloze.ClozeReadout` scores packed multiple-choice inputs (the head is
+            then the fixed ``(K, K)`` identity, whatever ``num_labels`` and ``train_head`` say).
     """
 
     def __init__(
@@ -50,20 +54,25 @@ class LoraXSClassifier(nn.Module):
         pooling: str = "mean",
         dropout: float = 0.1,
         train_head: bool = True,
-        readout: ClozeReadout | None = None,
+        readout: ClozeReadout | DenseTanhPooler | None = None,
     ) -> None:
         super().__init__()
-        if pooling not in tuple(Pooling):
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {[str(p) for p in Pooling]}")
+        if pooling not in tuple(Pooling) or pooling == Pooling.POOLER:
+            raise ValueError(f"unknown token pooling {pooling!r}; choose one of {TOKEN_POOLINGS}")
         self.base = base
         self.pooling = pooling
         self.train_head = train_head
-        self._readout_choices = None if readout is None else readout.num_choices
-        if readout is not None:  # a buffer, so that .to(device) moves the LM head with the model
+        cloze_readout = isinstance(readout, ClozeReadout)
+        self._readout_choices = readout.num_choices if cloze_readout else None
+        if cloze_readout:  # a buffer, so that .to(device) moves the LM head with the model
             self.register_buffer("output_embeddings", readout.output_embeddings, persistent=False)
+        self._pooled = isinstance(readout, DenseTanhPooler)
+        if self._pooled:  # frozen and outside the state dict: a MAP checkpoint holds the cores and the head
+            self.register_buffer("pooler_weight", readout.weight.clone(), persistent=False)
+            self.register_buffer("pooler_bias", readout.bias.clone(), persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(base.config.hidden_size, num_labels) if num_labels is not None else None
-        if readout is not None and self.head is not None:  # the choices' scores are the logits: a fixed identity
+        if cloze_readout and self.head is not None:  # the choices' scores are the logits: a fixed identity
             self.train_head = False
             self.head = nn.Linear(readout.num_choices, readout.num_choices)
             with torch.no_grad():
@@ -71,11 +80,18 @@ class LoraXSClassifier(nn.Module):
                 self.head.bias.zero_()
 
     @property
-    def readout(self) -> ClozeReadout | None:
+    def readout(self) -> ClozeReadout | DenseTanhPooler | None:
         """This model's own readout (``None``: it pools)."""
+        if self._pooled:
+            return DenseTanhPooler(self.pooler_weight, self.pooler_bias)
         if self._readout_choices is None:
             return None
         return ClozeReadout(self.output_embeddings, self._readout_choices)
+
+    @property
+    def task_pooling(self) -> Pooling:
+        """How the head reads the tokens, as a bundle records it (``task.pooling``)."""
+        return Pooling.POOLER if self._pooled else Pooling(self.pooling)
 
     @property
     def lora_layers(self) -> dict[str, LoraXSLinear]:

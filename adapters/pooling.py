@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from adapters.vocab import Pooling
+
+POOLER_WEIGHT, POOLER_BIAS = "pooler.weight", "pooler.bias"  # a DenseTanhPooler's tensors in a bundle
 
 
 def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
@@ -14,6 +20,8 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
     ``mean`` averages non-padding tokens (encoders such as MiniLM), ``cls`` takes the first token, ``last``
     the last non-padding token (decoders; right padding assumed).
     """
+    if pooling == Pooling.POOLER:
+        raise ValueError("pooler features need the pooler's weights: read them with a DenseTanhPooler")
     if pooling == Pooling.CLS:
         return hidden[:, 0]
     if attention_mask is None:
@@ -25,3 +33,35 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
         last = attention_mask.long().sum(dim=1).clamp_min(1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {[str(p) for p in Pooling]}")
+
+
+@dataclass(frozen=True)
+class DenseTanhPooler:
+    """The first token through a frozen dense layer and tanh: BERT's pooler, and the first half of RoBERTa's
+    sequence-classification head (whose ``out_proj`` is then the adapter's linear head). A readout
+    (:data:`adapters.batching.Readout`): features ``(N, H)`` from hidden states ``(N, T, H)``.
+
+    Attributes:
+        weight: ``(H, H)``; bias: ``(H,)``. They travel in the bundle (``pooler.weight``, ``pooler.bias``).
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def __call__(self, hidden: Tensor, batch: Mapping[str, Tensor] | None = None) -> Tensor:
+        return torch.tanh(F.linear(hidden[:, 0].to(self.weight.dtype), self.weight, self.bias))
+
+    def to(self, device: torch.device | str) -> DenseTanhPooler:
+        return DenseTanhPooler(self.weight.to(device), self.bias.to(device))
+
+    def state(self) -> dict[str, Tensor]:
+        """The bundle's tensors of this pooler."""
+        return {POOLER_WEIGHT: self.weight, POOLER_BIAS: self.bias}
+
+    @classmethod
+    def of_base(cls, base: nn.Module) -> DenseTanhPooler | None:
+        """A copy of the base's own pooler (BERT's ``pooler.dense``); ``None`` when it has none."""
+        dense = getattr(getattr(base, "pooler", None), "dense", None)
+        if not isinstance(dense, nn.Linear) or dense.bias is None:
+            return None
+        return cls(dense.weight.detach().clone(), dense.bias.detach().clone())

@@ -54,6 +54,7 @@ class Pooling(StrEnum):
     MEAN = "mean"  # the average of non-padding tokens (encoders)
     CLS = "cls"  # the first token
     LAST = "last"  # the last non-padding token (decoders, right padding)
+    POOLER = "pooler"  # the first token through a frozen dense layer and tanh (BERT's and RoBERTa's own heads)
 
 
 class TaskType(StrEnum):

@@ -30,6 +30,7 @@ from adapters.manifest import MANIFEST_FILE, BundleManifest
 from adapters.predictive import AbstentionRule
 from adapters.predictives import Predictor, PredictorUnavailableError, predictor_for
 from adapters.projections import Projection
+from adapters.vocab import Pooling
 from service.errors import (
     AdapterNotFoundError,
     BundleRejectedError,
@@ -365,7 +366,7 @@ class AdapterRegistry:
                 f"bundle {directory.name!r} scores multiple choice with the LM head (cloze); this server's base has "
                 "none (an encoder)"
             )
-        if manifest.task.pooling != self.host.pooling:
+        if manifest.task.pooling not in (self.host.pooling, Pooling.POOLER):  # a pooler travels in the bundle
             raise BundleRejectedError(
                 f"bundle {directory.name!r} pools by {manifest.task.pooling!r}; this server's base pools by "
                 f"{self.host.pooling!r}"
@@ -380,7 +381,8 @@ class AdapterRegistry:
         return AdapterVersion(name, on_device, on_device.adapter_weights(self._readout(bundle)), directory, own_bytes)
 
     def _readout(self, bundle: Bundle) -> ClozeReadout | None:
-        """A cloze adapter reads its choices' scores under the base's LM head; any other pools."""
+        """A cloze adapter reads its choices' scores under the base's LM head; any other pools (through its own
+        pooler when it has one: the bundle supplies it)."""
         choice_format = bundle.manifest.task.choice_format
         if choice_format is None or not choice_format.cloze:
             return None

@@ -3,7 +3,9 @@
 ``caveat-train compare --posteriors map,laplace-kron,... [--json OUT]`` trains once and compares posterior
 methods (:mod:`training.compare`). Both commands take every flag of :class:`training.config.TrainConfig`,
 built by :func:`build_parser` from the config tree; ``--config FILE`` (YAML or JSON, keys are flag names)
-supplies defaults that flags override. Problems with the input exit with status 2 and a one-line message.
+supplies defaults that flags override. ``caveat-train recalibrate`` (:mod:`training.recalibrate`) and
+``caveat-train export-peft`` (:mod:`training.peft_export`) take their own arguments. Problems with the input exit
+with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import yaml
 
 from adapters.errors import CaveatError
 from adapters.options import add_flag, comma_list
-from training import compare, pipeline, recalibrate
+from training import compare, peft_export, pipeline, recalibrate
 from training.config import ConfigError, Flag, TrainConfig, flags
 
 DESCRIPTION = (
@@ -117,12 +119,15 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """``caveat-train [flags]`` trains a bundle; ``caveat-train compare [flags]`` compares posteriors;
-    ``caveat-train recalibrate BUNDLE --labels LOG --out NEW`` refits its calibration on production labels."""
+    ``caveat-train recalibrate BUNDLE --labels LOG --out NEW`` refits its calibration on production labels;
+    ``caveat-train export-peft BUNDLE OUT`` writes its MAP as a PEFT LoRA."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["recalibrate"]:
             recalibrate.main(argv[1:])
+        elif argv[:1] == ["export-peft"]:
+            peft_export.main(argv[1:])
         elif argv[:1] == ["compare"]:
             config, own = parse(argv[1:], build_parser("compare"))
             compare.run(config, own["posteriors"], own["json"])

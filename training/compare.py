@@ -52,6 +52,9 @@ def compare(config: TrainConfig, methods: list[str], json_path: Path | None = No
     unknown = [m for m in methods if m not in COMPARED]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; choose from {[str(m) for m in COMPARED]}")
+    imported_refused = [m for m in methods if m == ZERO_SHOT or (m in COMPARED and trains_own_map(m, config))]
+    if config.adapter.from_peft and imported_refused:
+        raise ConfigError(f"--from-peft: {imported_refused} train their own model; the import is the MAP")
     session = prepare(config)
     ood = fit_ood(session)  # reads the frozen base: one fit, before training, serves every method's row
     rows = []
@@ -62,12 +65,13 @@ def compare(config: TrainConfig, methods: list[str], json_path: Path | None = No
     others = [m for m in methods if m != ZERO_SHOT]
     if not others:  # nothing needs the MAP
         return rows
-    fit_map(session)
+    if session.imported is None:
+        fit_map(session)
     if not session.accelerator.is_main_process:
         return []
-    map_seconds = session.map_result.seconds
+    map_seconds = session.map_result.seconds if session.map_result else 0.0
     # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
-    own_map = [m for m in others if m not in (TEMPERATURE, DEFAULT) and get_method(m).map_objective(config) is not None]
+    own_map = [m for m in others if trains_own_map(m, config)]
     for method in [m for m in others if m not in own_map] + own_map:
         if method in own_map:
             reinitialise(session.model, config.seed, session.initial_projections)
@@ -76,6 +80,11 @@ def compare(config: TrainConfig, methods: list[str], json_path: Path | None = No
         rows.append(_row(session, method, map_seconds, ood))
         _report(session, rows, json_path)
     return rows
+
+
+def trains_own_map(method: str, config: TrainConfig) -> bool:
+    """Whether a compared method trains its own MAP (MC dropout's objective)."""
+    return method not in (ZERO_SHOT, TEMPERATURE, DEFAULT) and get_method(method).map_objective(config) is not None
 
 
 def _report(session: Session, rows: list[dict[str, Any]], json_path: Path | None) -> None:

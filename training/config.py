@@ -240,13 +240,18 @@ class DataConfig:
     )
 
 
+DEFAULT_BASE_MODEL = "minilm"
+
+
 @dataclass
 class AdapterConfig:
     """The frozen base and the LoRA-XS adapter on it."""
 
-    base_model: str = option(
-        "minilm",
-        "Hugging Face id, local path, or an embedded name: 'minilm', 'smollm2' (a causal LM, for multiple choice)",
+    base_model: str | None = option(
+        None,
+        "Hugging Face id, local path, or an embedded name: 'minilm', 'smollm2' (a causal LM, for multiple choice) "
+        f"(default: {DEFAULT_BASE_MODEL!r}; with --from-peft, the LoRA's own base_model_name_or_path when it is "
+        "found here)",
     )
     projection: str = option("svd", "projection family: svd, wsvd, dct, random, or a hybrid such as dct-1/2_svd")
     rank: int = option(16, "LoRA-XS rank r (the core is r×r)", at_least=1)
@@ -254,7 +259,17 @@ class AdapterConfig:
     targets: list[str] | None = option(
         None, "comma-separated module-name patterns (default per architecture; 're:<regex>' allowed)"
     )
-    pooling: str | None = option(None, "mean, cls or last (default: mean for encoders, last for decoders)")
+    from_peft: str | None = option(
+        None,
+        "a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors, the head in modules_to_save) to "
+        "import as the MAP, converted exactly: no MAP training; the posterior, OOD score, calibration and "
+        "evaluation are fitted around it (rank, alpha, targets and pooling come from it)",
+    )
+    pooling: str | None = option(
+        None,
+        "mean, cls, last, or pooler (the first token through the base's own pooler and tanh, as BERT's "
+        "sequence-classification head reads it; exports to PEFT) (default: mean for encoders, last for decoders)",
+    )
 
 
 @dataclass
@@ -540,6 +555,26 @@ class TrainConfig:
         if self.posterior.method == PosteriorMethod.ENSEMBLE:
             raise ConfigError("--checkpoint-epochs: an ensemble trains its members to their own selected epochs")
 
+    def _check_import(self) -> None:
+        """What an imported LoRA (``--from-peft``, no MAP training) cannot be combined with."""
+        if self.adapter.from_peft is None:
+            return
+        refused = {
+            "--task multiple-choice (a PEFT LoRA is imported for sequence classification)": self.multiple_choice,
+            "--posterior ensemble (an ensemble trains its members; an import is one model)": (
+                self.posterior.method == PosteriorMethod.ENSEMBLE
+            ),
+            "--posterior mc-dropout (it trains the MAP with adapter dropout)": (
+                self.posterior.method == PosteriorMethod.MC_DROPOUT
+            ),
+            "--checkpoint-epochs (nothing is trained)": self.optimisation.checkpoint_epochs is not None,
+            "--train-projections (the LoRA's subspace is the projection)": self.optimisation.train_projections,
+            "--pooling (the architecture's own head decides)": self.adapter.pooling is not None,
+        }
+        for option, applies in refused.items():
+            if applies:
+                raise ConfigError(f"--from-peft cannot be combined with {option}")
+
     @property
     def choice_format(self) -> ChoiceFormat:
         """How multiple-choice items are put to the LM (``--mc-scoring``, ``--prompt-template``, normalisation)."""
@@ -568,6 +603,7 @@ class TrainConfig:
             raise ConfigError("give --target-risk or --target-coverage, not both")
         laplace = posterior.laplace
         self._check_checkpoint_epochs()
+        self._check_import()
         if laplace.prior_structure == PriorStructure.LAYERWISE and laplace.prior != Prior.MARGLIK:
             raise ConfigError("--prior-structure layerwise needs --prior marglik (the checks scale a scalar δ)")
         if self.multiple_choice and posterior.head:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -260,7 +262,7 @@ def write_bundle(
         task=TaskSpec(
             type="multiple-choice" if config.multiple_choice else "sequence-classification",
             labels=session.task.labels,
-            pooling=model.pooling,
+            pooling=model.task_pooling,
             text_pair=session.task.text_pair,
             max_length=config.max_tokens,
             **_choice_fields(config),
@@ -281,7 +283,7 @@ def write_bundle(
                 spec=adapter.projection,
                 seed=config.seed,
                 data=session.projection_data,
-                trained=config.optimisation.train_projections,
+                trained=config.optimisation.train_projections or session.imported is not None,
             ),
         ),
         head=HeadSpec(
@@ -302,6 +304,7 @@ def write_bundle(
             **_choice_record(calibration.choice),
         ),
         ood=ood.spec if ood else None,
+        imported=session.imported,
         eval=evaluation.model_copy(
             update={
                 "data": data_card(session),
@@ -313,17 +316,15 @@ def write_bundle(
     bundle = Bundle.from_classifier(model, posterior, manifest)
     bundle.ood = ood.score if ood else None
     bundle.conformal = calibration.conformal
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # the old bundle survives a failed write
-    shutil.rmtree(staging, ignore_errors=True)
-    save_bundle(bundle, staging)
-    write_reliability_png(staging / "reliability.png", panels)
-    (staging / "report.md").write_text(render_report(manifest))
-    record = {"config": config.flat(), **manifest.eval.training.model_dump(mode="json")}
-    (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    replace_directory(staging, out)
-    trained = config.optimisation.train_projections
-    size = bundle_size_kb(out, projections=trained)
-    session.log(f"bundle written to {out} ({size:.0f} kB {'with its trained' if trained else 'without'} projections)")
+    with staged(out) as staging:
+        save_bundle(bundle, staging)
+        write_reliability_png(staging / "reliability.png", panels)
+        (staging / "report.md").write_text(render_report(manifest))
+        record = {"config": config.flat(), **manifest.eval.training.model_dump(mode="json")}
+        (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    own = manifest.adapter.projection.trained  # trained with the cores, or imported: this bundle's alone
+    size = bundle_size_kb(out, projections=own)
+    session.log(f"bundle written to {out} ({size:.0f} kB {'with its own' if own else 'without'} projections)")
     for line in summary_lines(evaluation):
         session.log(line)
     for warning in manifest.eval.warnings or []:  # last, where the user looks
@@ -333,15 +334,31 @@ def write_bundle(
 
 def _training_record(session: Session, fitted: Fitted) -> TrainingRecord:
     map_result, seconds = session.map_result, session.stage.seconds
+    if map_result is not None:
+        kept = f"epoch {map_result.best_epoch} of {len(map_result.history)} kept ({_kept_by(session.config)})"
+    else:
+        kept = f"the MAP imported from {session.imported.source}, not trained" if session.imported else "no MAP"
     return TrainingRecord(
         map=_map_record(map_result) if map_result else None,
         posterior={"method": fitted.method, "seconds": fitted.seconds, **fitted.diagnostics},
         stage_seconds=seconds,
-        summary=(
-            f"epoch {map_result.best_epoch} of {len(map_result.history)} kept ({_kept_by(session.config)}); "
-            f"{sum(seconds.values()):.0f} s in all ({_stage_list(seconds)})."
-        ),
+        summary=f"{kept}; {sum(seconds.values()):.0f} s in all ({_stage_list(seconds)}).",
     )
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to write into; it replaces ``out`` when the block completes and is removed
+    when it fails, so the old ``out`` survives a failed write and nothing half-written is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_directory(staging, out)
 
 
 def replace_directory(new: Path, target: Path) -> None:
@@ -369,7 +386,8 @@ def train(config: TrainConfig) -> tuple[Path, Session, Fitted | None]:
     session = prepare(config)
     ood = fit_ood(session)  # the frozen base's features: before training, so a score that cannot fit fails fast
     session.stage.done("ood_score")
-    map_result = fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
+    if session.imported is None:
+        map_result = fit_map(session, objective=get_method(config.posterior.method).map_objective(config))
     if not session.accelerator.is_main_process:  # under `accelerate launch`, one process finishes the job
         return out, session, None
     written, fitted = out, None

@@ -18,8 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from adapters.vocab import AbstentionKind, PosteriorFamily, PredictiveMode
 from training.calibration import fit_abstention, fit_temperature
 from training.config import ConfigError
 from training.metrics import classification_metrics
-from training.pipeline import prepare_output, replace_directory
+from training.pipeline import prepare_output, staged
 from training.report import render_report
 
 MIN_LABELS = 20  # fewer labelled answers to fit on cannot move a threshold honestly
@@ -200,17 +199,11 @@ def write(bundle: Bundle, result: Recalibration, out: Path, version: str | None,
     )
     warnings = [*(manifest.eval.warnings or []), stale]
     manifest.eval = manifest.eval.model_copy(update={"recalibration": record, "warnings": warnings})
-    new = Bundle(
-        manifest, bundle.projections, bundle.cores, bundle.head_weight, bundle.head_bias, bundle.posterior,
-        ood=bundle.ood, conformal=result.conformal or bundle.conformal,
-    )  # fmt: skip
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_bundle(new, staging)
-    report = render_report(manifest) + _report_section(record)
-    (staging / "report.md").write_text(report)
-    (staging / "recalibration.json").write_text(json.dumps(record, indent=2) + "\n")
-    replace_directory(staging, out)
+    new = replace(bundle, manifest=manifest, conformal=result.conformal or bundle.conformal)  # every tensor kept
+    with staged(out) as staging:
+        save_bundle(new, staging)
+        (staging / "report.md").write_text(render_report(manifest) + _report_section(record))
+        (staging / "recalibration.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -35,9 +35,13 @@ from adapters.defaults import CORE_INIT_STD
 from adapters.errors import CaveatError
 from adapters.eval_card import DataCard
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
+from adapters.manifest import ImportSpec
+from adapters.peft_lora import PeftLora, read_peft_lora
+from adapters.pooling import DenseTanhPooler
 from adapters.projections import Projection, spec_needs_data
-from training import hub
-from training.config import WSVD_BATCHES, ConfigError, TrainConfig
+from adapters.vocab import Pooling
+from training import hub, peft_import
+from training.config import DEFAULT_BASE_MODEL, WSVD_BATCHES, ConfigError, TrainConfig
 from training.data import (
     Columns,
     Example,
@@ -124,6 +128,7 @@ class Session:
     _map_outputs: dict[str, Outputs] = field(default_factory=dict)
     _linearisations: dict[str, Linearisation] = field(default_factory=dict)
     initial_projections: dict[str, Projection] = field(default_factory=dict)  # before L-LoRA-S training
+    imported: ImportSpec | None = None  # --from-peft: where the MAP came from, and how exactly it converts
 
     def log(self, message: str) -> None:
         """Print once (on the main process under ``accelerate launch``)."""
@@ -221,17 +226,22 @@ def prepare(config: TrainConfig) -> Session:
     stage.done("data")
 
     adapter = config.adapter
+    lora = read_peft_lora(adapter.from_peft) if adapter.from_peft else None
+    adapter.base_model = adapter.base_model or _imported_base(lora) or DEFAULT_BASE_MODEL
     loaded = load_training_base(adapter.base_model, config.multiple_choice)
     tokenizer, base = loaded.tokenizer, loaded.model
     if config.multiple_choice and not config.choice_format.cloze:
         tokenizer.truncation_side = "left"  # a long lettered prompt keeps the "Answer:" its letters follow
+    encoder = Encoder(tokenizer, config.max_tokens, config.choice_format.normalisation, len(task.labels))
+    if lora is not None:
+        splits = (task, train, validation, test, shift, ood)
+        return _imported_session(config, loaded, lora, encoder, splits, accelerator, stage)
     patterns = targets_or_defaults(base, adapter.targets)
     names = target_names(base, patterns)
     fingerprint_value = base_fingerprint(base, names)
-    lora = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)
-    encoder = Encoder(tokenizer, config.max_tokens, config.choice_format.normalisation, len(task.labels))
+    lora_xs = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)
     moments, projection_data = _input_moments(base, names, train, encoder, config)
-    projections = compute_projections(base, names, lora, moments)
+    projections = compute_projections(base, names, lora_xs, moments)
     report = inject_lora_xs(base, patterns, projections, alpha=adapter.alpha, init_std=CORE_INIT_STD, seed=config.seed)
     pooling = adapter.pooling or default_pooling(base.config)
     model = _classifier(loaded, config, len(task.labels), pooling)
@@ -246,11 +256,56 @@ def prepare(config: TrainConfig) -> Session:
     return session
 
 
+def _imported_base(lora: PeftLora | None) -> str | None:
+    """The LoRA's own base, when it names one that is a folder here (a hub id must be given with --base-model:
+    it may name a hub model the cache holds another revision of)."""
+    name = lora.base_model if lora is not None else None
+    return name if name and Path(name).expanduser().is_dir() else None
+
+
+def _imported_session(
+    config: TrainConfig,
+    loaded: LoadedBase,
+    lora: PeftLora,
+    encoder: Encoder,
+    splits: Splits,
+    accelerator: Accelerator,
+    stage: Stage,
+) -> Session:
+    """The session around an imported PEFT LoRA (``--from-peft``): converted exactly, checked against PEFT's own
+    logits on validation inputs, and kept as the MAP (nothing is trained)."""
+    task, train, validation, test, shift, ood = splits
+    directory = Path(config.adapter.from_peft)
+    imported = peft_import.convert(lora, directory, loaded, len(task.labels))
+    model = peft_import.build_model(loaded, imported, len(task.labels)).to(accelerator.device)
+    record = peft_import.check_against_peft(model, loaded, imported, directory, validation, encoder)
+    adapter = config.adapter
+    adapter.rank, adapter.alpha = imported.rank, float(imported.rank)  # LoRA-XS scaling 1: the cores hold the rest
+    adapter.projection = peft_import.PROJECTION_SPEC
+    names = imported.names
+    accelerator.print(
+        f"imported {directory}: {len(names)} LoRA modules converted exactly (rank {imported.rank}), logits within "
+        f"{record.max_abs_logit_diff:.1e} of PEFT's own on {record.checked_inputs} validation inputs"
+    )
+    stage.done("import")
+    session = Session(
+        config, task, train, validation, test, shift, ood, model, encoder, list(names), names,
+        base_fingerprint(loaded.model, names), None, accelerator, stage,
+    )  # fmt: skip
+    session.imported = record
+    return session
+
+
 def _classifier(loaded: LoadedBase, config: TrainConfig, num_labels: int, pooling: str) -> LoraXSClassifier:
     """The training model: a pooled head for classification; for multiple choice, the LM's own scores of the
     choices (cloze) or of the answer letters (a fixed head of the LM's letter rows), no dropout in front."""
     if not config.multiple_choice:
-        return LoraXSClassifier(loaded.model, num_labels=num_labels, pooling=pooling)
+        if pooling != Pooling.POOLER:
+            return LoraXSClassifier(loaded.model, num_labels=num_labels, pooling=pooling)
+        pooler = DenseTanhPooler.of_base(loaded.model)
+        if pooler is None:
+            raise ConfigError(f"--pooling pooler: a {loaded.model.config.model_type!r} base has no pooler.dense layer")
+        return LoraXSClassifier(loaded.model, num_labels, pooling=default_pooling(loaded.model.config), readout=pooler)
     if config.choice_format.cloze:
         readout = ClozeReadout(loaded.output_embeddings, num_labels)
         return LoraXSClassifier(loaded.model, num_labels, pooling="last", dropout=0.0, readout=readout)
