@@ -160,4 +160,3 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             raise ConfigError(f"{out} holds other files; choose an empty or new directory")
         if not overwrite:
             raise ConfigError(f"{out} already holds a PEFT adapter; pass --overwrite to replace it")
-

@@ -32,8 +32,9 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bert = save_tiny_base(root / "bert")
     tokenizer = AutoTokenizer.from_pretrained(bert)
     torch.manual_seed(1)
-    roberta = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=48, max_position_embeddings=140, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    roberta = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=48, max_position_embeddings=140,
+                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     RobertaModel(roberta).save_pretrained(root / "roberta")
     tokenizer.save_pretrained(root / "roberta")
     return {"bert": bert, "roberta": root / "roberta", "llama": save_tiny_llama(root / "llama")}
@@ -126,7 +127,8 @@ def test_an_imported_lora_gets_a_posterior_without_retraining(
     assert manifest.eval.training.map is None and "not trained" in manifest.eval.training.summary
     assert manifest.adapter.rank == 4 and manifest.adapter.scaling == 1.0 and manifest.task.pooling == "pooler"
     assert manifest.posterior.family == "kron" and manifest.adapter.projection.trained
-    torch.testing.assert_close(served_map_logits(bases["bert"], out), peft_logits(bases["bert"], lora), atol=1e-5, rtol=0)
+    theirs = peft_logits(bases["bert"], lora)
+    torch.testing.assert_close(served_map_logits(bases["bert"], out), theirs, atol=1e-5, rtol=0)
     recalibrated = Recalibration(1.5, [], None, before={}, after={}, fitted_on=10, held_out=5)
     write(bundle, recalibrated, tmp_path / "recalibrated", "2", tmp_path / "log")  # a new version keeps every tensor
     assert torch.equal(load_bundle(tmp_path / "recalibrated").pooler.weight, bundle.pooler.weight)
@@ -135,7 +137,8 @@ def test_an_imported_lora_gets_a_posterior_without_retraining(
 def test_a_caveat_bundle_exports_to_peft_and_imports_back(bases: dict[str, Path], data: Path, tmp_path: Path) -> None:
     base, out = bases["bert"], tmp_path / "trained"
     train = ["--base-model", str(base), "--dataset", str(data), "--out", str(out), "--pooling", "pooler",
-             "--targets", "query,value", "--rank", "4", "--epochs", "2", "--posterior", "laplace-diag", *SLICE]  # fmt: skip
+             "--targets", "query,value", "--rank", "4", "--epochs", "2", "--posterior", "laplace-diag",
+             *SLICE]  # fmt: skip
     assert main(train) == 0
     bundle_map = served_map_logits(base, out)
     assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
@@ -191,7 +194,9 @@ def test_what_cannot_be_imported_is_named_and_nothing_is_written(
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_a_head_peft_initialised_at_random_is_refused(bases: dict[str, Path], data: Path, tmp_path: Path, capsys) -> None:
+def test_a_head_peft_initialised_at_random_is_refused(
+    bases: dict[str, Path], data: Path, tmp_path: Path, capsys
+) -> None:
     lora = saved_lora(bases["bert"], tmp_path / "lora")
     weights = load_file(lora / WEIGHTS_FILE)
     save_file({k: v for k, v in weights.items() if "classifier" not in k}, lora / WEIGHTS_FILE)
