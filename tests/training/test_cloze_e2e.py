@@ -221,3 +221,31 @@ def test_a_zero_shot_cloze_bundle_serves_the_lms_own_log_likelihoods(trained, tm
     torch.testing.assert_close(
         torch.tensor([r["probs"] for r in answer.json()["results"]]), expected, atol=1e-5, rtol=1e-4
     )
+
+
+def test_a_cloze_bundle_exports_as_a_causal_lm_lora_peft_loads(trained, tmp_path: Path) -> None:
+    """No modules_to_save (the form vLLM accepts); PEFT's LM logits are the bundle MAP's."""
+    from peft import PeftModel
+
+    from training.cli import main
+    from training.peft_export import export
+
+    llama, _, path, session, _ = trained
+    assert main(["export-peft", str(path), str(tmp_path / "peft")]) == 0
+    config, tensors = export(load_bundle(path))
+    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
+    assert all(key.endswith(("lora_A.weight", "lora_B.weight")) for key in tensors)
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    batch = dict(tokenizer(["Which gas do plants take in? carbon dioxide", "Is the sun a star?"], padding=True,
+                           return_tensors="pt"))  # fmt: skip
+    lm = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = lm(**batch).logits
+    peft = PeftModel.from_pretrained(lm, tmp_path / "peft")
+    model = session.model.eval()
+    with torch.no_grad():
+        theirs = peft.eval()(**batch).logits
+        ours = model.hidden_states(batch) @ model.output_embeddings.T
+    mask = batch["attention_mask"].bool()
+    assert (ours[mask] - plain[mask]).abs().max() > 1e-3  # the adapter moves the logits: the check can fail
+    torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-4, rtol=1e-4)
