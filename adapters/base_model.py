@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
 from adapters.architectures import is_decoder
 from adapters.defaults import prepare_tokenizer
@@ -88,6 +89,27 @@ def load_base(
             ) from exc
         raise BaseModelError(f"{name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
     prepare_tokenizer(tokenizer)
+    conv1d_as_linear(model)
     if not causal:
         return LoadedBase(path, tokenizer, model)
     return LoadedBase(path, tokenizer, model.base_model, model.get_output_embeddings().weight.detach())
+
+
+def conv1d_as_linear(model: nn.Module) -> int:
+    """Replace GPT-2-style ``Conv1D`` layers (``y = x W + b`` with ``W (d_in × d_out)``) by the equivalent
+    ``nn.Linear`` (weight ``Wᵀ``), in place: every adaptable map is then an ``nn.Linear`` for injection,
+    fingerprints and LoRA conversion (a PEFT LoRA with ``fan_in_fan_out`` stores its factors in ``nn.Linear``'s
+    orientation already). Returns how many were replaced."""
+    modules = dict(model.named_modules())
+    replaced = 0
+    for name, module in modules.items():
+        if not isinstance(module, Conv1D):
+            continue
+        linear = nn.Linear(module.nx, module.nf, device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, linear)
+        replaced += 1
+    return replaced

@@ -1,10 +1,12 @@
 """Reading a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) into per-module factors,
 refusing what LoRA-XS cannot hold exactly, with the file or setting named (``PeftFormatError``).
 
-Only plain LoRA on linear layers is read: DoRA, biases other than ``none``, LoRA on embeddings or convolutions and
-non-finite weights are refused. Scaling follows PEFT: ``lora_alpha / r`` (``/ √r`` with rsLoRA), per module from
-``alpha_pattern`` (a pattern matches a module name ending in it at a dot boundary, as PEFT matches); the rank is
-read from the tensors (``rank_pattern`` shaped them).
+Only plain LoRA on linear layers is read (GPT-2's ``Conv1D`` with ``fan_in_fan_out`` included: its factors are
+stored in ``nn.Linear``'s orientation): DoRA, biases other than ``none`` (and LoRA biases), LoRA on embeddings or
+convolutions, LoRA on parameters or trainable tokens, and non-finite weights are refused. Scaling follows PEFT:
+``lora_alpha / r`` (``/ √r`` with rsLoRA), per module from ``alpha_pattern`` (a pattern matches a module name
+ending in it at a dot boundary, as PEFT matches); the rank is read from the tensors (``rank_pattern`` shaped
+them).
 """
 
 from __future__ import annotations
@@ -107,8 +109,9 @@ def _config(directory: Path) -> dict[str, Any]:
         raise PeftFormatError(f"{path}: use_dora is set; DoRA's magnitude vector has no LoRA-XS form")
     if config.get("bias", "none") != "none":
         raise PeftFormatError(f"{path}: bias {config['bias']!r}; only bias 'none' converts (biases stay frozen)")
-    if config.get("fan_in_fan_out"):
-        raise PeftFormatError(f"{path}: fan_in_fan_out (GPT-2 style Conv1D layers) is not supported yet")
+    for setting in ("lora_bias", "target_parameters", "trainable_token_indices"):
+        if config.get(setting):
+            raise PeftFormatError(f"{path}: {setting} is set; only plain LoRA on linear layers converts exactly")
     return config
 
 

@@ -74,7 +74,7 @@ def rewrite_config(directory: Path, **changes) -> None:
         ({"peft_type": "IA3"}, "peft_type 'IA3'"),
         ({"use_dora": True}, "use_dora"),
         ({"bias": "all"}, "bias 'all'"),
-        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"lora_bias": True}, "lora_bias"),
     ],
 )
 def test_unsupported_settings_are_named(tmp_path: Path, change: dict, message: str) -> None:

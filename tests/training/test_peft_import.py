@@ -10,7 +10,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, RobertaConfig, RobertaModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
 from adapters.base_model import load_base
@@ -37,7 +44,13 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     RobertaModel(roberta).save_pretrained(root / "roberta")
     tokenizer.save_pretrained(root / "roberta")
-    return {"bert": bert, "roberta": root / "roberta", "llama": save_tiny_llama(root / "llama")}
+    llama = save_tiny_llama(root / "llama")
+    torch.manual_seed(2)
+    gpt2 = GPT2Config(vocab_size=len(AutoTokenizer.from_pretrained(llama)), n_embd=32, n_layer=2, n_head=4,
+                      n_positions=140)  # fmt: skip
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    AutoTokenizer.from_pretrained(llama).save_pretrained(root / "gpt2")
+    return {"bert": bert, "roberta": root / "roberta", "llama": llama, "gpt2": root / "gpt2"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +66,8 @@ def saved_lora(base: Path, out: Path, seed: int = 0, perturb: tuple[str, ...] = 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
     model.config.pad_token_id = AutoTokenizer.from_pretrained(base).pad_token_id
-    options.setdefault("target_modules", ["q_proj", "v_proj"] if "llama" in base.name else ["query", "value"])
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_fc"]}.get(base.name, ["query", "value"])
+    options.setdefault("target_modules", targets)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", init_lora_weights=False, **options))
     with torch.no_grad():
         for name, param in peft.named_parameters():
@@ -100,6 +114,7 @@ CASES = {
     "bert, rsLoRA, the pooler trained too": ("bert", {"use_rslora": True, "modules_to_save": ["pooler"]}),
     "roberta, dense + out_proj head": ("roberta", {}),
     "llama, score at the last token": ("llama", {"rank_pattern": {"q_proj": 2}}),
+    "gpt2, Conv1D layers (fan_in_fan_out)": ("gpt2", {"fan_in_fan_out": True}),
 }  # fmt: skip
 
 
