@@ -560,7 +560,6 @@ class TrainConfig:
         if self.adapter.from_peft is None:
             return
         refused = {
-            "--task multiple-choice (a PEFT LoRA is imported for sequence classification)": self.multiple_choice,
             "--posterior ensemble (an ensemble trains its members; an import is one model)": (
                 self.posterior.method == PosteriorMethod.ENSEMBLE
             ),

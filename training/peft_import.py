@@ -12,7 +12,7 @@ anything is fitted, the converted model's logits are compared with PEFT's own on
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging as transformers_logging
 
-from adapters import LoraXSClassifier, inject_lora_xs
+from adapters import LoraXSClassifier, inject_lora_xs, lora_xs_layers
 from adapters.architectures import default_pooling, is_decoder
 from adapters.base_model import LoadedBase
 from adapters.lora_conversion import lora_to_xs
@@ -58,8 +58,9 @@ class ImportedLora:
         names: the adapted modules, named as in the base Caveat loads (model order).
         projections: module → frozen ``A (r × d_in)``, ``B (d_out × r)``; cores: module → ``(r, r)``.
         rank: the bundle's rank (the largest module rank).
-        head_weight ``(C, H)``, head_bias ``(C,)``: the linear head; pooler: the dense layer and tanh in front of
-            it (BERT, RoBERTa), ``None`` for a decoder's last-token head.
+        head_weight ``(C, H)``, head_bias ``(C,)``: the linear head of a sequence-classification LoRA, ``None`` for a
+            causal LM's (multiple choice reads the LM's own logits); pooler: the dense layer and tanh in front of
+            the head (BERT, RoBERTa), ``None`` for a decoder's last-token head.
         lora: what was read.
     """
 
@@ -67,14 +68,21 @@ class ImportedLora:
     projections: dict[str, Projection]
     cores: dict[str, Tensor]
     rank: int
-    head_weight: Tensor
-    head_bias: Tensor
+    head_weight: Tensor | None
+    head_bias: Tensor | None
     pooler: DenseTanhPooler | None
     lora: PeftLora
 
+    @property
+    def causal_lm(self) -> bool:
+        return self.head_weight is None
 
-def convert(lora: PeftLora, directory: Path, loaded: LoadedBase, num_labels: int) -> ImportedLora:
-    """Convert ``lora`` for ``loaded``'s base and a task of ``num_labels`` labels.
+
+def convert(
+    lora: PeftLora, directory: Path, loaded: LoadedBase, num_labels: int, causal_lm: bool = False
+) -> ImportedLora:
+    """Convert ``lora`` for ``loaded``'s base and a task of ``num_labels`` labels (``causal_lm``: a LoRA of the
+    causal LM itself, for multiple choice: no head of its own).
 
     Raises:
         PeftFormatError: a module the base does not have, or a layer of another shape.
@@ -96,6 +104,13 @@ def convert(lora: PeftLora, directory: Path, loaded: LoadedBase, num_labels: int
         factors = lora_to_xs(module.A, module.B, module.scale, XS_SCALING, rank=rank)
         projections[name], cores[name] = Projection(factors.A, factors.B), factors.core
     names = [name for name in linears if name in modules]
+    if causal_lm:
+        if lora.saved:
+            raise ConfigError(
+                f"--from-peft {directory}: modules_to_save {sorted(lora.saved)[:3]} would change the LM itself; "
+                "multiple choice imports a LoRA of the attention and MLP maps only"
+            )
+        return ImportedLora(names, projections, cores, rank, None, None, None, lora)
     weight, bias, pooler = _head(lora, directory, loaded)
     if weight.shape[0] != num_labels:
         raise ConfigError(
@@ -153,14 +168,20 @@ def _saved(saved: Mapping[str, Tensor], key: str, directory: Path) -> Tensor:
     return saved[key].float()
 
 
+def inject(loaded: LoadedBase, imported: ImportedLora) -> None:
+    """Wrap the base's adapted layers with the converted projections and cores, in place."""
+    inject_lora_xs(loaded.model, imported.names, imported.projections, alpha=float(imported.rank))
+    with torch.no_grad():
+        for name, layer in lora_xs_layers(loaded.model).items():
+            layer.core.weight.copy_(imported.cores[name])
+
+
 def build_model(loaded: LoadedBase, imported: ImportedLora, num_labels: int) -> LoraXSClassifier:
-    """The training model around the converted LoRA: projections injected, cores and head set."""
+    """The sequence-classification model around the converted LoRA: projections and cores injected, the head set."""
+    inject(loaded, imported)
     base = loaded.model
-    inject_lora_xs(base, imported.names, imported.projections, alpha=float(imported.rank))
     model = LoraXSClassifier(base, num_labels, pooling=default_pooling(base.config), readout=imported.pooler)
     with torch.no_grad():
-        for name, layer in model.lora_layers.items():
-            layer.core.weight.copy_(imported.cores[name])
         model.head.weight.copy_(imported.head_weight)
         model.head.bias.copy_(imported.head_bias)
     model.freeze_base()  # what the posterior covers: the cores and the head
@@ -175,23 +196,30 @@ def check_against_peft(
     examples: list[Example],
     encoder: Encoder,
 ) -> ImportSpec:
-    """Compare the converted model's logits with PEFT's own model on the first validation inputs.
+    """Compare the converted model's logits with PEFT's own model on the first validation inputs: the classifier's
+    logits, or for a causal LM's LoRA the LM's next-token logits over the items' prompts.
 
     Raises:
         ConfigError: PEFT is not installed, PEFT cannot load the LoRA onto the base, or the logits differ by more
             than ``LOGIT_TOLERANCE`` (the conversion would not be the user's model).
     """
     examples = examples[:CHECK_INPUTS]
-    reference = _peft_model(loaded, directory, model.head.out_features)
+    reference = _peft_model(loaded, directory, None if imported.causal_lm else model.head.out_features)
     device = next(model.parameters()).device
     reference.to(device)
     worst = 0.0
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for batch in make_loader(examples, encoder, 16, shuffle=False):
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-            ours, theirs = model(**inputs), reference(**inputs).logits
+        for inputs in _check_batches(examples, encoder, loaded, imported.causal_lm):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            theirs = reference(**inputs).logits
+            if imported.causal_lm:  # every real token's next-token logits
+                mask = inputs["attention_mask"].bool()
+                ours = (model.hidden_states(inputs) @ loaded.output_embeddings.to(device).T)[mask]
+                theirs = theirs[mask]
+            else:
+                ours = model(**inputs)
             worst = max(worst, (ours.double() - theirs.double()).abs().max().item())
     model.train(was_training)
     if not worst <= LOGIT_TOLERANCE:
@@ -203,22 +231,39 @@ def check_against_peft(
     return ImportSpec(source=str(directory), config=config, max_abs_logit_diff=worst, checked_inputs=len(examples))
 
 
-def _peft_model(loaded: LoadedBase, directory: Path, num_labels: int) -> nn.Module:
-    """PEFT's own model: the architecture's sequence-classification model of the base, with the LoRA loaded."""
+def _check_batches(
+    examples: list[Example], encoder: Encoder, loaded: LoadedBase, causal_lm: bool
+) -> Iterator[dict[str, Tensor]]:
+    """Batches of the checked inputs: as the classifier reads them, or each item's prompt as plain text."""
+    if not causal_lm:
+        yield from (model_inputs(batch) for batch in make_loader(examples, encoder, 16, shuffle=False))
+        return
+    for start in range(0, len(examples), 16):
+        texts = [e.text for e in examples[start : start + 16]]
+        yield dict(loaded.tokenizer(texts, truncation=True, max_length=encoder.max_length, padding=True,
+                                    return_tensors="pt"))  # fmt: skip
+
+
+def _peft_model(loaded: LoadedBase, directory: Path, num_labels: int | None) -> nn.Module:
+    """PEFT's own model: the architecture's sequence-classification model of the base (the causal LM when
+    ``num_labels`` is ``None``), with the LoRA loaded."""
     try:
         from peft import PeftModel
     except ImportError:
         raise ConfigError("--from-peft checks the conversion against PEFT itself: pip install 'caveat[peft]'") from None
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its head is missing from the base by design: PEFT loads it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            task_model = AutoModelForSequenceClassification.from_pretrained(
-                loaded.path, num_labels=num_labels, dtype=torch.float32
-            )
+            if num_labels is None:
+                task_model = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
+            else:
+                task_model = AutoModelForSequenceClassification.from_pretrained(
+                    loaded.path, num_labels=num_labels, dtype=torch.float32
+                )
             task_model.config.pad_token_id = loaded.tokenizer.pad_token_id  # a decoder's head: the last real token
             return PeftModel.from_pretrained(task_model, directory).eval()
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -276,8 +276,14 @@ def _imported_session(
     logits on validation inputs, and kept as the MAP (nothing is trained)."""
     task, train, validation, test, shift, ood = splits
     directory = Path(config.adapter.from_peft)
-    imported = peft_import.convert(lora, directory, loaded, len(task.labels))
-    model = peft_import.build_model(loaded, imported, len(task.labels)).to(accelerator.device)
+    imported = peft_import.convert(lora, directory, loaded, len(task.labels), causal_lm=config.multiple_choice)
+    if imported.causal_lm:  # multiple choice: the LM's own scores of the choices or letters, around the LoRA
+        peft_import.inject(loaded, imported)
+        model = _classifier(loaded, config, len(task.labels), Pooling.LAST)
+        model.freeze_base()
+    else:
+        model = peft_import.build_model(loaded, imported, len(task.labels))
+    model = model.to(accelerator.device)
     record = peft_import.check_against_peft(model, loaded, imported, directory, validation, encoder)
     adapter = config.adapter
     adapter.rank, adapter.alpha = imported.rank, float(imported.rank)  # LoRA-XS scaling 1: the cores hold the rest

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Config,
@@ -225,3 +226,29 @@ def test_a_head_without_a_hugging_face_form_is_not_exported(tmp_path: Path, caps
     assert main(["export-peft", str(bundle), str(tmp_path / "peft")]) == 2
     assert "train with --pooling pooler" in capsys.readouterr().err
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_causal_lm_lora_imports_for_multiple_choice_and_exports_back(bases: dict[str, Path], tmp_path: Path) -> None:
+    llama = bases["llama"]
+    torch.manual_seed(3)
+    lm = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        rank_pattern={"layers.1.self_attn.v_proj": 2}, task_type="CAUSAL_LM")  # fmt: skip
+    get_peft_model(lm, config).save_pretrained(tmp_path / "lora")
+    arc = ["--dataset", "arc-easy", "--train-limit", "16", "--validation-size", "24", "--eval-limit", "8",
+           "--max-length", "128", "--no-progress", "--ood-train-size", "16"]  # fmt: skip
+    out = tmp_path / "bundle"
+    assert main(["--from-peft", str(tmp_path / "lora"), "--base-model", str(llama), "--out", str(out), *arc]) == 0
+    manifest = load_bundle(out).manifest
+    assert manifest.task.type == "multiple-choice" and manifest.task.choice_scoring == "cloze"
+    assert manifest.imported.max_abs_logit_diff <= 1e-5 and manifest.eval.training.map is None
+    assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    batch = tokenizer(["Which gas do plants take in?", "Is the sun a star? yes"], return_tensors="pt", padding=True)
+
+    def lm_logits(lora: Path) -> torch.Tensor:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32), lora)
+        with torch.no_grad():
+            return model.eval()(**batch).logits[batch["attention_mask"].bool()]
+
+    torch.testing.assert_close(lm_logits(tmp_path / "peft"), lm_logits(tmp_path / "lora"), atol=1e-5, rtol=0)
