@@ -117,8 +117,10 @@ class Bundle:
 
     @classmethod
     def from_classifier(cls, model: LoraXSClassifier, posterior: Posterior, manifest: BundleManifest) -> Bundle:
-        """Collect a trained classifier's projections, MAP cores and head (copied to CPU)."""
+        """Collect a trained classifier's projections, MAP cores and head (copied to CPU), and its pooler unless the
+        manifest names the base's own (``head.pooler_module``)."""
         own = model.own_adapter()
+        own_pooler = isinstance(model.readout, DenseTanhPooler) and not manifest.head.pooler_module
         return cls(
             manifest=manifest,
             projections={name: p.to("cpu") for name, p in own.projections.items()},
@@ -126,7 +128,7 @@ class Bundle:
             head_weight=own.head_weight.cpu().clone(),
             head_bias=own.head_bias.cpu().clone(),
             posterior=posterior.to("cpu"),
-            pooler=model.readout.to("cpu") if isinstance(model.readout, DenseTanhPooler) else None,
+            pooler=model.readout.to("cpu") if own_pooler else None,
         )
 
     def adapter_weights(self, readout: Readout | None = None) -> AdapterWeights:
@@ -190,8 +192,8 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
         POSTERIOR_FILE: posterior_tensors,
     }
     manifest = bundle.manifest
-    if (bundle.pooler is not None) != (manifest.task.pooling == Pooling.POOLER):
-        raise ValueError("a bundle has a pooler exactly when its manifest's task.pooling is 'pooler'")
+    if (bundle.pooler is not None) != (manifest.task.pooling == Pooling.POOLER and not manifest.head.pooler_module):
+        raise ValueError("a bundle carries a pooler exactly when task.pooling is 'pooler' and not the base's own")
     if bundle.ood is not None:
         if manifest.ood is None:
             raise ValueError("a bundle with an OOD score needs its manifest's ood record (which features)")
@@ -361,8 +363,9 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
 
 
 def _load_pooler(manifest: BundleManifest, adapter: Mapping[str, Tensor], directory: Path) -> DenseTanhPooler | None:
-    """The head's pooler when the task pools by one (shapes and values checked), else ``None``."""
-    if manifest.task.pooling != Pooling.POOLER:
+    """The head's pooler when the task pools by one of its own (shapes and values checked), else ``None`` (no
+    pooler, or the base's)."""
+    if manifest.task.pooling != Pooling.POOLER or manifest.head.pooler_module:
         return None
     size = manifest.head.in_features
     weight, bias = adapter.get(POOLER_WEIGHT), adapter.get(POOLER_BIAS)

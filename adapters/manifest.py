@@ -118,6 +118,11 @@ class HeadSpec(_Strict):
     trained: bool = Field(default=True, description="trained with the adapter; false for a frozen LM head")
     in_features: int = Field(gt=0)
     num_labels: int = Field(ge=2)
+    pooler_module: str | None = Field(
+        default=None,
+        description="task.pooling 'pooler': the base's own pooler layer the head reads through (its weights are the "
+        "base's, covered by the fingerprint); null: the pooler's weights travel in the bundle",
+    )
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -241,6 +246,12 @@ class BundleManifest(_Strict):
     eval: EvalCard = Field(default_factory=EvalCard)
     files: dict[str, str] = Field(default_factory=dict, description="tensor file name → sha256")
 
+    @property
+    def fingerprinted_modules(self) -> list[str]:
+        """The base's layers the fingerprint covers: the adapted ones, and the pooler the head reads through."""
+        pooler = self.head.pooler_module
+        return [*self.adapter.modules, *([pooler] if pooler else [])]
+
     @field_validator("files")
     @classmethod
     def _plain_names(cls, files: dict[str, str]) -> dict[str, str]:
@@ -255,6 +266,8 @@ class BundleManifest(_Strict):
             raise ValueError("an OOD score (ood) needs schema version 2")
         if self.conformal is not None and self.schema_version < 3:
             raise ValueError("conformal calibration (conformal) needs schema version 3")
+        if self.head.pooler_module is not None and self.task.pooling != Pooling.POOLER:
+            raise ValueError("head.pooler_module needs task.pooling 'pooler'")
         if (self.task.pooling == Pooling.POOLER or self.imported is not None) and self.schema_version < 4:
             raise ValueError("a head pooler (task.pooling 'pooler') or an import record (imported) needs schema 4")
         if self.conformal is not None and len(self.conformal.thresholds) != len(self.task.labels):

@@ -68,8 +68,8 @@ class LoraXSClassifier(nn.Module):
             self.register_buffer("output_embeddings", readout.output_embeddings, persistent=False)
         self._pooled = isinstance(readout, DenseTanhPooler)
         if self._pooled:  # frozen and outside the state dict: a MAP checkpoint holds the cores and the head
-            self.register_buffer("pooler_weight", readout.weight.clone(), persistent=False)
-            self.register_buffer("pooler_bias", readout.bias.clone(), persistent=False)
+            self.register_buffer("pooler_weight", readout.weight, persistent=False)
+            self.register_buffer("pooler_bias", readout.bias, persistent=False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(base.config.hidden_size, num_labels) if num_labels is not None else None
         if cloze_readout and self.head is not None:  # the choices' scores are the logits: a fixed identity

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from adapters.vocab import Pooling
 
 POOLER_WEIGHT, POOLER_BIAS = "pooler.weight", "pooler.bias"  # a DenseTanhPooler's tensors in a bundle
+BASE_POOLER = "pooler.dense"  # BERT's own pooler layer, as the base model names it
 
 
 def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
@@ -42,7 +43,8 @@ class DenseTanhPooler:
     (:data:`adapters.batching.Readout`): features ``(N, H)`` from hidden states ``(N, T, H)``.
 
     Attributes:
-        weight: ``(H, H)``; bias: ``(H,)``. They travel in the bundle (``pooler.weight``, ``pooler.bias``).
+        weight: ``(H, H)``; bias: ``(H,)``. In a bundle either ``pooler.weight``, ``pooler.bias``, or the base's own
+            layer (``head.pooler_module``).
     """
 
     weight: Tensor
@@ -59,9 +61,10 @@ class DenseTanhPooler:
         return {POOLER_WEIGHT: self.weight, POOLER_BIAS: self.bias}
 
     @classmethod
-    def of_base(cls, base: nn.Module) -> DenseTanhPooler | None:
-        """A copy of the base's own pooler (BERT's ``pooler.dense``); ``None`` when it has none."""
-        dense = getattr(getattr(base, "pooler", None), "dense", None)
+    def of_base(cls, base: nn.Module, module: str = BASE_POOLER) -> DenseTanhPooler | None:
+        """The base's own pooler layer (BERT's ``pooler.dense``), its weights shared; ``None`` when it has none."""
+        dense = dict(base.named_modules()).get(module)
+        dense = getattr(dense, "base", dense)  # the frozen layer inside a wrapped one
         if not isinstance(dense, nn.Linear) or dense.bias is None:
             return None
-        return cls(dense.weight.detach().clone(), dense.bias.detach().clone())
+        return cls(dense.weight.detach(), dense.bias.detach())

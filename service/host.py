@@ -25,6 +25,7 @@ from adapters.fingerprint import combine_digests, module_digests
 from adapters.injection import inject_lora_xs, lora_xs_layers
 from adapters.model import LoraXSClassifier
 from adapters.ood.features import BaseFeatureTap
+from adapters.pooling import DenseTanhPooler
 from adapters.predictives import Predictor, RowOutput
 
 log = logging.getLogger("caveat.serve")
@@ -163,6 +164,11 @@ class ModelHost:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
+
+    def pooler(self, module: str) -> DenseTanhPooler | None:
+        """The base's own pooler layer ``module`` (BERT's ``pooler.dense``) as a head's readout; ``None`` when the
+        base has no such layer."""
+        return DenseTanhPooler.of_base(self.classifier.base, module)
 
     def fingerprint(self, modules: Sequence[str]) -> str | None:
         """The base fingerprint over ``modules`` (as bundles record it); ``None`` if a module is unknown."""

@@ -27,6 +27,7 @@ from adapters.bundle import Bundle, load_bundle, parse_manifest
 from adapters.cloze import ClozeReadout
 from adapters.errors import BundleError
 from adapters.manifest import MANIFEST_FILE, BundleManifest
+from adapters.pooling import DenseTanhPooler
 from adapters.predictive import AbstentionRule
 from adapters.predictives import Predictor, PredictorUnavailableError, predictor_for
 from adapters.projections import Projection
@@ -331,9 +332,9 @@ class AdapterRegistry:
         try:
             manifest = parse_manifest((directory / MANIFEST_FILE).read_bytes(), directory)
             self._check_task(manifest, directory)
-            fingerprint = self.host.fingerprint(manifest.adapter.modules)
+            fingerprint = self.host.fingerprint(manifest.fingerprinted_modules)
             if fingerprint is None:
-                unknown = [m for m in manifest.adapter.modules if m not in self.host.layer_shapes]
+                unknown = [m for m in manifest.fingerprinted_modules if m not in self.host.layer_shapes]
                 raise BundleRejectedError(
                     f"bundle {directory.name!r} adapts modules the running base ({self.host.name}) does not have: "
                     f"{unknown[:3]}"
@@ -380,9 +381,11 @@ class AdapterRegistry:
         own_bytes = bundle.tensor_bytes() - sum(_projection_bytes(p) for p in bundle.projections.values())
         return AdapterVersion(name, on_device, on_device.adapter_weights(self._readout(bundle)), directory, own_bytes)
 
-    def _readout(self, bundle: Bundle) -> ClozeReadout | None:
-        """A cloze adapter reads its choices' scores under the base's LM head; any other pools (through its own
-        pooler when it has one: the bundle supplies it)."""
+    def _readout(self, bundle: Bundle) -> ClozeReadout | DenseTanhPooler | None:
+        """A cloze adapter reads its choices' scores under the base's LM head; a pooler head reads the first token
+        through the base's pooler layer, or its own (which the bundle supplies); any other pools."""
+        if bundle.manifest.head.pooler_module:  # present: the fingerprint covered it
+            return self.host.pooler(bundle.manifest.head.pooler_module)
         choice_format = bundle.manifest.task.choice_format
         if choice_format is None or not choice_format.cloze:
             return None

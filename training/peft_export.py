@@ -28,6 +28,7 @@ from adapters.errors import CaveatError
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.lora_conversion import XsFactors, xs_to_lora
 from adapters.peft_lora import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from adapters.pooling import BASE_POOLER
 from adapters.vocab import Pooling, TaskType
 from training.config import ConfigError
 from training.pipeline import staged
@@ -124,9 +125,10 @@ def _head(bundle: Bundle, values: dict[str, Tensor]) -> tuple[list[str], dict[st
         pooler = bundle.pooler
         return ["classifier"], {"classifier.dense.weight": pooler.weight, "classifier.dense.bias": pooler.bias,
                                 "classifier.out_proj.weight": weight, "classifier.out_proj.bias": bias}  # fmt: skip
-    if pooling == Pooling.POOLER:  # BERT: the bundle's pooler replaces the base's (the same unless imported so)
-        pooler = bundle.pooler
-        dense = f"{_base_model_prefix(bundle)}.pooler.dense"
+    if pooling == Pooling.POOLER and manifest.head.pooler_module:  # BERT reading through the base's own pooler
+        return ["classifier"], {"classifier.weight": weight, "classifier.bias": bias}
+    if pooling == Pooling.POOLER:  # BERT with a pooler of its own (trained too: imported from modules_to_save)
+        pooler, dense = bundle.pooler, f"{_base_model_prefix(bundle)}.{BASE_POOLER}"
         return ["classifier", "pooler"], {f"{dense}.weight": pooler.weight, f"{dense}.bias": pooler.bias,
                                           "classifier.weight": weight, "classifier.bias": bias}  # fmt: skip
     if pooling == Pooling.LAST and bool((bias == 0).all()):

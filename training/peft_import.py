@@ -26,7 +26,7 @@ from adapters.base_model import LoadedBase
 from adapters.lora_conversion import lora_to_xs
 from adapters.manifest import ImportSpec
 from adapters.peft_lora import WEIGHTS_FILE, PeftFormatError, PeftLora
-from adapters.pooling import DenseTanhPooler
+from adapters.pooling import BASE_POOLER, DenseTanhPooler
 from adapters.projections import Projection
 from training.config import ConfigError
 from training.data import Example
@@ -60,7 +60,8 @@ class ImportedLora:
         rank: the bundle's rank (the largest module rank).
         head_weight ``(C, H)``, head_bias ``(C,)``: the linear head of a sequence-classification LoRA, ``None`` for a
             causal LM's (multiple choice reads the LM's own logits); pooler: the dense layer and tanh in front of
-            the head (BERT, RoBERTa), ``None`` for a decoder's last-token head.
+            the head (BERT, RoBERTa), ``None`` for a decoder's last-token head; pooler_module: the base's layer the
+            pooler is (BERT's own, not in modules_to_save), ``None`` when the LoRA saved its own.
         lora: what was read.
     """
 
@@ -72,6 +73,7 @@ class ImportedLora:
     head_bias: Tensor | None
     pooler: DenseTanhPooler | None
     lora: PeftLora
+    pooler_module: str | None = None
 
     @property
     def causal_lm(self) -> bool:
@@ -111,12 +113,12 @@ def convert(
                 "multiple choice imports a LoRA of the attention and MLP maps only"
             )
         return ImportedLora(names, projections, cores, rank, None, None, None, lora)
-    weight, bias, pooler = _head(lora, directory, loaded)
+    weight, bias, pooler, pooler_module = _head(lora, directory, loaded)
     if weight.shape[0] != num_labels:
         raise ConfigError(
             f"--from-peft {directory}: its head has {weight.shape[0]} outputs, the task {num_labels} labels"
         )
-    return ImportedLora(names, projections, cores, rank, weight, bias, pooler, lora)
+    return ImportedLora(names, projections, cores, rank, weight, bias, pooler, lora, pooler_module)
 
 
 def _base_name(name: str, prefix: str, linears: Mapping[str, nn.Module], directory: Path) -> str:
@@ -131,30 +133,35 @@ def _base_name(name: str, prefix: str, linears: Mapping[str, nn.Module], directo
     )
 
 
-def _head(lora: PeftLora, directory: Path, loaded: LoadedBase) -> tuple[Tensor, Tensor, DenseTanhPooler | None]:
-    """The linear head and its pooler, as the architecture's sequence-classification model computes them."""
+def _head(
+    lora: PeftLora, directory: Path, loaded: LoadedBase
+) -> tuple[Tensor, Tensor, DenseTanhPooler | None, str | None]:
+    """The linear head and its pooler, as the architecture's sequence-classification model computes them, and the
+    base's layer that pooler is (``None``: the LoRA's own, or none)."""
     base, saved = loaded.model, lora.saved
     model_type = base.config.model_type
     if is_decoder(base.config):
         weight = _saved(saved, "score.weight", directory)
-        return weight, torch.zeros(weight.shape[0]), None
+        return weight, torch.zeros(weight.shape[0]), None, None
     if "classifier.out_proj.weight" in saved or model_type in ("roberta", "xlm-roberta"):  # RoBERTa's head
         pooler = DenseTanhPooler(
             _saved(saved, "classifier.dense.weight", directory), _saved(saved, "classifier.dense.bias", directory)
         )
         out = "classifier.out_proj"
-        return _saved(saved, f"{out}.weight", directory), _saved(saved, f"{out}.bias", directory), pooler
-    prefix = f"{type(base).base_model_prefix}.pooler.dense"
+        return _saved(saved, f"{out}.weight", directory), _saved(saved, f"{out}.bias", directory), pooler, None
+    prefix = f"{type(base).base_model_prefix}.{BASE_POOLER}"
+    module = None
     if f"{prefix}.weight" in saved:  # the pooler was trained too (modules_to_save)
         pooler = DenseTanhPooler(saved[f"{prefix}.weight"], _saved(saved, f"{prefix}.bias", directory))
     else:
-        pooler = DenseTanhPooler.of_base(base)
+        pooler, module = DenseTanhPooler.of_base(base), BASE_POOLER
     if pooler is None:
         raise ConfigError(
             f"--from-peft {directory}: a {model_type!r} base without a pooler; Caveat reproduces BERT-style "
             "(pooler + classifier), RoBERTa-style (classifier.dense + out_proj) and decoder (score) heads"
         )
-    return _saved(saved, "classifier.weight", directory), _saved(saved, "classifier.bias", directory), pooler
+    weight, bias = _saved(saved, "classifier.weight", directory), _saved(saved, "classifier.bias", directory)
+    return weight, bias, pooler, module
 
 
 def _saved(saved: Mapping[str, Tensor], key: str, directory: Path) -> Tensor:

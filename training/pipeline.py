@@ -287,7 +287,10 @@ def write_bundle(
             ),
         ),
         head=HeadSpec(
-            trained=model.train_head, in_features=model.head.in_features, num_labels=len(session.task.labels)
+            trained=model.train_head,
+            in_features=model.head.in_features,
+            num_labels=len(session.task.labels),
+            pooler_module=session.pooler_module,
         ),
         posterior=PosteriorSpec(
             family=posterior.family,

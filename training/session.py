@@ -37,7 +37,7 @@ from adapters.eval_card import DataCard
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import ImportSpec
 from adapters.peft_lora import PeftLora, read_peft_lora
-from adapters.pooling import DenseTanhPooler
+from adapters.pooling import BASE_POOLER, DenseTanhPooler
 from adapters.projections import Projection, spec_needs_data
 from adapters.vocab import Pooling
 from training import hub, peft_import
@@ -129,6 +129,7 @@ class Session:
     _linearisations: dict[str, Linearisation] = field(default_factory=dict)
     initial_projections: dict[str, Projection] = field(default_factory=dict)  # before L-LoRA-S training
     imported: ImportSpec | None = None  # --from-peft: where the MAP came from, and how exactly it converts
+    pooler_module: str | None = None  # the base's pooler layer a 'pooler' head reads through (fingerprinted)
 
     def log(self, message: str) -> None:
         """Print once (on the main process under ``accelerate launch``)."""
@@ -238,12 +239,13 @@ def prepare(config: TrainConfig) -> Session:
         return _imported_session(config, loaded, lora, encoder, splits, accelerator, stage)
     patterns = targets_or_defaults(base, adapter.targets)
     names = target_names(base, patterns)
-    fingerprint_value = base_fingerprint(base, names)
+    pooling = adapter.pooling or default_pooling(base.config)
+    pooler_module = BASE_POOLER if pooling == Pooling.POOLER and not config.multiple_choice else None
+    fingerprint_value = base_fingerprint(base, names + ([pooler_module] if pooler_module else []))
     lora_xs = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)
     moments, projection_data = _input_moments(base, names, train, encoder, config)
     projections = compute_projections(base, names, lora_xs, moments)
     report = inject_lora_xs(base, patterns, projections, alpha=adapter.alpha, init_std=CORE_INIT_STD, seed=config.seed)
-    pooling = adapter.pooling or default_pooling(base.config)
     model = _classifier(loaded, config, len(task.labels), pooling)
     model = model.to(accelerator.device)
     accelerator.print(f"LoRA-XS: {report}, rank {adapter.rank}, {len(names) * adapter.rank**2} core parameters")
@@ -253,6 +255,7 @@ def prepare(config: TrainConfig) -> Session:
         fingerprint_value, projection_data, accelerator, stage,
     )  # fmt: skip
     session.initial_projections = projections
+    session.pooler_module = pooler_module
     return session
 
 
@@ -296,9 +299,10 @@ def _imported_session(
     stage.done("import")
     session = Session(
         config, task, train, validation, test, shift, ood, model, encoder, list(names), names,
-        base_fingerprint(loaded.model, names), None, accelerator, stage,
+        base_fingerprint(loaded.model, names + ([imported.pooler_module] if imported.pooler_module else [])), None,
+        accelerator, stage,
     )  # fmt: skip
-    session.imported = record
+    session.imported, session.pooler_module = record, imported.pooler_module
     return session
 
 
@@ -310,7 +314,7 @@ def _classifier(loaded: LoadedBase, config: TrainConfig, num_labels: int, poolin
             return LoraXSClassifier(loaded.model, num_labels=num_labels, pooling=pooling)
         pooler = DenseTanhPooler.of_base(loaded.model)
         if pooler is None:
-            raise ConfigError(f"--pooling pooler: a {loaded.model.config.model_type!r} base has no pooler.dense layer")
+            raise ConfigError(f"--pooling pooler: a {loaded.model.config.model_type!r} base has no {BASE_POOLER} layer")
         return LoraXSClassifier(loaded.model, num_labels, pooling=default_pooling(loaded.model.config), readout=pooler)
     if config.choice_format.cloze:
         readout = ClozeReadout(loaded.output_embeddings, num_labels)

@@ -24,8 +24,9 @@ from adapters import LoraXSClassifier, inject_lora_xs, load_bundle
 from adapters.base_model import load_base
 from adapters.batching import RowBlock
 from adapters.peft_lora import CONFIG_FILE, WEIGHTS_FILE, read_peft_lora
+from adapters.pooling import DenseTanhPooler
 from adapters.vocab import Pooling
-from tests.service.bundles import make_bundle, save_tiny_base, save_tiny_llama
+from tests.service.bundles import make_bundle, running_app, save_tiny_base, save_tiny_llama
 from training import peft_import
 from training.cli import main
 from training.recalibrate import Recalibration, write
@@ -102,10 +103,12 @@ def served_map_logits(base: Path, bundle_dir: Path, texts: list[str] = TEXTS) ->
     inject_lora_xs(loaded.model, bundle.manifest.adapter.modules)
     pooling = Pooling.LAST if bundle.manifest.task.pooling == Pooling.LAST else Pooling.MEAN
     host = LoraXSClassifier(loaded.model, num_labels=None, pooling=pooling).eval()
+    module = bundle.manifest.head.pooler_module  # the base's own pooler, or none (the bundle's own, or no pooler)
+    weights = bundle.adapter_weights(DenseTanhPooler.of_base(loaded.model, module) if module else None)
     batch = dict(loaded.tokenizer(texts, return_tensors="pt", padding=True))
     cores = {name: core.unsqueeze(0) for name, core in bundle.cores.items()}
     with torch.no_grad():
-        (logits,) = host.forward_rows(batch, [RowBlock(bundle.adapter_weights(), cores, torch.arange(len(texts)))])
+        (logits,) = host.forward_rows(batch, [RowBlock(weights, cores, torch.arange(len(texts)))])
     return logits[0]
 
 
@@ -131,7 +134,8 @@ def test_the_converted_model_computes_peft_s_own_logits(bases: dict[str, Path], 
 def test_an_imported_lora_gets_a_posterior_without_retraining(
     bases: dict[str, Path], data: Path, tmp_path: Path
 ) -> None:
-    lora = saved_lora(bases["bert"], tmp_path / "lora", rank_pattern={"layer.0.attention.self.query": 2})
+    lora = saved_lora(bases["bert"], tmp_path / "lora", rank_pattern={"layer.0.attention.self.query": 2},
+                      modules_to_save=["pooler"])  # fmt: skip
     out = tmp_path / "bundle"
     argv = ["--from-peft", str(lora), "--dataset", str(data), "--out", str(out), "--posterior", "laplace-kron", *SLICE]
     assert main(argv) == 0
@@ -151,7 +155,7 @@ def test_an_imported_lora_gets_a_posterior_without_retraining(
 
 
 def test_a_caveat_bundle_exports_to_peft_and_imports_back(bases: dict[str, Path], data: Path, tmp_path: Path) -> None:
-    base, out = bases["bert"], tmp_path / "trained"
+    base, out = bases["bert"], tmp_path / "adapters" / "trained"
     train = ["--base-model", str(base), "--dataset", str(data), "--out", str(out), "--pooling", "pooler",
              "--targets", "query,value", "--rank", "4", "--epochs", "2", "--posterior", "laplace-diag",
              *SLICE]  # fmt: skip
@@ -159,8 +163,17 @@ def test_a_caveat_bundle_exports_to_peft_and_imports_back(bases: dict[str, Path]
     bundle_map = served_map_logits(base, out)
     assert main(["export-peft", str(out), str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft" / CONFIG_FILE).read_text())
-    assert config["r"] == config["lora_alpha"] == 4 and config["modules_to_save"] == ["classifier", "pooler"]
+    assert config["r"] == config["lora_alpha"] == 4 and config["modules_to_save"] == ["classifier"]  # base's pooler
+    bundle = load_bundle(out)
+    assert bundle.pooler is None and bundle.manifest.head.pooler_module == "pooler.dense"
     torch.testing.assert_close(peft_logits(base, tmp_path / "peft"), bundle_map, atol=1e-5, rtol=0)
+    client = running_app(base, out.parent)  # the server reads the head through its own base's pooler
+    try:
+        answer = client.post("/v1/predict", json={"adapter": "trained", "inputs": TEXTS, "method": "map"})
+    finally:
+        client.__exit__(None, None, None)
+    served = torch.tensor([result["probs"] for result in answer.json()["results"]])
+    torch.testing.assert_close(served, bundle_map.softmax(-1), atol=1e-5, rtol=0)
     again = ["--from-peft", str(tmp_path / "peft"), "--dataset", str(data), "--out", str(tmp_path / "again"), *SLICE]
     assert main(again) == 0
     torch.testing.assert_close(served_map_logits(base, tmp_path / "again"), bundle_map, atol=1e-5, rtol=0)
