@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as transformers_logging
 
 from adapters import LoraXSClassifier, inject_lora_xs, lora_xs_layers
@@ -258,8 +259,6 @@ def _peft_model(loaded: LoadedBase, directory: Path, num_labels: int | None) -> 
         from peft import PeftModel
     except ImportError:
         raise ConfigError("--from-peft checks the conversion against PEFT itself: pip install 'caveat[peft]'") from None
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its head is missing from the base by design: PEFT loads it
     try:

@@ -155,7 +155,7 @@ def test_compare_writes_its_rows_after_every_method(tmp_path, monkeypatch) -> No
 
     session = SimpleNamespace(
         config=parse_config(["--no-progress"]), log=lambda _: None, accelerator=SimpleNamespace(is_main_process=True),
-        map_result=SimpleNamespace(seconds=1.0), forget_outputs=lambda: None,
+        map_result=SimpleNamespace(seconds=1.0), forget_outputs=lambda: None, imported=None,
     )  # fmt: skip
 
     def row(_session, method, _seconds, _ood):
