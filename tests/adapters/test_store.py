@@ -36,7 +36,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server in a process of its own, and one bucket."""
-    pytest.importorskip("s3fs", reason="the S3 store path needs s3fs (the store extra)")
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
