@@ -17,6 +17,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "seeds"
 METRICS = ("accuracy", "ece", "nll", "brier")
+MAIN_PARTS = ("", "more")  # the main variant's methods, run in parts (each part trains the same seed's MAP)
 # The published MAP → Laplace changes (ECE, NLL) of the nearest setting (docs/methods.md, published results)
 PUBLISHED = {
     "sst2": ("RoBERTa-large SST-2, r=16, Laplace at epoch 20", (0.026, 0.141),
@@ -31,6 +32,7 @@ def load(setting: str) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(RESULTS.glob(f"{setting}*-seed*.json")):
         variant = path.stem[len(setting) :].rsplit("-seed", 1)[0].lstrip("-")
+        variant = "" if variant in MAIN_PARTS else variant
         for row in json.loads(path.read_text())["rows"]:
             name = row["posterior"] if not variant else f"{row['posterior']} ({variant})"
             rows[name].append(row)
