@@ -39,6 +39,14 @@ class StoreError(CaveatError, ValueError):
     """A store that cannot be read or written as asked; the message names the adapter and the store."""
 
 
+class VersionConflictError(StoreError):
+    """A version that exists with other contents (versions are immutable)."""
+
+
+class VersionNotFoundError(StoreError):
+    """A version, or a current version, the store does not have."""
+
+
 @dataclass(frozen=True)
 class StoredVersion:
     """One version of an adapter in a store.
@@ -127,7 +135,7 @@ class BundleStore:
         manifest = (directory / MANIFEST_FILE).read_bytes()
         if self.fs.isfile(f"{key}/{MANIFEST_FILE}"):
             if self.fs.cat_file(f"{key}/{MANIFEST_FILE}") != manifest:
-                raise StoreError(
+                raise VersionConflictError(
                     f"{self.uri}: {name} version {version} exists with other contents (versions are immutable)"
                 )
         else:
@@ -141,7 +149,7 @@ class BundleStore:
         _check_name(name)
         _check_version(version)
         if not self.fs.isfile(f"{self.root}/{name}/{version}/{MANIFEST_FILE}"):
-            raise StoreError(f"{self.uri}: {name} has no version {version}")
+            raise VersionNotFoundError(f"{self.uri}: {name} has no version {version}")
         self._write_text(f"{self.root}/{name}/{CURRENT_FILE}", version + "\n")
 
     def withdraw(self, name: str) -> None:
@@ -149,18 +157,19 @@ class BundleStore:
         _check_name(name)
         path = f"{self.root}/{name}/{CURRENT_FILE}"
         if not self.fs.isfile(path):
-            raise StoreError(f"{self.uri}: {name} has no current version")
+            raise VersionNotFoundError(f"{self.uri}: {name} has no current version")
         self.fs.rm_file(path)
 
     # ------------------------------------------------------------------------------------------ internals
 
     def _children(self, path: str) -> list[str]:
+        """The directories (and links) directly under ``path``: a link is listed too, so that where bundles are read
+        one that leaves the store is refused with its typed error rather than silently passed over."""
         try:
-            return [
-                entry["name"].rstrip("/") for entry in self.fs.ls(path, detail=True) if entry["type"] == "directory"
-            ]
+            entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
             return []
+        return [entry["name"].rstrip("/") for entry in entries if entry["type"] == "directory" or entry.get("islink")]
 
     def _versioned(self, name: str) -> StoredVersion:
         version = self.fs.cat_file(f"{self.root}/{name}/{CURRENT_FILE}").decode(errors="replace").strip()

@@ -46,6 +46,7 @@ from adapters.batching import RowBlock, RowPlan
 from adapters.bundle import load_bundle, save_bundle
 from adapters.embedded import resolve_model
 from adapters.predictives import get_predictor
+from adapters.store import BundleStore
 from adapters.vocab import PredictiveMode
 from benchmarks.harness import ServerProcess, save_tiny_bert, synthetic_bundle, write_results
 from benchmarks.serve import machine
@@ -333,8 +334,8 @@ async def inprocess_all(
     torch.set_num_threads(args.threads)
     host = ModelHost(str(base))
     host.split_padding = split_padding
-    registry = AdapterRegistry(host, adapters, budget_bytes=1 << 31)
-    await registry.load_directory()
+    registry = AdapterRegistry(host, BundleStore(adapters), budget_bytes=1 << 31)
+    await registry.load_store()
     adapter = await registry.acquire("main")
     engine = Engine(host, BatchingConfig(step_tokens=step_tokens or host.default_step_tokens), Metrics())
     runs: dict = {}

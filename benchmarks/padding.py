@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
+from adapters.store import BundleStore
 from adapters.vocab import PredictiveMode
 from benchmarks.overhead import batched_forward, bodies, make_job, run_in_process, step_of
 from service.engine import BatchingConfig, Engine
@@ -49,8 +50,8 @@ async def measure(args: argparse.Namespace, base: Path, adapters: Path, texts: l
     host = ModelHost(str(base))
     host.warm_up()
     calibration = host.calibrate(host.default_step_ms)
-    registry = AdapterRegistry(host, adapters, budget_bytes=1 << 31)
-    await registry.load_directory()
+    registry = AdapterRegistry(host, BundleStore(adapters), budget_bytes=1 << 31)
+    await registry.load_store()
     adapter = await registry.acquire("main")
     engine = Engine(host, BatchingConfig(step_tokens=calibration.step_tokens), Metrics())
     results: dict = {"split_padding": calibration.split_padding, "step_tokens": calibration.step_tokens}

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
+from adapters.store import BundleStore
 from adapters.vocab import PredictiveMode
 from benchmarks.overhead import bodies, make_job, run_in_process
 from service import engine as engine_module
@@ -146,8 +147,8 @@ async def measure(args: argparse.Namespace, base: Path, adapters: Path, texts: l
     host.warm_up()
     step_ms = args.step_ms or host.default_step_ms
     calibration = host.calibrate(step_ms)
-    registry = AdapterRegistry(host, adapters, budget_bytes=1 << 31)
-    await registry.load_directory()
+    registry = AdapterRegistry(host, BundleStore(adapters), budget_bytes=1 << 31)
+    await registry.load_store()
     adapter = await registry.acquire("main")
     aged = engine_module.MAX_PASSED_OVER
     results: dict = {"step_tokens": calibration.step_tokens, "step_ms": step_ms, "scenarios": {}}

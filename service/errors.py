@@ -86,6 +86,24 @@ class NotReadyError(ServiceError):
     status = 503
 
 
+class AdapterLoadingError(ServiceError):
+    """The adapter is being loaded from the store (its first request, or after eviction took long): retry."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class StoreUnavailableError(ServiceError):
+    """The bundle store cannot be reached."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class FeedbackLogError(ServiceError):
     """The durable feedback log cannot be written: nothing of the batch was recorded."""
 

@@ -1,11 +1,15 @@
-"""Adapter registry: name → the version currently served, with validation, atomic replace and LRU eviction.
+"""Adapter registry: name → the version currently served, with validation, atomic replace and LRU eviction, over a
+bundle store (:mod:`adapters.store`), the one source of truth.
 
 A request resolves its adapter once, at admission, to an immutable :class:`AdapterVersion` and keeps it
 until it is answered, so a replace never changes the version under a request in flight: the old tensors
 live until its last request finishes. Identical projections (same digest) are stored once on the device
 and shared as one *object*, which is what lets the batched forward compute ``A x`` once for all adapters
 that share them. Device memory for adapter tensors stays under a byte budget: loading beyond it evicts
-least-recently-used unpinned adapters, which reload from disk on their next request.
+least-recently-used unpinned adapters, which reload from the store on their next request. An adapter the
+registry does not know is looked up in the store on its first request and loaded (the request waits up to
+``miss_wait_s``, then gets a 503 with Retry-After while the load goes on); the admin changes write the store, and
+:meth:`AdapterRegistry.sync` (every ``store_poll_s``) brings every replica to the store's current versions.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -31,17 +36,28 @@ from adapters.pooling import DenseTanhPooler
 from adapters.predictive import AbstentionRule
 from adapters.predictives import Predictor, PredictorUnavailableError, predictor_for
 from adapters.projections import Projection
+from adapters.store import (
+    NAME_PATTERN,
+    BundleStore,
+    StoredVersion,
+    StoreError,
+    VersionConflictError,
+    VersionNotFoundError,
+)
 from adapters.vocab import Pooling
 from service.errors import (
+    AdapterLoadingError,
     AdapterNotFoundError,
     BundleRejectedError,
     ConflictError,
     InvalidRequestError,
     ServiceError,
+    StoreUnavailableError,
 )
 from service.host import ModelHost
 
 log = logging.getLogger("caveat.serve")
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -129,7 +145,12 @@ class AdapterVersion:
 
 @dataclass
 class AdapterEntry:
-    """A registered adapter: where it comes from and, when resident, the version on the device."""
+    """A registered adapter: where it comes from and, when resident, the version on the device.
+
+    Attributes:
+        path: the local directory its version is read from (a local store's own, or a cached copy).
+        stored: the store's record of that version (``None``: loaded from a path outside the store's layout).
+    """
 
     name: str
     path: Path
@@ -138,6 +159,7 @@ class AdapterEntry:
     pinned: bool
     resident: AdapterVersion | None
     last_used: float = field(default_factory=time.monotonic)
+    stored: StoredVersion | None = None
 
     @property
     def state(self) -> str:
@@ -145,27 +167,34 @@ class AdapterEntry:
 
 
 class AdapterRegistry:
-    """Loads, replaces, removes and evicts adapters for one :class:`ModelHost`.
+    """Loads, replaces, removes and evicts adapters for one :class:`ModelHost`, from a :class:`BundleStore`.
 
     Changes are serialised by one lock; lookups of resident adapters take no lock. ``on_load`` hears of every
     load attempt: its seconds (``None`` when refused before reading, e.g. a path outside the directory) and
-    whether it succeeded.
+    whether it succeeded. ``adapter_dir`` is where the admin API's bundle paths are found (a local store's root by
+    default); ``miss_wait_s`` how long a request for an adapter that is not loaded waits for its load.
     """
 
     def __init__(
         self,
         host: ModelHost,
-        adapter_dir: Path,
+        store: BundleStore,
         budget_bytes: int,
         pinned: set[str] | None = None,
         on_change: Callable[[], None] | None = None,
         on_load: Callable[[float | None, bool], None] | None = None,
+        adapter_dir: Path | None = None,
+        miss_wait_s: float = 2.0,
     ) -> None:
         self.host = host
-        self.adapter_dir = adapter_dir.resolve()
+        self.store = store
+        self.adapter_dir = Path(adapter_dir if adapter_dir is not None else store.root).resolve()
         self.budget_bytes = budget_bytes
+        self.miss_wait_s = miss_wait_s
         self._pinned = set(pinned or ())
         self._entries: dict[str, AdapterEntry] = {}
+        self._loading: dict[str, asyncio.Task[AdapterEntry]] = {}
+        self._forgotten: set[str] = set()  # legacy directories removed by the admin API (they cannot be withdrawn)
         self._projections: weakref.WeakValueDictionary[str, Projection] = weakref.WeakValueDictionary()
         self._lock = asyncio.Lock()
         self._on_change = on_change or (lambda: None)
@@ -186,9 +215,10 @@ class AdapterRegistry:
         return self._entries[name]
 
     async def acquire(self, reference: str) -> AdapterVersion:
-        """The version to serve ``name`` or ``name@version`` with, reloading an evicted adapter."""
+        """The version to serve ``name`` or ``name@version`` with, reloading an evicted adapter and loading one the
+        registry does not know from the store (:meth:`load_on_miss`)."""
         name, _, wanted = reference.partition("@")
-        entry = self.entry(name)
+        entry = self._entries.get(name) or await self.load_on_miss(name)
         if entry.resident is None:
             async with self._lock:
                 if entry.resident is None:
@@ -198,6 +228,23 @@ class AdapterRegistry:
             raise AdapterNotFoundError(f"adapter {name!r} serves version {version.version!r}, not {wanted!r}")
         entry.last_used = time.monotonic()
         return version
+
+    async def load_on_miss(self, name: str) -> AdapterEntry:
+        """Load ``name`` from the store: 404 when the store has no current version of it; the load's own error
+        when it fails; 503 with Retry-After when it takes longer than ``miss_wait_s`` (it goes on: a retry finds
+        it loaded). Concurrent requests for one name share one load."""
+        if not NAME_PATTERN.match(name):
+            raise AdapterNotFoundError(f"adapter {name[:64]!r} is not loaded and cannot be in the store (not a name)")
+        task = self._loading.get(name)
+        if task is None:
+            task = asyncio.create_task(self._load_from_store(name), name=f"caveat-load-{name}")
+            self._loading[name] = task
+            task.add_done_callback(lambda _: self._loading.pop(name, None))
+        done, _ = await asyncio.wait({task}, timeout=self.miss_wait_s)
+        if not done:
+            retry = max(1, round(self.miss_wait_s))
+            raise AdapterLoadingError(f"adapter {name!r} is being loaded from the store; retry shortly", retry)
+        return task.result()
 
     def used_bytes(self, extra: AdapterVersion | None = None, without: str | None = None) -> int:
         """Device bytes of resident adapters (projections counted once), optionally with/without one."""
@@ -233,7 +280,8 @@ class AdapterRegistry:
         return resolved
 
     async def add(self, path: str | Path, name: str | None = None, pin: bool = False) -> AdapterEntry:
-        """Load a new adapter; 409 if the name is taken (replace it with :meth:`replace`)."""
+        """Load a new adapter from a bundle directory and publish it to the store as that adapter's current
+        version; 409 if the name is taken (replace it with :meth:`replace`)."""
         directory = self.resolve_path(path)
         async with self._lock:
             if name is not None and name in self._entries:
@@ -243,68 +291,184 @@ class AdapterRegistry:
                 raise ConflictError(
                     f"adapter {version.name!r} is already loaded; PUT /v1/adapters/{version.name} replaces it"
                 )
-            self._make_room(version, without=None)
-            entry = AdapterEntry(
-                version.name, directory, version.manifest, version.sha256, pin or version.name in self._pinned, version
-            )
-            self._entries[version.name] = entry
-            self._on_change()
-            return entry
+            stored, local = await self._publish(directory, version)
+            return self._register(version, local, stored, pin)
 
-    async def replace(self, name: str, path: str | Path | None = None) -> tuple[str | None, AdapterEntry]:
-        """Atomically serve ``name`` from a new bundle (default: its own directory, re-read).
+    async def replace(
+        self, name: str, path: str | Path | None = None, version: str | None = None
+    ) -> tuple[str | None, AdapterEntry]:
+        """Atomically serve ``name`` from a bundle directory (published to the store as its new current version),
+        from a stored ``version`` (made current), or, with neither, from the store's current version re-read.
 
         Requests admitted before the swap finish on the old version. Returns the old version and the entry.
         """
         async with self._lock:
             entry = self.entry(name)
-            directory = entry.path if path is None else self.resolve_path(path)
-            version = await self._load(directory, name)
-            self._make_room(version, without=name)
-            old = entry.resident.version if entry.resident is not None else None
-            entry.path, entry.manifest, entry.sha256, entry.resident = (
-                directory, version.manifest, version.sha256, version,
-            )  # fmt: skip
-            entry.last_used = time.monotonic()
-            self._on_change()
-            return old, entry
+            if path is not None:
+                directory = self.resolve_path(path)
+                loaded = await self._load(directory, name)
+                stored, local = await self._publish(directory, loaded)
+            else:
+                if version is not None:
+                    await asyncio.to_thread(self._store_call, self.store.set_current, name, version)
+                stored, local = await self._current(name)
+                loaded = await self._load(local, name)
+            return self._swap(entry, loaded, local, stored)
 
     async def remove(self, name: str) -> AdapterEntry:
+        """Stop serving ``name``: withdrawn from the store (its versions stay) and unregistered here."""
         async with self._lock:
-            entry = self._entries.pop(self.entry(name).name)
+            entry = self.entry(name)
+            if entry.stored is not None and not entry.stored.legacy:
+                await asyncio.to_thread(self._store_call, self.store.withdraw, name)
+            else:  # a legacy directory cannot be withdrawn: this server forgets it until it is added again
+                self._forgotten.add(name)
+            self._entries.pop(name)
             self._on_change()
             return entry
 
-    async def load_directory(self) -> list[str]:
-        """Load every bundle directly under the adapter directory; returns the problems (serving goes on).
+    async def load_store(self) -> list[str]:
+        """Load every adapter the store serves; returns the problems (serving goes on).
 
-        Any entry that cannot be loaded (refused, a link out of the directory, unreadable) is logged, counted
-        and reported, and the others load. Bundles that claim the same name are all refused: which one a
-        directory listing puts first is no way to choose what serves.
+        Any entry that cannot be loaded (refused, a link out of the store, unreadable) is logged, counted and
+        reported, and the others load. Legacy bundle directories that claim the same name are all refused: which
+        one a directory listing puts first is no way to choose what serves.
         """
-        if not self.adapter_dir.is_dir():
-            log.error("adapter directory %s does not exist", self.adapter_dir)
-            return ["the adapter directory does not exist"]
-        candidates = sorted(p for p in self.adapter_dir.iterdir() if (p / MANIFEST_FILE).is_file())
-        rivals = _rival_claims(candidates)
+        try:
+            current = await asyncio.to_thread(self.store.adapters)
+            rivals = await asyncio.to_thread(self.store.legacy_rivals)
+        except (OSError, StoreError) as exc:
+            log.error("bundle store %s cannot be read: %s", self.store.uri, exc)
+            return [f"the bundle store cannot be read ({_reason(exc)})"]
         problems = []
-        for directory in candidates:
-            try:
-                if directory in rivals:
-                    self._on_load(None, False)
-                    raise ConflictError(rivals[directory])
-                entry = await self.add(directory.name)  # relative: messages name no server path
-                log.info("loaded adapter %s version %s from %s", entry.name, entry.manifest.version, directory)
-            except ServiceError as exc:
-                log.error("skipped %s: %s", directory, exc.message)
-                problems.append(f"{directory.name}: {exc.message}")
-            except Exception as exc:  # one unloadable entry never stops the others
-                log.exception("skipped %s", directory)
+        for name, keys in rivals.items():
+            if name in current:  # a versioned entry serves the name: the legacy claims do not matter
+                continue
+            for _ in keys:  # each refused directory is a failed load
                 self._on_load(None, False)
-                problems.append(f"{directory.name}: cannot be loaded ({type(exc).__name__}); see the server log")
+            message = (
+                f"bundles {sorted(keys)} are all named {name!r}; none is loaded (rename or remove all but one, or "
+                "load one under another name with POST /v1/adapters)"
+            )
+            log.error("skipped %s: %s", name, message)
+            problems += [f"{key}: {message}" for key in sorted(keys)]
+        for name, stored in current.items():
+            try:
+                entry = await self._load_stored(name, stored)
+                log.info("loaded adapter %s version %s from %s", entry.name, entry.manifest.version, stored.key)
+            except ServiceError as exc:
+                log.error("skipped %s: %s", stored.key, exc.message)
+                problems.append(f"{stored.key}: {exc.message}")
+            except Exception as exc:  # one unloadable entry never stops the others
+                log.exception("skipped %s", stored.key)
+                self._on_load(None, False)
+                problems.append(f"{stored.key}: cannot be loaded ({type(exc).__name__}); see the server log")
         return problems
 
+    async def sync(self) -> list[str]:
+        """Bring this registry to the store: adapters whose current version changed are swapped in, withdrawn ones
+        removed (adapters not loaded here load on their first request). Returns what changed."""
+        try:
+            current = await asyncio.to_thread(self.store.adapters)
+        except (OSError, StoreError) as exc:
+            log.warning("bundle store %s cannot be read: %s", self.store.uri, exc)
+            return []
+        changes = []
+        for entry in list(self._entries.values()):
+            if entry.stored is None or entry.stored.legacy:
+                continue  # a legacy directory changes in place: PUT re-reads it
+            stored = current.get(entry.name)
+            if stored is None:
+                async with self._lock:
+                    if self._entries.get(entry.name) is entry:
+                        self._entries.pop(entry.name)
+                        self._on_change()
+                        changes.append(f"{entry.name}: withdrawn")
+            elif stored.key != entry.stored.key:
+                try:
+                    old, _ = await self.replace(entry.name)
+                    changes.append(f"{entry.name}: {old} → {stored.version}")
+                except ServiceError as exc:
+                    log.error("adapter %s: the store's version %s cannot be served: %s", entry.name, stored.version,
+                              exc.message)  # fmt: skip
+        for change in changes:
+            log.info("store sync: %s", change)
+        return changes
+
     # ------------------------------------------------------------------------------------------ internals
+
+    async def _load_from_store(self, name: str) -> AdapterEntry:
+        if name in self._forgotten:
+            raise AdapterNotFoundError(f"adapter {name!r} was removed; POST /v1/adapters adds it again")
+        stored = await asyncio.to_thread(self._store_call, self.store.current, name)
+        if stored is None:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded and not in the store (loaded: {known})")
+        return await self._load_stored(name, stored)
+
+    async def _load_stored(self, name: str, stored: StoredVersion) -> AdapterEntry:
+        local = await asyncio.to_thread(self._store_call, self.store.local_path, stored)
+        async with self._lock:
+            if name in self._entries:  # loaded meanwhile (an admin add, another path)
+                return self._entries[name]
+            version = await self._load(local, name)
+            return self._register(version, local, stored, pin=False)
+
+    async def _publish(self, directory: Path, version: AdapterVersion) -> tuple[StoredVersion, Path]:
+        """Make the (validated) bundle at ``directory`` its adapter's current version in the store; returns the
+        stored version and the local directory it is read from from now on (reloads after eviction)."""
+
+        def publish() -> tuple[StoredVersion, Path]:
+            stored = self.store.publish(directory, version.name, version.version)
+            return stored, self.store.local_path(stored)
+
+        return await asyncio.to_thread(self._store_call, publish)
+
+    async def _current(self, name: str) -> tuple[StoredVersion, Path]:
+        stored = await asyncio.to_thread(self._store_call, self.store.current, name)
+        if stored is None:
+            raise ConflictError(f"adapter {name!r} has no current version in the store (withdrawn?)")
+        return stored, await asyncio.to_thread(self._store_call, self.store.local_path, stored)
+
+    def _register(self, version: AdapterVersion, local: Path, stored: StoredVersion | None, pin: bool) -> AdapterEntry:
+        self._make_room(version, without=None)
+        pinned = pin or version.name in self._pinned
+        entry = AdapterEntry(version.name, local, version.manifest, version.sha256, pinned, version, stored=stored)
+        self._entries[version.name] = entry
+        self._forgotten.discard(version.name)
+        self._on_change()
+        return entry
+
+    def _swap(
+        self, entry: AdapterEntry, version: AdapterVersion, local: Path, stored: StoredVersion | None
+    ) -> tuple[str | None, AdapterEntry]:
+        self._make_room(version, without=entry.name)
+        old = entry.resident.version if entry.resident is not None else entry.manifest.version
+        entry.path, entry.manifest, entry.sha256, entry.resident, entry.stored = (
+            local, version.manifest, version.sha256, version, stored,
+        )  # fmt: skip
+        entry.last_used = time.monotonic()
+        self._on_change()
+        return old, entry
+
+    def _store_call(self, function: Callable[..., T], *args) -> T:
+        """A store operation, its failures as the API's errors (a store that cannot be reached: 503)."""
+        try:
+            return function(*args)
+        except VersionConflictError as exc:
+            raise ConflictError(str(exc)) from None
+        except VersionNotFoundError as exc:
+            raise AdapterNotFoundError(str(exc)) from None
+        except StoreError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        except OSError as exc:
+            raise StoreUnavailableError(f"the bundle store cannot be reached ({_reason(exc)}); retry shortly") from None
+
+    def _root(self, directory: Path) -> Path:
+        """The directory every file of a bundle at ``directory`` must resolve inside (links out are refused)."""
+        if directory.is_relative_to(self.adapter_dir):
+            return self.adapter_dir
+        return Path(self.store.root).resolve() if self.store.local else self.store.cache_dir.resolve()
 
     async def _reload(self, entry: AdapterEntry) -> None:
         version = await self._load(entry.path, entry.name)
@@ -344,7 +508,7 @@ class AdapterRegistry:
                 base_fingerprint=fingerprint,
                 layer_shapes=self.host.layer_shapes,
                 hidden_size=self.host.hidden_size,
-                root=self.adapter_dir,
+                root=self._root(directory),
             )
         except BundleError as exc:
             raise BundleRejectedError(

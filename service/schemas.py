@@ -180,7 +180,16 @@ class LoadAdapterRequest(_Request):
 
 
 class ReplaceAdapterRequest(_Request):
-    path: str | None = Field(None, description="new bundle directory (default: re-read the current one)")
+    path: str | None = Field(
+        None, description="a new bundle directory, published to the store as the adapter's new current version"
+    )
+    version: str | None = Field(None, description="a version already in the store, made current")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReplaceAdapterRequest:
+        if self.path is not None and self.version is not None:
+            raise ValueError("give path or version, not both")
+        return self
 
 
 class AdapterSummary(BaseModel):

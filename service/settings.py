@@ -23,7 +23,22 @@ class Settings(BaseModel):
     base_model: str = Field("minilm", description="Hugging Face id, local path, or the embedded name 'minilm'")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     dtype: str = Field("float32", description="base model precision: float32, bfloat16 or float16")
-    adapter_dir: Path = Field(Path("bundles"), description="bundles found here load at start; admin loads stay inside")
+    adapter_dir: Path = Field(
+        Path("bundles"),
+        description="where the admin API's bundle paths are found (they stay inside); the bundle store too unless "
+        "--store names another",
+    )
+    store: str | None = Field(
+        None,
+        description="the bundle store every replica serves from: a local or shared directory, or an fsspec URL "
+        "(s3://bucket/prefix; credentials and endpoint from the usual AWS_* variables) (default: --adapter-dir)",
+    )
+    store_poll_s: float = Field(
+        2.0, gt=0, description="how often the store is checked for new current versions (the hot-swap bound)"
+    )
+    miss_wait_ms: float = Field(
+        2000.0, ge=0, description="how long a request for an adapter being loaded from the store waits; then 503"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     admin_token: str | None = Field(None, description="bearer token of the admin routes (unset: admin disabled)")

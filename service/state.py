@@ -1,7 +1,8 @@
 """What a running server holds: settings, metrics, and — once started — the model host, registry and engine.
 
 Startup runs in the background so that the health routes answer (503, with the reason) while the base
-model loads; ``ready`` turns true after the warm-up forward and the adapter directory have been loaded.
+model loads; ``ready`` turns true after the warm-up forward and the bundle store's adapters have been loaded. A
+background task then checks the store every ``store_poll_s`` (:meth:`AdapterRegistry.sync`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 
 import torch
 
+from adapters.store import BundleStore
 from service.engine import BatchingConfig, Engine
 from service.errors import NotReadyError
 from service.feedback import Feedback
@@ -39,6 +41,7 @@ class ServiceState:
         self.draining = False
         self.startup_problems: list[str] = []
         self._startup: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
@@ -81,14 +84,17 @@ class ServiceState:
             self.status = "loading adapters"
             registry = AdapterRegistry(
                 host,
-                settings.adapter_dir,
+                BundleStore(settings.store or settings.adapter_dir),
                 int(settings.memory_budget_mb * 2**20),
                 pinned=set(settings.pinned),
                 on_change=self._count_adapters,
                 on_load=self._count_load,
+                adapter_dir=settings.adapter_dir,
+                miss_wait_s=settings.miss_wait_ms / 1000,
             )
             self.host, self.registry = host, registry
-            self.startup_problems = await registry.load_directory()
+            self.startup_problems = await registry.load_store()
+            self._watch = asyncio.create_task(self._watch_store(registry), name="caveat-store-watch")
             config = BatchingConfig(
                 settings.batching, settings.max_batch_rows, settings.max_wait_ms, settings.queue_size,
                 step_tokens=step_tokens, queue_tokens=settings.queue_tokens,
@@ -103,10 +109,20 @@ class ServiceState:
             self.status = f"startup failed: {type(exc).__name__}: {exc}"
             log.exception("startup failed")
 
+    async def _watch_store(self, registry: AdapterRegistry) -> None:
+        """Every ``store_poll_s``: swap in the store's new current versions, drop withdrawn adapters."""
+        while True:
+            await asyncio.sleep(self.settings.store_poll_s)
+            try:
+                await registry.sync()
+            except Exception:  # the loop outlives any one failed check
+                log.exception("store sync failed")
+
     async def stop(self) -> None:
         self.draining = True
-        if self._startup is not None and not self._startup.done():
-            self._startup.cancel()
+        for task in (self._startup, self._watch):
+            if task is not None and not task.done():
+                task.cancel()
         if self.engine is not None:
             await self.engine.close()
 

@@ -53,8 +53,8 @@ async def get_adapter(name: str, state: State) -> AdapterDetail:
 
 @router.post("", status_code=201, response_model=AdapterChange, dependencies=[Admin])
 async def load_adapter(body: LoadAdapterRequest, state: State) -> AdapterChange:
-    """Load a bundle from inside the adapter directory. Changes the running server only: a restart loads the
-    adapter directory as it is on disk."""
+    """Load a bundle from inside the adapter directory and publish it to the bundle store as the adapter's current
+    version: every replica serving the store sees it (persisted: a restart serves it too)."""
     registry, _ = state.require_ready()
     entry = await registry.add(body.path, name=body.name, pin=body.pin)
     return AdapterChange(adapter=summary(entry))
@@ -62,16 +62,19 @@ async def load_adapter(body: LoadAdapterRequest, state: State) -> AdapterChange:
 
 @router.put("/{name}", response_model=AdapterChange, dependencies=[Admin])
 async def replace_adapter(name: str, state: State, body: ReplaceAdapterRequest | None = None) -> AdapterChange:
-    """Atomically serve ``name`` from another bundle (requests in flight finish on the old one). Not persisted: a
-    restart serves what the adapter directory holds (to make a swap permanent, change the directory)."""
+    """Atomically serve ``name`` from another bundle (requests in flight finish on the old one): a bundle directory
+    (published to the store as its new current version), a version already in the store, or (no body) the store's
+    current version re-read. Written to the store: every replica swaps within its store poll interval."""
     registry, _ = state.require_ready()
-    previous, entry = await registry.replace(name, body.path if body is not None else None)
+    path, version = (body.path, body.version) if body is not None else (None, None)
+    previous, entry = await registry.replace(name, path, version)
     return AdapterChange(adapter=summary(entry), previous_version=previous)
 
 
 @router.delete("/{name}", response_model=AdapterChange, dependencies=[Admin])
 async def remove_adapter(name: str, state: State) -> AdapterChange:
-    """Unregister (requests in flight finish). Not persisted: a restart loads the adapter directory again."""
+    """Stop serving (requests in flight finish): withdrawn from the store (its versions stay), so every replica
+    drops it. A legacy bundle directory cannot be withdrawn: this server forgets it until it is added again."""
     registry, _ = state.require_ready()
     entry = await registry.remove(name)
     return AdapterChange(adapter=summary(entry))

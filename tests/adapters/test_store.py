@@ -5,10 +5,6 @@ refused."""
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,35 +21,6 @@ def bundles(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "v1": make_bundle(tiny_base, root / "v1", name="sentiment", seed=1),
         "v2": make_bundle(tiny_base, root / "v2", name="sentiment", seed=2),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server in a process of its own, and one bucket."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        server.kill()
-        raise RuntimeError("moto's server did not start")
-    yield endpoint
-    server.terminate()
-    server.wait(10)
 
 
 def s3_store(endpoint: str, cache: Path, prefix: str) -> BundleStore:

@@ -27,6 +27,7 @@ import torch
 
 from adapters.embedded import resolve_model
 from adapters.predictive import AbstentionRule
+from adapters.store import BundleStore
 from service.engine import BatchingConfig, Engine, Job
 from service.host import ModelHost, TextInput
 from service.metrics import Metrics
@@ -129,8 +130,8 @@ def _one_step(base: Path, adapters: Path) -> dict[str, Any]:
 
     async def run() -> list:
         host = ModelHost(str(base))
-        registry = AdapterRegistry(host, adapters, budget_bytes=1 << 30)
-        assert await registry.load_directory() == []
+        registry = AdapterRegistry(host, BundleStore(adapters), budget_bytes=1 << 30)
+        assert await registry.load_store() == []
         kron, diag = registry.entry("kron").resident, registry.entry("diag").resident
         texts = [TextInput(t, None, kron.max_length) for t in [*TEXTS, FAMILIAR, NEWS]]
         tokens = max(host.token_counts(texts))

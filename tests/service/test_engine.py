@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adapters.predictive import AbstentionRule
+from adapters.store import BundleStore
 from adapters.vocab import PredictiveMode
 from service.engine import BatchingConfig, Engine, Job, JobResult
 from service.fields import PREDICTIVE_FIELDS
@@ -51,8 +52,8 @@ def _jobs(registry: AdapterRegistry, host: ModelHost) -> list[Job]:
 def test_a_step_mixing_50_adapters_and_3_methods_answers_each_as_alone(tiny_base: Path, fifty: Path) -> None:
     async def run() -> tuple[list[JobResult], list[JobResult]]:
         host = ModelHost(str(tiny_base))
-        registry = AdapterRegistry(host, fifty, budget_bytes=1 << 30)
-        assert await registry.load_directory() == []
+        registry = AdapterRegistry(host, BundleStore(fifty), budget_bytes=1 << 30)
+        assert await registry.load_store() == []
         engine = Engine(host, BatchingConfig(max_batch_rows=100_000, step_tokens=10**9), Metrics())
         engine.start()
         try:
@@ -85,8 +86,8 @@ def test_the_admitted_cost_kept_by_admission_is_what_the_jobs_have_left(tiny_bas
 
     async def run() -> list[tuple[int, int]]:
         host = ModelHost(str(tiny_base))
-        registry = AdapterRegistry(host, fifty, budget_bytes=1 << 30)
-        await registry.load_directory()
+        registry = AdapterRegistry(host, BundleStore(fifty), budget_bytes=1 << 30)
+        await registry.load_store()
         engine = Engine(host, BatchingConfig(step_tokens=64), Metrics())  # small steps: jobs run in pieces
 
         def afresh() -> int:
@@ -189,8 +190,8 @@ def test_a_job_passed_over_by_smaller_ones_goes_first_after_two_steps(tiny_base:
     """Small jobs fill each step whole; a bigger one waiting beside them used to get only the room they left,
     none under a steady stream of them. Passed over twice, its pieces go first."""
     host = ModelHost(str(tiny_base))
-    registry = AdapterRegistry(host, fifty, budget_bytes=1 << 30)
-    asyncio.run(registry.load_directory())
+    registry = AdapterRegistry(host, BundleStore(fifty), budget_bytes=1 << 30)
+    asyncio.run(registry.load_store())
     adapter = registry.entry("a1").resident
     text = [TextInput("a gorgeous, witty, seductive movie.", None, adapter.max_length)]
     tokens = max(host.token_counts(text))

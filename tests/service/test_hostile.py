@@ -64,7 +64,7 @@ def test_unloadable_entries_are_reported_and_the_rest_load(tiny_base: Path, tmp_
         info = app.get("/v1/info").json()
         assert [a["name"] for a in app.get("/v1/adapters").json()["adapters"]] == ["good"]
         problems = info["startup_problems"]
-        assert any(p.startswith("link-out:") and "outside the adapter directory" in p for p in problems)
+        assert any(p.startswith("link-out:") and "links outside the directory" in p for p in problems)
         assert sum("all named 'twin'" in p for p in problems) == 2  # neither twin wins by listing order
         assert load_failures(app) == 3
         for path in (tmp_path, tiny_base):  # no server paths for unauthenticated clients
@@ -287,7 +287,7 @@ def test_openapi_documents_security_errors_and_limits(client) -> None:
     assert document["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
     load = document["paths"]["/v1/adapters"]["post"]
     assert load["security"] == [{"adminToken": []}]
-    assert "Not persisted" in document["paths"]["/v1/adapters/{name}"]["put"]["description"]  # a restart reloads
+    assert "Written to the store" in document["paths"]["/v1/adapters/{name}"]["put"]["description"]  # every replica
     predict_op = document["paths"]["/v1/predict"]["post"]
     for status in ("400", "404", "413", "422", "429", "503", "504"):
         schema = predict_op["responses"][status]["content"]["application/json"]["schema"]

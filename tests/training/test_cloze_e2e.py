@@ -17,6 +17,7 @@ from adapters.manifest import CalibrationSpec
 from adapters.posteriors import MapPosterior
 from adapters.posteriors.base import make_generator
 from adapters.predictive import glm_logit_draws, predictive
+from adapters.store import BundleStore
 from adapters.tasks import DEFAULT_CLOZE_TEMPLATE, ChoiceFormat, mask_choices
 from benchmarks.harness import synthetic_bundle
 from service.engine import BatchingConfig, Engine, Job
@@ -125,8 +126,8 @@ def test_a_step_mixing_a_cloze_and_a_classification_adapter_answers_each_as_alon
 
     async def run(together: bool) -> list:
         host = ModelHost(str(llama))
-        registry = AdapterRegistry(host, adapters, budget_bytes=1 << 30)
-        assert await registry.load_directory() == []
+        registry = AdapterRegistry(host, BundleStore(adapters), budget_bytes=1 << 30)
+        assert await registry.load_store() == []
         arc, texts = registry.entry("arc").resident, registry.entry("texts").resident
         fmt = arc.manifest.task.choice_format
         items = [
