@@ -20,7 +20,7 @@ from adapters.manifest import CAVEAT_VERSION
 from service.deps import DISCONNECTED
 from service.errors import ServiceError, error_body
 from service.openapi import allowed_methods, document
-from service.routes import adapters, feedback, health, oip, predict
+from service.routes import adapters, feedback, health, oip, predict, repository
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.caveat = state
-    for router in (predict.router, feedback.router, adapters.router, health.router, oip.router):
+    for router in (predict.router, feedback.router, adapters.router, health.router, oip.router, repository.router):
         app.include_router(router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

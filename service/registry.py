@@ -55,6 +55,7 @@ from service.errors import (
     StoreUnavailableError,
 )
 from service.host import ModelHost
+from service.schemas import RepositoryIndexEntry
 
 log = logging.getLogger("caveat.serve")
 T = TypeVar("T")
@@ -327,6 +328,43 @@ class AdapterRegistry:
             self._on_change()
             return entry
 
+    async def repository_index(self) -> list[RepositoryIndexEntry]:
+        """Every adapter of the store and of this server, with its state here (the V2 repository index)."""
+        stored = await asyncio.to_thread(self._store_call, self.store.adapters)
+        index = {}
+        for name, version in stored.items():
+            reason = "unloaded from this server" if name in self._forgotten else "not loaded on this server yet"
+            index[name] = RepositoryIndexEntry(name=name, version=version.version, state="UNAVAILABLE", reason=reason)
+        for entry in self._entries.values():
+            ready = entry.resident is not None
+            index[entry.name] = RepositoryIndexEntry(
+                name=entry.name, version=entry.manifest.version, state="READY" if ready else "UNAVAILABLE",
+                reason="" if ready else "evicted (memory budget): loads on its next request",
+            )  # fmt: skip
+        return [index[name] for name in sorted(index)]
+
+    async def load(self, name: str) -> AdapterEntry:
+        """Serve the store's current version of ``name`` here (V2 repository ``load``): loaded, or re-read."""
+        self._forgotten.discard(name)
+        if name in self._entries:
+            return (await self.replace(name))[1]
+        stored = (
+            await asyncio.to_thread(self._store_call, self.store.current, name) if NAME_PATTERN.match(name) else None
+        )
+        if stored is None:
+            raise AdapterNotFoundError(f"adapter {name[:64]!r} is not in the store")
+        return await self._load_stored(name, stored)
+
+    async def unload(self, name: str) -> AdapterEntry:
+        """Drop ``name`` from this server only (V2 repository ``unload``): the store still serves it elsewhere; here
+        a request for it is refused until it is loaded again."""
+        async with self._lock:
+            entry = self.entry(name)
+            self._entries.pop(name)
+            self._forgotten.add(name)
+            self._on_change()
+            return entry
+
     async def load_store(self) -> list[str]:
         """Load every adapter the store serves; returns the problems (serving goes on).
 
@@ -399,7 +437,10 @@ class AdapterRegistry:
 
     async def _load_from_store(self, name: str) -> AdapterEntry:
         if name in self._forgotten:
-            raise AdapterNotFoundError(f"adapter {name!r} was removed; POST /v1/adapters adds it again")
+            raise AdapterNotFoundError(
+                f"adapter {name!r} was removed or unloaded on this server; POST /v1/adapters or "
+                f"/v2/repository/models/{name}/load serves it again"
+            )
         stored = await asyncio.to_thread(self._store_call, self.store.current, name)
         if stored is None:
             known = ", ".join(sorted(self._entries)) or "none"

@@ -179,6 +179,17 @@ class LoadAdapterRequest(_Request):
     pin: bool = Field(False, description="never evict under the memory budget")
 
 
+class RepositoryIndexRequest(_Request):
+    ready: bool = Field(False, description="only the models ready on this server")
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = ""
+
+
 class ReplaceAdapterRequest(_Request):
     path: str | None = Field(
         None, description="a new bundle directory, published to the store as the adapter's new current version"

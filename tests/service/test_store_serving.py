@@ -148,3 +148,30 @@ def test_the_store_may_be_an_s3_compatible_server(
         assert predict(client, "sentiment").status_code == 200
     finally:
         client.__exit__(None, None, None)
+
+
+def test_the_v2_repository_lists_loads_and_unloads_as_triton_does(tiny_base: Path, tmp_path: Path, bundles) -> None:
+    store = BundleStore(tmp_path / "store")
+    store.publish(bundles["a1"], "sentiment", "1")
+    client = running_app(tiny_base, tmp_path / "store")
+    try:
+        store.publish(bundles["b"], "topics", "1")  # after start-up: in the store, not loaded here
+        index = client.post("/v2/repository/index").json()
+        assert index == [
+            {"name": "sentiment", "version": "1", "state": "READY", "reason": ""},
+            {"name": "topics", "version": "1", "state": "UNAVAILABLE", "reason": "not loaded on this server yet"},
+        ]
+        assert client.post("/v2/repository/index", json={"ready": True}).json()[0]["name"] == "sentiment"
+        assert client.post("/v2/repository/models/topics/load").status_code == 200
+        assert client.get("/v2/models/topics/ready").json()["ready"] is True
+        assert client.post("/v2/repository/models/sentiment/unload").status_code == 200
+        refused = client.post("/v2/models/sentiment/infer", json={"inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fine"]}]})  # fmt: skip
+        assert refused.status_code == 404 and "unloaded" in refused.json()["error"]
+        assert store.current("sentiment") is not None  # unloaded here only: the store still serves it
+        missing = client.post("/v2/repository/models/nowhere/load")
+        assert missing.status_code == 404 and missing.json() == {"error": "adapter 'nowhere' is not in the store"}
+        anonymous = client.post("/v2/repository/models/topics/unload", headers={"Authorization": ""})
+        assert anonymous.status_code == 401
+    finally:
+        client.__exit__(None, None, None)
