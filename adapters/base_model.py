@@ -3,7 +3,8 @@ weights (a bundle's fingerprint is checked against them) and tokenize the same w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,17 +78,16 @@ def load_base(
             f"{name_or_path}: the folder has no config.json (write the model there with save_pretrained)"
         )
     offline = "" if local.exists() or hub_offline is None else hub_offline()
-    try:
+    with _loading(name_or_path, offline):
         tokenizer = AutoTokenizer.from_pretrained(path)
-        causal = multiple_choice or is_decoder(AutoConfig.from_pretrained(path))
-        model_class = AutoModelForCausalLM if causal else AutoModel
-        model = model_class.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        if offline:
-            raise BaseModelError(
-                f"{name_or_path}: not a local folder, not in the Hugging Face cache, and {offline}"
-            ) from exc
-        raise BaseModelError(f"{name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc
+        config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):  # the fingerprint and the conversions need float weights
+        raise BaseModelError(
+            f"{name_or_path} is quantised (quantization_config); Caveat adapts a float model: give the unquantised base"
+        )
+    causal = multiple_choice or is_decoder(config)
+    with _loading(name_or_path, offline):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(path, dtype=torch.float32)
     prepare_tokenizer(tokenizer)
     conv1d_as_linear(model)
     if not causal:
@@ -113,3 +113,16 @@ def conv1d_as_linear(model: nn.Module) -> int:
         setattr(modules[parent] if parent else model, child, linear)
         replaced += 1
     return replaced
+
+
+@contextmanager
+def _loading(name_or_path: str, offline: str) -> Iterator[None]:
+    """What the libraries raise while loading, as one :class:`BaseModelError` naming the model."""
+    try:
+        yield
+    except (OSError, ValueError, ImportError) as exc:
+        if offline:
+            raise BaseModelError(
+                f"{name_or_path}: not a local folder, not in the Hugging Face cache, and {offline}"
+            ) from exc
+        raise BaseModelError(f"{name_or_path} cannot be loaded: {str(exc).strip().splitlines()[0]}") from exc

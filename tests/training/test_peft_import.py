@@ -4,6 +4,7 @@ the fact, and exported back to PEFT (its logits are the bundle's MAP); each unre
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,12 @@ def test_what_cannot_be_imported_is_named_and_nothing_is_written(
     _fails(capsys, ["--from-peft", str(lora), *run], "holds NaN")
     save_file(weights, lora / WEIGHTS_FILE)
     _fails(capsys, ["--from-peft", str(lora), "--posterior", "ensemble", *run], "--posterior ensemble")
+    quantised = tmp_path / "quantised"
+    shutil.copytree(bases["bert"], quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantised / "config.json").write_text(json.dumps(config))
+    _fails(capsys, ["--from-peft", str(lora), "--base-model", str(quantised), *run], "is quantised")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
