@@ -21,7 +21,7 @@ ERROR_TEXT = {
     400: "Bad request: the body is well-formed but cannot be served as asked",
     401: "Missing or wrong admin token (feedback: the feedback token when one is set)",
     403: "The admin API is disabled (no admin token configured)",
-    404: "No such adapter (or version); feedback: no answer has that id",
+    404: "No such adapter (or version) here or in the bundle store; feedback: no answer has that id",
     409: "Conflicts with the adapters loaded (name taken, memory budget, bundle changed on disk); feedback: the "
     "answer already has a label, or an id appears twice",
     410: "Feedback: the answer is no longer held (dropped from the store, or past its time)",
@@ -29,7 +29,8 @@ ERROR_TEXT = {
     422: "The body does not validate (or a bundle is refused, or a label is not the adapter's)",
     429: "The queue is full (by requests or estimated cost); retry after Retry-After seconds",
     500: "The adapter produced non-finite probabilities, or an unexpected error; see the server log",
-    503: "Not ready (starting, failed start, or shutting down); feedback: the log cannot be written",
+    503: "Not ready (starting, failed start, or shutting down); the adapter is being loaded from the bundle store or "
+    "the store cannot be reached (retry after Retry-After seconds); feedback: the log cannot be written",
     504: "No answer within the request timeout; the work was stopped",
 }
 BODY = (413, 422)
@@ -46,8 +47,14 @@ STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v2/models/{model}"): (404, 503),
     ("get", "/v2/models/{model}/ready"): (404, 503),
     ("post", "/v2/models/{model}/infer"): PREDICT,
+    ("post", "/v2/repository/index"): (*BODY, 503),
+    ("post", "/v2/repository/models/{model}/load"): ADMIN,
+    ("post", "/v2/repository/models/{model}/unload"): (401, 403, 404, 503),
 }
-ADMIN_OPERATIONS = {("post", "/v1/adapters"), ("put", "/v1/adapters/{name}"), ("delete", "/v1/adapters/{name}")}
+ADMIN_OPERATIONS = {
+    ("post", "/v1/adapters"), ("put", "/v1/adapters/{name}"), ("delete", "/v1/adapters/{name}"),
+    ("post", "/v2/repository/models/{model}/load"), ("post", "/v2/repository/models/{model}/unload"),
+}  # fmt: skip
 TOKEN_OPERATIONS = ADMIN_OPERATIONS | {("post", "/v1/feedback")}  # a bearer token: admin's, or feedback's
 
 
