@@ -28,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from adapters.errors import CaveatError
+from adapters.files import replace_directory
 from adapters.manifest import MANIFEST_FILE
 
 CURRENT_FILE = "CURRENT"
@@ -234,11 +235,7 @@ class BundleStore:
             base = remote.rstrip("/").rsplit("/", 1)[-1]
             if self.fs.isfile(remote) and not base.startswith("."):
                 self.fs.get_file(remote, str(staging / base))
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, target)
 
 
 def _check_name(name: str) -> None:

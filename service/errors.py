@@ -63,11 +63,15 @@ class InvalidLabelError(ServiceError):
     status = 422
 
 
-class QueueFullError(ServiceError):
-    status = 429
+class RetryLaterError(ServiceError):
+    """An error the client should retry: the answer says when (``Retry-After``, seconds)."""
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class QueueFullError(RetryLaterError):
+    status = 429
 
 
 class ClientGoneError(ServiceError):
@@ -86,22 +90,16 @@ class NotReadyError(ServiceError):
     status = 503
 
 
-class AdapterLoadingError(ServiceError):
-    """The adapter is being loaded from the store (its first request, or after eviction took long): retry."""
+class AdapterLoadingError(RetryLaterError):
+    """The adapter is being loaded from the store (its first request took longer than the wait): retry."""
 
     status = 503
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
-
-class StoreUnavailableError(ServiceError):
+class StoreUnavailableError(RetryLaterError):
     """The bundle store cannot be reached."""
 
     status = 503
-
-    def __init__(self, message: str, retry_after_s: int = 2) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class FeedbackLogError(ServiceError):

@@ -31,7 +31,7 @@ from adapters.peft_lora import CONFIG_FILE, PREFIX, WEIGHTS_FILE
 from adapters.pooling import BASE_POOLER
 from adapters.vocab import Pooling, TaskType
 from training.config import ConfigError
-from training.pipeline import staged
+from training.pipeline import prepare_output, staged
 
 WEIGHTS = ("map", "mean")
 DESCRIPTION = (
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> Path:
         bundle = load_bundle(args.bundle)
     except (CaveatError, OSError) as exc:
         raise ConfigError(f"{args.bundle}: {exc}") from exc
-    _prepare_out(args.out, args.overwrite)
+    prepare_output(args.out, args.overwrite, marker=CONFIG_FILE, kind="a PEFT adapter", flag="")
     config, tensors = export(bundle, args.weights)
     with staged(args.out) as staging:
         staging.mkdir()
@@ -152,13 +152,3 @@ def _base_model_prefix(bundle: Bundle) -> str:
         return MODEL_MAPPING[CONFIG_MAPPING[architecture]].base_model_prefix
     except KeyError:
         raise ConfigError(f"{bundle.path}: architecture {architecture!r} is not one transformers knows") from None
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / CONFIG_FILE).is_file():
-            raise ConfigError(f"{out} holds other files; choose an empty or new directory")
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a PEFT adapter; pass --overwrite to replace it")

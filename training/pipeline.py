@@ -22,6 +22,7 @@ from adapters import (
 from adapters.bundle import conformal_spec
 from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.eval_card import EvalCard, OodEval, SplitEval, TrainingRecord
+from adapters.files import replace_directory
 from adapters.heads import HEAD_WEIGHT
 from adapters.manifest import (
     MANIFEST_FILE,
@@ -63,15 +64,18 @@ from training.report import render_report, summary_lines, write_reliability_png
 from training.session import Session, data_card, fit_map, prepare
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a directory that holds something else, or over a bundle unless asked."""
+def prepare_output(
+    out: Path, overwrite: bool, marker: str = MANIFEST_FILE, kind: str = "a bundle", flag: str = "--out "
+) -> None:
+    """Refuse to write into a directory that holds something else, or over ``kind`` (a directory with ``marker``)
+    unless asked; ``flag`` prefixes the path in messages."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+        raise ConfigError(f"{flag}{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST_FILE).is_file():
-            raise ConfigError(f"--out {out} holds other files; choose an empty or new directory")
+        if not (out / marker).is_file():
+            raise ConfigError(f"{flag}{out} holds other files; choose an empty or new directory")
         if not overwrite:
-            raise ConfigError(f"--out {out} already holds a bundle; pass --overwrite to replace it")
+            raise ConfigError(f"{flag}{out} already holds {kind}; pass --overwrite to replace it")
 
 
 @dataclass
@@ -362,15 +366,6 @@ def staged(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_directory(staging, out)
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing (empty or bundle) ``target`` is removed only after the move."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def run(config: TrainConfig) -> Path:
