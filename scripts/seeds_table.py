@@ -30,9 +30,13 @@ PUBLISHED = {
 def load(setting: str) -> dict[str, list[dict]]:
     """Variant-qualified method name → its row in every seed's JSON."""
     rows: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(RESULTS.glob(f"{setting}*-seed*.json")):
-        variant = path.stem[len(setting) :].rsplit("-seed", 1)[0].lstrip("-")
-        variant = "" if variant in MAIN_PARTS else variant
+
+    def part(path: Path) -> str:
+        return path.stem[len(setting) :].rsplit("-seed", 1)[0].lstrip("-")
+
+    paths = RESULTS.glob(f"{setting}*-seed*.json")  # the main variant first (its MAP heads the table), its parts next
+    for path in sorted(paths, key=lambda p: (part(p) != "", part(p) not in MAIN_PARTS, part(p), p.name)):
+        variant = "" if part(path) in MAIN_PARTS else part(path)
         for row in json.loads(path.read_text())["rows"]:
             name = row["posterior"] if not variant else f"{row['posterior']} ({variant})"
             rows[name].append(row)
