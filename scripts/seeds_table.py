@@ -17,7 +17,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "seeds"
 METRICS = ("accuracy", "ece", "nll", "brier")
-MAIN_PARTS = ("", "more")  # the main variant's methods, run in parts (each part trains the same seed's MAP)
+MAIN_PART = "more"  # the main variant's methods run in further parts (-more-<methods>), each on the seed's MAP
 # The published MAP → Laplace changes (ECE, NLL) of the nearest setting (docs/methods.md, published results)
 PUBLISHED = {
     "sst2": ("RoBERTa-large SST-2, r=16, Laplace at epoch 20", (0.026, 0.141),
@@ -35,8 +35,12 @@ def load(setting: str) -> dict[str, list[dict]]:
         return path.stem[len(setting) :].rsplit("-seed", 1)[0].lstrip("-")
 
     paths = RESULTS.glob(f"{setting}*-seed*.json")  # the main variant first (its MAP heads the table), its parts next
-    for path in sorted(paths, key=lambda p: (part(p) != "", part(p) not in MAIN_PARTS, part(p), p.name)):
-        variant = "" if part(path) in MAIN_PARTS else part(path)
+
+    def main_variant(name: str) -> bool:
+        return name == "" or name.split("-")[0] == MAIN_PART
+
+    for path in sorted(paths, key=lambda p: (part(p) != "", not main_variant(part(p)), part(p), p.name)):
+        variant = "" if main_variant(part(path)) else part(path)
         for row in json.loads(path.read_text())["rows"]:
             name = row["posterior"] if not variant else f"{row['posterior']} ({variant})"
             rows[name].append(row)

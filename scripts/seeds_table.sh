@@ -5,8 +5,8 @@
 # Usage: scripts/seeds_table.sh CONFIG [SEED ...]          (default seeds: 0 1 2)
 #   VARIANTS="main marglik llora-s" (default): main = every method on one MAP (the checked prior);
 #   marglik = Laplace diag/kron with the marginal-likelihood prior (the papers'); llora-s = trained projections;
-#   more = the main variant's methods in a second run (MORE_METHODS, default swag,vi,bayesian-lora: the same
-#   seed's MAP retrained; the table shows its rows beside main's).
+#   more = the main variant's methods in further runs (MORE_METHODS, default swag,vi,bayesian-lora: the same
+#   seed's MAP retrained; one file per method list, -more-<methods>; the table shows their rows beside main's).
 #   METHODS overrides main's methods. Each variant trains its own MAP (on a 2-core CPU a 30-epoch MiniLM MAP on
 #   2,000 sentences takes ~20 min; main adds the ensemble's and MC dropout's own MAPs).
 set -euo pipefail
@@ -23,7 +23,7 @@ for seed in "${seeds[@]}"; do
       main) methods=$main_methods; extra=(); suffix="" ;;
       marglik) methods=laplace-diag,laplace-kron; extra=(--prior marglik); suffix="-marglik" ;;
       llora-s) methods=map,laplace-kron; extra=(--train-projections); suffix="-llora-s" ;;
-      more) methods=${MORE_METHODS:-swag,vi,bayesian-lora}; extra=(); suffix="-more" ;;
+      more) methods=${MORE_METHODS:-swag,vi,bayesian-lora}; extra=(); suffix="-more-${methods//,/+}" ;;
       *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
     out="docs/results/seeds/$setting$suffix-seed$seed.json"

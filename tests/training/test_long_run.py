@@ -120,7 +120,8 @@ def test_the_seeds_table_renders_mean_std_changes_and_the_published_change(tmp_p
         (tmp_path / f"longrun-sst2-marglik-seed{seed}.json").write_text(
             json.dumps({"rows": [row("laplace-kron", 0.3, 0.5)]})
         )
-        (tmp_path / f"longrun-sst2-more-seed{seed}.json").write_text(json.dumps({"rows": [row("swag", 0.05, 0.2)]}))
+        swag = json.dumps({"rows": [row("swag", 0.05, 0.2)]})
+        (tmp_path / f"longrun-sst2-more-swag-seed{seed}.json").write_text(swag)
     lines = table.render("longrun-sst2").splitlines()
     kron = next(line for line in lines if line.startswith("| laplace-kron |"))
     assert "| 0.075 ± 0.035 |" in kron and "| -50% | -25% |" in kron and kron.endswith("| -42% / -4% |")
