@@ -86,23 +86,21 @@ class BundleStore:
         """Every adapter with a current version, by name. A versioned entry wins over a legacy directory claiming
         the same name; a name two legacy directories claim is left out (:meth:`legacy_rivals`): which one a listing
         puts first is no way to choose what serves."""
-        found = {name: claims[0] for name, claims in self._legacy_claims().items() if len(claims) == 1}
-        for entry in self._children(self.root):
-            base = entry.rsplit("/", 1)[-1]
-            if NAME_PATTERN.match(base) and self.fs.isfile(f"{entry}/{CURRENT_FILE}"):
-                found[base] = self._versioned(base)
-        return dict(sorted(found.items()))
+        versioned, claims = self._scan()
+        found = {name: legacy[0] for name, legacy in claims.items() if len(legacy) == 1}
+        return dict(sorted((found | {stored.name: stored for stored in versioned}).items()))
 
     def legacy_rivals(self) -> dict[str, list[str]]:
         """Names claimed by more than one legacy directory: name → the directories (none of them is served)."""
-        return {name: [c.key for c in claims] for name, claims in self._legacy_claims().items() if len(claims) > 1}
+        _, claims = self._scan()
+        return {name: [c.key for c in legacy] for name, legacy in claims.items() if len(legacy) > 1}
 
     def current(self, name: str) -> StoredVersion | None:
         """The current version of ``name`` (``None``: the store has none)."""
         _check_name(name)
         if self.fs.isfile(f"{self.root}/{name}/{CURRENT_FILE}"):
             return self._versioned(name)
-        claims = self._legacy_claims().get(name, [])
+        claims = self._scan()[1].get(name, [])
         return claims[0] if len(claims) == 1 else None
 
     def versions(self, name: str) -> list[str]:
@@ -178,18 +176,21 @@ class BundleStore:
             raise StoreError(f"{self.uri}: {name}/{CURRENT_FILE} names no valid version ({version[:64]!r})")
         return StoredVersion(name, version, f"{name}/{version}")
 
-    def _legacy_claims(self) -> dict[str, list[StoredVersion]]:
-        """Bundle directories directly under the root, by the name their manifest claims."""
+    def _scan(self) -> tuple[list[StoredVersion], dict[str, list[StoredVersion]]]:
+        """One listing of the root: the versioned adapters' current versions, and the legacy bundle directories by
+        the name their manifest claims."""
+        versioned: list[StoredVersion] = []
         claims: dict[str, list[StoredVersion]] = {}
         for entry in self._children(self.root):
             base = entry.rsplit("/", 1)[-1]
-            if self.fs.isfile(f"{entry}/{MANIFEST_FILE}"):
-                stored = self._legacy(base)
-                if stored is not None:
-                    claims.setdefault(stored.name, []).append(stored)
-        return claims
+            if NAME_PATTERN.match(base) and self.fs.isfile(f"{entry}/{CURRENT_FILE}"):
+                versioned.append(self._versioned(base))
+            elif (stored := self._legacy(base)) is not None:
+                claims.setdefault(stored.name, []).append(stored)
+        return versioned, claims
 
     def _legacy(self, base: str) -> StoredVersion | None:
+        """The legacy bundle directory ``base`` (``None``: no readable manifest there)."""
         try:
             manifest = json.loads(self.fs.cat_file(f"{self.root}/{base}/{MANIFEST_FILE}"))
             name, version = manifest["name"], manifest["version"]
