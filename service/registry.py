@@ -320,13 +320,11 @@ class AdapterRegistry:
         """Stop serving ``name``: withdrawn from the store (its versions stay) and unregistered here."""
         async with self._lock:
             entry = self.entry(name)
-            if entry.stored is not None and not entry.stored.legacy:
+            withdrawn = entry.stored is not None and not entry.stored.legacy
+            if withdrawn:
                 await asyncio.to_thread(self._store_call, self.store.withdraw, name)
-            else:  # a legacy directory cannot be withdrawn: this server forgets it until it is added again
-                self._forgotten.add(name)
-            self._entries.pop(name)
-            self._on_change()
-            return entry
+            # a legacy directory cannot be withdrawn: this server forgets it until it is added again
+            return self._drop(entry, forget=not withdrawn)
 
     async def repository_index(self) -> list[RepositoryIndexEntry]:
         """Every adapter of the store and of this server, with its state here (the V2 repository index)."""
@@ -348,9 +346,7 @@ class AdapterRegistry:
         self._forgotten.discard(name)
         if name in self._entries:
             return (await self.replace(name))[1]
-        stored = (
-            await asyncio.to_thread(self._store_call, self.store.current, name) if NAME_PATTERN.match(name) else None
-        )
+        stored = await self._stored_current(name)
         if stored is None:
             raise AdapterNotFoundError(f"adapter {name[:64]!r} is not in the store")
         return await self._load_stored(name, stored)
@@ -359,11 +355,7 @@ class AdapterRegistry:
         """Drop ``name`` from this server only (V2 repository ``unload``): the store still serves it elsewhere; here
         a request for it is refused until it is loaded again."""
         async with self._lock:
-            entry = self.entry(name)
-            self._entries.pop(name)
-            self._forgotten.add(name)
-            self._on_change()
-            return entry
+            return self._drop(self.entry(name), forget=True)
 
     async def load_store(self) -> list[str]:
         """Load every adapter the store serves; returns the problems (serving goes on).
@@ -419,8 +411,7 @@ class AdapterRegistry:
             if stored is None:
                 async with self._lock:
                     if self._entries.get(entry.name) is entry:
-                        self._entries.pop(entry.name)
-                        self._on_change()
+                        self._drop(entry, forget=False)
                         changes.append(f"{entry.name}: withdrawn")
             elif stored.key != entry.stored.key:
                 try:
@@ -441,7 +432,7 @@ class AdapterRegistry:
                 f"adapter {name!r} was removed or unloaded on this server; POST /v1/adapters or "
                 f"/v2/repository/models/{name}/load serves it again"
             )
-        stored = await asyncio.to_thread(self._store_call, self.store.current, name)
+        stored = await self._stored_current(name)
         if stored is None:
             known = ", ".join(sorted(self._entries)) or "none"
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded and not in the store (loaded: {known})")
@@ -465,8 +456,14 @@ class AdapterRegistry:
 
         return await asyncio.to_thread(self._store_call, publish)
 
+    async def _stored_current(self, name: str) -> StoredVersion | None:
+        """The store's current version of ``name`` (``None``: it has none, or ``name`` could not be one)."""
+        if not NAME_PATTERN.match(name):
+            return None
+        return await asyncio.to_thread(self._store_call, self.store.current, name)
+
     async def _current(self, name: str) -> tuple[StoredVersion, Path]:
-        stored = await asyncio.to_thread(self._store_call, self.store.current, name)
+        stored = await self._stored_current(name)
         if stored is None:
             raise ConflictError(f"adapter {name!r} has no current version in the store (withdrawn?)")
         return stored, await asyncio.to_thread(self._store_call, self.store.local_path, stored)
@@ -477,6 +474,15 @@ class AdapterRegistry:
         entry = AdapterEntry(version.name, local, version.manifest, version.sha256, pinned, version, stored=stored)
         self._entries[version.name] = entry
         self._forgotten.discard(version.name)
+        self._on_change()
+        return entry
+
+    def _drop(self, entry: AdapterEntry, forget: bool) -> AdapterEntry:
+        """Unregister ``entry`` (requests in flight finish on their version); ``forget``: a request for it is not
+        loaded from the store again on this server until it is added or loaded again."""
+        self._entries.pop(entry.name)
+        if forget:
+            self._forgotten.add(entry.name)
         self._on_change()
         return entry
 
