@@ -224,6 +224,11 @@ class CalibrationSpec(_Strict):
     )
 
 
+def fingerprinted_modules(modules: list[str], pooler_module: str | None) -> list[str]:
+    """The base's layers a bundle's fingerprint covers: the adapted ones, and the pooler its head reads through."""
+    return [*modules, *([pooler_module] if pooler_module else [])]
+
+
 class BundleManifest(_Strict):
     schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -248,9 +253,8 @@ class BundleManifest(_Strict):
 
     @property
     def fingerprinted_modules(self) -> list[str]:
-        """The base's layers the fingerprint covers: the adapted ones, and the pooler the head reads through."""
-        pooler = self.head.pooler_module
-        return [*self.adapter.modules, *([pooler] if pooler else [])]
+        """The base's layers the fingerprint covers (:func:`fingerprinted_modules`)."""
+        return fingerprinted_modules(self.adapter.modules, self.head.pooler_module)
 
     @field_validator("files")
     @classmethod
@@ -298,4 +302,5 @@ __all__ = [
     "PosteriorSpec",
     "ProjectionSpecRecord",
     "TaskSpec",
+    "fingerprinted_modules",
 ]

@@ -35,7 +35,7 @@ from adapters.defaults import CORE_INIT_STD
 from adapters.errors import CaveatError
 from adapters.eval_card import DataCard
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
-from adapters.manifest import ImportSpec
+from adapters.manifest import ImportSpec, fingerprinted_modules
 from adapters.peft_lora import PeftLora, read_peft_lora
 from adapters.pooling import BASE_POOLER, DenseTanhPooler
 from adapters.projections import Projection, spec_needs_data
@@ -241,7 +241,7 @@ def prepare(config: TrainConfig) -> Session:
     names = target_names(base, patterns)
     pooling = adapter.pooling or default_pooling(base.config)
     pooler_module = BASE_POOLER if pooling == Pooling.POOLER and not config.multiple_choice else None
-    fingerprint_value = base_fingerprint(base, names + ([pooler_module] if pooler_module else []))
+    fingerprint_value = base_fingerprint(base, fingerprinted_modules(names, pooler_module))
     lora_xs = LoraXSConfig(adapter.rank, adapter.alpha, tuple(patterns), adapter.projection, config.seed)
     moments, projection_data = _input_moments(base, names, train, encoder, config)
     projections = compute_projections(base, names, lora_xs, moments)
@@ -299,8 +299,7 @@ def _imported_session(
     stage.done("import")
     session = Session(
         config, task, train, validation, test, shift, ood, model, encoder, list(names), names,
-        base_fingerprint(loaded.model, names + ([imported.pooler_module] if imported.pooler_module else [])), None,
-        accelerator, stage,
+        base_fingerprint(loaded.model, fingerprinted_modules(names, imported.pooler_module)), None, accelerator, stage,
     )  # fmt: skip
     session.imported, session.pooler_module = record, imported.pooler_module
     return session
