@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from adapters.errors import (
     ShapeMismatchError,
     UnsafePathError,
 )
+from adapters.files import atomic_write
 from adapters.finite import first_non_finite
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.manifest import (
@@ -211,19 +211,9 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
     manifest.posterior.family = posterior_params.pop("family")
     manifest.posterior.params = posterior_params  # includes "names": the block order of θ
     text = manifest.model_dump_json(indent=2).encode()
-    _atomic_write(directory / MANIFEST_FILE, text)
+    atomic_write(directory / MANIFEST_FILE, text)
     bundle.path, bundle.sha256 = directory, hashlib.sha256(text).hexdigest()
     return directory
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it the mode a plain write would
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------- load

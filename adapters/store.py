@@ -28,7 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from adapters.errors import CaveatError
-from adapters.files import replace_directory
+from adapters.files import atomic_write, staged
 from adapters.manifest import MANIFEST_FILE
 
 CURRENT_FILE = "CURRENT"
@@ -204,12 +204,8 @@ class BundleStore:
         if not self.local:
             self.fs.pipe_file(path, text.encode())  # one object put: atomic for readers
             return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), text.encode())
 
     def _upload(self, directory: Path, key: str) -> None:
         """The bundle's files under ``key``, bundle.json last (a reader that sees it sees every file)."""
@@ -218,25 +214,19 @@ class BundleStore:
         if not manifest:
             raise StoreError(f"{directory}: no {MANIFEST_FILE} (not a bundle)")
         if self.local:
-            staging = Path(f"{key}.partial-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            for path in files:
-                shutil.copy2(path, staging / path.name)
-            os.replace(staging, key)
+            with staged(Path(key)) as staging:
+                for path in files:
+                    shutil.copy2(path, staging / path.name)
             return
         for path in [p for p in files if p.name != MANIFEST_FILE] + manifest:
             self.fs.put_file(str(path), f"{key}/{path.name}")
 
     def _download(self, key: str, target: Path) -> None:
-        staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for remote in self.fs.ls(f"{self.root}/{key}", detail=False):
-            base = remote.rstrip("/").rsplit("/", 1)[-1]
-            if self.fs.isfile(remote) and not base.startswith("."):
-                self.fs.get_file(remote, str(staging / base))
-        replace_directory(staging, target)
+        with staged(target) as staging:
+            for remote in self.fs.ls(f"{self.root}/{key}", detail=False):
+                base = remote.rstrip("/").rsplit("/", 1)[-1]
+                if self.fs.isfile(remote) and not base.startswith("."):
+                    self.fs.get_file(remote, str(staging / base))
 
 
 def _check_name(name: str) -> None:

@@ -25,13 +25,14 @@ from transformers import CONFIG_MAPPING, MODEL_MAPPING
 from adapters import load_bundle
 from adapters.bundle import Bundle
 from adapters.errors import CaveatError
+from adapters.files import staged
 from adapters.heads import HEAD_BIAS, HEAD_WEIGHT
 from adapters.lora_conversion import XsFactors, xs_to_lora
 from adapters.peft_lora import CONFIG_FILE, PREFIX, WEIGHTS_FILE
 from adapters.pooling import BASE_POOLER
 from adapters.vocab import Pooling, TaskType
 from training.config import ConfigError
-from training.pipeline import prepare_output, staged
+from training.pipeline import prepare_output
 
 WEIGHTS = ("map", "mean")
 DESCRIPTION = (
@@ -60,7 +61,6 @@ def main(argv: list[str]) -> Path:
     prepare_output(args.out, args.overwrite, marker=CONFIG_FILE, kind="a PEFT adapter", flag="")
     config, tensors = export(bundle, args.weights)
     with staged(args.out) as staging:
-        staging.mkdir()
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     kind = "sequence classification" if config["modules_to_save"] else "a causal LM (no modules_to_save)"

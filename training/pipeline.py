@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +18,7 @@ from adapters import (
 from adapters.bundle import conformal_spec
 from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.eval_card import EvalCard, OodEval, SplitEval, TrainingRecord
-from adapters.files import replace_directory
+from adapters.files import staged
 from adapters.heads import HEAD_WEIGHT
 from adapters.manifest import (
     MANIFEST_FILE,
@@ -351,21 +347,6 @@ def _training_record(session: Session, fitted: Fitted) -> TrainingRecord:
         stage_seconds=seconds,
         summary=f"{kept}; {sum(seconds.values()):.0f} s in all ({_stage_list(seconds)}).",
     )
-
-
-@contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A fresh directory beside ``out`` to write into; it replaces ``out`` when the block completes and is removed
-    when it fails, so the old ``out`` survives a failed write and nothing half-written is left."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replace_directory(staging, out)
 
 
 def run(config: TrainConfig) -> Path:

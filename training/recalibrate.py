@@ -31,6 +31,7 @@ from adapters.bundle import Bundle, conformal_spec
 from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.errors import CaveatError
 from adapters.feedback import LabelledAnswer, read_feedback
+from adapters.files import staged
 from adapters.manifest import AbstentionSpec
 from adapters.predictive import Predictive, predictive
 from adapters.tasks import valid_labels
@@ -38,7 +39,7 @@ from adapters.vocab import AbstentionKind, PosteriorFamily, PredictiveMode
 from training.calibration import fit_abstention, fit_temperature
 from training.config import ConfigError
 from training.metrics import classification_metrics
-from training.pipeline import prepare_output, staged
+from training.pipeline import prepare_output
 from training.report import render_report
 
 MIN_LABELS = 20  # fewer labelled answers to fit on cannot move a threshold honestly
