@@ -9,6 +9,7 @@ earlier lines are never rewritten, and a torn line (ended by the next append) is
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -52,7 +53,8 @@ class LabelledAnswer(BaseModel):
 class FeedbackLog:
     """Appends batches of :class:`LabelledAnswer` to rotated JSONL files in ``directory`` (created on first use).
 
-    Thread-safe: the server appends from worker threads, one batch at a time.
+    Thread- and process-safe: the server appends from worker threads, one batch at a time, and the processes of
+    ``caveat-serve --workers`` append to one log (an exclusive ``flock`` on ``.lock`` in the directory).
     """
 
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> None:
@@ -65,17 +67,22 @@ class FeedbackLog:
         data = "".join(answer.model_dump_json() + "\n" for answer in answers).encode()
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self._current(len(data))
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size and not _ends_with_newline(fd):  # a torn line from a crash: end it
-                    data = b"\n" + data
-                written = 0
-                while written < len(data):
-                    written += os.write(fd, data[written:])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(self.directory / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                return self._append(data)
+
+    def _append(self, data: bytes) -> Path:
+        path = self._current(len(data))
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size and not _ends_with_newline(fd):  # a torn line from a crash: end it
+                data = b"\n" + data
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return path
 
     def _current(self, incoming: int) -> Path:

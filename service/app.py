@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,9 +29,10 @@ log = logging.getLogger("caveat.serve")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's X-Request-ID is echoed only if it looks like one
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """An app for ``settings``; the base model loads in the background once the app starts."""
-    state = ServiceState(settings)
+def create_app(settings: Settings, shared: Path | None = None) -> FastAPI:
+    """An app for ``settings``; the base model loads in the background once the app starts. ``shared``: the run
+    directory of ``caveat-serve --workers`` (``service.workers``), where this worker's state meets the others'."""
+    state = ServiceState(settings, shared)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

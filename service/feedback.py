@@ -3,6 +3,7 @@ in the online metrics and appended to the durable log (``adapters.feedback``).
 
 The store holds the last ``feedback_store_size`` answers for ``feedback_ttl_s`` seconds (oldest dropped first, and
 counted); ids it dropped are remembered (as many again, ids only) so that a late label is told 410 Gone, not 404.
+The worker processes of one server share it (:class:`AnswerStore`).
 A batch is checked whole before anything is recorded: an unknown id (404), a dropped or expired one (410), one
 labelled before or twice in the batch (409), or a label the adapter does not have (422) refuses the batch, so a
 client can fix it and send it again without counting anything twice.
@@ -11,11 +12,13 @@ client can fix it and send it again without counting anything twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import secrets
+import sqlite3
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,6 @@ class ServedAnswer:
     method: str
     served_at: float
     num_choices: int | None = None
-    labelled: bool = False
 
 
 def answer_ids(count: int) -> list[str]:
@@ -54,48 +56,97 @@ def answer_ids(count: int) -> list[str]:
 
 
 class AnswerStore:
-    """Recent answers by id, bounded in count and age (``clock``: monotonic seconds)."""
+    """Recent answers by id, bounded in count and age (``clock``: monotonic seconds, one clock for every process of
+    a machine on Linux).
 
-    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    The answers live in SQLite: in memory for one process, or in the file ``path`` that the processes of
+    ``caveat-serve --workers N`` share, so that an answer one worker served takes its label through any other. Rows
+    are numbered in arrival order (``seq``); the last ``size`` are held, the ``size`` before them are remembered as
+    dropped (their answer erased), older rows are deleted. Every change is one transaction, so a label is claimed
+    by one request only, whichever process it reaches.
+    """
+
+    def __init__(
+        self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic, path: Path | None = None
+    ) -> None:
         self.size, self.ttl_s, self.clock = size, ttl_s, clock
-        self._answers: OrderedDict[str, tuple[float, ServedAnswer]] = OrderedDict()
-        self._gone: OrderedDict[str, None] = OrderedDict()
-        self.dropped = 0  # answers dropped unlabelled to keep the bound
+        self.dropped = 0  # answers this process's additions dropped unlabelled to keep the bound
+        self._db = sqlite3.connect(
+            ":memory:" if path is None else path, isolation_level=None, check_same_thread=False, timeout=10
+        )
+        if path is not None:  # the answers are a cache: no fsync, and readers never wait for the writer
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+        with self._transaction():
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS answers (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, "
+                "at REAL NOT NULL, labelled INTEGER NOT NULL DEFAULT 0, answer TEXT)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS answers_at ON answers (at)")
 
     def __len__(self) -> int:
-        return len(self._answers)
+        """Answers held and not expired."""
+        last = self._db.execute("SELECT max(seq) FROM answers").fetchone()[0]
+        if last is None:
+            return 0
+        first = self._db.execute(
+            "SELECT seq FROM answers WHERE at >= ? ORDER BY at LIMIT 1", (self.clock() - self.ttl_s,)
+        ).fetchone()
+        return 0 if first is None else last - max(first[0], last - self.size + 1) + 1
 
     def add(self, ids: Sequence[str], answers: Sequence[ServedAnswer]) -> None:
         now = self.clock()
-        for answer_id, answer in zip(ids, answers, strict=True):
-            self._answers[answer_id] = (now, answer)
-        while len(self._answers) > self.size:
-            _, (_, old) = self._forget(next(iter(self._answers)))
-            self.dropped += not old.labelled
+        rows = [(i, now, json.dumps(a.__dict__)) for i, a in zip(ids, answers, strict=True)]  # asdict: 10x slower
+        with self._transaction() as db:
+            db.executemany("INSERT INTO answers (id, at, answer) VALUES (?, ?, ?)", rows)
+            last = db.execute("SELECT max(seq) FROM answers").fetchone()[0]
+            bound = last - self.size  # rows up to here are no longer held; those of this batch's arrival are new
+            newly = (bound - len(rows), bound)
+            self.dropped += db.execute(
+                "SELECT count(*) FROM answers WHERE seq > ? AND seq <= ? AND labelled = 0 AND answer IS NOT NULL "
+                "AND at >= ?",
+                (*newly, now - self.ttl_s),
+            ).fetchone()[0]
+            db.execute("UPDATE answers SET answer = NULL WHERE seq > ? AND seq <= ?", newly)
+            db.execute("DELETE FROM answers WHERE seq <= ?", (bound - self.size,))
 
-    def get(self, answer_id: str) -> ServedAnswer:
-        """The answer of ``answer_id``; 404 when never held, 410 when dropped or expired."""
-        self._expire()
-        held = self._answers.get(answer_id)
-        if held is not None:
-            return held[1]
-        if answer_id in self._gone:
+    def get(self, answer_id: str) -> tuple[ServedAnswer, bool]:
+        """The answer of ``answer_id`` and whether it has its label; 404 when never held, 410 when dropped or
+        expired."""
+        row = self._db.execute("SELECT at, labelled, answer FROM answers WHERE id = ?", (answer_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no answer has id {answer_id!r}")
+        at, labelled, answer = row
+        if answer is None or at < self.clock() - self.ttl_s:
             raise GoneError(
                 f"answer {answer_id!r} is no longer held (answers are kept for {self.ttl_s:g} s, at most {self.size})"
             )
-        raise NotFoundError(f"no answer has id {answer_id!r}")
+        return ServedAnswer(**json.loads(answer)), bool(labelled)
 
-    def _expire(self) -> None:
-        cutoff = self.clock() - self.ttl_s
-        while self._answers and next(iter(self._answers.values()))[0] < cutoff:
-            self._forget(next(iter(self._answers)))
+    def claim(self, ids: Sequence[str]) -> list[str]:
+        """Mark the answers of ``ids`` labelled, all or none: the ids labelled already (nothing marked then)."""
+        marks = ",".join("?" * len(ids))
+        with self._transaction() as db:
+            taken = [r[0] for r in db.execute(f"SELECT id FROM answers WHERE labelled = 1 AND id IN ({marks})", ids)]
+            if not taken:
+                db.execute(f"UPDATE answers SET labelled = 1 WHERE id IN ({marks})", ids)
+        return taken
 
-    def _forget(self, answer_id: str) -> tuple[str, tuple[float, ServedAnswer]]:
-        held = self._answers.pop(answer_id)
-        self._gone[answer_id] = None
-        while len(self._gone) > self.size:
-            self._gone.popitem(last=False)
-        return answer_id, held
+    def release(self, ids: Sequence[str]) -> None:
+        """Undo :meth:`claim` (the labels could not be recorded)."""
+        with self._transaction() as db:
+            db.execute(f"UPDATE answers SET labelled = 0 WHERE id IN ({','.join('?' * len(ids))})", ids)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking the write lock at once (so that a check and its change see one state)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
 
 class Feedback:
@@ -106,8 +157,11 @@ class Feedback:
         self._writing = asyncio.Lock()  # one batch at a time reaches the log, in arrival order
 
     @classmethod
-    def from_settings(cls, size: int, ttl_s: float, directory: Path, max_bytes: int, metrics: Metrics) -> Feedback:
-        return cls(AnswerStore(size, ttl_s), metrics, FeedbackLog(directory, max_bytes))
+    def from_settings(
+        cls, size: int, ttl_s: float, directory: Path, max_bytes: int, metrics: Metrics, shared: Path | None = None
+    ) -> Feedback:
+        """``shared``: the answer store's file when several processes serve (``--workers``)."""
+        return cls(AnswerStore(size, ttl_s, path=shared), metrics, FeedbackLog(directory, max_bytes))
 
     def remember(self, ids: Sequence[str], answers: Sequence[ServedAnswer]) -> None:
         if self.store.size == 0:  # feedback switched off
@@ -124,16 +178,17 @@ class Feedback:
         The answers are marked labelled before the log is written, so that a concurrent batch with the same id is
         refused (409) rather than counted twice; a failed write unmarks them."""
         joined = self._join(items)
-        for _, answer, _ in joined:
-            answer.labelled = True
+        ids = [answer_id for answer_id, _, _ in joined]
+        taken = self.store.claim(ids)
+        if taken:  # labelled by a concurrent batch (of this process or another) since the check
+            raise ConflictError(f"feedback[{ids.index(taken[0])}].id: answer {taken[0]!r} already has a label")
         now = time.time()
         records = [_labelled(answer_id, answer, label, now) for answer_id, answer, label in joined]
         async with self._writing:
             try:
                 await asyncio.to_thread(self.log.append, records)
             except OSError as exc:
-                for _, answer, _ in joined:
-                    answer.labelled = False
+                self.store.release(ids)
                 log.error("feedback log %s: %s", self.log.directory, exc)
                 raise FeedbackLogError(
                     f"the feedback log cannot be written ({exc.strerror or exc}); nothing of this batch was recorded"
@@ -151,8 +206,8 @@ class Feedback:
             if answer_id in seen:
                 raise ConflictError(f"feedback[{index}].id: {answer_id!r} appears twice in this batch")
             seen.add(answer_id)
-            answer = self.store.get(answer_id)
-            if answer.labelled:
+            answer, labelled = self.store.get(answer_id)
+            if labelled:
                 raise ConflictError(f"feedback[{index}].id: answer {answer_id!r} already has a label")
             allowed = answer.labels[: answer.num_choices] if answer.num_choices else answer.labels
             if label not in allowed:

@@ -10,10 +10,12 @@ bins and prediction-set coverage (:meth:`Metrics.observe_feedback`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from adapters.bins import NLL_FLOOR, bin_index
 from adapters.feedback import LabelledAnswer
@@ -22,6 +24,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))  # 0.05 … 1.0
 PVALUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set for the workers, before they import prometheus_client
 MI_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7)
 
 
@@ -42,7 +45,9 @@ class Metrics:
             "caveat_queue_wait_seconds", "Time from admission to the start of its batch", buckets=LATENCY_BUCKETS,
             registry=r,
         )  # fmt: skip
-        self.queue_depth = Gauge("caveat_queue_depth", "Requests admitted and waiting for the model", registry=r)
+        self.queue_depth = Gauge(
+            "caveat_queue_depth", "Requests admitted and waiting for the model", registry=r, multiprocess_mode="livesum"
+        )
         self.batch_rows = Histogram(
             "caveat_batch_rows", "Rows (inputs × samples) per batched forward", buckets=ROW_BUCKETS, registry=r
         )
@@ -55,11 +60,17 @@ class Metrics:
         self.samples = Histogram(
             "caveat_samples_per_request", "Posterior samples per request", buckets=ROW_BUCKETS, registry=r
         )
-        self.adapters = Gauge("caveat_adapters_loaded", "Registered adapters by state", ["state"], registry=r)
-        self.adapter_bytes = Gauge("caveat_adapter_memory_bytes", "Device bytes of resident adapters", registry=r)
+        self.adapters = Gauge(
+            "caveat_adapters_loaded", "Registered adapters by state (the most of any worker process)", ["state"],
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.adapter_bytes = Gauge(
+            "caveat_adapter_memory_bytes", "Device bytes of resident adapters (all worker processes)", registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.adapter_own_bytes = Gauge(
             "caveat_adapter_own_bytes", "Device bytes of one resident adapter beyond the projections it may share",
-            ["adapter"], registry=r,
+            ["adapter"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.load_seconds = Histogram(
             "caveat_adapter_load_seconds", "Time to read, validate and place a bundle", buckets=LATENCY_BUCKETS,
@@ -135,9 +146,11 @@ class Metrics:
         )  # fmt: skip
         self.feedback_target = Gauge(
             "caveat_feedback_coverage_target", "The coverage prediction sets were served at (for alerts: the series' "
-            "own target as a number)", [*version, "target"], registry=r,
+            "own target as a number)", [*version, "target"], registry=r, multiprocess_mode="max",
         )  # fmt: skip
-        self.feedback_store = Gauge("caveat_feedback_store_answers", "Answers held for feedback", registry=r)
+        self.feedback_store = Gauge(
+            "caveat_feedback_store_answers", "Answers held for feedback", registry=r, multiprocess_mode="livemax"
+        )
         self.feedback_dropped = Counter(
             "caveat_feedback_dropped_total", "Answers dropped from the feedback store before a label came", registry=r
         )
@@ -185,4 +198,11 @@ class Metrics:
                 self.abstentions.labels(adapter, reason.split(" ", 1)[0]).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's series, or every worker's of ``caveat-serve --workers`` (prometheus_client's multiprocess
+        mode, on when ``PROMETHEUS_MULTIPROC_DIR`` is set: counters and histograms summed over the workers, live
+        and dead; gauges as each says)."""
+        if MULTIPROCESS_DIR not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)

@@ -260,6 +260,8 @@ class Info(BaseModel):
         "they run in separate forwards (measured at warm-up; null: not measured, inputs join up to the token budget)",
     )
     startup_problems: list[str]
+    workers: int = Field(1, description="server processes sharing this address (caveat-serve --workers)")
+    worker_pid: int = Field(description="the process that answered (one of the workers)")
 
 
 # ------------------------------------------------------------------------------- Open Inference Protocol

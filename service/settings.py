@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,13 @@ class Settings(BaseModel):
     )
     miss_wait_ms: float = Field(
         2000.0, ge=0, description="how long a request for an adapter being loaded from the store waits; then 503"
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes on one listening socket, each with the base model and its own engine; they "
+        "share the bundle store, the answers kept for feedback, the feedback log and /metrics (torch threads per "
+        "worker: the CPUs divided among them unless --torch-threads says)",
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -145,6 +153,11 @@ def settings_from(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     if settings.admin_token_file is not None and not settings.admin_token_file.is_file():
         parser.error(f"admin_token_file: {settings.admin_token_file} is not a readable file")
     return settings
+
+
+def configure_logging(level: str) -> None:
+    """The server's log format at ``level`` (the ``log_level`` setting), in the supervisor and in each worker."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build_parser() -> argparse.ArgumentParser:

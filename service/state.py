@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,7 @@ from service.engine import BatchingConfig, Engine
 from service.errors import NotReadyError
 from service.feedback import Feedback
 from service.host import ModelHost
-from service.metrics import Metrics
+from service.metrics import MULTIPROCESS_DIR, Metrics
 from service.registry import AdapterRegistry
 from service.settings import Settings
 
@@ -25,13 +27,14 @@ log = logging.getLogger("caveat.serve")
 
 
 class ServiceState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shared: Path | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.admin_token = settings.resolved_admin_token()
         self.feedback = Feedback.from_settings(
             settings.feedback_store_size, settings.feedback_ttl_s, settings.feedback_dir,
             int(settings.feedback_log_max_mb * 2**20), self.metrics,
+            shared=None if shared is None else shared / "answers.sqlite",
         )  # fmt: skip
         self.host: ModelHost | None = None
         self.registry: AdapterRegistry | None = None
@@ -42,6 +45,7 @@ class ServiceState:
         self.startup_problems: list[str] = []
         self._startup: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
+        self._resident_series: set[str] = set()  # adapters with a caveat_adapter_own_bytes series
 
     @property
     def ready(self) -> bool:
@@ -133,10 +137,15 @@ class ServiceState:
         for state in ("ready", "evicted"):
             self.metrics.adapters.labels(state).set(sum(e.state == state for e in entries))
         self.metrics.adapter_bytes.set(self.registry.used_bytes())
-        self.metrics.adapter_own_bytes.clear()  # evicted or removed adapters lose their series
-        for entry in entries:
-            if entry.resident is not None:
-                self.metrics.adapter_own_bytes.labels(entry.name).set(entry.resident.own_bytes)
+        own = {e.name: e.resident.own_bytes for e in entries if e.resident is not None}
+        for name in self._resident_series - own.keys():  # evicted or removed adapters lose their series
+            if MULTIPROCESS_DIR in os.environ:  # the workers' values live in files, where a removed series lingers
+                self.metrics.adapter_own_bytes.labels(name).set(0)
+            else:
+                self.metrics.adapter_own_bytes.remove(name)
+        for name, size in own.items():
+            self.metrics.adapter_own_bytes.labels(name).set(size)
+        self._resident_series = set(own)
 
     def _count_load(self, seconds: float | None, ok: bool) -> None:
         if seconds is not None:

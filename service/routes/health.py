@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -50,6 +51,8 @@ async def info(state: State) -> Info:
         step_tokens=state.engine.config.step_tokens if state.engine else None,
         split_padding=host.split_padding if host else None,
         startup_problems=state.startup_problems,
+        workers=settings.workers,
+        worker_pid=os.getpid(),
     )
 
 

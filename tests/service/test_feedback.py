@@ -149,7 +149,7 @@ def test_the_store_drops_the_oldest_beyond_its_bound_and_answers_410_for_them() 
     for dropped in ("id-0", "id-1"):
         with pytest.raises(GoneError, match="no longer held"):
             store.get(dropped)
-    assert store.get("id-4").probs == [0.7, 0.3]
+    assert store.get("id-4")[0].probs == [0.7, 0.3]
     with pytest.raises(NotFoundError):
         store.get("id-9")
 
@@ -267,3 +267,17 @@ def test_a_store_of_size_0_keeps_nothing_and_says_so(tiny_base: Path, tmp_path: 
         assert not (tmp_path / "log").exists()
     finally:
         client.__exit__(None, None, None)
+
+
+def test_two_stores_on_one_file_share_answers_and_claims(tmp_path: Path) -> None:
+    """The stores of two ``--workers`` processes: an answer one added is found by the other, and claimed once."""
+    first, second = (AnswerStore(10, 100, path=tmp_path / "answers.sqlite") for _ in range(2))
+    first.add(["a-0", "a-1"], [answer(), answer()])
+    assert second.get("a-1")[0].probs == [0.7, 0.3] and len(second) == 2
+    assert second.claim(["a-0"]) == []
+    assert first.claim(["a-1", "a-0"]) == ["a-0"] and not first.get("a-1")[1]  # all or none
+    second.release(["a-0"])
+    assert first.claim(["a-0", "a-1"]) == []
+    second.add([f"b-{i}" for i in range(10)], [answer() for _ in range(10)])
+    with pytest.raises(GoneError):
+        first.get("a-0")
