@@ -14,6 +14,10 @@ from service.workers import supervise
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(argv)
     configure_logging(settings.log_level)
+    if settings.engine == "ray":
+        from service.ray_serve import run  # the ray extra
+
+        return run(settings)
     if settings.workers > 1:
         return supervise(settings)
     serve(create_app(settings), settings)

@@ -357,6 +357,14 @@ class AdapterRegistry:
         async with self._lock:
             return self._drop(self.entry(name), forget=True)
 
+    async def release(self, name: str) -> None:
+        """Drop ``name`` here until its next request loads it from the store again (Ray Serve's multiplexer evicted
+        it from this replica); pinned adapters and names not loaded stay as they are."""
+        async with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and not entry.pinned and entry.stored is not None:
+                self._drop(entry, forget=False)
+
     async def load_store(self) -> list[str]:
         """Load every adapter the store serves; returns the problems (serving goes on).
 

@@ -34,6 +34,9 @@ class Settings(BaseModel):
         description="the bundle store every replica serves from: a local or shared directory, or an fsspec URL "
         "(s3://bucket/prefix; credentials and endpoint from the usual AWS_* variables) (default: --adapter-dir)",
     )
+    preload_adapters: bool = Field(
+        True, description="load every adapter of the store at start (off: each loads on its first request)"
+    )
     store_poll_s: float = Field(
         2.0, gt=0, description="how often the store is checked for new current versions (the hot-swap bound)"
     )
@@ -46,6 +49,21 @@ class Settings(BaseModel):
         description="server processes on one listening socket, each with the base model and its own engine; they "
         "share the bundle store, the answers kept for feedback, the feedback log and /metrics (torch threads per "
         "worker: the CPUs divided among them unless --torch-threads says)",
+    )
+    engine: Literal["uvicorn", "ray"] = Field(
+        "uvicorn",
+        description="uvicorn: this machine's processes (--workers); ray: a Ray Serve application on a local Ray "
+        "cluster (the ray extra), an ingress and --replicas worker replicas multiplexed by adapter",
+    )
+    replicas: int = Field(1, ge=1, description="Ray worker replicas (at least this many when --max-replicas is set)")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Ray autoscaling between --replicas and this on ongoing requests (unset: fixed)"
+    )
+    target_ongoing_requests: float = Field(
+        32.0, gt=0, description="ongoing requests per Ray worker replica the autoscaler aims at"
+    )
+    adapters_per_replica: int = Field(
+        16, ge=1, description="adapters a Ray worker replica holds; beyond, it drops its least recently used"
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")

@@ -97,7 +97,8 @@ class ServiceState:
                 miss_wait_s=settings.miss_wait_ms / 1000,
             )
             self.host, self.registry = host, registry
-            self.startup_problems = await registry.load_store()
+            if settings.preload_adapters:
+                self.startup_problems = await registry.load_store()
             self._watch = asyncio.create_task(self._watch_store(registry), name="caveat-store-watch")
             config = BatchingConfig(
                 settings.batching, settings.max_batch_rows, settings.max_wait_ms, settings.queue_size,

@@ -19,6 +19,7 @@ FUNCTION_IMPORTS_ALLOWED = {
     "laplace": "laplace-torch imports its three curvature backends (seconds); only a Laplace kron fit needs it",
     "matplotlib": "only the report draws; the Agg backend must be chosen before pyplot is imported",
     "matplotlib.pyplot": "imported after matplotlib.use('Agg')",
+    "service.ray_serve": "imports ray, an optional extra (caveat[ray]): only caveat-serve --engine ray needs it",
     "peft": "an optional extra (caveat[peft]): only --from-peft's check against PEFT's own model needs it",
 }
 

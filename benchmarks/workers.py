@@ -1,0 +1,110 @@
+"""One process against ``caveat-serve --workers 2``, side by side in one run, under ``wrk``.
+
+Both servers run at once (idle but for the one under load) with their defaults: one process takes every CPU for
+torch, two workers split them (one torch thread each on this 2-core machine). For each ``--methods`` (S =
+``--samples``) and ``--concurrency``, ``--rounds`` alternating ``wrk`` runs of ``--duration`` seconds per server:
+req/s (median over rounds), p50 and p99, and the ratio workers / one process. The adapter is
+``benchmarks.overhead``'s synthetic bundle with the embedded default's shape. Usage::
+
+    python benchmarks/workers.py --model tiny --json docs/benchmarks/workers-cpu-tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
+
+from benchmarks.harness import ServerProcess, write_results
+from benchmarks.overhead import bodies, prepare, uptime, wrk
+from benchmarks.serve import machine
+from training.data import rotten_tomatoes_snippets
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--workers", type=int, default=2, help="the multi-process server's workers")
+    parser.add_argument("--methods", nargs="+", default=["map", "sample"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--samples", type=int, default=16, help="network samples of method sample")
+    parser.add_argument("--duration", type=int, default=5, help="seconds of wrk load per point")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per server and point")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
+    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results["machine"] = {**machine(), "uptime_before": uptime()}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, adapters = prepare(args.model, args.samples, root)
+        servers = {
+            name: ServerProcess.start(base, adapters, root / f"{name}.log", "--workers", str(count),
+                                      "--queue-size", "4096", "--feedback-dir", str(root / f"feedback-{name}"))
+            for name, count in (("one", 1), ("workers", args.workers))
+        }  # fmt: skip
+        try:
+            results["points"] = measure(args, servers, root, texts)
+        finally:
+            for server in servers.values():
+                server.stop()
+    results["machine"]["uptime_after"] = uptime()
+    print(markdown(results["points"], args.workers))
+    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
+    write_results(args.json, results)
+
+
+def measure(args: argparse.Namespace, servers: dict[str, ServerProcess], root: Path, texts: list[str]) -> list:
+    points = []
+    for method in args.methods:
+        body_file = root / f"{method}.jsonl"
+        body_file.write_text("\n".join(bodies(method, args.samples, texts)) + "\n")
+        for server in servers.values():
+            wrk(server.url, max(args.concurrency), 1, body_file)  # warm-up
+        for concurrency in args.concurrency:
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            for _ in range(args.rounds):
+                for name, server in servers.items():
+                    runs[name].append(wrk(server.url, concurrency, args.duration, body_file))
+            point = {"method": method, "concurrency": concurrency}
+            for name, measured in runs.items():
+                point[name] = {
+                    "rps": statistics.median(r["rps"] for r in measured),
+                    "p50_ms": statistics.median(r["p50_ms"] for r in measured),
+                    "p99_ms": statistics.median(r["p99_ms"] for r in measured),
+                    "errors": sum(r["errors"] for r in measured),
+                    "runs": measured,
+                }
+            point["ratio"] = round(point["workers"]["rps"] / point["one"]["rps"], 2)
+            print(json.dumps({k: v for k, v in point.items() if k not in ("one", "workers")}), flush=True)
+            points.append(point)
+    return points
+
+
+def markdown(points: list[dict], workers: int) -> str:
+    lines = [
+        f"| method | c | 1 process: req/s | p50 ms | p99 ms | {workers} workers: req/s | p50 ms | p99 ms | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        one, many = p["one"], p["workers"]
+        lines.append(
+            f"| {p['method']} | {p['concurrency']} | {one['rps']:.0f} | {one['p50_ms']:.1f} | {one['p99_ms']:.1f} | "
+            f"{many['rps']:.0f} | {many['p50_ms']:.1f} | {many['p99_ms']:.1f} | {p['ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
