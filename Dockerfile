@@ -12,6 +12,8 @@ FROM ${BASE_IMAGE} AS build
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# optional extras, comma-separated: store (S3 bundle stores), ray (caveat-serve --engine ray; the RayService image)
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY docker/wheelhouse/ /wheels/
@@ -29,7 +31,7 @@ RUN python3 -m venv /opt/caveat \
        elif [ "${VARIANT}" = "cpu" ]; then torch_source="--index-url ${TORCH_CPU_INDEX}"; rest_source=""; \
        else torch_source=""; rest_source=""; fi \
     && /opt/caveat/bin/pip install $torch_source "torch==${TORCH_VERSION}" \
-    && /opt/caveat/bin/pip install $rest_source . \
+    && /opt/caveat/bin/pip install $rest_source ".${EXTRAS:+[$EXTRAS]}" \
     && /opt/caveat/bin/pip install $rest_source --no-deps -r requirements/nodeps.txt \
     && if /opt/caveat/bin/pip show torchvision > /dev/null 2>&1; then echo "torchvision must not be installed"; exit 1; fi
 

@@ -68,7 +68,10 @@ def test_image_installs_pyprojects_own_pins_and_no_torchvision() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     torch_pin = next(d for d in project["dependencies"] if d.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.split('==')[1]}" in dockerfile
-    assert "pip install $rest_source ." in dockerfile  # the project itself: pyproject's exact pins
+    # the project itself (with the EXTRAS build argument's extras): pyproject's exact pins
+    assert 'pip install $rest_source ".${EXTRAS:+[$EXTRAS]}"' in dockerfile
+    extras = set(project["optional-dependencies"]) - {"dev"}
+    assert {"store", "ray"} <= extras
     assert "--no-deps -r requirements/nodeps.txt" in dockerfile
     assert "torchvision must not be installed" in dockerfile
     assert not any("torchvision" in d for d in project["dependencies"])
