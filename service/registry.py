@@ -413,9 +413,9 @@ class AdapterRegistry:
             return []
         changes = []
         for entry in list(self._entries.values()):
-            if entry.stored is None or entry.stored.legacy:
-                continue  # a legacy directory changes in place: PUT re-reads it
             stored = current.get(entry.name)
+            if entry.stored is None or (entry.stored.legacy and (stored is None or stored.legacy)):
+                continue  # a legacy directory changes in place (PUT re-reads it) and cannot be withdrawn
             if stored is None:
                 async with self._lock:
                     if self._entries.get(entry.name) is entry:

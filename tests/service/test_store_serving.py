@@ -87,6 +87,26 @@ def test_admin_changes_write_the_store_and_another_replica_follows(tiny_base: Pa
         second.__exit__(None, None, None)
 
 
+def test_a_replica_serving_a_legacy_directory_follows_a_version_published_for_its_name(
+    tiny_base: Path, tmp_path: Path, bundles
+) -> None:
+    """Both replicas serve ``sentiment`` from a bundle directory directly under the store (the layout before
+    versions); a new version PUT through one becomes the store's current version, and the other follows it (it
+    kept serving the directory before: a legacy entry was never synced)."""
+    adapters = tmp_path / "store"
+    make_bundle(tiny_base, adapters / "sentiment", name="sentiment", version="1", seed=1)
+    make_bundle(tiny_base, adapters / "staged" / "v2", name="sentiment", version="2", seed=2)
+    first = running_app(tiny_base, adapters, store_poll_s=0.2)
+    second = running_app(tiny_base, adapters, store_poll_s=0.2)
+    try:
+        assert predict(second, "sentiment").json()["adapter"]["version"] == "1"
+        assert first.put("/v1/adapters/sentiment", json={"path": "staged/v2"}).status_code == 200
+        wait_for(lambda: predict(second, "sentiment").json()["adapter"]["version"] == "2", timeout=5)
+    finally:
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)
+
+
 def test_a_version_swapped_under_load_fails_no_request(tiny_base: Path, tmp_path: Path, bundles) -> None:
     store = BundleStore(tmp_path / "store")
     store.publish(bundles["a1"], "sentiment", "1")
