@@ -1,9 +1,10 @@
 """One process against ``caveat-serve --workers 2``, side by side in one run, under ``wrk``.
 
-Both servers run at once (idle but for the one under load) with their defaults: one process takes every CPU for
-torch, two workers split them (one torch thread each on this 2-core machine). For each ``--methods`` (S =
-``--samples``) and ``--concurrency``, ``--rounds`` alternating ``wrk`` runs of ``--duration`` seconds per server:
-req/s (median over rounds), p50 and p99, and the ratio workers / one process. The adapter is
+The servers run at once (idle but for the one under load): one process with its default torch threads (every
+CPU), one process with one torch thread (on a tiny model the better of the two), and ``--workers`` workers with
+their default (the CPUs divided among them). For each ``--methods`` (S = ``--samples``) and ``--concurrency``,
+``--rounds`` alternating ``wrk`` runs of ``--duration`` seconds per server: req/s (median over rounds), p50 and p99,
+and the ratio of the workers to the better single process at that point. The adapter is
 ``benchmarks.overhead``'s synthetic bundle with the embedded default's shape. Usage::
 
     python benchmarks/workers.py --model tiny --json docs/benchmarks/workers-cpu-tiny.json
@@ -49,10 +50,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, adapters = prepare(args.model, args.samples, root)
+        layouts = {"one": ["--workers", "1"], "one_1_thread": ["--workers", "1", "--torch-threads", "1"],
+                   "workers": ["--workers", str(args.workers)]}  # fmt: skip
         servers = {
-            name: ServerProcess.start(base, adapters, root / f"{name}.log", "--workers", str(count),
-                                      "--queue-size", "4096", "--feedback-dir", str(root / f"feedback-{name}"))
-            for name, count in (("one", 1), ("workers", args.workers))
+            name: ServerProcess.start(base, adapters, root / f"{name}.log", *flags, "--queue-size", "4096",
+                                      "--feedback-dir", str(root / f"feedback-{name}"))
+            for name, flags in layouts.items()
         }  # fmt: skip
         try:
             results["points"] = measure(args, servers, root, texts)
@@ -86,22 +89,25 @@ def measure(args: argparse.Namespace, servers: dict[str, ServerProcess], root: P
                     "errors": sum(r["errors"] for r in measured),
                     "runs": measured,
                 }
-            point["ratio"] = round(point["workers"]["rps"] / point["one"]["rps"], 2)
-            print(json.dumps({k: v for k, v in point.items() if k not in ("one", "workers")}), flush=True)
+            best = max(point["one"]["rps"], point["one_1_thread"]["rps"])
+            point["ratio"] = round(point["workers"]["rps"] / best, 2)
+            print(json.dumps({k: v for k, v in point.items() if k not in servers}), flush=True)
             points.append(point)
     return points
 
 
 def markdown(points: list[dict], workers: int) -> str:
     lines = [
-        f"| method | c | 1 process: req/s | p50 ms | p99 ms | {workers} workers: req/s | p50 ms | p99 ms | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | c | 1 process (all threads): req/s | p50 ms | 1 process (1 thread): req/s | p50 ms | "
+        f"{workers} workers: req/s | p50 ms | p99 ms | workers / better single |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        one, many = p["one"], p["workers"]
+        one, thin, many = p["one"], p["one_1_thread"], p["workers"]
         lines.append(
-            f"| {p['method']} | {p['concurrency']} | {one['rps']:.0f} | {one['p50_ms']:.1f} | {one['p99_ms']:.1f} | "
-            f"{many['rps']:.0f} | {many['p50_ms']:.1f} | {many['p99_ms']:.1f} | {p['ratio']:.2f} |"
+            f"| {p['method']} | {p['concurrency']} | {one['rps']:.0f} | {one['p50_ms']:.1f} | {thin['rps']:.0f} | "
+            f"{thin['p50_ms']:.1f} | {many['rps']:.0f} | {many['p50_ms']:.1f} | {many['p99_ms']:.1f} | "
+            f"{p['ratio']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """``caveat-serve --workers N``: N server processes on one listening socket, under a supervisor.
 
-The parent binds the socket, starts N spawned workers (each loads the base model once and runs its own engine and
-micro-batching) and restarts a worker that dies. The kernel hands each connection to one worker. What the workers
-share lives in a run directory the parent creates and removes:
+The parent binds one listening socket per worker on the same address (``SO_REUSEPORT``: the kernel spreads new
+connections evenly over them; one shared socket left most of a burst of connections with whichever worker woke
+first), starts N spawned workers (each loads the base model once and runs its own engine and micro-batching) and
+restarts a worker that dies on the same socket, whose queued connections wait for it. What the workers share lives
+in a run directory the parent creates and removes:
 
 - ``metrics/``: prometheus_client's multiprocess files, so that ``/metrics`` of any worker renders every worker's
   series (counters and histograms summed; gauges as :mod:`service.metrics` says);
@@ -27,7 +29,6 @@ import time
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
-import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.app import create_app
@@ -47,21 +48,38 @@ def supervise(settings: Settings) -> int:
     (run_dir / "metrics").mkdir()
     os.environ[MULTIPROCESS_DIR] = str(run_dir / "metrics")  # inherited by the workers, read at their import
     multiprocessing.allow_connection_pickling()
-    sock = uvicorn.Config(app=None, host=settings.host, port=settings.port).bind_socket()
+    sockets = listening_sockets(settings.host, settings.port, settings.workers)
     worker_settings = settings.model_copy(update={"torch_threads": settings.torch_threads or _threads(settings)})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     workers: list[SpawnProcess] = []
     try:
-        workers = [_start(worker_settings, sock, run_dir, i) for i in range(settings.workers)]
-        log.info("supervising %d workers (pids %s; %d torch threads each)", len(workers),
-                 ", ".join(str(w.pid) for w in workers), worker_settings.torch_threads)  # fmt: skip
-        return _watch(workers, worker_settings, sock, run_dir, stop)
+        workers = [_start(worker_settings, sockets[i], run_dir, i) for i in range(settings.workers)]
+        log.info("supervising %d workers on %s:%d (pids %s; %d torch threads each)", len(workers), settings.host,
+                 sockets[0].getsockname()[1], ", ".join(str(w.pid) for w in workers),
+                 worker_settings.torch_threads)  # fmt: skip
+        return _watch(workers, worker_settings, sockets, run_dir, stop)
     finally:
         _stop(workers, settings.drain_s)
-        sock.close()
+        for sock in sockets:
+            sock.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` sockets listening on ``host:port`` with ``SO_REUSEPORT`` (port 0: the first one's free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, sockets[0].getsockname()[1] if sockets else port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
 
 
 def _threads(settings: Settings) -> int:
@@ -78,7 +96,7 @@ def _start(settings: Settings, sock: socket.socket, run_dir: Path, index: int) -
 
 
 def _watch(
-    workers: list[SpawnProcess], settings: Settings, sock: socket.socket, run_dir: Path, stop: threading.Event
+    workers: list[SpawnProcess], settings: Settings, sockets: list[socket.socket], run_dir: Path, stop: threading.Event
 ) -> int:
     """Restart workers that die, until ``stop``; 1 when they die soon after starting again and again."""
     rapid_exits = 0
@@ -94,7 +112,7 @@ def _watch(
                           index, rapid_exits, RAPID_EXIT_S, worker.exitcode)  # fmt: skip
                 return 1
             log.warning("worker %d (pid %d) exited with code %s; starting another", index, worker.pid, worker.exitcode)
-            workers[index] = _start(settings, sock, run_dir, index)
+            workers[index] = _start(settings, sockets[index], run_dir, index)
     return 0
 
 
