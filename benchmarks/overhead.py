@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -100,20 +101,40 @@ def prepare(model: str, samples: int, root: Path) -> tuple[Path, Path]:
     return base, adapters
 
 
-def run_in_process(args: argparse.Namespace, measure: Callable[..., Awaitable[dict]], key: str | None = None) -> None:
-    """The frame of an in-process benchmark: ``measure(args, base, adapters, texts)`` on the prepared base and
-    adapter (``args.model``, ``args.samples``) and 256 review snippets, with the machine and its load before
-    and after; its results under ``key`` (``None``: merged) are printed and written to ``args.json``."""
+@dataclasses.dataclass
+class Prepared:
+    """What a benchmark runs on: its results so far (config, machine), a scratch directory, the prepared base and
+    adapter directory (``args.model``, ``args.samples``), and 256 review snippets."""
+
+    results: dict
+    root: Path
+    base: Path
+    adapters: Path
+    texts: list[str]
+
+
+@contextlib.contextmanager
+def prepared(args: argparse.Namespace) -> Iterator[Prepared]:
+    """The frame of a benchmark: the machine and its load before and after, the prepared base and adapter in a
+    scratch directory; on exit the results are written to ``args.json``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
     results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     results["machine"] = {**machine(), "uptime_before": uptime()}
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = prepare(args.model, args.samples, Path(tmp))
-        measured = asyncio.run(measure(args, base, adapters, texts))
-        results.update({key: measured} if key else measured)
+        yield Prepared(results, Path(tmp), base, adapters, texts)
     results["machine"]["uptime_after"] = uptime()
     print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
     write_results(args.json, results)
+
+
+def run_in_process(args: argparse.Namespace, measure: Callable[..., Awaitable[dict]], key: str | None = None) -> None:
+    """The frame of an in-process benchmark: ``measure(args, base, adapters, texts)`` in :func:`prepared`; its
+    results under ``key`` (``None``: merged)."""
+    with prepared(args) as run:
+        measured = asyncio.run(measure(args, run.base, run.adapters, run.texts))
+        run.results.update({key: measured} if key else measured)
 
 
 def bodies(method: str, samples: int, texts: list[str]) -> list[str]:
@@ -392,29 +413,18 @@ def adapters_markdown(points: dict) -> str:
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
-    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    results["machine"] = {**machine(), "uptime_before": uptime()}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base, adapters = prepare(args.model, args.samples, root)
+    with prepared(args) as run:
+        results = run.results
         if args.adapters:
-            results["adapters"] = adapters_sweep(args, base, adapters, root, texts)
+            results["adapters"] = adapters_sweep(args, run.base, run.adapters, run.root, run.texts)
+            print(adapters_markdown(results["adapters"]))
         else:
-            results["server"] = server_sweep(args, base, adapters, root, texts)
+            results["server"] = server = server_sweep(args, run.base, run.adapters, run.root, run.texts)
             if not args.server_only:
-                server = results["server"]
-                results["inprocess"] = asyncio.run(
-                    inprocess_all(args, base, adapters, texts, server["step_tokens"], server["split_padding"])
-                )
-    results["machine"]["uptime_after"] = uptime()
-    if args.adapters:
-        print(adapters_markdown(results["adapters"]))
-    elif not args.server_only:
-        print(markdown(results))
-    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    write_results(args.json, results)
+                results["inprocess"] = asyncio.run(inprocess_all(
+                    args, run.base, run.adapters, run.texts, server["step_tokens"], server["split_padding"]
+                ))  # fmt: skip
+                print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import random
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +34,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
 from adapters.architectures import BERT_TARGETS
-from benchmarks.harness import ServerProcess, synthetic_bundle, write_results
-from benchmarks.overhead import bodies, prepare, uptime, wrk
-from benchmarks.serve import machine
-from training.data import rotten_tomatoes_snippets
+from benchmarks.harness import ServerProcess, synthetic_bundle
+from benchmarks.overhead import bodies, prepared, wrk
 
 TEXT = "a gorgeous, witty, seductive movie."
 
@@ -228,31 +225,23 @@ def swap(base: Path, adapters: Path, root: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
-    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    results["machine"] = {**machine(), "uptime_before": uptime()}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base, adapters = prepare(args.model, args.samples, root)
+    with prepared(args) as run:
+        results = run.results
         if "throughput" in args.parts:
-            results["throughput"] = throughput(args, base, adapters, root, texts)
+            results["throughput"] = throughput(args, run.base, run.adapters, run.root, run.texts)
         if "affinity" in args.parts:
-            results["affinity"] = affinity(args, base, root)
+            results["affinity"] = affinity(args, run.base, run.root)
             print("affinity", results["affinity"], flush=True)
         if "kill" in args.parts:
-            results["kill"] = kill(args, base, adapters, root)
+            results["kill"] = kill(args, run.base, run.adapters, run.root)
             print("kill", results["kill"], flush=True)
         if "swap" in args.parts:
-            results["swap"] = swap(base, adapters, root)
+            results["swap"] = swap(run.base, run.adapters, run.root)
             print("swap", results["swap"], flush=True)
-    results["machine"]["uptime_after"] = uptime()
-    for point in results.get("throughput", []):
-        one, two = point["replicas_1"], point["replicas_2"]
-        print(f"| {point['method']} | {point['concurrency']} | {one['rps']:.0f} | {one['p50_ms']:.1f} | "
-              f"{two['rps']:.0f} | {two['p50_ms']:.1f} | {point['ratio']:.2f} |")  # fmt: skip
-    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    write_results(args.json, results)
+        for point in results.get("throughput", []):
+            one, two = point["replicas_1"], point["replicas_2"]
+            print(f"| {point['method']} | {point['concurrency']} | {one['rps']:.0f} | {one['p50_ms']:.1f} | "
+                  f"{two['rps']:.0f} | {two['p50_ms']:.1f} | {point['ratio']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

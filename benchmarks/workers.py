@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: benchmarks.* importable
 
-from benchmarks.harness import ServerProcess, write_results
-from benchmarks.overhead import bodies, prepare, uptime, wrk
-from benchmarks.serve import machine
-from training.data import rotten_tomatoes_snippets
+from benchmarks.harness import ServerProcess
+from benchmarks.overhead import bodies, prepared, wrk
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,29 +39,20 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    texts = [e.text for e in rotten_tomatoes_snippets()[:256]]
-    results: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    results["machine"] = {**machine(), "uptime_before": uptime()}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base, adapters = prepare(args.model, args.samples, root)
+    with prepared(args) as run:
         layouts = {"one": ["--workers", "1"], "one_1_thread": ["--workers", "1", "--torch-threads", "1"],
                    "workers": ["--workers", str(args.workers)]}  # fmt: skip
         servers = {
-            name: ServerProcess.start(base, adapters, root / f"{name}.log", *flags, "--queue-size", "4096",
-                                      "--feedback-dir", str(root / f"feedback-{name}"))
+            name: ServerProcess.start(run.base, run.adapters, run.root / f"{name}.log", *flags, "--queue-size",
+                                      "4096", "--feedback-dir", str(run.root / f"feedback-{name}"))
             for name, flags in layouts.items()
         }  # fmt: skip
         try:
-            results["points"] = measure(args, servers, root, texts)
+            run.results["points"] = measure(args, servers, run.root, run.texts)
         finally:
             for server in servers.values():
                 server.stop()
-    results["machine"]["uptime_after"] = uptime()
-    print(markdown(results["points"], args.workers))
-    print(results["machine"]["uptime_before"], "/", results["machine"]["uptime_after"])
-    write_results(args.json, results)
+        print(markdown(run.results["points"], args.workers))
 
 
 def measure(args: argparse.Namespace, servers: dict[str, ServerProcess], root: Path, texts: list[str]) -> list:
