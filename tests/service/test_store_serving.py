@@ -153,6 +153,25 @@ def test_a_damaged_version_is_refused_while_the_others_serve(tiny_base: Path, tm
         client.__exit__(None, None, None)
 
 
+def test_a_stored_version_that_links_out_of_the_store_is_refused(tiny_base: Path, tmp_path: Path, bundles) -> None:
+    """``topics/1`` is a symbolic link to a bundle outside the store: refused at start-up and on a request (the
+    link is never followed out), while the other adapter serves."""
+    store = BundleStore(tmp_path / "store")
+    store.publish(bundles["a1"], "sentiment", "1")
+    (tmp_path / "store" / "topics").mkdir()
+    (tmp_path / "store" / "topics" / "1").symlink_to(bundles["b"], target_is_directory=True)
+    (tmp_path / "store" / "topics" / "CURRENT").write_text("1\n")
+    client = running_app(tiny_base, tmp_path / "store")
+    try:
+        problems = client.get("/v1/info").json()["startup_problems"]
+        assert any(p.startswith("topics/1:") and "outside" in p for p in problems), problems
+        assert predict(client, "sentiment").status_code == 200
+        refused = predict(client, "topics")
+        assert refused.status_code in (400, 422) and "outside" in refused.json()["error"]["message"]
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_the_store_may_be_an_s3_compatible_server(
     tiny_base: Path, tmp_path: Path, bundles, s3_endpoint: str, monkeypatch
 ) -> None:
