@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 LOG_NAME = re.compile(r"feedback-(\d{6})\.jsonl")
 DEFAULT_MAX_BYTES = 64 * 2**20
+LOGGED_DRAWS = 64  # per-draw probabilities kept of a posterior answer (a GLM may draw 65,536)
 
 
 class LabelledAnswer(BaseModel):
@@ -48,6 +49,11 @@ class LabelledAnswer(BaseModel):
     method: str = ""
     served_at: float = Field(description="UNIX time of the answer")
     labelled_at: float = Field(description="UNIX time the label came back")
+    sample_probs: list[list[float]] | None = Field(
+        default=None,
+        description=f"a posterior predictive's per-draw probabilities (the first {LOGGED_DRAWS} draws, S × C): "
+        "what a temperature over that predictive is refitted on; none for the MAP",
+    )
 
 
 class FeedbackLog:

@@ -47,6 +47,7 @@ class ServedAnswer:
     method: str
     served_at: float
     num_choices: int | None = None
+    sample_probs: list[list[float]] | None = None  # a posterior predictive's first draws, for recalibration
 
 
 def answer_ids(count: int) -> list[str]:
@@ -163,8 +164,13 @@ class Feedback:
         """``shared``: the answer store's file when several processes serve (``--workers``)."""
         return cls(AnswerStore(size, ttl_s, path=shared), metrics, FeedbackLog(directory, max_bytes))
 
+    @property
+    def enabled(self) -> bool:
+        """Whether answers are kept (``feedback_store_size`` 0 switches feedback off)."""
+        return self.store.size > 0
+
     def remember(self, ids: Sequence[str], answers: Sequence[ServedAnswer]) -> None:
-        if self.store.size == 0:  # feedback switched off
+        if not self.enabled:
             return
         dropped = self.store.dropped
         self.store.add(ids, answers)
@@ -198,7 +204,7 @@ class Feedback:
         return len(records)
 
     def _join(self, items: Sequence[tuple[str, str]]) -> list[tuple[str, ServedAnswer, int]]:
-        if self.store.size == 0:
+        if not self.enabled:
             raise NotFoundError("this server keeps no answers for feedback (feedback_store_size is 0)")
         seen: set[str] = set()
         joined = []
@@ -224,5 +230,5 @@ def _labelled(answer_id: str, answer: ServedAnswer, label: int, now: float) -> L
         id=answer_id, adapter=answer.adapter, version=answer.version, sha256=answer.sha256, input=answer.input,
         label=label, label_name=answer.labels[label], probs=answer.probs, predicted=answer.predicted,
         prediction_set=answer.prediction_set, coverage=answer.coverage, abstained=answer.abstained,
-        method=answer.method, served_at=answer.served_at, labelled_at=now,
+        method=answer.method, served_at=answer.served_at, labelled_at=now, sample_probs=answer.sample_probs,
     )  # fmt: skip

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from adapters.cloze import ClozeInputError
+from adapters.feedback import LOGGED_DRAWS
 from adapters.predictive import AbstentionRule
 from adapters.predictives import PREDICTORS
 from service.engine import Engine, Job, JobResult
@@ -96,7 +97,8 @@ async def run_prediction(
         )
     result = await _answer(engine, job, settings.request_timeout_s, disconnected)
     result.values["id"] = ids = answer_ids(len(inputs))
-    state.feedback.remember(ids, _served(job, inputs, result))
+    if state.feedback.enabled:
+        state.feedback.remember(ids, _served(job, inputs, result))
     return Answer(adapter, predictor.mode, num_samples, seed, result, time.perf_counter() - start)
 
 
@@ -105,6 +107,8 @@ def _served(job: Job, inputs: list[Input], result: JobResult) -> list[ServedAnsw
     adapter, values, now = job.adapter, result.values, time.time()
     sets = values.get("prediction_set") or [None] * len(inputs)
     coverage = job.conformal_coverage
+    draws = result.pred.sample_probs
+    per_input = draws[:LOGGED_DRAWS].transpose(0, 1).tolist() if draws.shape[0] > 1 else [None] * len(inputs)
     served = []
     for i, item in enumerate(inputs):
         answer = ServedAnswer(
@@ -112,7 +116,7 @@ def _served(job: Job, inputs: list[Input], result: JobResult) -> list[ServedAnsw
             input=item if isinstance(item, str) else item.model_dump(exclude_none=True),
             probs=values["probs"][i], predicted=values["label"][i], prediction_set=sets[i],
             coverage=None if sets[i] is None else coverage, abstained=values["abstain"][i], method=job.method,
-            served_at=now, num_choices=job.inputs[i].num_choices,
+            served_at=now, num_choices=job.inputs[i].num_choices, sample_probs=per_input[i],
         )  # fmt: skip
         served.append(answer)
     return served

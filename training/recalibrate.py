@@ -9,8 +9,11 @@ part in its manifest and report.
 
 The temperature is exact for a bundle that serves its MAP (the default when the posterior does not beat it):
 ``softmax(log p / τ)`` of the served ``p = softmax(f / T)`` is ``softmax(f / (T τ))``, so the new bundle serves
-temperature ``T τ``. A bundle that serves a posterior predictive mixes draws, which a temperature over the
-mixture does not reproduce; it is refused.
+temperature ``T τ``. A bundle that serves a posterior predictive mixes draws ``p̄ = mean_s softmax(f_s / T)``, which a
+temperature over the mixture does not reproduce; the server logs such an answer's per-draw probabilities (its
+first :data:`adapters.feedback.LOGGED_DRAWS`), and the temperature is fitted over the draws:
+``mean_s softmax(log q_s / τ)`` with ``q_s = softmax(f_s / T)`` is the predictive at temperature ``T τ`` — exact for
+those draws, a Monte-Carlo estimate of the served predictive beyond them.
 """
 
 from __future__ import annotations
@@ -116,19 +119,14 @@ def labelled_answers(bundle: Bundle, path: Path) -> list[LabelledAnswer]:
 
 def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, seed: int) -> Recalibration:
     """Fit on a seeded ``1 − holdout`` share of ``records``, report on the rest."""
-    posterior = bundle.manifest.posterior
-    if posterior.predictive != PredictiveMode.MAP and posterior.family != PosteriorFamily.MAP:
-        raise ConfigError(
-            f"{bundle.name}: it serves the {posterior.predictive} posterior predictive; recalibration "
-            "refits a temperature exactly only for a bundle that serves its MAP (see docs/design.md, feedback)"
-        )
+    _check_draws(bundle, records)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
     cut = len(records) - max(1, round(holdout * len(records)))
     fit_part, held = [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
     if len(fit_part) < MIN_LABELS:
         raise ConfigError(f"{len(records)} labelled answers leave {len(fit_part)} to fit on; at least {MIN_LABELS}")
     log_p, labels = _served(fit_part)
-    tau = fit_temperature(log_p.unsqueeze(0), labels)
+    tau = fit_temperature(log_p, labels)
     fitted = predictive(log_p, tau)
     rules = [_refit(rule, fitted, labels) for rule in bundle.manifest.calibration.abstention]
     conformal, alpha = None, None
@@ -142,10 +140,30 @@ def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, s
     return Recalibration(tau, rules, conformal, before, after, len(fit_part), len(held))
 
 
+def _check_draws(bundle: Bundle, records: list[LabelledAnswer]) -> None:
+    """A bundle serving a posterior predictive is refitted over its answers' logged draws: every record has them."""
+    posterior = bundle.manifest.posterior
+    if posterior.predictive == PredictiveMode.MAP or posterior.family == PosteriorFamily.MAP:
+        return
+    missing = sum(r.sample_probs is None for r in records)
+    if missing:
+        raise ConfigError(
+            f"{bundle.name}: it serves the {posterior.predictive} posterior predictive, and {missing} of its "
+            f"{len(records)} labelled answers carry no per-draw probabilities (answered by method map, or logged by "
+            "a server before they were); a temperature over a posterior predictive is refitted over its draws"
+        )
+
+
 def _served(records: list[LabelledAnswer]) -> tuple[Tensor, Tensor]:
-    """Log-probabilities ``(N, C)`` as served (the floor keeps a 0 finite) and labels ``(N,)``."""
-    probs = torch.tensor([r.probs for r in records], dtype=torch.float64)
-    return probs.clamp_min(1e-300).log(), torch.tensor([r.label for r in records])
+    """Log-probabilities as served (the floor keeps a 0 finite) and labels ``(N,)``: ``(1, N, C)`` of the served
+    probabilities, or ``(S, N, C)`` of a posterior answer's logged draws (the fewest any record has)."""
+    labels = torch.tensor([r.label for r in records])
+    if all(r.sample_probs is not None for r in records):
+        draws = min(len(r.sample_probs) for r in records)
+        probs = torch.tensor([r.sample_probs[:draws] for r in records], dtype=torch.float64).transpose(0, 1)
+    else:
+        probs = torch.tensor([r.probs for r in records], dtype=torch.float64).unsqueeze(0)
+    return probs.clamp_min(1e-300).log(), labels
 
 
 def _refit(rule: AbstentionSpec, pred: Predictive, labels: Tensor) -> AbstentionSpec:

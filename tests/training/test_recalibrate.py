@@ -110,11 +110,50 @@ def test_bad_logs_exit_2_and_write_nothing(loop, records, message, tmp_path: Pat
     assert not out.exists() and not list(tmp_path.glob(".new*"))
 
 
-def test_a_bundle_that_serves_a_posterior_is_refused(tiny_base: Path, tmp_path: Path, capsys) -> None:
+def test_a_posterior_bundle_without_logged_draws_is_refused(tiny_base: Path, tmp_path: Path, capsys) -> None:
     make_bundle(tiny_base, tmp_path / "d", name="m", family="diag", seed=2)
     log = write_log(tmp_path / "log.jsonl", labelled())
     assert main(["recalibrate", str(tmp_path / "d"), "--labels", str(log), "--out", str(tmp_path / "new")]) == 2
-    assert "serves the sample posterior predictive" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "serves the sample posterior predictive" in err and "carry no per-draw probabilities" in err
+
+
+def test_a_posterior_bundle_is_refitted_over_its_logged_draws_and_served_exactly(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """The served posterior predictive mixes S draws; the log keeps them, the temperature is fitted over them, and
+    the new version serves, for the same request and seed, exactly the predictive of those draws at that
+    temperature (before: a bundle serving a posterior could not be recalibrated)."""
+    adapters = tmp_path / "adapters"
+    make_bundle(tiny_base, adapters / "d", name="d", family="diag", seed=2, core_scale=3.0, variance=0.5)
+    client = running_app(tiny_base, adapters, feedback_dir=tmp_path / "log")
+    try:
+        request = {"adapter": "d", "inputs": TEXTS, "method": "sample", "num_samples": 8, "seed": 3}
+        results = client.post("/v1/predict", json=request).json()["results"]
+        generator = torch.Generator().manual_seed(1)
+        flips = torch.bernoulli(torch.full((len(results),), 0.35), generator=generator).bool().tolist()
+        items = [{"id": r["id"], "label": ["negative", "positive"][(r["label"] == "positive") ^ f]}
+                 for r, f in zip(results, flips, strict=True)]  # fmt: skip
+        assert client.post("/v1/feedback", json={"feedback": items}).status_code == 200
+        records, _ = read_feedback(tmp_path / "log")
+        assert all(len(r.sample_probs) == 8 for r in records)
+        out = adapters / "d-2"
+        assert main(["recalibrate", str(adapters / "d"), "--labels", str(tmp_path / "log"), "--out", str(out),
+                     "--version", "2"]) == 0  # fmt: skip
+        tau = load_bundle(out).manifest.eval.recalibration["temperature_over_served"]
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))
+        fitted = [records[i] for i in order[: load_bundle(out).manifest.eval.recalibration["fitted_on"]]]
+        draws = torch.tensor([r.sample_probs for r in fitted], dtype=torch.float64).transpose(0, 1).log()
+        assert tau == pytest.approx(fit_temperature(draws, torch.tensor([r.label for r in fitted])), rel=1e-12)
+        assert client.put("/v1/adapters/d", json={"path": "d-2"}).status_code == 200
+        after = client.post("/v1/predict", json=request).json()["results"]
+        logged = torch.tensor([r.sample_probs for r in records], dtype=torch.float64).transpose(0, 1).log()
+        by_id = {r.id: i for i, r in enumerate(records)}
+        expected = predictive(logged, tau).probs[[by_id[r["id"]] for r in results]].double()
+        served = torch.tensor([r["probs"] for r in after], dtype=torch.float64)
+        torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+    finally:
+        client.__exit__(None, None, None)
 
 
 def test_a_log_line_that_is_not_a_record_is_named(loop, tmp_path: Path, capsys) -> None:
