@@ -18,11 +18,13 @@ from service.metrics import Metrics
 REQUESTS = 5000
 
 
-def served(count: int) -> list[ServedAnswer]:
+def served(count: int, draws: int = 0) -> list[ServedAnswer]:
+    """``count`` answers; with ``draws``, a posterior answer's per-draw probabilities too (what the store keeps)."""
     now = time.time()
+    sample_probs = [[0.1, 0.9]] * draws or None
     return [
         ServedAnswer("a", "1", "", ["negative", "positive"], "a gorgeous, witty, seductive movie.", [0.1, 0.9], 1,
-                     None, None, False, "map", now)
+                     None, None, False, "map" if not draws else "sample", now, sample_probs=sample_probs)
         for _ in range(count)
     ]  # fmt: skip
 
@@ -30,12 +32,14 @@ def served(count: int) -> list[ServedAnswer]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         feedback = Feedback(AnswerStore(20_000, 86_400), Metrics(), FeedbackLog(Path(tmp)))
-        for count in (1, 16):
-            start = time.perf_counter()
-            for _ in range(REQUESTS):
-                feedback.remember(answer_ids(count), served(count))
-            per_request = (time.perf_counter() - start) / REQUESTS
-            print(f"{count:>2} inputs per request: {per_request * 1e6:.1f} µs per request")
+        for draws in (0, 16):
+            for count in (1, 16):
+                start = time.perf_counter()
+                for _ in range(REQUESTS):
+                    feedback.remember(answer_ids(count), served(count, draws))
+                per_request = (time.perf_counter() - start) / REQUESTS
+                kind = f"S = {draws} draws kept" if draws else "map"
+                print(f"{count:>2} inputs per request, {kind}: {per_request * 1e6:.1f} µs per request")
 
 
 if __name__ == "__main__":
