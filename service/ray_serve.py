@@ -175,12 +175,16 @@ proxy = FastAPI(title="Caveat on Ray Serve", docs_url=None, redoc_url=None, open
 @serve.deployment(name="CaveatIngress")
 @serve.ingress(proxy)
 class CaveatIngress:
-    def __init__(self, worker: DeploymentHandle) -> None:
+    def __init__(self, worker: DeploymentHandle, max_body_bytes: int) -> None:
         self.worker = worker
+        self.max_body_bytes = max_body_bytes
 
     @proxy.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request) -> Response:
-        body = await request.body()
+        body = await self._body(request)
+        if body is None:  # the worker's app would refuse it too; the ingress does not hold it to find out
+            message = f"request body larger than this server's limit of {self.max_body_bytes} bytes"
+            return JSONResponse(error_body(413, "PayloadTooLargeError", message, None), status_code=413)
         name = adapter_of(request.method, request.url.path, body)
         handle = self.worker.options(multiplexed_model_id=name) if name else self.worker
         client = (request.client.host, request.client.port) if request.client else None
@@ -200,6 +204,19 @@ class CaveatIngress:
         # the app's own headers, content-length included; Ray's proxy adds the request id it gave the app
         response.raw_headers = [(k, v) for k, v in answer.headers if k.lower() != b"x-request-id"]
         return response
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, or ``None`` once it is larger than ``max_body_bytes`` (declared or sent)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def application(settings: Settings, shared: Path) -> Application:
@@ -222,7 +239,8 @@ def application(settings: Settings, shared: Path) -> Application:
         )
         .bind(worker_settings, str(shared))
     )
-    return CaveatIngress.options(max_ongoing_requests=settings.queue_size * settings.replicas).bind(worker)
+    ingress = CaveatIngress.options(max_ongoing_requests=settings.queue_size * settings.replicas)
+    return ingress.bind(worker, settings.max_body_bytes)
 
 
 def build(args: dict[str, str]) -> Application:

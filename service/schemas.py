@@ -260,7 +260,9 @@ class Info(BaseModel):
         "they run in separate forwards (measured at warm-up; null: not measured, inputs join up to the token budget)",
     )
     startup_problems: list[str]
-    workers: int = Field(1, description="server processes sharing this address (caveat-serve --workers)")
+    workers: int = Field(
+        1, description="server processes sharing this address: --workers, or under Ray the worker replicas at start"
+    )
     worker_pid: int = Field(description="the process that answered (one of the workers)")
 
 

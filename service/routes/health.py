@@ -51,7 +51,7 @@ async def info(state: State) -> Info:
         step_tokens=state.engine.config.step_tokens if state.engine else None,
         split_padding=host.split_padding if host else None,
         startup_problems=state.startup_problems,
-        workers=settings.workers,
+        workers=settings.replicas if settings.engine == "ray" else settings.workers,
         worker_pid=os.getpid(),
     )
 

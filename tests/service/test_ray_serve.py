@@ -138,6 +138,15 @@ def test_a_replaced_adapter_is_served_by_every_replica_within_5_s(
             assert set(pool.map(lambda _: predict(admin, "alpha").json()["adapter"]["version"], range(8))) == {"2"}
 
 
+def test_the_ingress_refuses_a_body_over_the_limit_in_the_error_shape(ray_server: Server) -> None:
+    with ray_server.client() as client:
+        response = client.post("/v1/predict", content=b"x" * (1_048_576 + 1),
+                               headers={"content-type": "application/json"})  # fmt: skip
+        assert response.status_code == 413
+        assert response.json()["error"]["type"] == "PayloadTooLargeError"
+        assert predict(client, "alpha").status_code == 200
+
+
 def test_a_replica_killed_under_load_loses_no_request(ray_server: Server) -> None:
     victim = min(replica_pids(ray_server))
     statuses: list[int] = []
