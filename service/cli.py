@@ -15,8 +15,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(argv)
     configure_logging(settings.log_level)
     if settings.engine == "ray":
-        from service.ray_serve import run  # the ray extra
-
+        try:
+            from service.ray_serve import run  # the ray extra
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "ray":
+                raise
+            print("caveat-serve: --engine ray needs Ray Serve: pip install '.[ray]'", file=sys.stderr)
+            return 2
         return run(settings)
     if settings.workers > 1:
         return supervise(settings)

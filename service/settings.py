@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters.options import add_flag, scalar_type
 
@@ -141,6 +141,12 @@ class Settings(BaseModel):
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_front(self) -> Settings:
+        if self.engine == "ray" and self.workers > 1:
+            raise ValueError("--workers is for --engine uvicorn; under Ray, --replicas sets the worker processes")
+        return self
 
     def resolved_admin_token(self) -> str | None:
         """The admin token from ``admin_token`` or, failing that, ``admin_token_file``."""

@@ -44,11 +44,15 @@ ORPHAN_POLL_S = 1.0
 
 def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` workers until SIGTERM/SIGINT; 0 after an orderly stop, 1 when workers keep dying."""
+    try:
+        sockets = listening_sockets(settings.host, settings.port, settings.workers)
+    except OSError as exc:  # what uvicorn says when it cannot bind, without a traceback
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return 1
     run_dir = Path(tempfile.mkdtemp(prefix="caveat-serve-"))
     (run_dir / "metrics").mkdir()
     os.environ[MULTIPROCESS_DIR] = str(run_dir / "metrics")  # inherited by the workers, read at their import
     multiprocessing.allow_connection_pickling()
-    sockets = listening_sockets(settings.host, settings.port, settings.workers)
     worker_settings = settings.model_copy(update={"torch_threads": settings.torch_threads or _threads(settings)})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

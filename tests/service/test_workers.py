@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -152,3 +155,33 @@ def test_sigterm_to_the_supervisor_stops_every_worker_and_exits_0(
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert set(Path(tempfile.gettempdir()).glob("caveat-serve-*")) <= before  # removed
+
+
+def test_an_address_in_use_is_a_clear_error_not_a_traceback(tiny_base: Path, adapter_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "--workers", "2", "--port", str(port), "--base-model",
+             str(tiny_base), "--adapter-dir", str(adapter_dir)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--engine", "ray", "--workers", "2"], "--workers is for --engine uvicorn"),
+        (["--engine", "ray"], "--engine ray needs Ray Serve: pip install '.[ray]'"),
+    ],
+)
+def test_ray_options_that_cannot_run_say_why(argv: list[str], message: str) -> None:
+    """Without the ray extra (simulated: the module is made unimportable) or with both fronts at once: exit 2."""
+    code = "import sys; sys.modules['ray'] = None; from service.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                            check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
