@@ -49,6 +49,9 @@ class LabelledAnswer(BaseModel):
     method: str = ""
     served_at: float = Field(description="UNIX time of the answer")
     labelled_at: float = Field(description="UNIX time the label came back")
+    ood_pvalue: float | None = Field(
+        default=None, description="the served OOD p-value (adapters with an OOD score): how far out the input was"
+    )
     sample_probs: list[list[float]] | None = Field(
         default=None,
         description=f"a posterior predictive's per-draw probabilities (the first {LOGGED_DRAWS} draws, S × C): "

@@ -48,6 +48,7 @@ class ServedAnswer:
     served_at: float
     num_choices: int | None = None
     sample_probs: list[list[float]] | None = None  # a posterior predictive's first draws, for recalibration
+    ood_pvalue: float | None = None  # how far out the input was (adapters with an OOD score)
 
 
 def answer_ids(count: int) -> list[str]:
@@ -231,4 +232,5 @@ def _labelled(answer_id: str, answer: ServedAnswer, label: int, now: float) -> L
         label=label, label_name=answer.labels[label], probs=answer.probs, predicted=answer.predicted,
         prediction_set=answer.prediction_set, coverage=answer.coverage, abstained=answer.abstained,
         method=answer.method, served_at=answer.served_at, labelled_at=now, sample_probs=answer.sample_probs,
+        ood_pvalue=answer.ood_pvalue,
     )  # fmt: skip

@@ -109,6 +109,7 @@ def _served(job: Job, inputs: list[Input], result: JobResult) -> list[ServedAnsw
     coverage = job.conformal_coverage
     draws = result.pred.sample_probs
     per_input = draws[:LOGGED_DRAWS].transpose(0, 1).tolist() if draws.shape[0] > 1 else [None] * len(inputs)
+    pvalues = result.ood_pvalue or [None] * len(inputs)
     served = []
     for i, item in enumerate(inputs):
         answer = ServedAnswer(
@@ -116,7 +117,7 @@ def _served(job: Job, inputs: list[Input], result: JobResult) -> list[ServedAnsw
             input=item if isinstance(item, str) else item.model_dump(exclude_none=True),
             probs=values["probs"][i], predicted=values["label"][i], prediction_set=sets[i],
             coverage=None if sets[i] is None else coverage, abstained=values["abstain"][i], method=job.method,
-            served_at=now, num_choices=job.inputs[i].num_choices, sample_probs=per_input[i],
+            served_at=now, num_choices=job.inputs[i].num_choices, sample_probs=per_input[i], ood_pvalue=pvalues[i],
         )  # fmt: skip
         served.append(answer)
     return served

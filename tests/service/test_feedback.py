@@ -96,6 +96,23 @@ def test_online_metrics_equal_the_offline_ones_on_the_same_labelled_stream(serve
     assert torn == 0 and [r.id for r in records][-len(items) :] == [i["id"] for i in items]
     last = records[-1]
     assert last.input == TEXTS[-1] and last.probs == results[-1]["probs"] and last.coverage == 0.5
+    sampled = records[-len(items) :][:cut]  # method sample, S = 3
+    assert all(len(r.sample_probs) == 3 for r in sampled)  # the draws, for recalibration
+    draws = torch.tensor([r.sample_probs for r in sampled], dtype=torch.float64).mean(dim=1)
+    torch.testing.assert_close(draws, torch.tensor([r.probs for r in sampled], dtype=torch.float64))
+
+
+def test_a_labelled_answer_carries_its_served_ood_pvalue(tiny_base: Path, tmp_path: Path) -> None:
+    make_bundle(tiny_base, tmp_path / "adapters" / "far", name="far", ood_method="mahalanobis", variance=0.3)
+    client = running_app(tiny_base, tmp_path / "adapters", feedback_dir=tmp_path / "log")
+    try:
+        results = predict(client, "far", TEXTS[:3], method="map")
+        assert send(client, [{"id": r["id"], "label": "negative"} for r in results]).status_code == 200
+        records, _ = read_feedback(tmp_path / "log")
+        assert [r.ood_pvalue for r in records] == [r["uncertainty"]["ood_pvalue"] for r in results]
+        assert all(r.sample_probs is None for r in records)  # the MAP has no draws to keep
+    finally:
+        client.__exit__(None, None, None)
 
 
 def test_refusals_name_the_item_and_record_nothing(served) -> None:
