@@ -46,7 +46,7 @@ class Settings(BaseModel):
     workers: int = Field(
         1,
         ge=1,
-        description="server processes on one listening socket, each with the base model and its own engine; they "
+        description="server processes on one address, each with the base model and its own engine; they "
         "share the bundle store, the answers kept for feedback, the feedback log and /metrics (torch threads per "
         "worker: the CPUs divided among them unless --torch-threads says)",
     )

@@ -1,4 +1,4 @@
-"""``caveat-serve --workers N``: N server processes on one listening socket, under a supervisor.
+"""``caveat-serve --workers N``: N server processes on one address, under a supervisor.
 
 The parent binds one listening socket per worker on the same address (``SO_REUSEPORT``: the kernel spreads new
 connections evenly over them; one shared socket left most of a burst of connections with whichever worker woke
