@@ -211,8 +211,19 @@ class ImportSpec(_Strict):
     checked_inputs: int = Field(gt=0, description="validation inputs the logits were compared on")
 
 
+class FarTemperature(_Strict):
+    """A temperature for the inputs the OOD score places far out: refitted on production labels of such inputs
+    (``caveat-train recalibrate --by-ood``), while the others keep the validation-calibrated one."""
+
+    pvalue_below: float = Field(gt=0, le=1, description="inputs whose served OOD p-value is below this")
+    temperature: float = Field(gt=0, description="are served at this temperature instead")
+
+
 class CalibrationSpec(_Strict):
     temperature: float = Field(default=1.0, gt=0)
+    far_temperature: FarTemperature | None = Field(
+        default=None, description="another temperature for inputs far out by the OOD score (bundles with one)"
+    )
     abstention: list[AbstentionSpec] = Field(default_factory=list)
     choice: str | None = Field(
         default=None,

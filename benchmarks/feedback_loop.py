@@ -7,6 +7,7 @@
    the drug reviews not labelled (held out) and the SST-2 test split before and after.
 
     python -m benchmarks.feedback_loop --bundle bundles/sst2-minilm --json docs/results/feedback-loop-cpu.json
+    python -m benchmarks.feedback_loop --by-ood --skip-coverage --json docs/results/feedback-loop-by-ood-cpu.json
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def coverage_table(
 
 def loop(
     client: TestClient, adapter: str, root: Path, drugs: list[Example], test: list[Example], labels: list[str],
-    count: int, seed: int,
+    count: int, seed: int, recalibrate_flags: list[str],
 ) -> dict:  # fmt: skip
     order = torch.randperm(len(drugs), generator=torch.Generator().manual_seed(seed)).tolist()
     production, held_out = [drugs[i] for i in order[:count]], [drugs[i] for i in order[count:]]
@@ -96,7 +97,7 @@ def loop(
               "sst2 test": figures(serve(client, adapter, test), test, labels)}  # fmt: skip
     out = root / "adapters" / f"{adapter}-recalibrated"
     source = root / "adapters" / adapter
-    argv = ["recalibrate", str(source), "--labels", str(root / "feedback"), "--out", str(out)]
+    argv = ["recalibrate", str(source), "--labels", str(root / "feedback"), "--out", str(out), *recalibrate_flags]
     assert train_main(argv) == 0, "recalibrate failed"
     client.put(f"/v1/adapters/{adapter}", json={"path": out.name}).raise_for_status()
     after = {"drug reviews (held out)": figures(serve(client, adapter, held_out), held_out, labels),
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=300, help="drug reviews labelled in production")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--by-ood", action="store_true", help="recalibrate the far-out inputs only (--by-ood)")
+    parser.add_argument("--skip-coverage", action="store_true", help="measure the loop only")
     args = parser.parse_args()
     config = parse_config(["--shift", "drugreviews", "--out", "unused"])  # the embedded default's splits
     task, _, validation, test, shift, _ = load_splits(config)
@@ -127,8 +130,18 @@ def main() -> None:
             result = {
                 "machine": {**machine(), "torch_threads": torch.get_num_threads()},
                 "bundle": str(args.bundle),
-                "coverage": coverage_table(client, name, validation, test, labels),
-                "loop": loop(client, name, root, shift[1], test, labels, args.labels, args.seed),
+                "coverage": None if args.skip_coverage else coverage_table(client, name, validation, test, labels),
+                "loop": loop(
+                    client,
+                    name,
+                    root,
+                    shift[1],
+                    test,
+                    labels,
+                    args.labels,
+                    args.seed,
+                    ["--by-ood"] if args.by_ood else [],
+                ),
             }
     print(json.dumps(result, indent=2))
     if args.json:

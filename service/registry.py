@@ -31,7 +31,7 @@ from adapters.batching import AdapterWeights
 from adapters.bundle import Bundle, load_bundle, parse_manifest
 from adapters.cloze import ClozeReadout
 from adapters.errors import BundleError
-from adapters.manifest import MANIFEST_FILE, BundleManifest
+from adapters.manifest import MANIFEST_FILE, BundleManifest, FarTemperature
 from adapters.pooling import DenseTanhPooler
 from adapters.predictive import AbstentionRule
 from adapters.predictives import Predictor, PredictorUnavailableError, predictor_for
@@ -105,6 +105,10 @@ class AdapterVersion:
     @property
     def temperature(self) -> float:
         return self.manifest.calibration.temperature
+
+    @property
+    def far_temperature(self) -> FarTemperature | None:
+        return self.manifest.calibration.far_temperature if self.bundle.ood is not None else None
 
     def predictor(self, method: str | None = None) -> Predictor:
         """The predictive mode a request asking for ``method`` runs with (``None``: the one the bundle was evaluated

@@ -35,7 +35,7 @@ from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.errors import CaveatError
 from adapters.feedback import LabelledAnswer, read_feedback
 from adapters.files import staged
-from adapters.manifest import AbstentionSpec
+from adapters.manifest import AbstentionSpec, FarTemperature
 from adapters.predictive import Predictive, predictive
 from adapters.tasks import valid_labels
 from adapters.vocab import AbstentionKind, PosteriorFamily, PredictiveMode
@@ -60,6 +60,7 @@ class Recalibration:
     after: dict[str, float]
     fitted_on: int
     held_out: int
+    far_below: float | None = None  # --by-ood: the temperature is for inputs with a p-value below this
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, required=True, help="directory for the new bundle version")
     parser.add_argument("--holdout", type=float, default=0.3, help="fraction of the labels kept out for the report")
+    parser.add_argument(
+        "--by-ood",
+        action="store_true",
+        help="refit a temperature only for the inputs the OOD score placed far out (served p-value below "
+        "--ood-pvalue-below); the others keep the bundle's calibration, and the thresholds and conformal sets stay",
+    )
+    parser.add_argument(
+        "--ood-pvalue-below",
+        type=float,
+        default=None,
+        help="with --by-ood: the p-value below which an input is far out (default: the bundle's ood rule level, "
+        "else 0.01)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
     parser.add_argument("--version", default=None, help="the new version (default: a UTC timestamp)")
     parser.add_argument("--overwrite", action="store_true", help="replace a bundle in --out")
@@ -86,7 +100,10 @@ def main(argv: list[str]) -> Path:
     except (CaveatError, OSError) as exc:
         raise ConfigError(f"{args.bundle}: {exc}") from exc
     records = labelled_answers(bundle, args.labels)
-    result = recalibrate(bundle, records, args.holdout, args.seed)
+    if args.by_ood:
+        result = recalibrate_far(bundle, records, args.holdout, args.seed, args.ood_pvalue_below)
+    else:
+        result = recalibrate(bundle, records, args.holdout, args.seed)
     path = write(bundle, result, args.out, args.version, args.labels)
     print(summary(result, path))
     return path
@@ -138,6 +155,44 @@ def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, s
     before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha)
     after = _figures(predictive(held_log_p, tau), held_labels, held, conformal, alpha)
     return Recalibration(tau, rules, conformal, before, after, len(fit_part), len(held))
+
+
+def recalibrate_far(
+    bundle: Bundle, records: list[LabelledAnswer], holdout: float, seed: int, below: float | None
+) -> Recalibration:
+    """``--by-ood``: a temperature fitted only on the records whose input was far out (served OOD p-value below
+    ``below``), served to such inputs only (``calibration.far_temperature``); the figures are on all held-out
+    records, far ones at the new temperature and the others as served."""
+    if bundle.ood is None:
+        raise ConfigError(f"{bundle.name}: --by-ood needs a bundle with an OOD score")
+    below = below if below is not None else _ood_level(bundle)
+    if not 0 < below <= 1:
+        raise ConfigError("--ood-pvalue-below must be in (0, 1]")
+    if any(r.ood_pvalue is None for r in records):
+        raise ConfigError(f"{bundle.name}: --by-ood needs the served OOD p-value of every labelled answer (logged "
+                          "by servers since this release)")  # fmt: skip
+    _check_draws(bundle, records)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
+    cut = len(records) - max(1, round(holdout * len(records)))
+    fit_part, held = [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
+    far = [r for r in fit_part if r.ood_pvalue < below]
+    if len(far) < MIN_LABELS:
+        raise ConfigError(f"{len(far)} of the labels to fit on were far out (p < {below:g}); at least {MIN_LABELS}")
+    log_p, labels = _served(far)
+    tau = fit_temperature(log_p, labels)
+    held_log_p, held_labels = _served(held)
+    per_record = torch.tensor([tau if r.ood_pvalue < below else 1.0 for r in held], dtype=torch.float64)
+    alpha = bundle.manifest.conformal.alpha if bundle.conformal is not None else None
+    before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha)
+    after = _figures(predictive(held_log_p / per_record.view(1, -1, 1)), held_labels, held, bundle.conformal, alpha)
+    rules = list(bundle.manifest.calibration.abstention)
+    return Recalibration(tau, rules, None, before, after, len(far), len(held), far_below=below)
+
+
+def _ood_level(bundle: Bundle) -> float:
+    """The p-value level of the bundle's ood abstention rule, else 0.01."""
+    rule = next((r for r in bundle.manifest.calibration.abstention if r.kind == AbstentionKind.OOD), None)
+    return float(rule.threshold) if rule is not None else 0.01
 
 
 def _check_draws(bundle: Bundle, records: list[LabelledAnswer]) -> None:
@@ -203,14 +258,18 @@ def write(bundle: Bundle, result: Recalibration, out: Path, version: str | None,
     manifest = bundle.manifest.model_copy(deep=True)
     manifest.version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
     manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest.calibration.temperature = manifest.calibration.temperature * result.temperature
+    if result.far_below is None:
+        manifest.calibration.temperature = manifest.calibration.temperature * result.temperature
+    else:
+        far = manifest.calibration.temperature * result.temperature
+        manifest.calibration.far_temperature = FarTemperature(pvalue_below=result.far_below, temperature=far)
     manifest.calibration.abstention = result.rules
     if result.conformal is not None:
         manifest.conformal = conformal_spec(result.conformal, manifest.conformal.alpha)
     record: dict[str, Any] = {
         "from_version": bundle.version, "labels": str(source), "fitted_on": result.fitted_on,
         "held_out": result.held_out, "temperature_over_served": result.temperature, "before": result.before,
-        "after": result.after,
+        "after": result.after, "far_pvalue_below": result.far_below,
     }  # fmt: skip
     stale = (
         f"the test, shift and OOD figures are version {bundle.version}'s, measured before recalibration; the "
@@ -232,11 +291,16 @@ def _report_section(record: dict[str, Any]) -> str:
         "\n## Recalibration on production labels\n",
         f"Refitted on {record['fitted_on']} labelled answers of version {record['from_version']} "
         f"({record['labels']}); a temperature of {record['temperature_over_served']:.4f} over the served "
-        f"predictive; the figures are on the {record['held_out']} held-out labels.\n",
+        f"predictive{_far_words(record)}; the figures are on the {record['held_out']} held-out labels.\n",
         "| metric | before | after |\n|---|---:|---:|",
         *(f"| {k} | {record['before'].get(k, math.nan):.4f} | {record['after'].get(k, math.nan):.4f} |" for k in rows),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _far_words(record: dict[str, Any]) -> str:
+    below = record.get("far_pvalue_below")
+    return "" if below is None else f" of the inputs far out (OOD p-value below {below:g}; the others unchanged)"
 
 
 def summary(result: Recalibration, path: Path) -> str:

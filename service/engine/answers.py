@@ -15,6 +15,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
+from adapters.manifest import FarTemperature
 from adapters.predictive import AbstentionRule, InputSignals, Predictive, abstain, predictive
 from adapters.tasks import mask_choices, valid_labels
 from service.engine.jobs import Job
@@ -69,7 +70,7 @@ def answer_jobs(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
     for job in jobs:
         adapter = job.adapter
         key = (job.predictor.summary_key(adapter.bundle.posterior), job.num_samples, len(adapter.labels),
-               adapter.temperature)  # fmt: skip
+               adapter.temperature, _far_key(adapter.far_temperature))  # fmt: skip
         groups.setdefault(key, []).append(job)
     outcomes: dict[int, JobResult | BaseException] = {}
     for group in groups.values():
@@ -85,6 +86,10 @@ def answer_jobs(jobs: list[Job]) -> dict[int, JobResult | BaseException]:
     return outcomes
 
 
+def _far_key(far: FarTemperature | None) -> tuple[float, float] | None:
+    return None if far is None else (far.pvalue_below, far.temperature)
+
+
 class AnswerGroup:
     """Alike jobs answered together; inputs ``bounds[k]:bounds[k+1]`` are job ``k``'s."""
 
@@ -92,15 +97,21 @@ class AnswerGroup:
         self.jobs = jobs
         self.bounds = list(accumulate((len(job.inputs) for job in jobs), initial=0))
 
-    def predictive(self) -> Predictive:
-        """One predictive of all the jobs' inputs (multiple-choice letters an item lacks masked to ``-inf``)."""
+    def predictive(self, pvalues: Tensor | None = None) -> Predictive:
+        """One predictive of all the jobs' inputs (multiple-choice letters an item lacks masked to ``-inf``); with a
+        far temperature (``calibration.far_temperature``), the inputs whose OOD p-value ``pvalues`` ``(N,)`` is
+        below its level are served at it."""
         jobs, first = self.jobs, self.jobs[0]
         logits = [
             mask_choices(job.progress.network_logits(), [item.num_choices for item in job.inputs]) for job in jobs
         ]
         jacobians = [job.progress.network_jacobians() for job in jobs]
         draws = first.predictor.logit_draws(logits, jacobians, first.adapter.bundle.posterior, jobs)
-        return predictive(draws, first.adapter.temperature).cpu()
+        far = first.adapter.far_temperature
+        if far is None or pvalues is None:
+            return predictive(draws, first.adapter.temperature).cpu()
+        temperature = torch.where(pvalues < far.pvalue_below, far.temperature, first.adapter.temperature)
+        return predictive(draws / temperature.to(draws.device, draws.dtype).view(1, -1, 1)).cpu()
 
     def ood(self) -> tuple[Tensor, Tensor] | None:
         """``(N,)`` OOD scores and p-values of the jobs' inputs, each adapter's score run once over all its jobs'
@@ -163,8 +174,8 @@ class AnswerGroup:
 
     def results(self) -> dict[int, JobResult | BaseException]:
         """Each job's result; non-finite probabilities are an error of their job, never an answer."""
-        pred = self.predictive()
         ood = self.ood()
+        pred = self.predictive(None if ood is None else ood[1])
         sets = self.prediction_sets(pred)
         signals = InputSignals(None if ood is None else ood[1], None if sets is None else sets[1])
         flags, reasons = self.abstentions(pred, signals)

@@ -162,3 +162,50 @@ def test_a_log_line_that_is_not_a_record_is_named(loop, tmp_path: Path, capsys) 
     log.write_text(json.dumps({"id": "x"}) + "\n")
     assert main(["recalibrate", str(root / "adapters" / "m"), "--labels", str(log), "--out", str(tmp_path / "n")]) == 2
     assert "log.jsonl:1: not a feedback record" in capsys.readouterr().err
+
+
+def test_by_ood_refits_a_temperature_for_far_inputs_only_and_the_server_serves_it_to_them(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """``--by-ood``: the temperature is fitted on the labels of inputs below the p-value level only and served to
+    such inputs only; the others keep the validation-calibrated predictive exactly."""
+    adapters, texts = tmp_path / "adapters", synthetic_texts(64, seed=7)  # one request's most
+    make_bundle(tiny_base, adapters / "f", name="f", family="map", seed=1, core_scale=3.0, ood_method="mahalanobis")
+    client = running_app(tiny_base, adapters, feedback_dir=tmp_path / "log")
+    try:
+        request = {"adapter": "f", "inputs": texts, "method": "map"}
+        results = client.post("/v1/predict", json=request).json()["results"]
+        pvalues = [r["uncertainty"]["ood_pvalue"] for r in results]
+        below = sorted(pvalues)[len(pvalues) // 2]  # half of the inputs count as far out
+        flips = torch.bernoulli(torch.full((len(results),), 0.35), generator=torch.Generator().manual_seed(2))
+        items = [{"id": r["id"], "label": ["negative", "positive"][(r["label"] == "positive") ^ bool(f)]}
+                 for r, f in zip(results, flips.tolist(), strict=True)]  # fmt: skip
+        assert client.post("/v1/feedback", json={"feedback": items}).status_code == 200
+        out = adapters / "f-2"
+        flags = ["--by-ood", "--ood-pvalue-below", str(below), "--holdout", "0.2", "--version", "2"]
+        assert main(["recalibrate", str(adapters / "f"), "--labels", str(tmp_path / "log"), "--out", str(out),
+                     *flags]) == 0  # fmt: skip
+        old, new = load_bundle(adapters / "f"), load_bundle(out)
+        record = new.manifest.eval.recalibration
+        tau, far = record["temperature_over_served"], new.manifest.calibration.far_temperature
+        assert far.pvalue_below == below and record["far_pvalue_below"] == below
+        assert far.temperature == pytest.approx(old.manifest.calibration.temperature * tau)
+        assert new.manifest.calibration.temperature == old.manifest.calibration.temperature  # the others keep it
+        records, _ = read_feedback(tmp_path / "log")
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(0))
+        fitted = [
+            records[i] for i in order[: len(records) - round(0.2 * len(records))] if records[i].ood_pvalue < below
+        ]
+        log_p = torch.tensor([r.probs for r in fitted], dtype=torch.float64).log().unsqueeze(0)
+        assert tau == pytest.approx(fit_temperature(log_p, torch.tensor([r.label for r in fitted])), rel=1e-12)
+        assert client.put("/v1/adapters/f", json={"path": "f-2"}).status_code == 200
+        after = client.post("/v1/predict", json=request).json()["results"]
+        before = torch.tensor([r["probs"] for r in results], dtype=torch.float64)
+        scale = torch.tensor([tau if p < below else 1.0 for p in pvalues], dtype=torch.float64)
+        expected = torch.softmax(before.log() / scale.unsqueeze(-1), dim=-1)
+        served = torch.tensor([r["probs"] for r in after], dtype=torch.float64)
+        torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+        near = [i for i, p in enumerate(pvalues) if p >= below]
+        assert torch.equal(served[near].float(), before[near].float())  # untouched, bit for bit
+    finally:
+        client.__exit__(None, None, None)
