@@ -173,9 +173,7 @@ class BodyLimit:
             watcher.cancel()
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"request body larger than this server's limit of {self.max_bytes} bytes"
-        response = JSONResponse(error_body(413, "PayloadTooLargeError", message, None), status_code=413)
-        await response(scope, _drain, send)
+        await body_too_large(self.max_bytes)(scope, _drain, send)
 
 
 async def _drain() -> Message:
@@ -185,7 +183,14 @@ async def _drain() -> Message:
 # ------------------------------------------------------------------------------------------------ errors
 
 
-def _respond(request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
+def body_too_large(max_bytes: int) -> JSONResponse:
+    """The 413 of a body over ``max_bytes``, before any route (or the Ray ingress) has read it."""
+    message = f"request body larger than this server's limit of {max_bytes} bytes"
+    return JSONResponse(error_body(413, "PayloadTooLargeError", message, None), status_code=413)
+
+
+def error_response(request: Request, status: int, kind: str, message: str, headers: dict[str, str] | None = None):
+    """An error in the one shape of its route: the Open Inference Protocol's under ``/v2/``, Caveat's elsewhere."""
     if request.url.path.startswith("/v2/"):  # the Open Inference Protocol's own error shape
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     request_id = getattr(request.state, "request_id", None)
@@ -193,11 +198,11 @@ def _respond(request: Request, status: int, kind: str, message: str, headers: di
 
 
 async def _service_error(request: Request, exc: ServiceError):
-    return _respond(request, exc.status, type(exc).__name__, exc.message, exc.headers)
+    return error_response(request, exc.status, type(exc).__name__, exc.message, exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
-    return _respond(request, 422, "ValidationError", "; ".join(_problem(e) for e in exc.errors()[:5]))
+    return error_response(request, 422, "ValidationError", "; ".join(_problem(e) for e in exc.errors()[:5]))
 
 
 def _problem(error: dict) -> str:
@@ -208,9 +213,9 @@ def _problem(error: dict) -> str:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    return _respond(request, exc.status_code, "HTTPError", str(exc.detail), getattr(exc, "headers", None))
+    return error_response(request, exc.status_code, "HTTPError", str(exc.detail), getattr(exc, "headers", None))
 
 
 async def _unexpected_error(request: Request, exc: Exception):
     log.exception("unexpected error on %s", request.url.path)
-    return _respond(request, 500, "InternalError", f"internal error ({type(exc).__name__}); see the server log")
+    return error_response(request, 500, "InternalError", f"internal error ({type(exc).__name__}); see the server log")

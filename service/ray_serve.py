@@ -37,14 +37,13 @@ from typing import Any
 import orjson
 import ray
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from adapters.store import NAME_PATTERN
-from service.app import create_app
-from service.errors import ServiceError, error_body
+from service.app import body_too_large, create_app, error_response
+from service.errors import ServiceError
 from service.metrics import MULTIPROCESS_DIR
 from service.registry import AdapterRegistry
 from service.settings import Settings, settings_from
@@ -183,8 +182,7 @@ class CaveatIngress:
     async def forward(self, request: Request) -> Response:
         body = await self._body(request)
         if body is None:  # the worker's app would refuse it too; the ingress does not hold it to find out
-            message = f"request body larger than this server's limit of {self.max_body_bytes} bytes"
-            return JSONResponse(error_body(413, "PayloadTooLargeError", message, None), status_code=413)
+            return body_too_large(self.max_body_bytes)
         name = adapter_of(request.method, request.url.path, body)
         handle = self.worker.options(multiplexed_model_id=name) if name else self.worker
         client = (request.client.host, request.client.port) if request.client else None
@@ -195,11 +193,7 @@ class CaveatIngress:
         except Exception as exc:  # the replica died with the request, or none is up: the client may retry
             log.warning("%s %s: no worker replica answered (%s)", request.method, request.url.path, exc)
             message = f"no worker replica could answer ({type(exc).__name__}); retry shortly"
-            status = 503
-            if request.url.path.startswith("/v2/"):
-                return JSONResponse({"error": message}, status_code=status, headers={"Retry-After": "1"})
-            body = error_body(status, "ReplicaUnavailableError", message, None)
-            return JSONResponse(body, status_code=status, headers={"Retry-After": "1"})
+            return error_response(request, 503, "ReplicaUnavailableError", message, {"Retry-After": "1"})
         response = Response(answer.body, status_code=answer.status)
         # the app's own headers, content-length included; Ray's proxy adds the request id it gave the app
         response.raw_headers = [(k, v) for k, v in answer.headers if k.lower() != b"x-request-id"]

@@ -94,6 +94,8 @@ def main(argv: list[str]) -> Path:
     args = build_parser().parse_args(argv)
     if not 0 < args.holdout < 1:
         raise ConfigError("--holdout must be in (0, 1)")
+    if args.ood_pvalue_below is not None and not args.by_ood:
+        raise ConfigError("--ood-pvalue-below is a level of --by-ood; pass --by-ood with it")
     prepare_output(args.out, args.overwrite)
     try:
         bundle = load_bundle(args.bundle)
@@ -137,9 +139,7 @@ def labelled_answers(bundle: Bundle, path: Path) -> list[LabelledAnswer]:
 def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, seed: int) -> Recalibration:
     """Fit on a seeded ``1 − holdout`` share of ``records``, report on the rest."""
     _check_draws(bundle, records)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
-    cut = len(records) - max(1, round(holdout * len(records)))
-    fit_part, held = [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
+    fit_part, held = _split(records, holdout, seed)
     if len(fit_part) < MIN_LABELS:
         raise ConfigError(f"{len(records)} labelled answers leave {len(fit_part)} to fit on; at least {MIN_LABELS}")
     log_p, labels = _served(fit_part)
@@ -172,9 +172,7 @@ def recalibrate_far(
         raise ConfigError(f"{bundle.name}: --by-ood needs the served OOD p-value of every labelled answer (logged "
                           "by servers since this release)")  # fmt: skip
     _check_draws(bundle, records)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
-    cut = len(records) - max(1, round(holdout * len(records)))
-    fit_part, held = [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
+    fit_part, held = _split(records, holdout, seed)
     far = [r for r in fit_part if r.ood_pvalue < below]
     if len(far) < MIN_LABELS:
         raise ConfigError(f"{len(far)} of the labels to fit on were far out (p < {below:g}); at least {MIN_LABELS}")
@@ -193,6 +191,13 @@ def _ood_level(bundle: Bundle) -> float:
     """The p-value level of the bundle's ood abstention rule, else 0.01."""
     rule = next((r for r in bundle.manifest.calibration.abstention if r.kind == AbstentionKind.OOD), None)
     return float(rule.threshold) if rule is not None else 0.01
+
+
+def _split(records: list[LabelledAnswer], holdout: float, seed: int) -> tuple[list, list]:
+    """A seeded split into the records to fit on and the ``holdout`` share (at least one) kept out for the report."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))
+    cut = len(records) - max(1, round(holdout * len(records)))
+    return [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
 
 
 def _check_draws(bundle: Bundle, records: list[LabelledAnswer]) -> None:

@@ -209,3 +209,20 @@ def test_by_ood_refits_a_temperature_for_far_inputs_only_and_the_server_serves_i
         assert torch.equal(served[near].float(), before[near].float())  # untouched, bit for bit
     finally:
         client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--by-ood"], "--by-ood needs a bundle with an OOD score"),
+        (["--ood-pvalue-below", "0.1"], "--ood-pvalue-below is a level of --by-ood"),
+    ],
+)
+def test_by_ood_options_that_cannot_apply_exit_2(loop, flags, message, tmp_path: Path, capsys) -> None:
+    _, root, _, _ = loop
+    out = tmp_path / "new"
+    argv = ["recalibrate", str(root / "adapters" / "m"), "--labels", str(root / "log"), "--out", str(out), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
