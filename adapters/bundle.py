@@ -10,7 +10,8 @@ Layout (docs/design.md §2)::
     ood.safetensors           schema 2, optional: the OOD score's tensors (adapters.ood; its parameters in
                               bundle.json "ood")
     conformal.safetensors     schema 3, optional: "scores" (n,), "labels" (n,) of the conformal calibration
-                              examples (adapters.conformal; its record in bundle.json "conformal")
+                              examples (adapters.conformal; its record in bundle.json "conformal"), and with
+                              conformal.far "far_scores" (m,), "far_labels" (m,): those of far-out inputs
     report.md, reliability.png    optional, written by the trainer
 
 Projections have a file of their own so that bundles sharing them (same base, rank and spec) are
@@ -66,6 +67,7 @@ from adapters.manifest import (
     TENSOR_FILES,
     BundleManifest,
     ConformalSpec,
+    FarConformalSpec,
 )
 from adapters.model import LoraXSClassifier
 from adapters.ood import OodScore
@@ -91,6 +93,7 @@ class Bundle:
             this exact bundle.
         ood: the feature-space OOD score (on the CPU; ``manifest.ood`` says which features), or ``None``.
         conformal: the conformal calibration of the served predictive (on the CPU), or ``None``.
+        far_conformal: the calibration of inputs far out by the OOD score (``conformal.far``), or ``None``.
         pooler: the frozen dense layer the head reads the first token through (``task.pooling`` ``pooler``), or
             ``None``.
     """
@@ -106,6 +109,7 @@ class Bundle:
     ood: OodScore | None = None
     conformal: ConformalCalibration | None = None
     pooler: DenseTanhPooler | None = None
+    far_conformal: ConformalCalibration | None = None
 
     @property
     def name(self) -> str:
@@ -156,6 +160,7 @@ class Bundle:
             ood=self.ood,
             conformal=self.conformal,
             pooler=None if self.pooler is None else self.pooler.to(device),
+            far_conformal=self.far_conformal,
         )
 
     def tensor_bytes(self) -> int:
@@ -166,6 +171,8 @@ class Bundle:
         tensors += [] if self.pooler is None else list(self.pooler.state().values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
+
+FAR_PREFIX = "far_"  # conformal.safetensors: the far-out inputs' calibration examples
 
 # ------------------------------------------------------------------------------------------------- save
 
@@ -202,6 +209,10 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike[str]) -> Path:
         if manifest.conformal is None:
             raise ValueError("a bundle with conformal calibration needs its manifest's conformal record")
         payloads[CONFORMAL_FILE] = bundle.conformal.state()
+        if (bundle.far_conformal is not None) != (manifest.conformal.far is not None):
+            raise ValueError("a bundle carries a far-out conformal calibration exactly when conformal.far records it")
+        if bundle.far_conformal is not None:
+            payloads[CONFORMAL_FILE] |= {f"{FAR_PREFIX}{k}": v for k, v in bundle.far_conformal.state().items()}
     files = {}
     for file_name, tensors in payloads.items():
         data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
@@ -345,11 +356,12 @@ def _assemble(manifest: BundleManifest, tensors: Mapping[str, dict[str, Tensor]]
             raise ShapeMismatchError(directory, f"posterior block {block!r} {tuple(shape)} matches no adapter tensor")
     _check_values(built, values, posterior, directory)
     ood = _load_ood(manifest, tensors.get(OOD_FILE), directory)
-    conformal = _load_conformal(manifest, tensors.get(CONFORMAL_FILE), directory)
+    conformal, far_conformal = _load_conformal(manifest, tensors.get(CONFORMAL_FILE), directory)
     pooler = _load_pooler(manifest, adapter, directory)
-    bundle = Bundle(manifest, built, cores, head_weight, head_bias, posterior, ood=ood, conformal=conformal)
-    bundle.pooler = pooler
-    return bundle
+    return Bundle(
+        manifest, built, cores, head_weight, head_bias, posterior, ood=ood, conformal=conformal, pooler=pooler,
+        far_conformal=far_conformal,
+    )  # fmt: skip
 
 
 def _load_pooler(manifest: BundleManifest, adapter: Mapping[str, Tensor], directory: Path) -> DenseTanhPooler | None:
@@ -379,25 +391,51 @@ def conformal_spec(calibration: ConformalCalibration, alpha: float) -> Conformal
     )  # fmt: skip
 
 
+def far_conformal_spec(calibration: ConformalCalibration, alpha: float) -> FarConformalSpec:
+    """The manifest's record of the far-out inputs' conformal calibration (``conformal.far``) at ``alpha``."""
+    spec = conformal_spec(calibration, alpha)
+    return FarConformalSpec(size=spec.size, thresholds=spec.thresholds)
+
+
 def _load_conformal(
     manifest: BundleManifest, tensors: dict[str, Tensor] | None, directory: Path
-) -> ConformalCalibration | None:
-    """The conformal calibration, checked against its record (the thresholds it gives must be the recorded ones)."""
+) -> tuple[ConformalCalibration | None, ConformalCalibration | None]:
+    """The conformal calibration and the far-out inputs' one (``conformal.far``, else ``None``), each checked
+    against its record (the thresholds it gives must be the recorded ones)."""
     spec = manifest.conformal
     if spec is None or tensors is None:
-        return None
-    scores, labels = tensors.get("scores"), tensors.get("labels")
-    if scores is None or labels is None or scores.shape != (spec.size,) or labels.shape != (spec.size,):
-        raise ShapeMismatchError(directory, f"{CONFORMAL_FILE} must hold scores and labels of {spec.size} examples")
+        return None, None
+    calibration = _conformal_examples(manifest, tensors, "", spec.size, spec.thresholds, directory)
+    far = spec.far
+    if far is None:
+        return calibration, None
+    return calibration, _conformal_examples(manifest, tensors, FAR_PREFIX, far.size, far.thresholds, directory)
+
+
+def _conformal_examples(
+    manifest: BundleManifest,
+    tensors: dict[str, Tensor],
+    prefix: str,
+    size: int,
+    thresholds: list[float | None],
+    directory: Path,
+) -> ConformalCalibration:
+    """One calibration of conformal.safetensors: tensors ``{prefix}scores`` and ``{prefix}labels``."""
+    spec = manifest.conformal
+    scores, labels = tensors.get(f"{prefix}scores"), tensors.get(f"{prefix}labels")
+    if scores is None or labels is None or scores.shape != (size,) or labels.shape != (size,):
+        raise ShapeMismatchError(directory, f"{CONFORMAL_FILE} must hold {prefix}scores and {prefix}labels of "
+                                            f"{size} examples")  # fmt: skip
     if not scores.is_floating_point() or not torch.isfinite(scores).all() or labels.is_floating_point():
-        raise InvalidValueError(directory, f"{CONFORMAL_FILE}: scores must be finite numbers and labels integers")
+        raise InvalidValueError(directory, f"{CONFORMAL_FILE}: {prefix}scores must be finite numbers and "
+                                           f"{prefix}labels integers")  # fmt: skip
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(manifest.task.labels):
         raise InvalidValueError(directory, f"{CONFORMAL_FILE}: a label index is outside the bundle's labels")
     calibration = ConformalCalibration(
         spec.score, scores.double(), labels.long(), len(manifest.task.labels), spec.class_conditional
     )
-    if conformal_spec(calibration, spec.alpha).thresholds != spec.thresholds:
-        raise InvalidValueError(directory, f"{CONFORMAL_FILE} gives other thresholds than bundle.json records")
+    if conformal_spec(calibration, spec.alpha).thresholds != thresholds:
+        raise InvalidValueError(directory, f"{CONFORMAL_FILE} gives other {prefix}thresholds than bundle.json records")
     return calibration
 
 

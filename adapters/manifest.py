@@ -186,6 +186,14 @@ class OodSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class FarConformalSpec(_Strict):
+    """The conformal calibration of far-out inputs (``caveat-train recalibrate --by-ood``): its examples'
+    scores are conformal.safetensors' "far_scores" and "far_labels", under the same score function and level."""
+
+    size: int = Field(gt=0, description="calibration examples (labelled far-out answers)")
+    thresholds: list[float | None] = Field(description="per label, the threshold at the bundle's alpha")
+
+
 class ConformalSpec(_Strict):
     """Split-conformal prediction sets (``adapters.conformal``): the calibration examples' scores are in
     conformal.safetensors; a request may ask for another level."""
@@ -196,6 +204,11 @@ class ConformalSpec(_Strict):
     size: int = Field(gt=0, description="calibration examples (the validation split)")
     thresholds: list[float | None] = Field(
         description="per label, the threshold at alpha (null: infinite, too few examples: every label)"
+    )
+    far: FarConformalSpec | None = Field(
+        default=None,
+        description="a calibration of its own for the inputs far out by the OOD score (those served at "
+        "calibration.far_temperature), refitted on their production labels; null: one calibration for all inputs",
     )
 
 
@@ -287,6 +300,11 @@ class BundleManifest(_Strict):
             raise ValueError("a head pooler (task.pooling 'pooler') or an import record (imported) needs schema 4")
         if self.conformal is not None and len(self.conformal.thresholds) != len(self.task.labels):
             raise ValueError("conformal.thresholds needs one threshold per label")
+        if self.conformal is not None and self.conformal.far is not None:
+            if self.calibration.far_temperature is None:
+                raise ValueError("conformal.far needs calibration.far_temperature (which inputs are far out)")
+            if len(self.conformal.far.thresholds) != len(self.task.labels):
+                raise ValueError("conformal.far.thresholds needs one threshold per label")
         return self
 
 
@@ -307,6 +325,7 @@ __all__ = [
     "BundleManifest",
     "CalibrationSpec",
     "ConformalSpec",
+    "FarConformalSpec",
     "HeadSpec",
     "ImportSpec",
     "OodSpec",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from adapters import load_bundle, save_bundle
-from adapters.bundle import Bundle, conformal_spec
+from adapters.bundle import Bundle, conformal_spec, far_conformal_spec
 from adapters.conformal import ConformalCalibration, set_metrics
 from adapters.errors import CaveatError
 from adapters.feedback import LabelledAnswer, read_feedback
@@ -61,6 +61,7 @@ class Recalibration:
     fitted_on: int
     held_out: int
     far_below: float | None = None  # --by-ood: the temperature is for inputs with a p-value below this
+    far_conformal: ConformalCalibration | None = None  # --by-ood: the conformal calibration of those inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--by-ood",
         action="store_true",
-        help="refit a temperature only for the inputs the OOD score placed far out (served p-value below "
-        "--ood-pvalue-below); the others keep the bundle's calibration, and the thresholds and conformal sets stay",
+        help="refit a temperature and conformal sets only for the inputs the OOD score placed far out (served "
+        "p-value below --ood-pvalue-below); the others keep the bundle's calibration, and the thresholds stay",
     )
     parser.add_argument(
         "--ood-pvalue-below",
@@ -152,7 +153,7 @@ def recalibrate(bundle: Bundle, records: list[LabelledAnswer], holdout: float, s
         conformal = ConformalCalibration.fit(fitted.probs, labels, spec.score, spec.class_conditional)
         alpha = spec.alpha
     held_log_p, held_labels = _served(held)
-    before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha)
+    before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha, _served_far(bundle, held))
     after = _figures(predictive(held_log_p, tau), held_labels, held, conformal, alpha)
     return Recalibration(tau, rules, conformal, before, after, len(fit_part), len(held))
 
@@ -171,6 +172,12 @@ def recalibrate_far(
     if any(r.ood_pvalue is None for r in records):
         raise ConfigError(f"{bundle.name}: --by-ood needs the served OOD p-value of every labelled answer (logged "
                           "by servers since this release)")  # fmt: skip
+    served_far = bundle.manifest.calibration.far_temperature
+    if served_far is not None and served_far.pvalue_below != below:
+        raise ConfigError(
+            f"{bundle.name} serves a far temperature below p {served_far.pvalue_below:g}, not {below:g}: "
+            "recalibrate --by-ood at that level, or start from a version without one"
+        )
     _check_draws(bundle, records)
     fit_part, held = _split(records, holdout, seed)
     far = [r for r in fit_part if r.ood_pvalue < below]
@@ -178,13 +185,33 @@ def recalibrate_far(
         raise ConfigError(f"{len(far)} of the labels to fit on were far out (p < {below:g}); at least {MIN_LABELS}")
     log_p, labels = _served(far)
     tau = fit_temperature(log_p, labels)
+    far_conformal, alpha = None, None
+    if bundle.conformal is not None:  # the far inputs' sets from their own labels, at their new temperature
+        spec = bundle.manifest.conformal
+        far_probs = predictive(log_p, tau).probs
+        far_conformal = ConformalCalibration.fit(far_probs, labels, spec.score, spec.class_conditional)
+        alpha = spec.alpha
     held_log_p, held_labels = _served(held)
-    per_record = torch.tensor([tau if r.ood_pvalue < below else 1.0 for r in held], dtype=torch.float64)
-    alpha = bundle.manifest.conformal.alpha if bundle.conformal is not None else None
-    before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha)
-    after = _figures(predictive(held_log_p / per_record.view(1, -1, 1)), held_labels, held, bundle.conformal, alpha)
+    is_far = torch.tensor([r.ood_pvalue < below for r in held])
+    per_record = torch.where(is_far, tau, 1.0).double()
+    before = _figures(predictive(held_log_p), held_labels, held, bundle.conformal, alpha, _served_far(bundle, held))
+    after = _figures(
+        predictive(held_log_p / per_record.view(1, -1, 1)), held_labels, held, bundle.conformal, alpha,
+        far=None if far_conformal is None else (far_conformal, is_far),
+    )  # fmt: skip
     rules = list(bundle.manifest.calibration.abstention)
-    return Recalibration(tau, rules, None, before, after, len(far), len(held), far_below=below)
+    return Recalibration(
+        tau, rules, None, before, after, len(far), len(held), far_below=below, far_conformal=far_conformal
+    )
+
+
+def _served_far(bundle: Bundle, records: list[LabelledAnswer]) -> tuple[ConformalCalibration, Tensor] | None:
+    """The bundle's far-out conformal calibration and the mask of ``records`` whose sets it gave, or ``None``."""
+    far = bundle.manifest.calibration.far_temperature
+    if bundle.far_conformal is None or far is None:
+        return None
+    return bundle.far_conformal, torch.tensor([r.ood_pvalue is not None and r.ood_pvalue < far.pvalue_below
+                                               for r in records])  # fmt: skip
 
 
 def _ood_level(bundle: Bundle) -> float:
@@ -243,12 +270,19 @@ def _figures(
     records: list[LabelledAnswer],
     conformal: ConformalCalibration | None,
     alpha: float | None,
+    far: tuple[ConformalCalibration, Tensor] | None = None,
 ) -> dict[str, float]:
+    """Accuracy, ECE, NLL, Brier and the conformal sets' figures of the held-out records (``far``: a calibration
+    and the ``(N,)`` mask of the records whose sets it gives)."""
     metrics = classification_metrics(pred.probs, labels)
     figures = {k: metrics[k] for k in ("accuracy", "ece", "nll", "brier")}
     if conformal is not None and alpha is not None:
         counts = [_choice_count(r) for r in records]
-        sets = conformal.sets(pred.probs, alpha, valid_labels(counts, pred.probs.shape[-1]))
+        valid = valid_labels(counts, pred.probs.shape[-1])
+        sets = conformal.sets(pred.probs, alpha, valid)
+        if far is not None:
+            far_conformal, is_far = far
+            sets[is_far] = far_conformal.sets(pred.probs[is_far], alpha, None if valid is None else valid[is_far])
         figures |= {f"set_{k}": v for k, v in set_metrics(sets, labels, alpha).items()}
     return figures
 
@@ -263,14 +297,24 @@ def write(bundle: Bundle, result: Recalibration, out: Path, version: str | None,
     manifest = bundle.manifest.model_copy(deep=True)
     manifest.version = version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
     manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
-    if result.far_below is None:
-        manifest.calibration.temperature = manifest.calibration.temperature * result.temperature
-    else:
-        far = manifest.calibration.temperature * result.temperature
-        manifest.calibration.far_temperature = FarTemperature(pvalue_below=result.far_below, temperature=far)
-    manifest.calibration.abstention = result.rules
-    if result.conformal is not None:
-        manifest.conformal = conformal_spec(result.conformal, manifest.conformal.alpha)
+    calibration, far = manifest.calibration, manifest.calibration.far_temperature
+    far_conformal = bundle.far_conformal
+    if result.far_below is None:  # every input's served predictive was refitted: the far ones' too
+        calibration.temperature *= result.temperature
+        if far is not None:
+            far.temperature *= result.temperature
+    else:  # the far inputs were served at the far temperature when the bundle had one (at the same level)
+        served = calibration.temperature if far is None else far.temperature
+        calibration.far_temperature = FarTemperature(
+            pvalue_below=result.far_below, temperature=served * result.temperature
+        )
+        far_conformal = result.far_conformal
+    calibration.abstention = result.rules
+    if result.conformal is not None:  # refitted on all the labels: the far inputs' own sets no longer apply
+        manifest.conformal, far_conformal = conformal_spec(result.conformal, manifest.conformal.alpha), None
+    if manifest.conformal is not None:
+        alpha = manifest.conformal.alpha
+        manifest.conformal.far = None if far_conformal is None else far_conformal_spec(far_conformal, alpha)
     record: dict[str, Any] = {
         "from_version": bundle.version, "labels": str(source), "fitted_on": result.fitted_on,
         "held_out": result.held_out, "temperature_over_served": result.temperature, "before": result.before,
@@ -282,7 +326,9 @@ def write(bundle: Bundle, result: Recalibration, out: Path, version: str | None,
     )
     warnings = [*(manifest.eval.warnings or []), stale]
     manifest.eval = manifest.eval.model_copy(update={"recalibration": record, "warnings": warnings})
-    new = replace(bundle, manifest=manifest, conformal=result.conformal or bundle.conformal)  # every tensor kept
+    new = replace(  # every tensor kept
+        bundle, manifest=manifest, conformal=result.conformal or bundle.conformal, far_conformal=far_conformal
+    )
     with staged(out) as staging:
         save_bundle(new, staging)
         (staging / "report.md").write_text(render_report(manifest) + _report_section(record))

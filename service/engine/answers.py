@@ -15,6 +15,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
+from adapters.conformal import ConformalCalibration
 from adapters.manifest import FarTemperature
 from adapters.predictive import AbstentionRule, InputSignals, Predictive, abstain, predictive
 from adapters.tasks import mask_choices, valid_labels
@@ -132,26 +133,41 @@ class AnswerGroup:
             scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values).float().cpu()
         return scores, pvalues
 
-    def prediction_sets(self, pred: Predictive) -> tuple[Tensor, Tensor] | None:
+    def prediction_sets(self, pred: Predictive, pvalues: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """``(N, C)`` the inputs' conformal prediction sets, each at its job's level, and ``(N,)`` their sizes (a job
-        without calibration: an empty set, no answer field, size NaN so the ``ambiguous`` rule never fires); one
-        computation per calibration and level; ``None`` when no job's adapter has one."""
-        by_level: dict[tuple[int, float], list[int]] = {}
+        without calibration: an empty set, no answer field, size NaN so the ``ambiguous`` rule never fires); the
+        inputs a far temperature serves (OOD p-value ``pvalues`` ``(N,)`` below its level) take their sets from the
+        far-out calibration when the bundle has one; one computation per calibration and level; ``None`` when no
+        job's adapter has one."""
+        groups: dict[tuple[int, float], tuple[ConformalCalibration, list[Tensor]]] = {}
         for index, job in enumerate(self.jobs):
-            if job.conformal_alpha is not None:
-                by_level.setdefault((id(job.adapter.bundle.conformal), job.conformal_alpha), []).append(index)
-        if not by_level:
+            alpha = job.conformal_alpha
+            if alpha is None:
+                continue
+            for calibration, rows in self._calibrated_rows(index, pvalues):
+                groups.setdefault((id(calibration), alpha), (calibration, []))[1].append(rows)
+        if not groups:
             return None
-        jobs, bounds = self.jobs, self.bounds
+        counts = [item.num_choices for job in self.jobs for item in job.inputs]
+        valid = valid_labels(counts, pred.probs.shape[-1])
         sets = torch.zeros(pred.probs.shape, dtype=torch.bool)
-        sizes = torch.full((bounds[-1],), math.nan, dtype=torch.float64)
-        for (_, alpha), members in by_level.items():
-            rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
-            counts = [item.num_choices for i in members for item in jobs[i].inputs]
-            valid = valid_labels(counts, pred.probs.shape[-1])
-            sets[rows] = jobs[members[0]].adapter.bundle.conformal.sets(pred.probs[rows], alpha, valid)
+        sizes = torch.full((self.bounds[-1],), math.nan, dtype=torch.float64)
+        for (_, alpha), (calibration, parts) in groups.items():
+            rows = torch.cat(parts)
+            sets[rows] = calibration.sets(pred.probs[rows], alpha, None if valid is None else valid[rows])
             sizes[rows] = sets[rows].sum(dim=-1).double()
         return sets, sizes
+
+    def _calibrated_rows(self, index: int, pvalues: Tensor | None) -> list[tuple[ConformalCalibration, Tensor]]:
+        """Job ``index``'s rows by the calibration that gives their sets: far-out ones (p-value below the far
+        temperature's level) by the bundle's far-out calibration, when it has one, the others by its own."""
+        job, rows = self.jobs[index], torch.arange(self.bounds[index], self.bounds[index + 1])
+        bundle, far = job.adapter.bundle, job.adapter.far_temperature
+        if far is None or bundle.far_conformal is None or pvalues is None:
+            return [(bundle.conformal, rows)]
+        is_far = pvalues[rows] < far.pvalue_below
+        parts = [(bundle.far_conformal, rows[is_far]), (bundle.conformal, rows[~is_far])]
+        return [(calibration, part) for calibration, part in parts if part.numel()]
 
     def abstentions(self, pred: Predictive, signals: InputSignals) -> tuple[list[bool], list[str | None]]:
         """Abstention flags and reasons of every input, the rules of alike jobs applied once (a signal NaN for an
@@ -176,7 +192,7 @@ class AnswerGroup:
         """Each job's result; non-finite probabilities are an error of their job, never an answer."""
         ood = self.ood()
         pred = self.predictive(None if ood is None else ood[1])
-        sets = self.prediction_sets(pred)
+        sets = self.prediction_sets(pred, None if ood is None else ood[1])
         signals = InputSignals(None if ood is None else ood[1], None if sets is None else sets[1])
         flags, reasons = self.abstentions(pred, signals)
         values = {name: getattr(pred, name).tolist() for name in PREDICTIVE_FIELDS}
