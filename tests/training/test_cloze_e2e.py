@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import load_bundle, save_bundle
+from adapters.feedback import read_feedback
 from adapters.manifest import CalibrationSpec
 from adapters.posteriors import MapPosterior
 from adapters.posteriors.base import make_generator
@@ -25,6 +26,7 @@ from service.host import ModelHost, TextInput
 from service.metrics import Metrics
 from service.registry import AdapterRegistry
 from tests.service.bundles import running_app, save_tiny_llama
+from training.cli import main as train_main
 from training.cli import parse_config
 from training.data import Example
 from training.inference import linearise, predict
@@ -250,3 +252,41 @@ def test_a_cloze_bundle_exports_as_a_causal_lm_lora_peft_loads(trained, tmp_path
     mask = batch["attention_mask"].bool()
     assert (ours[mask] - plain[mask]).abs().max() > 1e-3  # the adapter moves the logits: the check can fail
     torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_feedback_loop_recalibrates_a_cloze_bundle_over_its_own_choices(trained, tmp_path: Path) -> None:
+    """Serve → labels → recalibrate → swap on multiple choice: the temperature is fitted over the logged per-draw
+    probabilities of each item's own choices, the same request and seed is then served exactly that predictive
+    (letters an item lacks stay at 0), and the refitted sets hold only an item's own letters."""
+    llama, _, path, *_ = trained
+    served = tmp_path / "adapters"
+    served.mkdir()
+    save_bundle(load_bundle(path), served / "arc")
+    items = QUESTIONS * 8  # 24 answers: enough to fit on after the held-out part
+    request = {"adapter": "arc", "inputs": items, "seed": SEED, "num_samples": DRAWS}
+    client = running_app(llama, served, feedback_dir=tmp_path / "log")
+    try:
+        results = client.post("/v1/predict", json=request).json()["results"]
+        labels = [["A", "B", "C"][i % 3] if len(q["choices"]) > 2 else "B" for i, q in enumerate(items)]
+        feedback = [{"id": r["id"], "label": y} for r, y in zip(results, labels, strict=True)]
+        assert client.post("/v1/feedback", json={"feedback": feedback}).status_code == 200
+        out = served / "arc-2"
+        argv = ["recalibrate", str(served / "arc"), "--labels", str(tmp_path / "log"), "--out", str(out)]
+        assert train_main([*argv, "--holdout", "0.1", "--version", "2"]) == 0
+        assert client.put("/v1/adapters/arc", json={"path": "arc-2"}).status_code == 200
+        after = client.post("/v1/predict", json=request).json()["results"]
+    finally:
+        client.__exit__(None, None, None)
+    tau = load_bundle(out).manifest.eval.recalibration["temperature_over_served"]
+    logged = [{record.id: record for record in read_feedback(tmp_path / "log")[0]}[r["id"]] for r in results]
+    # what the temperature is fitted over: a posterior predictive's logged draws, else the served probabilities
+    rows = [r.probs if r.sample_probs is None else r.sample_probs for r in logged]
+    draws = torch.tensor(rows, dtype=torch.float64)
+    draws = draws.unsqueeze(0) if draws.ndim == 2 else draws.transpose(0, 1)
+    expected = predictive(draws.clamp_min(1e-300).log(), tau).probs.double()
+    probs = torch.tensor([r["probs"] for r in after], dtype=torch.float64)
+    torch.testing.assert_close(probs, expected, atol=1e-5, rtol=1e-4)
+    counts = [len(q["choices"]) for q in items]
+    assert all(p == 0 for r, n in zip(after, counts, strict=True) for p in r["probs"][n:])
+    assert all(set(r["prediction_set"]) <= set("ABCDE"[:n]) for r, n in zip(after, counts, strict=True))
