@@ -8,6 +8,9 @@ texts are built from BBC News (the title line of each article, and the first sen
 fitted on::
 
     python -m benchmarks.short_ood [--json docs/results/short-ood-minilm-cpu.json]
+
+``--variant LAYERS:METHOD`` (repeatable, e.g. ``4+6:knn``) measures other scores the trainer offers
+(``--ood-layers``, ``--ood-method``) on the same sets instead, pooled p-values only.
 """
 
 from __future__ import annotations
@@ -53,22 +56,48 @@ def pvalues(scores: Tensor, lengths: Tensor, val_scores: Tensor, val_lengths: Te
     return out
 
 
+def flat_features(features: dict[str, Tensor], layers: list[int]) -> dict[str, Tensor]:
+    """As the trainer's features: each layer's pooled state L2-normalised, then concatenated (index 0: embeddings)."""
+    return {split: F.normalize(f[:, layers], dim=-1).flatten(1) for split, f in features.items()}
+
+
+def variant_row(variant: str, features: dict[str, Tensor], train_labels: Tensor) -> dict:
+    """Shares flagged by one score (``LAYERS:METHOD``) with pooled p-values, at each validation fraction."""
+    layer_text, method = variant.split(":")
+    flat = flat_features(features, [int(layer) for layer in layer_text.split("+")])
+    score = fit_ood_score(method, flat["train"], train_labels)
+    reference = sorted_reference(score.score(flat["validation"]))
+    p = {s: ood_pvalue(score.score(f), reference) for s, f in flat.items() if s != "train"}
+    row: dict = {"variant": variant}
+    for fraction in FRACTIONS:
+        threshold = torch.quantile(p["validation"].double(), fraction).item()
+        row[str(fraction)] = {s: float((values < threshold).double().mean()) for s, values in p.items()}
+        print(variant, fraction, " ".join(f"{s}={v:.3f}" for s, v in row[str(fraction)].items()), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-limit", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/caveat-ood-features"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--variant", action="append", default=[], help="LAYERS:METHOD, e.g. 4+6:knn (repeatable)")
     args = parser.parse_args()
     task = sst2_task(validation_size=1000, seed=0)
     train = seeded_subset(task.train, args.train_limit, args.seed)
     split_texts = {"train": [e.text for e in train], "validation": [e.text for e in task.validation],
                    "test": [e.text for e in task.test], **short_texts()}  # fmt: skip
     features = cached_features(args, split_texts, max_length=128)
+    train_labels = torch.tensor([e.label for e in train])
+    if args.variant:
+        result = {"machine": machine(), "rows": [variant_row(v, features, train_labels) for v in args.variant]}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
     layers = list(default_feature_layers(6))
-    # as the trainer's features: each layer's pooled state L2-normalised, then concatenated (index 0: embeddings)
-    flat = {split: F.normalize(f[:, layers], dim=-1).flatten(1) for split, f in features.items()}
-    score = fit_ood_score("mahalanobis", flat["train"], torch.tensor([e.label for e in train]))
+    flat = flat_features(features, layers)
+    score = fit_ood_score("mahalanobis", flat["train"], train_labels)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     lengths = {s: torch.tensor([len(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in items])
                for s, items in split_texts.items()}  # fmt: skip
