@@ -72,12 +72,14 @@ def compare(config: TrainConfig, methods: list[str], json_path: Path | None = No
     map_seconds = session.map_result.seconds if session.map_result else 0.0
     # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
     own_map = [m for m in others if trains_own_map(m, config)]
+    fits: dict[str, Fitted] = {}  # one fit per posterior and MAP: `default` and the row of its posterior share it
     for method in [m for m in others if m not in own_map] + own_map:
         if method in own_map:
             reinitialise(session.model, config.seed, session.initial_projections)
             session.forget_outputs()
+            fits.clear()
             map_seconds = fit_map(session, objective=get_method(method).map_objective(config)).seconds
-        rows.append(_row(session, method, map_seconds, ood))
+        rows.append(_row(session, method, map_seconds, ood, fits))
         _report(session, rows, json_path)
     return rows
 
@@ -94,10 +96,22 @@ def _report(session: Session, rows: list[dict[str, Any]], json_path: Path | None
         json_path.write_text(json.dumps({"config": session.config.flat(), "rows": rows}, indent=2, default=str) + "\n")
 
 
-def _row(session: Session, method: str, map_seconds: float, ood: FittedOod | None = None) -> dict[str, Any]:
-    """Fit, calibrate and evaluate one method on the session's current model."""
+def _row(
+    session: Session,
+    method: str,
+    map_seconds: float,
+    ood: FittedOod | None = None,
+    fits: dict[str, Fitted] | None = None,
+) -> dict[str, Any]:
+    """Fit (or take from ``fits``, the posteriors already fitted on the session's current MAP), calibrate and
+    evaluate one method on the session's current model."""
     config = session.config
-    fitted = fit(session, _posterior_of(method, config))
+    posterior = _posterior_of(method, config)
+    fitted = fits.get(posterior) if fits is not None else None
+    if fitted is None:
+        fitted = fit(session, posterior)
+        if fits is not None:
+            fits[posterior] = fitted
     validation = posterior_outputs(session, fitted, "validation", session.validation)
     scale = None if method == DEFAULT else method == TEMPERATURE or config.calibration.temperature_scaling
     calibrated = calibrate(session, fitted, scale, validation)

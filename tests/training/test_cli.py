@@ -158,7 +158,7 @@ def test_compare_writes_its_rows_after_every_method(tmp_path, monkeypatch) -> No
         map_result=SimpleNamespace(seconds=1.0), forget_outputs=lambda: None, imported=None,
     )  # fmt: skip
 
-    def row(_session, method, _seconds, _ood):
+    def row(_session, method, _seconds, _ood, _fits):
         if method == "swag":
             raise RuntimeError("stopped")
         return {"posterior": method, "train_seconds": 1.0, "bundle_kb": 1.0, "test": {"accuracy": 0.5}}
