@@ -81,12 +81,14 @@ def synthetic_bundle(
     text_pair: bool = False,
     pooling: str = "mean",
     conformal: str | None = None,
+    ood_length_buckets: int = 0,
 ) -> Path:
     """Write a bundle for the base at ``base_dir`` (or the already loaded ``base``) into ``out``; with
     ``ood_method``, an OOD score fitted by the trainer's own code on :func:`synthetic_texts` and its ``ood`` rule;
     ``projection``: the projection spec (``random`` projections differ per ``seed``, ``svd`` ones never);
     ``text_pair``: the task takes text pairs; ``pooling``: the base's (``last`` for a decoder); ``conformal``: a
-    conformal score (lac, aps) calibrated on random probabilities, for prediction sets at α = 0.1."""
+    conformal score (lac, aps) calibrated on random probabilities, for prediction sets at α = 0.1;
+    ``ood_length_buckets``: length-aware OOD p-values with this many buckets."""
     base = AutoModel.from_pretrained(base_dir).eval() if base is None else base
     config = LoraXSConfig(rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), seed=seed, projection=projection)
     names = target_names(base, targets)
@@ -124,7 +126,7 @@ def synthetic_bundle(
     posterior = _posterior(family, mean, variance)
     bundle = Bundle.from_classifier(model, posterior, manifest)
     if ood_method is not None:
-        _add_ood_score(bundle, model, base_dir, ood_method, len(labels))
+        _add_ood_score(bundle, model, base_dir, ood_method, len(labels), ood_length_buckets)
     if conformal is not None:
         probs = torch.softmax(2 * torch.randn(200, len(labels), generator=generator), dim=-1)
         truth = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -158,9 +160,12 @@ def synthetic_texts(count: int, seed: int = 0) -> list[str]:
     return [" ".join(words[i] for i in torch.randint(len(words), (n,), generator=generator).tolist()) for n in lengths]
 
 
-def _add_ood_score(bundle: Bundle, model: LoraXSClassifier, base_dir: str | Path, method: str, classes: int) -> None:
+def _add_ood_score(
+    bundle: Bundle, model: LoraXSClassifier, base_dir: str | Path, method: str, classes: int, length_buckets: int = 0
+) -> None:
     """Fit ``method`` on the frozen base's features of synthetic texts as ``caveat-train`` does (training.ood),
-    calibrated on others; the bundle gains the score, its record and the default ``ood`` rule."""
+    calibrated on others (per length bucket too with ``length_buckets``); the bundle gains the score, its record
+    and the default ``ood`` rule."""
     layers = default_feature_layers(model.base.config.num_hidden_layers)
     encoder = Encoder(AutoTokenizer.from_pretrained(base_dir), bundle.manifest.task.max_length)
     train = [Example(text, i % classes) for i, text in enumerate(synthetic_texts(96, seed=1))]
@@ -168,7 +173,8 @@ def _add_ood_score(bundle: Bundle, model: LoraXSClassifier, base_dir: str | Path
     features = base_features(model, train, encoder, layers, progress=False)
     options = {"k": 3} if method == "knn" else {}
     score = fit_ood_score(method, features, torch.tensor([e.label for e in train]), **options)
-    score.calibrate(base_features(model, validation, encoder, layers, progress=False))
+    lengths = torch.tensor(encoder.lengths(validation))
+    score.calibrate(base_features(model, validation, encoder, layers, progress=False), lengths, length_buckets)
     bundle.ood = score
     manifest = bundle.manifest
     manifest.ood = OodSpec(

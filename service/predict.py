@@ -82,12 +82,12 @@ async def run_prediction(
     count = registry.host.token_counts
     chars = sum(len(item.text) + len(item.text_pair or "") + sum(map(len, item.choices or ())) for item in texts)
     try:
-        tokens = max(count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts))
+        lengths = count(texts) if chars <= INLINE_COUNT_CHARS else await asyncio.to_thread(count, texts)
     except ClozeInputError as exc:  # choices that leave no room for the question
         raise InvalidRequestError(str(exc)) from None
     job = Job(
-        adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), tokens, deadline=deadline,
-        coverage=coverage,
+        adapter, texts, num_samples, predictor.mode, seed, _rules(adapter, abstain), max(lengths), deadline=deadline,
+        coverage=coverage, lengths=tuple(lengths),
     )  # fmt: skip
     if job.cost > settings.max_request_tokens:
         raise PayloadTooLargeError(

@@ -490,6 +490,12 @@ class OodConfig:
         2_000_000, "bytes the stored OOD score may take (its validation reference included)", at_least=1
     )
     fraction: float = option(0.01, "the ood rule abstains on this fraction of validation inputs")
+    length_buckets: int = option(
+        0,
+        "length-aware p-values: also compare an input with the validation inputs of its own token-length bucket "
+        "(this many, at validation quantiles) and read the smaller p-value; 0: against all validation inputs",
+        at_least=0,
+    )
 
 
 @dataclass
@@ -624,6 +630,8 @@ class TrainConfig:
             raise ConfigError(ENSEMBLE_PROJECTIONS)
         if not 0 < self.ood.fraction < 1:
             raise ConfigError("--ood-fraction must be in (0, 1)")
+        if self.ood.length_buckets == 1:
+            raise ConfigError("--ood-length-buckets must be 0 (pooled p-values) or at least 2")
         if not 0 < self.conformal.alpha < 1:
             raise ConfigError("--conformal-alpha must be in (0, 1)")
         if self.ood.shrinkage is not None and not 0 <= self.ood.shrinkage <= 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from adapters.errors import OodFitError
@@ -51,7 +52,11 @@ def fit_ood(session: Session) -> FittedOod | None:
     layers = default_feature_layers(model.base.config.num_hidden_layers)
     train = subset(session.train, options.train_size, config.split_seed)
     score = _fit(method, features_of(session, train, layers, "train"), _groups(train, config), config)
-    score.calibrate(features_of(session, session.validation, layers, "validation"))
+    lengths = torch.tensor(session.encoder.lengths(session.validation)) if options.length_buckets else None
+    try:
+        score.calibrate(features_of(session, session.validation, layers, "validation"), lengths, options.length_buckets)
+    except OodFitError as exc:
+        raise ConfigError(f"--ood-length-buckets {options.length_buckets}: {exc}") from exc
     threshold, target = score.threshold(options.fraction), {"validation_fraction": options.fraction}
     rule = AbstentionSpec(kind=AbstentionKind.OOD, threshold=threshold, target=target)
     spec = OodSpec(

@@ -19,13 +19,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adapters.errors import OodFitError, OodStateError
-from adapters.ood.pvalues import DEFAULT_FRACTION, ood_pvalue, pvalue_threshold, sorted_reference
+from adapters.ood.pvalues import (
+    DEFAULT_FRACTION,
+    bucket_pvalue,
+    length_edges,
+    ood_pvalue,
+    pvalue_threshold,
+    sorted_reference,
+    threshold_of,
+)
 from adapters.vocab import OodMethod
 
 TensorDict = dict[str, Tensor]
 DEFAULT_BUDGET_BYTES = 2_000_000  # everything a fitted score stores, its validation reference included
 REFERENCE_RESERVE_BYTES = 16_000  # of the budget, kept for the reference: 2,000 float64 validation scores
 REFERENCE_KEY = "reference"
+LENGTH_EDGES_KEY = "length_edges"  # with length-aware p-values: the token-count bucket edges (B − 1,)
+LENGTH_REFERENCE_PREFIX = "length_reference_"  # ... and each bucket's validation scores, sorted
 
 
 class FeatureNorm(StrEnum):
@@ -44,6 +54,10 @@ class OodScore(ABC):
     Args:
         norm: the preprocessing applied to features before fitting and scoring.
         reference: validation scores ``(n,)`` sorted ascending (:meth:`calibrate`), for p-values.
+
+    Attributes:
+        length_edges: with length-aware p-values, the token-count bucket edges ``(B − 1,)``; else ``None``.
+        length_references: ... and each bucket's validation scores, sorted (they partition ``reference``).
     """
 
     method: ClassVar[OodMethod]
@@ -59,6 +73,8 @@ class OodScore(ABC):
     def __init__(self, norm: FeatureNorm, reference: Tensor | None = None) -> None:
         self.norm = FeatureNorm(norm)
         self.reference = reference
+        self.length_edges: Tensor | None = None
+        self.length_references: list[Tensor] | None = None
 
     # ----------------------------------------------------------------------------------- the interface
 
@@ -109,18 +125,52 @@ class OodScore(ABC):
         x = features.to(device=self._anchor.device, dtype=torch.float64)
         return self._score(prepare_features(x, self.norm))
 
-    def calibrate(self, features: Tensor) -> Self:
-        """Keep the scores of validation features ``(n, D)`` as the reference of :meth:`pvalue`."""
-        self.reference = sorted_reference(self.score(features))
+    def calibrate(self, features: Tensor, lengths: Tensor | None = None, length_buckets: int = 0) -> Self:
+        """Keep the scores of validation features ``(n, D)`` as the reference of :meth:`pvalue`; with
+        ``length_buckets`` ≥ 2 and the inputs' token counts ``lengths`` ``(n,)``, also per length bucket
+        (length-aware p-values)."""
+        scores = self.score(features)
+        self.reference = sorted_reference(scores)
+        self.length_edges = self.length_references = None
+        if length_buckets >= 2:
+            if lengths is None or lengths.shape != scores.shape:
+                raise ValueError(f"length-aware p-values need the {scores.numel()} validation inputs' token counts")
+            edges = length_edges(lengths, length_buckets)
+            if edges.numel() == 0:
+                raise OodFitError(
+                    f"{scores.numel()} validation inputs cannot fill {length_buckets} token-length buckets of at "
+                    "least 20 (their lengths are too alike, or there are too few)"
+                )
+            buckets = torch.bucketize(lengths.double(), edges)
+            self.length_edges = edges.to(scores.device)
+            self.length_references = [sorted_reference(scores[buckets == b]) for b in range(edges.numel() + 1)]
         return self
 
-    def pvalue(self, scores: Tensor) -> Tensor:
-        """The fraction of validation inputs at least as extreme (conformal form; :func:`ood_pvalue`)."""
-        return ood_pvalue(scores, self._reference())
+    @property
+    def length_aware(self) -> bool:
+        """Whether a p-value also compares an input with the validation inputs of its own length."""
+        return self.length_references is not None
+
+    def pvalue(self, scores: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The fraction of validation inputs at least as extreme (conformal form; :func:`ood_pvalue`); a
+        length-aware score reads the smaller of that and the fraction among the validation inputs of the
+        input's own token-count bucket (``lengths`` ``(n,)``, required then)."""
+        pooled = ood_pvalue(scores, self._reference())
+        if self.length_references is None:
+            return pooled
+        if lengths is None or lengths.shape != scores.shape:
+            raise ValueError("this OOD score's p-values are length-aware: pass each input's token count")
+        buckets = torch.bucketize(lengths.to(self.length_edges), self.length_edges)
+        return torch.minimum(pooled, bucket_pvalue(scores, buckets, self.length_references))
 
     def threshold(self, fraction: float = DEFAULT_FRACTION) -> float:
-        """p-value threshold of the ``ood`` rule: abstain when ``p < τ`` (:func:`pvalue_threshold`)."""
-        return pvalue_threshold(self._reference(), fraction)
+        """p-value threshold of the ``ood`` rule: abstain when ``p < τ`` (:func:`pvalue_threshold`); for a
+        length-aware score, taken on the validation inputs' own p-values (:func:`threshold_of`)."""
+        if self.length_references is None:
+            return pvalue_threshold(self._reference(), fraction)
+        pooled = self._reference()
+        own = [torch.minimum(ood_pvalue(ref, pooled), ood_pvalue(ref, ref)) for ref in self.length_references]
+        return threshold_of(torch.cat(own), fraction)
 
     def _reference(self) -> Tensor:
         if self.reference is None:
@@ -133,6 +183,10 @@ class OodScore(ABC):
         if self.reference is not None:
             tensors[REFERENCE_KEY] = self.reference
         params = {"method": str(self.method), "norm": str(self.norm), "dim": self.dim, **self._state_params()}
+        if self.length_references is not None:
+            tensors[LENGTH_EDGES_KEY] = self.length_edges
+            tensors |= {f"{LENGTH_REFERENCE_PREFIX}{b}": ref for b, ref in enumerate(self.length_references)}
+            params["length_buckets"] = len(self.length_references)
         return {k: v.detach().contiguous() for k, v in tensors.items()}, params
 
     @staticmethod
@@ -142,12 +196,14 @@ class OodScore(ABC):
             method, norm = OodMethod(params["method"]), FeatureNorm(params["norm"])
         except (KeyError, ValueError) as exc:
             raise OodStateError(f"OOD parameters without a known method and norm: {dict(params)}") from exc
-        rest = {k: v for k, v in tensors.items() if k != REFERENCE_KEY}
-        score = OodScore.registry[method]._from_state(rest, dict(params), norm)
+        rest = {k: v for k, v in tensors.items() if not _calibration_key(k)}
+        method_params = {k: v for k, v in params.items() if k != "length_buckets"}
+        score = OodScore.registry[method]._from_state(rest, method_params, norm)
         if params.get("dim") != score.dim:
             raise OodStateError(f"OOD parameters say dim {params.get('dim')}, the tensors have {score.dim}")
         if REFERENCE_KEY in tensors:
             score.reference = _checked_reference(tensors[REFERENCE_KEY])
+        _restore_length_references(score, tensors, params.get("length_buckets"))
         return score
 
     @property
@@ -204,8 +260,33 @@ def no_extra(tensors: Mapping[str, Tensor], expected: set[str]) -> None:
         raise OodStateError(f"unexpected OOD tensors {sorted(extra)}")
 
 
-def _checked_reference(reference: Tensor) -> Tensor:
-    reference = require({REFERENCE_KEY: reference}, REFERENCE_KEY, (None,))
+def _checked_reference(reference: Tensor, key: str = REFERENCE_KEY) -> Tensor:
+    reference = require({key: reference}, key, (None,))
     if reference.numel() == 0 or (reference[1:] < reference[:-1]).any():
-        raise OodStateError("OOD tensor 'reference' must be non-empty validation scores sorted ascending")
+        raise OodStateError(f"OOD tensor {key!r} must be non-empty validation scores sorted ascending")
     return reference
+
+
+def _calibration_key(key: str) -> bool:
+    """A tensor of the validation calibration (p-values), not of the score itself."""
+    return key in (REFERENCE_KEY, LENGTH_EDGES_KEY) or key.startswith(LENGTH_REFERENCE_PREFIX)
+
+
+def _restore_length_references(score: OodScore, tensors: Mapping[str, Tensor], buckets: Any) -> None:
+    """The length-aware p-values' edges and per-bucket references (``params["length_buckets"]`` of them), checked:
+    edges increasing, one reference per bucket, together exactly the pooled reference."""
+    keys = sorted(k for k in tensors if k.startswith(LENGTH_REFERENCE_PREFIX))
+    if buckets is None and not keys and LENGTH_EDGES_KEY not in tensors:
+        return
+    if not isinstance(buckets, int) or buckets < 2 or score.reference is None:
+        raise OodStateError(f"OOD length_buckets must be an int ≥ 2 beside a reference, got {buckets!r}")
+    edges = require(tensors, LENGTH_EDGES_KEY, (buckets - 1,))
+    if (edges[1:] <= edges[:-1]).any():
+        raise OodStateError(f"OOD tensor {LENGTH_EDGES_KEY!r} must be increasing")
+    names = [f"{LENGTH_REFERENCE_PREFIX}{b}" for b in range(buckets)]
+    if keys != sorted(names):
+        raise OodStateError(f"OOD length references must be {names}, found {keys}")
+    references = [_checked_reference(tensors[name], name) for name in names]
+    if not torch.equal(torch.cat(references).sort().values, score.reference.to(references[0])):
+        raise OodStateError("OOD length references must partition the validation reference")
+    score.length_edges, score.length_references = edges, references

@@ -5,6 +5,12 @@ fraction of validation inputs (in distribution, never trained on) whose score is
 the conformal form ``p(s) = (1 + #{v ≥ s}) / (n + 1)``: for a new input exchangeable with the validation
 inputs, ``P(p ≤ α) ≤ α`` holds exactly, and a p-value is never 0 (an input stranger than every validation
 input reads ``1 / (n + 1)``, not "impossible").
+
+Length-aware p-values (:func:`length_edges`): short texts of any domain pool to features unlike long ones, so
+an input can also be compared with the validation inputs of its own token-length bucket (Mondrian); the
+decision then reads the smaller of the pooled and the per-length p-value, and its threshold is taken on the
+validation inputs' own smaller p-values (:func:`threshold_of`), which keeps the share of in-distribution
+inputs that abstain at the rule's fraction.
 """
 
 from __future__ import annotations
@@ -61,3 +67,41 @@ def pvalue_threshold(reference: Tensor, fraction: float = DEFAULT_FRACTION) -> f
     n = reference.numel()
     abstaining = math.floor(fraction * n + 1e-9)
     return (abstaining + 1.5) / (n + 1)
+
+
+def length_edges(lengths: Tensor, buckets: int, min_count: int = 20) -> Tensor:
+    """Bucket edges ``(B − 1,)`` float64 at the quantiles of validation token counts ``lengths`` (n,): ``buckets``
+    buckets of about equal size, an edge dropped where a bucket would hold fewer than ``min_count`` inputs
+    (``torch.bucketize(x, edges)`` gives an input's bucket: ``(edges[b − 1], edges[b]]``)."""
+    if buckets < 2:
+        raise ValueError(f"length buckets must be at least 2, got {buckets}")
+    lengths = lengths.double()
+    quantiles = torch.linspace(0, 1, buckets + 1, dtype=torch.float64)[1:-1]
+    kept: list[float] = []
+    for edge in torch.quantile(lengths, quantiles).round().unique().tolist():
+        low = kept[-1] if kept else -math.inf
+        if int(((lengths > low) & (lengths <= edge)).sum()) >= min_count and int((lengths > edge).sum()) >= min_count:
+            kept.append(edge)
+    return torch.tensor(kept, dtype=torch.float64)
+
+
+def bucket_pvalue(scores: Tensor, buckets: Tensor, references: list[Tensor]) -> Tensor:
+    """Each score's p-value against the reference of its bucket: ``scores`` and ``buckets`` ``(n,)``."""
+    out = torch.empty(scores.shape, dtype=references[0].dtype, device=references[0].device)
+    for index, reference in enumerate(references):
+        mine = buckets == index
+        out[mine] = ood_pvalue(scores[mine], reference)
+    return out
+
+
+def threshold_of(pvalues: Tensor, fraction: float) -> float:
+    """The threshold ``τ`` of "abstain when p < τ" that abstains on ``⌊fraction · n⌋`` of the validation inputs'
+    own p-values ``pvalues`` (n,): halfway between the last that abstains and the first that does not (ties
+    only make fewer abstain)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the fraction of validation inputs to abstain on must be in [0, 1), got {fraction}")
+    ordered = pvalues.double().sort().values
+    abstaining = math.floor(fraction * ordered.numel() + 1e-9)
+    if abstaining == 0:
+        return float(ordered[0])
+    return float((ordered[abstaining - 1] + ordered[abstaining]) / 2)

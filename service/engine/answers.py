@@ -130,7 +130,12 @@ class AnswerGroup:
             features = [jobs[i].progress.ood_features[p] for i in members for p in range(len(jobs[i].inputs))]
             values = score.score(torch.stack(features))
             rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in members])
-            scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values).float().cpu()
+            lengths = None
+            if score.length_aware:  # each input against the validation inputs of its own length too
+                if any(jobs[i].lengths is None for i in members):
+                    raise ValueError("a length-aware OOD score needs each input's token count (Job.lengths)")
+                lengths = torch.tensor([n for i in members for n in jobs[i].lengths])
+            scores[rows], pvalues[rows] = values.float().cpu(), score.pvalue(values, lengths).float().cpu()
         return scores, pvalues
 
     def prediction_sets(self, pred: Predictive, pvalues: Tensor | None = None) -> tuple[Tensor, Tensor] | None:

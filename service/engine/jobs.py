@@ -25,6 +25,7 @@ class Job:
         tokens: tokens of the longest input after truncation (every row of a forward pays for its width).
         deadline: ``time.perf_counter()`` value after which nobody waits for the answer.
         coverage: the level its request asked of the conformal prediction sets (``None``: the bundle's).
+        lengths: each input's tokens after truncation (length-aware OOD p-values read them).
     """
 
     adapter: AdapterVersion
@@ -36,6 +37,7 @@ class Job:
     tokens: int
     deadline: float = float("inf")
     coverage: float | None = None
+    lengths: tuple[int, ...] | None = None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     admitted: float = field(default_factory=time.perf_counter)
     progress: Progress = field(init=False)

@@ -164,3 +164,28 @@ def test_v2_infer_returns_the_ood_score(served, tiny_base: Path) -> None:
     assert "ood_score" in [o["name"] for o in meta["outputs"]]
     plain = client.post("/v2/models/plain/infer", json=body)
     assert plain.status_code == 400 and "no OOD score" in plain.text
+
+
+def test_length_aware_p_values_served_equal_the_trainers(tiny_base: Path, tmp_path: Path) -> None:
+    """A bundle whose OOD p-values are length-aware: the server passes each input's token count (as the trainer's
+    encoder counts it) and serves the trainer's p-values; the ``ood`` rule reads them."""
+    adapters = tmp_path / "adapters"
+    make_bundle(tiny_base, adapters / "lengths", name="lengths", ood_method="mahalanobis", ood_length_buckets=2)
+    bundle = load_bundle(adapters / "lengths")
+    assert bundle.ood.length_aware and bundle.manifest.ood.params["length_buckets"] == 2
+    texts = synthetic_texts(16, seed=9)  # like the validation texts: p-values away from their floor
+    encoder = Encoder(AutoTokenizer.from_pretrained(tiny_base), bundle.manifest.task.max_length)
+    lengths = torch.tensor(encoder.lengths([Example(t, 0) for t in texts]))
+    scores = trainer_scores(tiny_base, adapters / "lengths", texts)
+    expected = bundle.ood.pvalue(scores, lengths)
+    other_bucket = torch.where(lengths <= bundle.ood.length_edges[0], 1000, 1)
+    assert not torch.equal(expected, bundle.ood.pvalue(scores, other_bucket))  # each input's own length matters
+    client = running_app(tiny_base, adapters)
+    try:
+        body = {"adapter": "lengths", "inputs": texts, "method": "map", "abstain": {"max_prob": None}}
+        results = client.post("/v1/predict", json=body).json()["results"]
+    finally:
+        client.__exit__(None, None, None)
+    assert [r["uncertainty"]["ood_pvalue"] for r in results] == pytest.approx(expected.tolist())
+    threshold = next(r.threshold for r in bundle.manifest.calibration.abstention if r.kind == "ood")
+    assert [r["abstain_reason"] == OOD_REASON for r in results] == (expected < threshold).tolist()

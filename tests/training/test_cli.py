@@ -55,6 +55,7 @@ def test_missing_model_path_and_bad_output(capsys, tmp_path) -> None:
 def test_bad_ood_method_and_a_training_set_too_small_for_the_score(capsys, tmp_path) -> None:
     _fails(capsys, ["--out", str(tmp_path / "b"), "--ood-method", "lof"], "unknown --ood-method 'lof'")
     _fails(capsys, ["--out", str(tmp_path / "b"), "--ood-fraction", "1.5"], "--ood-fraction must be in (0, 1)")
+    _fails(capsys, ["--out", str(tmp_path / "b"), "--ood-length-buckets", "1"], "--ood-length-buckets must be 0")
     small = ["--out", str(tmp_path / "b"), "--train-limit", "40", "--validation-size", "40", "--eval-limit", "10",
              "--targets", "query", "--rank", "2", "--no-progress"]  # fmt: skip
     _fails(capsys, [*small, "--ood-train-size", "3"], "--ood-method mahalanobis cannot be fitted on 3 training inputs")

@@ -100,7 +100,7 @@ FLAT_FLAGS = [
 ADDED_FLAGS = [
     "dataset-config", "train-split", "validation-split", "test-split", "prior-ece-slack", "mc-scoring",
     "cloze-normalisation", "checkpoint-epochs", "calibration", "conformal-alpha", "conformal-score",
-    "conformal-class-conditional", "from-peft",
+    "conformal-class-conditional", "from-peft", "ood-length-buckets",
 ]  # fmt: skip
 
 
