@@ -111,11 +111,16 @@ def main() -> None:
                for s in splits}
         for name, bucket_edges in (("pooled", None), ("per length", edges))
     }  # fmt: skip
-    # either: the smaller of the two p-values (flag when either reference finds the input unusual)
-    by_kind["either"] = {s: torch.minimum(by_kind["pooled"][s], by_kind["per length"][s]) for s in splits}
+    # either: the smaller of the two p-values (flag when either reference finds the input unusual): what
+    # caveat-train --ood-length-buckets 4 ships, computed by the library itself
+    score.calibrate(flat["validation"], lengths["validation"], BUCKETS)
+    by_kind["either"] = {s: score.pvalue(scores[s], lengths[s]) for s in splits}
     for name, p in by_kind.items():
         for fraction in FRACTIONS:
-            threshold = torch.quantile(p["validation"], fraction).item()  # abstain when p < τ on ~fraction of val
+            if name == "either":  # the shipped rule's threshold
+                threshold = score.threshold(fraction)
+            else:  # abstain when p < τ on ~fraction of validation
+                threshold = torch.quantile(p["validation"], fraction).item()
             flagged = {s: float((values < threshold).double().mean()) for s, values in p.items()}
             result["rows"].append({"p-values": name, "fraction": fraction, **flagged})
     print(f"{'p-values':>10} {'fraction':>8} " + " ".join(f"{s:>20}" for s in p))
