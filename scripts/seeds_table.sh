@@ -9,6 +9,8 @@
 #   seed's MAP retrained; one file per method list, -more-<methods>; the table shows their rows beside main's).
 #   METHODS overrides main's methods. Each variant trains its own MAP (on a 2-core CPU a 30-epoch MiniLM MAP on
 #   2,000 sentences takes ~20 min; main adds the ensemble's and MC dropout's own MAPs).
+# On a machine with a GPU (training and evaluation move to it through accelerate, nothing to set) one call runs the
+# three-seed table of a setting: scripts/seeds_table.sh training/configs/longrun-llm-arc-easy-smollm2-cloze.yaml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
