@@ -41,9 +41,10 @@ def load(setting: str) -> dict[str, list[dict]]:
 
     for path in sorted(paths, key=lambda p: (part(p) != "", not main_variant(part(p)), part(p), p.name)):
         variant = "" if main_variant(part(path)) else part(path)
+        seed = int(path.stem.rsplit("-seed", 1)[1])
         for row in json.loads(path.read_text())["rows"]:
             name = row["posterior"] if not variant else f"{row['posterior']} ({variant})"
-            rows[name].append(row)
+            rows[name].append(row | {"seed": seed})
     return rows
 
 
@@ -53,9 +54,14 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def change(values: list[float], reference: list[float]) -> str:
-    """The mean relative change from the same seed's MAP."""
-    ratios = [v / r - 1 for v, r in zip(values, reference, strict=False) if r]
+def change(found: list[dict], maps: dict[int, dict], metric: str) -> str:
+    """The mean relative change of ``metric`` on test from the same seed's MAP (a row measured on some seeds only
+    is compared with those seeds' MAPs)."""
+    ratios = [
+        row["test"][metric] / maps[row["seed"]]["test"][metric] - 1
+        for row in found
+        if row["seed"] in maps and maps[row["seed"]]["test"][metric]
+    ]
     return f"{100 * statistics.mean(ratios):+.0f}%" if ratios else "—"
 
 
@@ -73,7 +79,7 @@ def render(setting: str) -> str:
         "| published ΔECE / ΔNLL |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    map_test = {m: [r["test"][m] for r in rows["map"]] for m in METRICS}
+    maps = {row["seed"]: row for row in rows["map"]}
     for name, found in rows.items():
         test = {m: [r["test"][m] for r in found] for m in METRICS}
         shift = {m: [r["shift"][m] for r in found if "shift" in r] for m in METRICS}
@@ -87,7 +93,7 @@ def render(setting: str) -> str:
         lines.append(
             f"| {label} | "
             + " | ".join(cell(test[m]) for m in METRICS)
-            + f" | {change(test['ece'], map_test['ece'])} | {change(test['nll'], map_test['nll'])} | "
+            + f" | {change(found, maps, 'ece')} | {change(found, maps, 'nll')} | "
             + " | ".join(shift_cells)
             + f" | {cited} |"
         )

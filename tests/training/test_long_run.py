@@ -111,15 +111,21 @@ def test_every_checked_in_setting_parses_and_validates(path: Path) -> None:
     assert (config.optimisation.select_by == "last") == longrun
 
 
-def test_the_seeds_table_renders_mean_std_changes_and_the_published_change(tmp_path: Path, monkeypatch) -> None:
-    """scripts/seeds_table.py over two seeds' compare JSONs (and a variant's): mean ± std, the change from the
-    same seed's MAP, and the published Laplace change beside the Laplace rows."""
+@pytest.fixture
+def table(tmp_path: Path, monkeypatch):
+    """scripts/seeds_table.py, reading its JSONs from tmp_path."""
     spec = importlib.util.spec_from_file_location(
         "seeds_table", Path(__file__).parents[2] / "scripts" / "seeds_table.py"
     )
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+def test_the_seeds_table_renders_mean_std_changes_and_the_published_change(table, tmp_path: Path) -> None:
+    """scripts/seeds_table.py over two seeds' compare JSONs (and a variant's): mean ± std, the change from the
+    same seed's MAP, and the published Laplace change beside the Laplace rows."""
 
     def row(name: str, ece: float, nll: float, **extra) -> dict:
         metrics = {"accuracy": 0.9, "ece": ece, "nll": nll, "brier": 0.1}
@@ -141,3 +147,15 @@ def test_the_seeds_table_renders_mean_std_changes_and_the_published_change(tmp_p
     swag = next(line for line in lines if line.startswith("| swag |"))  # a second part of the main variant
     assert "| -62% |" in swag
     assert any(line.startswith("| default → posterior |") for line in lines)
+
+
+def test_the_seeds_table_compares_a_row_of_some_seeds_with_those_seeds_maps(table, tmp_path: Path) -> None:
+    """A method measured on seed 2 only is compared with seed 2's MAP, not with the first MAP listed."""
+    metrics = {"accuracy": 0.9, "brier": 0.1}
+    for seed, map_ece in ((0, 0.10), (1, 0.20), (2, 0.40)):
+        rows = [{"posterior": "map", "test": {**metrics, "ece": map_ece, "nll": 0.4}}]
+        (tmp_path / f"longrun-sst2-seed{seed}.json").write_text(json.dumps({"rows": rows}))
+    dropout = [{"posterior": "mc-dropout", "test": {**metrics, "ece": 0.30, "nll": 0.2}}]
+    (tmp_path / "longrun-sst2-more-mc-dropout-seed2.json").write_text(json.dumps({"rows": dropout}))
+    line = next(line for line in table.render("longrun-sst2").splitlines() if line.startswith("| mc-dropout |"))
+    assert "| -25% | -50% |" in line  # against seed 2's MAP (0.40); seed 0's (0.10) would give +200%
