@@ -31,8 +31,13 @@ def load(setting: str) -> dict[str, list[dict]]:
     """Variant-qualified method name → its row in every seed's JSON."""
     rows: dict[str, list[dict]] = defaultdict(list)
 
+    def name_parts(path: Path) -> tuple[str, int]:
+        """``<setting>[-<part>]-seed<N>.json`` → (part, N)."""
+        part, seed = path.stem[len(setting) :].rsplit("-seed", 1)
+        return part.lstrip("-"), int(seed)
+
     def part(path: Path) -> str:
-        return path.stem[len(setting) :].rsplit("-seed", 1)[0].lstrip("-")
+        return name_parts(path)[0]
 
     paths = RESULTS.glob(f"{setting}*-seed*.json")  # the main variant first (its MAP heads the table), its parts next
 
@@ -41,7 +46,7 @@ def load(setting: str) -> dict[str, list[dict]]:
 
     for path in sorted(paths, key=lambda p: (part(p) != "", not main_variant(part(p)), part(p), p.name)):
         variant = "" if main_variant(part(path)) else part(path)
-        seed = int(path.stem.rsplit("-seed", 1)[1])
+        seed = name_parts(path)[1]
         for row in json.loads(path.read_text())["rows"]:
             name = row["posterior"] if not variant else f"{row['posterior']} ({variant})"
             rows[name].append(row | {"seed": seed})
