@@ -159,3 +159,21 @@ def test_the_seeds_table_compares_a_row_of_some_seeds_with_those_seeds_maps(tabl
     (tmp_path / "longrun-sst2-more-mc-dropout-seed2.json").write_text(json.dumps({"rows": dropout}))
     line = next(line for line in table.render("longrun-sst2").splitlines() if line.startswith("| mc-dropout |"))
     assert "| -25% | -50% |" in line  # against seed 2's MAP (0.40); seed 0's (0.10) would give +200%
+
+
+def test_the_seeds_table_compares_a_variant_with_its_own_map(table, tmp_path: Path) -> None:
+    """L-LoRA-S trains its own MAP (its projections move): its Laplace row is compared with that MAP, not with the
+    main variant's; a variant without a MAP of its own (marglik) is compared with the main one's."""
+    metrics = {"accuracy": 0.9, "brier": 0.1}
+
+    def rows(*named: tuple[str, float]) -> str:
+        return json.dumps({"rows": [{"posterior": n, "test": {**metrics, "ece": e, "nll": 0.4}} for n, e in named]})
+
+    (tmp_path / "longrun-sst2-seed0.json").write_text(rows(("map", 0.10)))
+    (tmp_path / "longrun-sst2-llora-s-seed0.json").write_text(rows(("map", 0.40), ("laplace-kron", 0.20)))
+    (tmp_path / "longrun-sst2-marglik-seed0.json").write_text(rows(("laplace-kron", 0.05)))
+    lines = table.render("longrun-sst2").splitlines()
+    llora_s = next(line for line in lines if line.startswith("| laplace-kron (llora-s) |"))
+    assert "| -50% |" in llora_s  # against its own MAP (0.40); the main MAP (0.10) would give +100%
+    marglik = next(line for line in lines if line.startswith("| laplace-kron (marglik) |"))
+    assert "| -50% |" in marglik
