@@ -65,13 +65,13 @@ def compare(config: TrainConfig, methods: list[str], json_path: Path | None = No
     others = [m for m in methods if m != ZERO_SHOT]
     if not others:  # nothing needs the MAP
         return rows
-    if session.imported is None:
+    # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
+    own_map = [m for m in others if trains_own_map(m, config)]
+    if session.imported is None and len(own_map) < len(others):  # the shared MAP, unless each trains its own
         fit_map(session)
     if not session.accelerator.is_main_process:
         return []
     map_seconds = session.map_result.seconds if session.map_result else 0.0
-    # methods with their own MAP objective (MC dropout) train last, so the shared MAP serves the others first
-    own_map = [m for m in others if trains_own_map(m, config)]
     fits: dict[str, Fitted] = {}  # one fit per posterior and MAP: `default` and the row of its posterior share it
     for method in [m for m in others if m not in own_map] + own_map:
         if method in own_map:
