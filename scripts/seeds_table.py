@@ -70,14 +70,6 @@ def change(found: list[dict], maps: dict[int, dict], metric: str) -> str:
     return f"{100 * statistics.mean(ratios):+.0f}%" if ratios else "—"
 
 
-def own_maps(rows: dict[str, list[dict]], name: str) -> dict[int, dict]:
-    """Seed → the MAP a row is compared with: its variant's own when the variant trained one (L-LoRA-S trains its
-    projections: another model), else the main variant's."""
-    qualifier = name[len(name.split(" (")[0]) :]  # " (<variant>)", or "" on the main variant
-    own = f"map{qualifier}"
-    return {row["seed"]: row for row in rows.get(own, rows["map"])}
-
-
 def render(setting: str) -> str:
     rows = load(setting)
     if "map" not in rows:
@@ -93,10 +85,12 @@ def render(setting: str) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, found in rows.items():
-        maps = own_maps(rows, name)
+        base = name.split(" (")[0]
+        # a variant that trained its own MAP (L-LoRA-S: its projections move, another model) is compared with it
+        own_map = rows.get(f"map{name[len(base) :]}", rows["map"])
+        maps = {row["seed"]: row for row in own_map}
         test = {m: [r["test"][m] for r in found] for m in METRICS}
         shift = {m: [r["shift"][m] for r in found if "shift" in r] for m in METRICS}
-        base = name.split(" (")[0]
         cited = "—"
         if published and base in published[2]:
             (map_ece, map_nll), (ece, nll) = published[1], published[2][base]
